@@ -1,0 +1,126 @@
+"""The stage protocol, and the one adapter that runs a stage on a Spark DataFrame.
+
+A row-wise stage is a frozen dataclass: its fields are its knobs (they come straight from the recipe).
+`adds()` declares the columns it appends (or replaces), `setup()` loads heavy state once per Python
+worker, and `process()` maps one Arrow record batch to those columns. Stages never import Spark, so
+they are tested on plain pyarrow batches; `apply_stage` is the only bridge to `DataFrame.mapInArrow`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, ClassVar, Iterable, Iterator
+
+import pyarrow as pa
+
+_STATE: dict[Any, Any] = {}  # per Python worker: stage config -> loaded state (models, automata)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: ClassVar[str] = "stage"
+
+    def adds(self) -> list[pa.Field]:
+        """Columns this stage appends to (or replaces in) every batch."""
+        raise NotImplementedError
+
+    def setup(self, threads: int) -> Any:
+        """Heavy state (a model, an automaton), built once per worker and reused for every batch."""
+        return None
+
+    def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, Iterable]:
+        """Values of every column in `adds()` for the rows of `batch`."""
+        raise NotImplementedError
+
+    # --- machinery, not meant to be overridden -------------------------------------------------
+    def state(self, threads: int = 1) -> Any:
+        key = (self, threads)
+        if key not in _STATE:
+            _STATE[key] = self.setup(threads)
+        return _STATE[key]
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        for f in self.adds():
+            i = schema.get_field_index(f.name)
+            schema = schema.set(i, f) if i >= 0 else schema.append(f)
+        return schema
+
+    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1) -> Iterator[pa.RecordBatch]:
+        state = self.state(threads)
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            yield self.apply(batch, state)
+
+    def apply(self, batch: pa.RecordBatch, state: Any = None) -> pa.RecordBatch:
+        state = self.state() if state is None else state
+        values = self.process(batch, state)
+        columns = {name: batch.column(name) for name in batch.schema.names}
+        fields = {f.name: f for f in batch.schema}
+        for f in self.adds():
+            columns[f.name] = pa.array(values[f.name], type=f.type)
+            fields[f.name] = f
+        return pa.RecordBatch.from_arrays(list(columns.values()), schema=pa.schema(list(fields.values())))
+
+
+def task_threads() -> int:
+    """CPU cores Spark gave this task (spark.task.cpus); 1 outside Spark."""
+    try:
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        return max(1, int(ctx.cpus())) if ctx is not None else 1
+    except Exception:  # noqa: BLE001 - outside a Spark task
+        return 1
+
+
+class StageTimer:
+    """Task-seconds per stage, summed across executors with Spark accumulators."""
+
+    def __init__(self, spark):
+        self.spark = spark
+        self.accumulators: dict[str, Any] = {}
+        self.wall: dict[str, float] = {}
+
+    def accumulator(self, name: str):
+        if name not in self.accumulators:
+            self.accumulators[name] = self.spark.sparkContext.accumulator(0.0)
+        return self.accumulators[name]
+
+    def add_wall(self, name: str, seconds: float) -> None:
+        self.wall[name] = self.wall.get(name, 0.0) + seconds
+
+    def report(self) -> dict[str, dict[str, float]]:
+        names = sorted(set(self.accumulators) | set(self.wall))
+        return {
+            n: {
+                "task_seconds": round(self.accumulators[n].value, 3) if n in self.accumulators else None,
+                "wall_seconds": round(self.wall[n], 3) if n in self.wall else None,
+            }
+            for n in names
+        }
+
+
+def apply_stage(df, stage: Stage, timer: StageTimer | None = None):
+    """Run a row-wise stage over a DataFrame with mapInArrow; the output schema comes from the stage."""
+    from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
+
+    out_schema = stage.output_schema(to_arrow_schema(df.schema))
+    acc = timer.accumulator(stage.name) if timer is not None else None
+
+    def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        spent = 0.0
+        it = stage.run(batches, task_threads())
+        while True:
+            t0 = time.perf_counter()
+            try:
+                out = next(it)
+            except StopIteration:
+                break
+            finally:
+                spent += time.perf_counter() - t0
+            yield out
+        if acc is not None:
+            acc.add(spent)
+
+    return df.mapInArrow(run_partition, from_arrow_schema(out_schema))

@@ -1,0 +1,139 @@
+"""Decode and validate images; compute the image features later stages decide on.
+
+Reads `image`; writes `image` (JPEG bytes: the original file when it is already a plain RGB/greyscale
+JPEG with no EXIF rotation, else a re-encode after EXIF orientation, mode conversion and alpha
+flattening), `width`, `height`, `content_sha` (sha256 of the input bytes), `phash` (64-bit DCT
+perceptual hash, as a signed int64) and `pixel_std` (grey-level standard deviation of a 64x64
+thumbnail). Items that cannot be decoded get `error` set and are quarantined downstream.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import warnings
+from typing import Any, ClassVar
+
+import imagehash
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from filters.base import Stage
+from schemas import image_text as S
+from schemas.common import ERROR, ERROR_DETAIL
+
+# Decompression bombs are handled by our own max_pixels check before any pixel is decoded.
+Image.MAX_IMAGE_PIXELS = None
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DecodeError(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> RGB: palette and alpha flattened on white, CMYK converted, 16-bit scaled."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
+@dataclasses.dataclass(frozen=True)
+class Decode(Stage):
+    name: ClassVar[str] = "decode"
+    max_pixels: int = 178_956_970  # 2x Pillow's bomb limit; above it nothing is decoded
+    jpeg_quality: int = 95
+    keep_original_jpeg: bool = True  # pass plain JPEGs through byte for byte (no generation loss)
+
+    def adds(self) -> list[pa.Field]:
+        return [
+            pa.field(S.IMAGE, pa.binary()),
+            pa.field(S.WIDTH, pa.int32()),
+            pa.field(S.HEIGHT, pa.int32()),
+            pa.field(S.CONTENT_SHA, pa.string()),
+            pa.field(S.PHASH, pa.int64()),
+            pa.field(S.PIXEL_STD, pa.float32()),
+            pa.field(ERROR, pa.string()),
+            pa.field(ERROR_DETAIL, pa.string()),
+        ]
+
+    def decode_one(self, data: bytes | None) -> dict[str, Any]:
+        if data is None:
+            raise DecodeError("image_missing", "no image bytes")
+        if len(data) == 0:
+            raise DecodeError("image_empty", "zero-byte image")
+        try:
+            img = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as e:
+            raise DecodeError("image_undecodable", str(e)[:200]) from e
+        w, h = img.size
+        if w * h > self.max_pixels:
+            raise DecodeError("image_too_many_pixels", f"{w}x{h} > max_pixels {self.max_pixels}")
+        fmt = img.format
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img.seek(0)
+                img.load()
+        except OSError as e:
+            msg = str(e)
+            reason = "image_truncated" if "truncated" in msg.lower() or "premature" in msg.lower() else "image_undecodable"
+            raise DecodeError(reason, msg[:200]) from e
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a property of this one item
+            raise DecodeError("image_undecodable", f"{type(e).__name__}: {e}"[:200]) from e
+        orientation = img.getexif().get(0x0112, 1)
+        rotated = ImageOps.exif_transpose(img) if orientation not in (1, None) else img
+        rgb = to_rgb(rotated)
+        if rgb.width == 0 or rgb.height == 0:
+            raise DecodeError("image_empty", "zero-sized image")
+        gray = rgb.convert("L")
+        phash = int(str(imagehash.phash(gray)), 16)
+        std = float(np.asarray(gray.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32).std())
+        if self.keep_original_jpeg and fmt == "JPEG" and img.mode in ("RGB", "L") and rotated is img:
+            out = data
+        else:
+            buf = io.BytesIO()
+            rgb.save(buf, format="JPEG", quality=self.jpeg_quality)
+            out = buf.getvalue()
+        return {
+            S.IMAGE: out,
+            S.WIDTH: rgb.width,
+            S.HEIGHT: rgb.height,
+            S.CONTENT_SHA: hashlib.sha256(data).hexdigest(),
+            S.PHASH: phash - (1 << 64) if phash >= (1 << 63) else phash,
+            S.PIXEL_STD: std,
+        }
+
+    def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
+        cols = {f.name: [] for f in self.adds()}
+        images = batch.column(S.IMAGE).to_pylist()
+        errors = batch.column(ERROR).to_pylist()
+        details = batch.column(ERROR_DETAIL).to_pylist()
+        for data, err, det in zip(images, errors, details):
+            row: dict[str, Any] = {S.IMAGE: None, ERROR: err, ERROR_DETAIL: det}
+            if err is None:
+                try:
+                    row.update(self.decode_one(data))
+                except DecodeError as e:
+                    row.update({ERROR: e.reason, ERROR_DETAIL: e.detail})
+            for name in cols:
+                cols[name].append(row.get(name))
+        return cols
+
+
+def phash_hex(value: int | None) -> str | None:
+    return None if value is None else f"{value & ((1 << 64) - 1):016x}"

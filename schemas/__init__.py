@@ -1,0 +1,1 @@
+"""Arrow schemas, defined once per corpus; Spark types are derived from them."""

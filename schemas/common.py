@@ -1,0 +1,38 @@
+"""Columns every corpus shares, and the Arrow -> Spark type bridge."""
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+# Identity of an input item. sample_id is derived from (kind, source, source_key), so the same
+# input always gets the same id and the same shard position.
+SAMPLE_ID = "sample_id"
+KIND = "kind"
+SOURCE = "source"
+SOURCE_KEY = "source_key"
+# Set by the reader or a row-wise stage when an item is unusable: a stable snake_case code and a
+# free-text detail. A non-null ERROR means the item is quarantined.
+ERROR = "error"
+ERROR_DETAIL = "error_detail"
+
+IDENTITY_FIELDS = [
+    pa.field(SAMPLE_ID, pa.string(), nullable=False),
+    pa.field(KIND, pa.string(), nullable=False),
+    pa.field(SOURCE, pa.string(), nullable=False),
+    pa.field(SOURCE_KEY, pa.string(), nullable=False),
+]
+ERROR_FIELDS = [pa.field(ERROR, pa.string()), pa.field(ERROR_DETAIL, pa.string())]
+
+
+def make_sample_id(kind: str, source: str, source_key: str) -> str:
+    """16 hex chars (64 bits) of sha1 over the item's identity; stable across runs and machines."""
+    h = hashlib.sha1(f"{kind}\x00{source}\x00{source_key}".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:16]
+
+
+def spark_type(schema: pa.Schema):
+    """The Spark StructType for an Arrow schema (import is lazy: stage code stays Spark-free)."""
+    from pyspark.sql.pandas.types import from_arrow_schema
+
+    return from_arrow_schema(schema)
