@@ -22,6 +22,7 @@ from schemas import image_text as S
 _WS = re.compile(r"\s+")
 _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]|[^\s\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]+")
 _TAG = re.compile(r"<[^>]{0,200}>")
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 
 
 def clean_caption(text: str | None) -> str:
@@ -32,6 +33,8 @@ def clean_caption(text: str | None) -> str:
 
     text = html.unescape(html.unescape(text))
     text = _TAG.sub(" ", text)
+    # control characters become spaces before ftfy, which would glue the words around them together
+    text = _CONTROL.sub(" ", text)
     text = ftfy.fix_text(text, normalization="NFC")
     text = "".join(
         " " if unicodedata.category(ch) in ("Cc", "Zl", "Zp") else ch

@@ -79,7 +79,7 @@ class Decode(Stage):
         try:
             img = Image.open(io.BytesIO(data))
         except UnidentifiedImageError as e:
-            raise DecodeError("image_undecodable", str(e)[:200]) from e
+            raise DecodeError("image_undecodable", f"not an image format Pillow knows (starts with {data[:16]!r})") from e
         w, h = img.size
         if w * h > self.max_pixels:
             raise DecodeError("image_too_many_pixels", f"{w}x{h} > max_pixels {self.max_pixels}")

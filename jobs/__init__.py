@@ -1,0 +1,1 @@
+"""Entry points: build_pretrain (spark-submit), make_sample (the bundled sample corpus)."""

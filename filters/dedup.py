@@ -1,0 +1,111 @@
+"""Image dedup across the whole run: exact (content hash) then near (perceptual hash).
+
+Reads `sample_id`, `content_sha`, `phash`, `width`, `height` of the rows still in play; returns one
+row per dropped item: (`sample_id`, `reason`, `duplicate_of`).
+
+Near duplicates are found without an all-pairs loop: the 64-bit pHash is cut into `bands` bands;
+two hashes within Hamming distance r < bands share at least one band exactly (pigeonhole), so
+candidate pairs come from an equi-join on (band, value); each candidate is then checked with the
+exact Hamming distance. Pairs within `hamming_radius` are edges; connected components (iterative
+min-label propagation on DataFrames) are the duplicate groups. With hamming_radius >= bands, pairs at
+distance >= bands are found only when one band happens to match (probable, not certain).
+
+Keeper rule, for both kinds of group: the member with the most pixels; ties go to the smallest
+sample_id. Every other member is dropped with `duplicate_of` = the keeper.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from schemas import image_text as S
+from schemas.common import SAMPLE_ID
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Dedup:
+    exact: bool = True
+    near: bool = True
+    hamming_radius: int = 10  # of 64 pHash bits; transformed copies measured 0-10, different photos >20
+    bands: int = 8  # LSH bands of 64/bands bits; every pair within bands-1 bits is a candidate
+    max_bucket: int = 5000  # band buckets larger than this are skipped (logged): they are noise, not copies
+    max_iterations: int = 30  # connected-components rounds
+
+
+def _rank_key(F):
+    # Sorts ascending with the keeper first: most pixels, then smallest sample_id.
+    pixels = (F.col(S.WIDTH).cast("long") * F.col(S.HEIGHT).cast("long"))
+    return F.concat(F.lpad((F.lit(1 << 40) - pixels).cast("string"), 13, "0"), F.lit(":"), F.col(SAMPLE_ID))
+
+
+def find_duplicates(df, cfg: Dedup):
+    """DataFrame of (sample_id, reason, duplicate_of) for every exact or near duplicate in `df`."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    spark = df.sparkSession
+    items = df.select(SAMPLE_ID, S.CONTENT_SHA, S.PHASH, _rank_key(F).alias("rank_key"))
+    empty = spark.createDataFrame([], "sample_id string, reason string, duplicate_of string")
+    drops = empty
+    if cfg.exact:
+        w = Window.partitionBy(S.CONTENT_SHA).orderBy("rank_key")
+        ranked = items.withColumn("keeper", F.first(SAMPLE_ID).over(w))
+        drops = ranked.filter(F.col("keeper") != F.col(SAMPLE_ID)).select(
+            SAMPLE_ID, F.lit("exact_duplicate").alias("reason"), F.col("keeper").alias("duplicate_of"))
+        items = ranked.filter(F.col("keeper") == F.col(SAMPLE_ID)).drop("keeper")
+    if cfg.near:
+        drops = drops.unionByName(_near_duplicates(items, cfg))
+    return drops
+
+
+def _near_duplicates(items, cfg: Dedup):
+    from pyspark.sql import functions as F
+
+    width = 64 // cfg.bands
+    mask = (1 << width) - 1
+    bands = F.array(*[
+        F.struct(F.lit(b).alias("band"), F.shiftrightunsigned(F.col(S.PHASH), b * width).bitwiseAND(mask).alias("value"))
+        for b in range(cfg.bands)
+    ])
+    banded = items.select("rank_key", S.PHASH, F.explode(bands).alias("b")).select(
+        "rank_key", S.PHASH, "b.band", "b.value")
+    sizes = banded.groupBy("band", "value").count()
+    big = sizes.filter(F.col("count") > cfg.max_bucket)
+    banded = banded.join(big.select("band", "value"), ["band", "value"], "left_anti")
+    a, b = banded.alias("a"), banded.alias("b")
+    edges = (
+        a.join(b, (F.col("a.band") == F.col("b.band")) & (F.col("a.value") == F.col("b.value"))
+               & (F.col("a.rank_key") < F.col("b.rank_key")))
+        .select(F.col("a.rank_key").alias("src"), F.col("b.rank_key").alias("dst"),
+                F.bit_count(F.col(f"a.{S.PHASH}").bitwiseXOR(F.col(f"b.{S.PHASH}"))).alias("distance"))
+        .filter(F.col("distance") <= cfg.hamming_radius)
+        .select("src", "dst")
+        .distinct()
+    ).localCheckpoint()
+    labels = components(edges, cfg.max_iterations)
+    return labels.filter(F.col("label") != F.col("node")).select(
+        F.split("node", ":").getItem(1).alias(SAMPLE_ID),
+        F.lit("near_duplicate").alias("reason"),
+        F.split("label", ":").getItem(1).alias("duplicate_of"),
+    )
+
+
+def components(edges, max_iterations: int):
+    """Connected components of an undirected edge list (src, dst): (node, label = smallest node)."""
+    from pyspark.sql import functions as F
+
+    both = edges.unionByName(edges.select(F.col("dst").alias("src"), F.col("src").alias("dst"))).localCheckpoint()
+    labels = both.groupBy(F.col("src").alias("node")).agg(F.least(F.min("dst"), F.first("src")).alias("label"))
+    labels = labels.localCheckpoint()
+    for i in range(max_iterations):
+        # each node takes the smallest label among itself and its neighbours
+        proposed = (both.join(labels, both.src == labels.node).select(F.col("dst").alias("node"), "label")
+                    .unionByName(labels).groupBy("node").agg(F.min("label").alias("label"))).localCheckpoint()
+        changed = proposed.join(labels.withColumnRenamed("label", "old"), "node").filter("label != old").count()
+        labels = proposed
+        if changed == 0:
+            return labels
+    log.warning("dedup: connected components did not converge in %d rounds; groups may be split", max_iterations)
+    return labels

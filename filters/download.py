@@ -1,0 +1,375 @@
+"""Download images for rows that carry a URL instead of bytes (img2dataset-style, with an SSRF guard).
+
+Reads `url`, `image`, `error`, `error_detail`. Fetches only rows with `error` null, `image` null and
+an http(s) `url`; writes `image` (the body bytes, unchanged), `error` / `error_detail` (a stable
+`download_*` reason code from schemas.ledger on failure, which quarantines the row downstream) and
+`download_status`: "ok", "skipped" (the row already had bytes, an error, or no URL: all its columns
+are passed through untouched), "opted_out", or the failure's reason code.
+
+An X-Robots-Tag `noai` / `noimageai` answer gives `download_status="opted_out"` with `image` and
+`error` null: the rules drop the row with reason `opted_out` (a decision, not a quarantine).
+
+Safety: every connection resolves the host itself, refuses private, link-local (cloud metadata),
+multicast, reserved, unspecified and (unless `allow_loopback`) loopback addresses *before* a socket is
+opened, and then connects to the very address it checked (no second DNS lookup an attacker could
+rebind). Redirects are followed by hand, one checked hop at a time. Bodies are streamed and cut at
+`max_bytes`; each attempt has a wall-clock deadline; cookies, proxies and .netrc from the
+environment are ignored.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import random
+import re
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from http import cookiejar
+from typing import Any, ClassVar, NamedTuple
+from urllib.parse import urljoin, urlsplit
+
+import pyarrow as pa
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    LocationParseError,
+    NameResolutionError,
+    NewConnectionError,
+)
+from urllib3.util import connection as u3_connection
+
+from filters.base import Stage
+from schemas import image_text as S
+from schemas.common import ERROR, ERROR_DETAIL
+
+DOWNLOAD_STATUS = "download_status"
+OK, SKIPPED, OPTED_OUT = "ok", "skipped", "opted_out"
+FAILED, HTTP_ERROR, TOO_LARGE = "download_failed", "download_http_error", "download_too_large"
+TOO_MANY_REDIRECTS, BLOCKED, BAD_URL = "download_too_many_redirects", "download_blocked_address", "download_bad_url"
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_OPT_OUT = frozenset({"noai", "noimageai"})
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_CHUNK = 64 * 1024
+
+
+class BlockedAddress(Exception):
+    """A host resolved to an address the policy refuses; raised before any socket is opened.
+
+    Deliberately not an OSError, so urllib3 and requests let it through unwrapped and un-retried.
+    """
+
+
+@dataclasses.dataclass(frozen=True)
+class AddressPolicy:
+    block_private: bool = True
+    allow_loopback: bool = False
+
+    def refusal(self, ip: str) -> str | None:
+        """Why `ip` may not be contacted, or None when it may."""
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(ip.split("%", 1)[0])
+        # An IPv4 address smuggled inside IPv6 reaches the IPv4 host: judge the embedded one.
+        if isinstance(addr, ipaddress.IPv6Address):
+            if addr.ipv4_mapped is not None:
+                addr = addr.ipv4_mapped
+            elif addr in _NAT64:
+                addr = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        # 0.0.0.0 / :: reach the local host on Linux, so they are never a legitimate image server.
+        if addr.is_unspecified:
+            return "unspecified"
+        if addr.is_loopback:
+            return None if self.allow_loopback else "loopback"
+        if not self.block_private:
+            return None
+        for why, hit in (
+            ("link-local", addr.is_link_local),
+            ("multicast", addr.is_multicast),
+            ("private", addr.is_private),
+            ("reserved", addr.is_reserved),
+            ("not globally routable", not addr.is_global),
+        ):
+            if hit:
+                return why
+        return None
+
+
+def _open_checked_socket(conn: HTTPConnection, policy: AddressPolicy) -> socket.socket:
+    """urllib3's `_new_conn`, but resolve once, check every address, then connect to a checked one."""
+    host = conn._dns_host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, conn.port, u3_connection.allowed_gai_family(), socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise NameResolutionError(conn.host, conn, e) from e
+    # Refuse the host if *any* record is bad: a public/private mix is a rebinding trick, not a CDN.
+    for *_, sockaddr in infos:
+        why = policy.refusal(sockaddr[0])
+        if why is not None:
+            raise BlockedAddress(f"{conn.host} resolves to {sockaddr[0]} ({why})")
+    err: OSError | None = None
+    for *_, sockaddr in infos:
+        try:
+            sock = u3_connection.create_connection(
+                (sockaddr[0], conn.port),
+                conn.timeout,
+                source_address=conn.source_address,
+                socket_options=conn.socket_options,
+            )
+        except OSError as e:  # includes socket timeouts; try the next address like urllib3 does
+            err = e
+            continue
+        sys.audit("http.client.connect", conn, conn.host, conn.port)
+        return sock
+    if isinstance(err, TimeoutError):
+        raise ConnectTimeoutError(conn, f"Connection to {conn.host} timed out. (connect timeout={conn.timeout})")
+    raise NewConnectionError(conn, f"Failed to establish a new connection: {err}")
+
+
+def checked_adapter(policy: AddressPolicy, pool_size: int) -> HTTPAdapter:
+    """A requests adapter whose every new connection goes through the address policy."""
+
+    class CheckedHTTPConnection(HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return _open_checked_socket(self, policy)
+
+    class CheckedHTTPSConnection(HTTPSConnection):  # TLS still verifies and sends SNI for the host name
+        def _new_conn(self) -> socket.socket:
+            return _open_checked_socket(self, policy)
+
+    class CheckedHTTPPool(HTTPConnectionPool):
+        ConnectionCls = CheckedHTTPConnection
+
+    class CheckedHTTPSPool(HTTPSConnectionPool):
+        ConnectionCls = CheckedHTTPSConnection
+
+    class CheckedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": CheckedHTTPPool, "https": CheckedHTTPSPool}
+
+    # Retries are ours (with back-off and our own classification), so urllib3 must not retry.
+    return CheckedAdapter(pool_connections=pool_size, pool_maxsize=pool_size, max_retries=0)
+
+
+class _NoCookies(cookiejar.CookiePolicy):
+    """One session serves millions of unrelated hosts: storing their cookies would only leak memory."""
+
+    netscape, rfc2965, hide_cookie2 = True, False, False
+
+    def set_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def return_ok(self, cookie: Any, request: Any) -> bool:
+        return False
+
+    def domain_return_ok(self, domain: str, request: Any) -> bool:
+        return False
+
+    def path_return_ok(self, path: str, request: Any) -> bool:
+        return False
+
+
+def opted_out(x_robots_tag: str | None) -> bool:
+    """True when an X-Robots-Tag value carries `noai` or `noimageai`, for any user agent.
+
+    Handles several comma-separated directives, repeated headers (joined with ", ") and a
+    `botname:` prefix; an opt-out aimed at another crawler is honoured too.
+    """
+    if not x_robots_tag:
+        return False
+    return any(word in _OPT_OUT for word in re.split(r"[\s,;:]+", x_robots_tag.lower()))
+
+
+class Outcome(NamedTuple):
+    status: str  # download_status
+    image: bytes | None = None
+    detail: str | None = None
+
+
+class _Retry(NamedTuple):
+    reason: str  # FAILED or HTTP_ERROR, if this was the last attempt
+    detail: str
+    wait_s: float = 0.0  # from Retry-After, when the server sent one
+
+
+class _Redirect(NamedTuple):
+    location: str
+
+
+def _bad_url(url: str) -> str | None:
+    """Why `url` is not a fetchable http(s) URL, or None."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as e:
+        return f"unparseable URL: {e}"
+    if parts.scheme.lower() not in ("http", "https"):
+        return f"scheme {parts.scheme or '(none)'!r} is not http(s)"
+    if not parts.hostname:
+        return "URL has no host"
+    return None
+
+
+def _describe(e: Exception) -> str:
+    """The innermost useful message of a requests error (not urllib3's 'Max retries exceeded' wrapper)."""
+    inner = getattr(e.args[0], "reason", None) if e.args else None
+    cause = inner if isinstance(inner, Exception) else e
+    return f"{type(cause).__name__}: {cause}"[:300]
+
+
+def _retry_after(value: str | None, cap: float) -> float:
+    try:
+        return min(max(float(value), 0.0), cap) if value else 0.0
+    except ValueError:  # an HTTP date: not worth parsing for a capped wait
+        return 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Download(Stage):
+    name: ClassVar[str] = "download"
+    concurrency: int = 16  # parallel requests per batch (threads; the work is I/O bound)
+    timeout_s: float = 10.0  # connect timeout, read timeout, and wall-clock budget of one attempt
+    max_bytes: int = 20_000_000  # larger bodies are cut off -> download_too_large
+    retries: int = 2  # extra attempts after connection errors, timeouts, 429 and 5xx
+    backoff_s: float = 0.5  # first retry waits about this long, doubling each time (with jitter)
+    max_redirects: int = 5
+    user_agent: str = "vlcurate/0.1 (+https://example.invalid/vlcurate)"
+    respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai -> download_status "opted_out"
+    block_private: bool = True  # refuse private, link-local, multicast, reserved addresses
+    allow_loopback: bool = False  # 127/8 and ::1; only tests and local mirrors want this
+
+    def adds(self) -> list[pa.Field]:
+        return [
+            pa.field(S.IMAGE, pa.binary()),
+            pa.field(ERROR, pa.string()),
+            pa.field(ERROR_DETAIL, pa.string()),
+            pa.field(DOWNLOAD_STATUS, pa.string()),
+        ]
+
+    def setup(self, threads: int) -> requests.Session:
+        session = requests.Session()
+        session.trust_env = False  # no proxy / .netrc from the environment: the address check must see the origin
+        session.cookies.set_policy(_NoCookies())
+        adapter = checked_adapter(AddressPolicy(self.block_private, self.allow_loopback), max(1, self.concurrency))
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        session.headers.update({"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
+        return session
+
+    # --- one URL ------------------------------------------------------------------------------
+    def fetch(self, session: requests.Session, url: str) -> Outcome:
+        """Download one URL; never raises: every problem becomes an Outcome with a reason code."""
+        try:
+            return self._follow(session, url.strip())
+        except Exception as e:  # noqa: BLE001 - a per-URL surprise must not fail the partition
+            return Outcome(FAILED, detail=f"{type(e).__name__}: {e}"[:300])
+
+    def _follow(self, session: requests.Session, url: str) -> Outcome:
+        redirects = 0
+        while True:
+            why = _bad_url(url)
+            if why is not None:
+                return Outcome(BAD_URL, detail=f"{why}: {url[:200]}")
+            result = self._with_retries(session, url)
+            if not isinstance(result, _Redirect):
+                return result
+            redirects += 1
+            if redirects > self.max_redirects:
+                return Outcome(TOO_MANY_REDIRECTS, detail=f"more than {self.max_redirects} redirects, last to {url[:200]}")
+            url = urljoin(url, result.location)
+
+    def _with_retries(self, session: requests.Session, url: str) -> Outcome | _Redirect:
+        attempts = 1
+        for attempt in range(attempts):
+            result = self._attempt(session, url)
+            if not isinstance(result, _Retry):
+                return result
+            if attempt + 1 == attempts:
+                suffix = f" after {attempts} attempts" if attempts > 1 else ""
+                return Outcome(result.reason, detail=f"{result.detail}{suffix}")
+            # Jitter keeps a batch of rows that failed together from retrying in lock-step.
+            wait = self.backoff_s * (2**attempt) * random.uniform(0.5, 1.0)
+            time.sleep(max(wait, result.wait_s))
+        raise AssertionError("unreachable")
+
+    def _attempt(self, session: requests.Session, url: str) -> Outcome | _Redirect | _Retry:
+        deadline = time.monotonic() + self.timeout_s
+        try:
+            prepared = session.prepare_request(requests.Request("GET", url))
+            # adapter.send rather than session.get: Session.send reads a redirect's whole body into
+            # memory (unbounded, no deadline) even with allow_redirects=False; we never need it.
+            resp = session.get_adapter(prepared.url).send(
+                prepared, stream=True, timeout=(self.timeout_s, self.timeout_s), verify=True, proxies={}
+            )
+        except BlockedAddress as e:
+            return Outcome(BLOCKED, detail=str(e)[:300])
+        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
+                requests.exceptions.MissingSchema, LocationParseError, UnicodeError) as e:
+            return Outcome(BAD_URL, detail=f"{type(e).__name__}: {e}"[:300])
+        except requests.exceptions.Timeout as e:
+            return _Retry(FAILED, f"timeout: {_describe(e)}")
+        except requests.exceptions.SSLError as e:  # a bad certificate does not get better on retry
+            return Outcome(FAILED, detail=_describe(e))
+        except requests.exceptions.ConnectionError as e:
+            return _Retry(FAILED, f"connection error: {_describe(e)}")
+        with resp:
+            return self._read(resp, deadline)
+
+    def _read(self, resp: requests.Response, deadline: float) -> Outcome | _Redirect | _Retry:
+        status = resp.status_code
+        # Checked on every hop: a redirect that says noai is the site's answer for this image too.
+        if self.respect_opt_out and opted_out(resp.headers.get("X-Robots-Tag")):
+            return Outcome(OPTED_OUT, detail=f"X-Robots-Tag: {resp.headers.get('X-Robots-Tag')}"[:300])
+        if status in _REDIRECTS and resp.headers.get("Location"):
+            return _Redirect(resp.headers["Location"])
+        if status == 429 or 500 <= status < 600:
+            return _Retry(HTTP_ERROR, f"HTTP {status}", _retry_after(resp.headers.get("Retry-After"), self.timeout_s))
+        if status != 200:
+            return Outcome(HTTP_ERROR, detail=f"HTTP {status}")
+        length = resp.headers.get("Content-Length", "")
+        if length.strip().isdigit() and int(length) > self.max_bytes:
+            return Outcome(TOO_LARGE, detail=f"Content-Length {int(length)} > max_bytes {self.max_bytes}")
+        body = bytearray()
+        try:
+            for chunk in resp.iter_content(_CHUNK):
+                body += chunk
+                if len(body) > self.max_bytes:
+                    return Outcome(TOO_LARGE, detail=f"body over max_bytes {self.max_bytes}")
+                if time.monotonic() > deadline:  # a trickling server must not hold a thread forever
+                    return _Retry(FAILED, f"timeout: body not complete within {self.timeout_s}s")
+        except requests.exceptions.RequestException as e:  # read timeout, reset, short or bad chunked body
+            return _Retry(FAILED, f"connection error while reading body: {_describe(e)}")
+        return Outcome(OK, image=bytes(body))
+
+    # --- a batch ------------------------------------------------------------------------------
+    def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
+        urls = batch.column(S.URL).to_pylist()
+        images = batch.column(S.IMAGE).to_pylist()
+        errors = batch.column(ERROR).to_pylist()
+        details = batch.column(ERROR_DETAIL).to_pylist()
+        todo = [
+            i for i, (url, img, err) in enumerate(zip(urls, images, errors))
+            if err is None and img is None and url is not None and url.strip()
+        ]
+        outcomes: dict[int, Outcome] = {}
+        if todo:
+            workers = max(1, min(self.concurrency, len(todo)))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
+                # map keeps input order, so the outcomes line up with `todo`.
+                outcomes = dict(zip(todo, pool.map(lambda i: self.fetch(state, urls[i]), todo)))
+        out: dict[str, list] = {S.IMAGE: [], ERROR: [], ERROR_DETAIL: [], DOWNLOAD_STATUS: []}
+        for i in range(batch.num_rows):
+            o = outcomes.get(i)
+            if o is None:  # skipped: pass everything through untouched
+                row = (images[i], errors[i], details[i], SKIPPED)
+            elif o.status in (OK, OPTED_OUT):
+                row = (o.image, None, None, o.status)
+            else:
+                row = (None, o.status, o.detail, o.status)
+            for name, value in zip(out, row):
+                out[name].append(value)
+        return out

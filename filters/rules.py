@@ -1,0 +1,50 @@
+"""Heuristic quality rules (GLM-4.1V image-text filters; defaults follow DataComp's "basic" filter).
+
+Reads the columns written by decode, caption and download; writes nothing itself: `Rules.reason()`
+is a Spark expression giving the first failed rule's stable reason code, or null when all pass.
+Quarantine (an `error` from reading, downloading or decoding) comes first.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from schemas import image_text as S
+from schemas.common import ERROR
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    min_side: int = 200  # shorter side in pixels
+    max_aspect_ratio: float = 3.0  # longer side / shorter side
+    min_pixel_std: float = 2.0  # grey-level std of a 64x64 thumbnail; below it the image is solid
+    min_caption_words: int = 3  # DataComp: more than 2 words
+    min_caption_chars: int = 6  # DataComp: more than 5 characters
+    max_caption_chars: int = 2000
+    languages: tuple[str, ...] = ("en", "zh")  # fastText lid.176 codes; empty: any language
+    min_language_score: float = 0.0
+
+    def reason(self):
+        """Column: the reason this row is quarantined or dropped by a rule, else null."""
+        from pyspark.sql import functions as F
+
+        c = F.col
+        short = F.least(c(S.WIDTH), c(S.HEIGHT))
+        long_ = F.greatest(c(S.WIDTH), c(S.HEIGHT))
+        checks = [
+            (c(ERROR).isNotNull(), c(ERROR)),
+            (c("download_status") == "opted_out", F.lit("opted_out")),
+            (short < self.min_side, F.lit("image_too_small")),
+            (long_ > short * self.max_aspect_ratio, F.lit("aspect_ratio")),
+            (c(S.PIXEL_STD) < self.min_pixel_std, F.lit("solid_color")),
+            (c(S.CAPTION_CHARS) == 0, F.lit("caption_missing")),
+            ((c(S.CAPTION_WORDS) < self.min_caption_words) | (c(S.CAPTION_CHARS) < self.min_caption_chars),
+             F.lit("caption_too_short")),
+            (c(S.CAPTION_CHARS) > self.max_caption_chars, F.lit("caption_too_long")),
+        ]
+        if self.languages:
+            bad_lang = ~c(S.LANGUAGE).isin(list(self.languages)) | (c(S.LANGUAGE_SCORE) < self.min_language_score)
+            checks.append((bad_lang, F.lit("language")))
+        expr = F.lit(None).cast("string")
+        for cond, code in reversed(checks):
+            expr = F.when(F.coalesce(cond, F.lit(False)), code).otherwise(expr)
+        return expr

@@ -1,0 +1,83 @@
+"""spark-submit entry point: curate raw corpora into WebDataset shards, a ledger and a report.
+
+    spark-submit --properties-file spark-defaults.conf jobs/build_pretrain.py \
+        [--recipe FILE.yaml] [--input KIND=URI ...] [--output URI] [--set dotted.key=value ...]
+
+With no --input, the bundled sample corpus (made from scikit-image's photos) is used. The job never
+sets master, memory or cores: spark-submit and spark-defaults.conf own them.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+# spark-submit runs this file as a script: make the project's packages importable from a checkout.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pipelines.recipe import RecipeError, load  # noqa: E402
+
+log = logging.getLogger("build_pretrain")
+SAMPLE_DIR = os.path.join("data", "sample")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="build_pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", help="YAML recipe (default: recipes/default.yaml)")
+    p.add_argument("--input", action="append", default=[], metavar="KIND=URI",
+                   help="an input: KIND is image_text (more kinds to come); URI a folder, glob, file or s3:// prefix. "
+                        "Repeatable. Replaces the recipe's inputs.")
+    p.add_argument("--output", help="output folder or s3:// prefix (default: the recipe's, ./out)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe key, e.g. --set image_text.clip.threshold=0.28 (value parsed as YAML)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("py4j", "botocore", "urllib3", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    args = parse_args(argv)
+    started = time.time()
+    try:
+        recipe = load(args.recipe, args.set, args.input, args.output)
+    except (RecipeError, OSError) as e:
+        print(f"build_pretrain: recipe error: {e}", file=sys.stderr)
+        return 2
+    inputs = dict(recipe.inputs)
+    if not inputs:
+        from jobs.make_sample import make_sample
+
+        if not os.path.isdir(SAMPLE_DIR):
+            make_sample(SAMPLE_DIR)
+        inputs = {"image_text": [SAMPLE_DIR]}
+        log.info("no --input given: using the bundled sample corpus in %s", SAMPLE_DIR)
+
+    from pipelines.build import run_build
+    from pipelines.io import storage
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # spark.pyspark.python, when set, wins
+    from pyspark.sql import SparkSession
+
+    spark = SparkSession.builder.getOrCreate()
+    try:
+        out = storage.normalize(recipe.output)
+        summary = run_build(spark, recipe, inputs, out, started)
+    finally:
+        spark.stop()
+    for kind, k in summary["kinds"].items():
+        print(f"{kind}: {k['input']} in, {k['kept']} kept, dropped {k['dropped']}, quarantined {k['quarantined']}")
+    print(f"shards:  {storage.join(out, 'shards')}")
+    print(f"ledger:  {storage.join(out, 'ledger')}")
+    print(f"summary: {storage.join(out, 'reports', 'summary.json')}")
+    clip = summary["kinds"].get("image_text", {}).get("clip", {})
+    if clip and not clip.get("real_weights"):
+        print(f"WARNING: {clip.get('message')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,137 @@
+"""One run: every kind's pipeline, then the ledger, the summary and the clean-up of stage checkpoints."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import time
+from importlib import metadata
+
+from filters.base import StageTimer
+from pipelines import image_text
+from pipelines.io import storage
+from pipelines.recipe import Recipe
+from schemas import ledger as L
+from schemas.common import SAMPLE_ID
+
+log = logging.getLogger(__name__)
+PIPELINES = {"image_text": image_text.run}
+VERSIONED = ["pyspark", "pyarrow", "pillow", "imagehash", "open-clip-torch", "torch", "fasttext-numpy2",
+             "webdataset", "pyahocorasick", "numpy", "boto3"]
+
+
+class AccountingError(RuntimeError):
+    """The ledger does not hold exactly one row per input item: a bug, never a data problem."""
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_parquet(df, uri: str) -> None:
+    """Spark's writer for paths it can reach; for s3://, each task writes its part with boto3."""
+    if not storage.is_s3(uri):
+        df.write.mode("overwrite").parquet(uri)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark import TaskContext
+
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    schema = to_arrow_schema(df.schema)
+    storage.remove_tree(uri)
+
+    def write(batches):
+        import tempfile
+
+        part = TaskContext.get().partitionId()
+        fd, tmp = tempfile.mkstemp(suffix=".parquet")
+        os.close(fd)
+        n = 0
+        with pq.ParquetWriter(tmp, schema) as w:
+            for b in batches:
+                w.write_batch(b)
+                n += b.num_rows
+        storage.publish_file(tmp, storage.join(uri, f"part-{part:05d}.parquet"))
+        yield pa.RecordBatch.from_pylist([{"n": n}], schema=pa.schema([("n", pa.int64())]))
+
+    df.mapInArrow(write, "n long").collect()
+    storage.write_bytes(storage.join(uri, "_SUCCESS"), b"")
+
+
+def summarize(ledger, results: dict, recipe: Recipe, timer: StageTimer, started: float, out: str) -> dict:
+    from pyspark.sql import functions as F
+
+    kinds: dict = {}
+    for r in ledger.groupBy("kind", L.STATUS, L.REASON).agg(F.count("*").alias("n")).collect():
+        k = kinds.setdefault(r["kind"], {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}})
+        k["input"] += r["n"]
+        if r[L.STATUS] == L.KEPT:
+            k["kept"] += r["n"]
+        else:
+            k[r[L.STATUS]][r[L.REASON]] = r["n"]
+    for kind, res in results.items():
+        k = kinds.setdefault(kind, {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}})
+        for section in ("dropped", "quarantined"):
+            k[section] = dict(sorted(k[section].items()))
+        k["shards"] = {"count": len(res.shards), "samples": sum(s["nsamples"] for s in res.shards),
+                       "bytes": sum(s["bytes"] for s in res.shards), "files": res.shards}
+        k["clip"] = res.clip
+    return {
+        "kinds": kinds,
+        "output": out,
+        "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+        "elapsed_seconds": round(time.time() - started, 2),
+        "stages": timer.report(),
+        "versions": versions(),
+        "recipe": recipe.to_dict(),
+    }
+
+
+def check_accounting(ledger, results: dict) -> None:
+    from pyspark.sql import functions as F
+
+    row = ledger.agg(F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids"),
+                     F.sum((F.col(L.STATUS) == L.KEPT).cast("int")).alias("kept")).first()
+    shard_samples = sum(s["nsamples"] for res in results.values() for s in res.shards)
+    if row["n"] != row["ids"]:
+        raise AccountingError(f"ledger has {row['n']} rows but {row['ids']} distinct sample ids")
+    if (row["kept"] or 0) != shard_samples:
+        raise AccountingError(f"ledger says {row['kept']} kept, shards hold {shard_samples}")
+
+
+def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, started: float | None = None) -> dict:
+    """Run every kind's pipeline; write OUT/ledger and OUT/reports/summary.json; return the summary."""
+    started = started or time.time()
+    timer = StageTimer(spark)
+    work_dir = os.path.abspath(recipe.work_dir or (os.path.join(out, "_work") if not storage.is_s3(out) else "_work"))
+    results = {}
+    for kind, uris in inputs.items():
+        log.info("%s: %d input URI(s)", kind, len(uris))
+        results[kind] = PIPELINES[kind](spark, recipe, uris, out, work_dir, timer)
+    ledgers = [r.ledger for r in results.values()]
+    ledger = ledgers[0]
+    for other in ledgers[1:]:
+        ledger = ledger.unionByName(other)
+    ledger = ledger.localCheckpoint()
+    check_accounting(ledger, results)
+    t0 = time.perf_counter()
+    write_parquet(ledger.select([f.name for f in L.SCHEMA]).orderBy(SAMPLE_ID), storage.join(out, "ledger"))
+    timer.add_wall("ledger", time.perf_counter() - t0)
+    summary = summarize(ledger, results, recipe, timer, started, out)
+    storage.write_bytes(storage.join(out, "reports", "summary.json"),
+                        json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
+    if not recipe.keep_work:
+        storage.remove_tree(work_dir)
+    return summary
+
+

@@ -1,0 +1,151 @@
+"""Recipes: YAML files whose sections are the stages' own dataclass configs.
+
+Unknown keys and wrong types are errors raised here, on the driver, before any Spark work.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from filters.balance import Balance
+from filters.caption import CaptionLanguage
+from filters.clip import ClipScore
+from filters.decode import Decode
+from filters.dedup import Dedup
+from filters.download import Download
+from filters.recaption import Recaption
+from filters.rules import Rules
+
+KINDS = ("image_text", "interleaved", "ocr", "grounding", "gui", "video")
+SUPPORTED_KINDS = ("image_text",)
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "default.yaml")
+
+
+class RecipeError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Read:
+    files_per_task: int = 256  # loose image files (with side-cars) read by one task
+    max_member_bytes: int = 64_000_000  # larger tar members / files are quarantined unread
+
+
+@dataclasses.dataclass(frozen=True)
+class Shards:
+    max_samples: int = 10_000  # per shard
+    max_bytes: int = 1_000_000_000  # per shard; with max_samples, sets samples per shard from the mean size
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageText:
+    download: Download = Download()
+    decode: Decode = Decode()
+    caption: CaptionLanguage = CaptionLanguage()
+    rules: Rules = Rules()
+    dedup: Dedup = Dedup()
+    clip: ClipScore = ClipScore()
+    balance: Balance = Balance()
+    recaption: Recaption = Recaption()
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    output: str = "out"
+    inputs: dict = dataclasses.field(default_factory=dict)  # kind -> list of URIs (folder, glob, file, s3://)
+    seed: int = 0
+    keep_work: bool = False  # keep the stage checkpoints after a successful run
+    work_dir: str = ""  # stage checkpoints; default OUT/_work (./_work for s3 output). Shared storage on a cluster.
+    read: Read = Read()
+    shards: Shards = Shards()
+    image_text: ImageText = ImageText()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{path}' must be a mapping, got {type(value).__name__}")
+        return build(tp, value, path)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], path)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"recipe key '{path}' must be a list, got {value!r}")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, item_tp, path) for v in value)
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"recipe key '{path}' must be a mapping, got {value!r}")
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise RecipeError(f"recipe key '{path}' must be {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls: type, data: dict, path: str = "") -> Any:
+    """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys by their dotted path."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in (data or {}).items():
+        dotted = f"{path}.{key}" if path else key
+        if key not in fields:
+            raise RecipeError(f"unknown recipe key '{dotted}' (known here: {', '.join(sorted(fields))})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def set_dotted(data: dict, dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"cannot set '{dotted}': '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def load(path: str | None = None, overrides: list[str] = (), inputs: list[str] = (), output: str | None = None) -> Recipe:
+    """Read a recipe file, apply `--set key=value` overrides and `--input KIND=URI`, validate it all."""
+    with open(path or DEFAULT_RECIPE, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping at the top level")
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set expects dotted.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        set_dotted(data, key.strip(), yaml.safe_load(raw))
+    if inputs:
+        data["inputs"] = {}
+        for item in inputs:
+            if "=" not in item:
+                raise RecipeError(f"--input expects KIND=URI, got {item!r}")
+            kind, uri = item.split("=", 1)
+            data["inputs"].setdefault(kind.strip(), []).append(uri.strip())
+    if output:
+        data["output"] = output
+    recipe = build(Recipe, data)
+    for kind, uris in recipe.inputs.items():
+        if kind not in KINDS:
+            raise RecipeError(f"unknown input kind '{kind}' (one of {', '.join(KINDS)})")
+        if kind not in SUPPORTED_KINDS:
+            raise RecipeError(f"input kind '{kind}' is not implemented yet (supported: {', '.join(SUPPORTED_KINDS)})")
+        if isinstance(uris, str):
+            recipe.inputs[kind] = [uris]
+    return recipe

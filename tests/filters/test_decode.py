@@ -1,0 +1,118 @@
+"""Decode stage on plain Arrow batches: every mode Pillow can hand us ends as an RGB JPEG."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from filters.decode import Decode
+
+
+def _batch(images):
+    return pa.RecordBatch.from_pylist([{"image": d, "error": None, "error_detail": None} for d in images])
+
+
+def _encode(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photo():
+    from jobs.make_sample import load_photo
+
+    return load_photo("astronaut").convert("RGB")
+
+
+def decode(images, **kw):
+    return Decode(**kw).apply(_batch(images)).to_pylist()
+
+
+def test_plain_jpeg_passes_through_byte_for_byte(photo):
+    data = _encode(photo, "JPEG", quality=90)
+    (row,) = decode([data])
+    assert row["error"] is None and row["image"] == data
+    assert (row["width"], row["height"]) == (512, 512)
+    assert len(row["content_sha"]) == 64 and row["pixel_std"] > 10
+
+
+def test_exif_orientation_is_applied(photo):
+    wide = photo.resize((400, 200))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 clockwise for display
+    (row,) = decode([_encode(wide, "JPEG", exif=exif.tobytes())])
+    assert (row["width"], row["height"]) == (200, 400)
+    out = Image.open(io.BytesIO(row["image"]))
+    assert out.size == (200, 400) and out.getexif().get(0x0112, 1) == 1
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "L", "I;16", "1"])
+def test_modes_are_normalised_to_rgb_jpeg(photo, mode):
+    if mode == "I;16":
+        img = Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257))
+        data = _encode(img, "PNG")
+    elif mode == "CMYK":
+        data = _encode(photo.convert("CMYK"), "JPEG")
+    else:
+        img = photo.convert(mode)
+        data = _encode(img, "PNG")
+    (row,) = decode([data])
+    assert row["error"] is None, row["error_detail"]
+    out = Image.open(io.BytesIO(row["image"]))
+    assert out.format == "JPEG" and out.mode == "RGB" and out.size == (512, 512)
+
+
+def test_alpha_is_flattened_on_white():
+    img = Image.new("RGBA", (300, 300), (255, 0, 0, 0))  # fully transparent red
+    (row,) = decode([_encode(img, "PNG")])
+    px = Image.open(io.BytesIO(row["image"])).convert("RGB").getpixel((150, 150))
+    assert all(c > 245 for c in px)
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (240, 240), c) for c in [(0, 0, 255), (255, 0, 0)]]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    (row,) = decode([buf.getvalue()])
+    assert row["error"] is None
+    r, g, b = Image.open(io.BytesIO(row["image"])).getpixel((10, 10))
+    assert b > 200 and r < 50
+
+
+def test_decompression_bomb_is_quarantined_without_decoding():
+    img = Image.new("L", (20_000, 20_000))  # 400 Mpx of zeros compress to a small PNG
+    data = _encode(img, "PNG")
+    (row,) = decode([data], max_pixels=100_000_000)
+    assert row["error"] == "image_too_many_pixels" and "20000x20000" in row["error_detail"]
+
+
+@pytest.mark.parametrize("data,reason", [
+    (None, "image_missing"),
+    (b"", "image_empty"),
+    (b"<html><body>not found</body></html>", "image_undecodable"),
+    (bytes(range(256)) * 8, "image_undecodable"),
+])
+def test_bad_bytes_get_specific_reasons(data, reason):
+    (row,) = decode([data])
+    assert row["error"] == reason and row["image"] is None
+
+
+def test_truncated_jpeg(photo):
+    data = _encode(photo, "JPEG")
+    (row,) = decode([data[: len(data) // 2]])
+    assert row["error"] == "image_truncated"
+
+
+def test_existing_error_is_kept():
+    batch = pa.RecordBatch.from_pylist([{"image": None, "error": "read_error", "error_detail": "gone"}])
+    (row,) = Decode().apply(batch).to_pylist()
+    assert (row["error"], row["error_detail"]) == ("read_error", "gone")
+
+
+def test_solid_image_has_zero_std():
+    (row,) = decode([_encode(Image.new("RGB", (300, 300), (10, 200, 30)), "PNG")])
+    assert row["pixel_std"] < 0.5

@@ -1,0 +1,94 @@
+"""Dedup on Spark: recall and precision on transformed copies of real photos."""
+from __future__ import annotations
+
+import io
+
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageDraw, ImageEnhance
+
+from filters.decode import Decode
+from filters.dedup import Dedup, components, find_duplicates
+from jobs.make_sample import PHOTOS, load_photo
+
+
+def _jpeg(img, q=90):
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=q)
+    return buf.getvalue()
+
+
+def _watermark(img):
+    img = img.convert("RGB").copy()
+    w, h = img.size
+    ImageDraw.Draw(img).text((w * 0.55, h * 0.88), "(c) photo-agency.example 2026", fill=(255, 255, 255))
+    return img
+
+
+def _crop(img, f):
+    w, h = img.size
+    return img.crop((int(w * f), int(h * f), w - int(w * f), h - int(h * f)))
+
+
+TRANSFORMS = {
+    "reencoded": lambda im: _jpeg(im, 35),
+    "resized": lambda im: _jpeg(im.resize((im.width // 2, im.height // 2))),
+    "cropped": lambda im: _jpeg(_crop(im, 0.02)),
+    "brighter": lambda im: _jpeg(ImageEnhance.Brightness(im.convert("RGB")).enhance(1.25)),
+    "watermarked": lambda im: _jpeg(_watermark(im)),
+    "png": lambda im: (lambda b: (im.convert("RGB").save(b, format="PNG"), b.getvalue())[1])(io.BytesIO()),
+}
+
+
+@pytest.fixture(scope="module")
+def corpus(spark):
+    rows, family = [], {}
+    for name in PHOTOS:
+        img = load_photo(name)
+        items = {f"{name}": _jpeg(img), f"{name}~exact": _jpeg(img)}
+        items.update({f"{name}~{t}": fn(img) for t, fn in TRANSFORMS.items()})
+        for key, data in items.items():
+            rows.append({"sample_id": key, "image": data, "error": None, "error_detail": None})
+            family[key] = name
+    feats = Decode().apply(pa.RecordBatch.from_pylist(rows)).to_pylist()
+    df = spark.createDataFrame(
+        [(r["sample_id"], r["content_sha"], r["phash"], r["width"], r["height"]) for r in feats],
+        "sample_id string, content_sha string, phash long, width int, height int")
+    return df, family
+
+
+def test_near_duplicate_recall_and_precision(corpus):
+    df, family = corpus
+    drops = find_duplicates(df, Dedup()).collect()
+    dropped = {r.sample_id: r for r in drops}
+    assert len(dropped) == len(drops), "an item was dropped twice"
+    wrong = [(r.sample_id, r.duplicate_of) for r in drops if family[r.sample_id] != family[r.duplicate_of]]
+    precision = 1 - len(wrong) / max(1, len(drops))
+    should_drop = len(family) - len(PHOTOS)  # one survivor per family
+    recall = sum(1 for r in drops if family[r.sample_id] == family[r.duplicate_of]) / should_drop
+    print(f"dedup precision={precision:.3f} recall={recall:.3f} on {len(family)} images")
+    assert precision == 1.0, wrong
+    assert recall >= 0.95
+    # survivors: exactly one per family, and the keeper is never itself dropped
+    assert all(r.duplicate_of not in dropped for r in drops)
+    assert {family[k] for k in family if k not in dropped} == set(PHOTOS)
+
+
+def test_exact_duplicates_are_reported_as_exact(corpus):
+    df, family = corpus
+    drops = {r.sample_id: r for r in find_duplicates(df, Dedup(near=False)).collect()}
+    assert set(drops) == {f"{n}~exact" for n in PHOTOS}
+    assert all(r.reason == "exact_duplicate" for r in drops.values())
+
+
+def test_keeper_is_the_largest_image(corpus):
+    df, family = corpus
+    drops = {r.sample_id: r for r in find_duplicates(df, Dedup()).collect()}
+    assert drops["astronaut~resized"].duplicate_of != "astronaut~resized"
+    assert "~resized" not in drops["astronaut~resized"].duplicate_of
+
+
+def test_components_of_a_chain(spark):
+    edges = spark.createDataFrame([("a", "b"), ("b", "c"), ("c", "d"), ("x", "y")], "src string, dst string")
+    labels = {r.node: r.label for r in components(edges, 10).collect()}
+    assert labels == {"a": "a", "b": "a", "c": "a", "d": "a", "x": "x", "y": "x"}

@@ -1,0 +1,312 @@
+"""Download stage against a real HTTP server on 127.0.0.1.
+
+Every test runs with `socket.socket.connect` wrapped: connections to anything but loopback are
+recorded and refused, so no packet can leave the machine even if the address guard were broken,
+and the tests can assert that refused addresses were never even attempted.
+"""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import ClassVar
+
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from filters.download import DOWNLOAD_STATUS, AddressPolicy, Download, opted_out
+from schemas import image_text as S
+from schemas.common import ERROR, ERROR_DETAIL
+from schemas.ledger import REASONS
+
+
+def _jpeg(color: tuple[int, int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+JPEG = _jpeg((200, 30, 30))
+BIG = 50_000  # bytes the oversized endpoints send; the stage under test allows 10_000
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, so connection pooling is exercised too
+    hits: ClassVar[Counter] = Counter()  # path -> requests seen, across the module's tests
+    lock = threading.Lock()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
+              length: bool = True) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        if length:
+            self.send_header("Content-Length", str(len(body)))
+        else:  # body delimited by closing the connection
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: expected here
+            pass
+
+    def do_GET(self) -> None:
+        with self.lock:
+            self.hits[self.path] += 1
+            hits = self.hits[self.path]
+        path = self.path.split("?")[0]
+        img = {"Content-Type": "image/jpeg"}
+        if path == "/img.jpg":
+            self._send(200, JPEG, img)
+        elif path == "/missing":
+            self._send(404, b"not found")
+        elif path == "/flaky":  # 500 the first time, then the image
+            self._send(500, b"oops") if hits == 1 else self._send(200, JPEG, img)
+        elif path == "/always500":
+            self._send(503, b"down")
+        elif path == "/redirect":
+            self._send(302, headers={"Location": "/img.jpg"})
+        elif path == "/loop":
+            self._send(302, headers={"Location": "/loop"})
+        elif path == "/redirect-metadata":
+            self._send(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
+        elif path == "/redirect-ftp":
+            self._send(301, headers={"Location": "ftp://127.0.0.1/x.jpg"})
+        elif path == "/big-cl":
+            self._send(200, b"\xff" * BIG, img)
+        elif path == "/big-nocl":
+            self._send(200, b"\xff" * BIG, img, length=False)
+        elif path == "/noai":
+            self._send(200, JPEG, {**img, "X-Robots-Tag": "noai"})
+        elif path == "/googlebot-noimageai":
+            self._send(200, JPEG, {**img, "X-Robots-Tag": "googlebot: noindex, noimageai"})
+        elif path == "/noindex":  # other directives are not an AI opt-out
+            self._send(200, JPEG, {**img, "X-Robots-Tag": "noindex, nofollow"})
+        elif path == "/slow":
+            time.sleep(1.5)
+            self._send(200, JPEG, img)
+        else:
+            self._send(404)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(autouse=True)
+def outside_connects(monkeypatch: pytest.MonkeyPatch) -> list:
+    """Destinations of every non-loopback connect() attempted during the test (all refused)."""
+    attempted: list = []
+    real_connect = socket.socket.connect
+
+    def guarded(self: socket.socket, address: object) -> None:
+        host = address[0] if isinstance(address, tuple) else str(address)
+        if host not in ("127.0.0.1", "::1", "localhost"):
+            attempted.append(address)
+            raise ConnectionRefusedError(f"test guard: refusing to connect to {address}")
+        return real_connect(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    return attempted
+
+
+def closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there any more: connection refused
+    return port
+
+
+def batch(rows: list[dict]) -> pa.RecordBatch:
+    cols: dict[str, list] = {f.name: [] for f in S.RAW}
+    for i, row in enumerate(rows):
+        full = {"sample_id": f"id{i:03d}", "kind": "image_text", "source": "test", "source_key": str(i), **row}
+        for name, values in cols.items():
+            values.append(full.get(name))
+    return pa.RecordBatch.from_pydict(cols, schema=S.RAW)
+
+
+STAGE = Download(timeout_s=0.5, max_bytes=10_000, retries=1, backoff_s=0.01, max_redirects=3,
+                 concurrency=8, allow_loopback=True)
+
+
+def test_every_row_gets_its_outcome_in_order(server: str, outside_connects: list) -> None:
+    port = closed_port()
+    rows = [
+        ("ok", {"url": f"{server}/img.jpg"}),
+        ("missing", {"url": f"{server}/missing"}),
+        ("flaky", {"url": f"{server}/flaky"}),
+        ("always500", {"url": f"{server}/always500"}),
+        ("redirect", {"url": f"{server}/redirect"}),
+        ("loop", {"url": f"{server}/loop"}),
+        ("big-cl", {"url": f"{server}/big-cl"}),
+        ("big-nocl", {"url": f"{server}/big-nocl"}),
+        ("noai", {"url": f"{server}/noai"}),
+        ("googlebot", {"url": f"{server}/googlebot-noimageai"}),
+        ("noindex", {"url": f"{server}/noindex"}),
+        ("slow", {"url": f"{server}/slow"}),
+        ("closed", {"url": f"http://127.0.0.1:{port}/x.jpg"}),
+        ("ftp", {"url": "ftp://127.0.0.1/x.jpg"}),
+        ("no-scheme", {"url": "example.com/x.jpg"}),
+        ("redirect-ftp", {"url": f"{server}/redirect-ftp"}),
+        ("has-bytes", {"url": f"{server}/should-not-be-fetched", "image": b"already-here"}),
+        ("has-error", {"url": f"{server}/should-not-be-fetched-either", "error": "read_error",
+                       "error_detail": "from the reader"}),
+        ("no-url", {}),
+        ("ok-2", {"url": f"  {server}/img.jpg?second  "}),
+    ]
+    t0 = time.perf_counter()
+    out = STAGE.apply(batch([r for _, r in rows])).to_pylist()
+    elapsed = time.perf_counter() - t0
+    got = {name: row for (name, _), row in zip(rows, out)}
+    assert [r["sample_id"] for r in out] == [f"id{i:03d}" for i in range(len(rows))]  # order kept
+    status = {name: row[DOWNLOAD_STATUS] for name, row in got.items()}
+    assert status == {
+        "ok": "ok",
+        "missing": "download_http_error",
+        "flaky": "ok",
+        "always500": "download_http_error",
+        "redirect": "ok",
+        "loop": "download_too_many_redirects",
+        "big-cl": "download_too_large",
+        "big-nocl": "download_too_large",
+        "noai": "opted_out",
+        "googlebot": "opted_out",
+        "noindex": "ok",
+        "slow": "download_failed",
+        "closed": "download_failed",
+        "ftp": "download_bad_url",
+        "no-scheme": "download_bad_url",
+        "redirect-ftp": "download_bad_url",
+        "has-bytes": "skipped",
+        "has-error": "skipped",
+        "no-url": "skipped",
+        "ok-2": "ok",
+    }
+    for name in ("ok", "flaky", "redirect", "noindex", "ok-2"):
+        assert got[name][S.IMAGE] == JPEG and got[name][ERROR] is None and got[name][ERROR_DETAIL] is None
+    # failures are quarantined with the ledger's own codes
+    for name, row in got.items():
+        if row[DOWNLOAD_STATUS].startswith("download_"):
+            assert row[ERROR] == row[DOWNLOAD_STATUS] and row[ERROR] in REASONS, name
+            assert row[S.IMAGE] is None and row[ERROR_DETAIL], name
+    assert "404" in got["missing"][ERROR_DETAIL]
+    assert "503" in got["always500"][ERROR_DETAIL]
+    assert "timeout" in got["slow"][ERROR_DETAIL]
+    assert "Content-Length" in got["big-cl"][ERROR_DETAIL]  # refused from the header, before the body
+    assert "body over" in got["big-nocl"][ERROR_DETAIL]  # cut off while streaming
+    # opt-outs are a decision, not a quarantine: no error, no bytes
+    for name in ("noai", "googlebot"):
+        assert got[name][ERROR] is None and got[name][S.IMAGE] is None
+    # skipped rows pass through untouched
+    assert got["has-bytes"][S.IMAGE] == b"already-here" and got["has-bytes"][ERROR] is None
+    assert (got["has-error"][ERROR], got["has-error"][ERROR_DETAIL]) == ("read_error", "from the reader")
+    assert got["no-url"][S.IMAGE] is None and got["no-url"][ERROR] is None
+    # retries: 500 then 200 took two requests; a persistent 503 used exactly 1 + retries
+    assert Handler.hits["/flaky"] == 2 and Handler.hits["/always500"] == 2
+    assert Handler.hits["/missing"] == 1  # a 404 is not retried
+    assert Handler.hits["/loop"] == STAGE.max_redirects + 1
+    assert not any("should-not" in path for path in Handler.hits)
+    assert outside_connects == []
+    # the slow endpoint costs (1 + retries) timeouts, run in parallel with everything else
+    assert elapsed < 4.0, elapsed
+
+
+
+@pytest.mark.parametrize("url", [
+    "http://10.0.0.1/x.jpg",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://192.168.1.1/x.jpg",
+    "http://172.16.0.1/x.jpg",
+    "http://[fe80::1]/x.jpg",
+    "http://224.0.0.1/x.jpg",
+    "http://0.0.0.0/x.jpg",
+    "http://[::ffff:10.0.0.1]/x.jpg",
+])
+def test_private_addresses_refused_without_any_connection(url: str, outside_connects: list) -> None:
+    out = STAGE.apply(batch([{"url": url}])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == out[ERROR] == "download_blocked_address"
+    assert outside_connects == []  # refused by the address check, before any socket connect
+
+
+def test_redirect_target_is_checked_too(server: str, outside_connects: list) -> None:
+    out = STAGE.apply(batch([{"url": f"{server}/redirect-metadata"}])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == "download_blocked_address"
+    assert "169.254.169.254" in out[ERROR_DETAIL]
+    assert outside_connects == []
+
+
+def test_host_names_are_resolved_and_every_record_checked(
+        server: str, outside_connects: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = socket.getaddrinfo
+    fake = {"internal.test": ["10.1.2.3"], "mixed.test": ["127.0.0.1", "192.168.0.7"], "local.test": ["127.0.0.1"]}
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        if host in fake:
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in fake[host]]
+        return real(host, port, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    port = server.rsplit(":", 1)[1]
+    rows = [{"url": f"http://internal.test:{port}/img.jpg"}, {"url": f"http://mixed.test:{port}/img.jpg"},
+            {"url": f"http://local.test:{port}/img.jpg"}]
+    out = STAGE.apply(batch(rows)).to_pylist()
+    assert [r[DOWNLOAD_STATUS] for r in out] == ["download_blocked_address", "download_blocked_address", "ok"]
+    assert out[2][S.IMAGE] == JPEG  # connected to the checked address, Host header kept
+    assert outside_connects == []
+
+
+def test_loopback_refused_by_default(server: str) -> None:
+    out = Download(retries=0).apply(batch([{"url": f"{server}/img.jpg"}])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == "download_blocked_address" and "loopback" in out[ERROR_DETAIL]
+
+
+def test_address_policy() -> None:
+    strict = AddressPolicy()
+    for ip in ("10.0.0.1", "172.31.255.255", "192.168.1.1", "169.254.169.254", "224.0.0.251", "240.0.0.1",
+               "0.0.0.0", "127.0.0.1", "100.64.0.1", "::1", "::", "fe80::1", "fc00::1", "ff02::1",
+               "::ffff:192.168.0.1", "64:ff9b::a00:1"):
+        assert strict.refusal(ip) is not None, ip
+    for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"):
+        assert strict.refusal(ip) is None, ip
+    assert AddressPolicy(allow_loopback=True).refusal("127.0.0.2") is None
+    assert AddressPolicy(allow_loopback=True).refusal("10.0.0.1") is not None
+    assert AddressPolicy(block_private=False).refusal("10.0.0.1") is None
+    assert AddressPolicy(block_private=False).refusal("127.0.0.1") == "loopback"
+
+
+def test_opted_out_parsing() -> None:
+    for value in ("noai", "NoAI", "noimageai", "noindex, noai", "otherbot: noai", "googlebot: noindex, noimageai",
+                  "noindex,NOIMAGEAI", "all, otherbot: noimageai"):
+        assert opted_out(value), value
+    for value in (None, "", "noindex", "noindex, nofollow", "unavailable_after: 25 Jun 2030 15:00:00 PST", "ai"):
+        assert not opted_out(value), value
+
+
+def test_opt_out_ignored_when_not_respected(server: str) -> None:
+    stage = Download(retries=0, allow_loopback=True, respect_opt_out=False)
+    out = stage.apply(batch([{"url": f"{server}/noai"}])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == "ok" and out[S.IMAGE] == JPEG
+
+
+def test_nothing_to_fetch() -> None:
+    rows = [{"image": b"x"}, {"error": "read_error"}, {"url": None}]
+    out = STAGE.apply(batch(rows)).to_pylist()
+    assert [r[DOWNLOAD_STATUS] for r in out] == ["skipped"] * 3
