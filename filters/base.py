@@ -45,12 +45,22 @@ class Stage:
             schema = schema.set(i, f) if i >= 0 else schema.append(f)
         return schema
 
-    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1) -> Iterator[pa.RecordBatch]:
+    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
+            timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
+        """Apply the stage to every batch; `timing[0]` accumulates the seconds spent in this stage only
+        (set-up included), not in producing the input batches."""
+        t0 = time.perf_counter()
         state = self.state(threads)
+        if timing is not None:
+            timing[0] += time.perf_counter() - t0
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            yield self.apply(batch, state)
+            t0 = time.perf_counter()
+            out = self.apply(batch, state)
+            if timing is not None:
+                timing[0] += time.perf_counter() - t0
+            yield out
 
     def apply(self, batch: pa.RecordBatch, state: Any = None) -> pa.RecordBatch:
         state = self.state() if state is None else state
@@ -109,18 +119,9 @@ def apply_stage(df, stage: Stage, timer: StageTimer | None = None):
     acc = timer.accumulator(stage.name) if timer is not None else None
 
     def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        spent = 0.0
-        it = stage.run(batches, task_threads())
-        while True:
-            t0 = time.perf_counter()
-            try:
-                out = next(it)
-            except StopIteration:
-                break
-            finally:
-                spent += time.perf_counter() - t0
-            yield out
+        spent = [0.0]
+        yield from stage.run(batches, task_threads(), spent)
         if acc is not None:
-            acc.add(spent)
+            acc.add(spent[0])
 
     return df.mapInArrow(run_partition, from_arrow_schema(out_schema))

@@ -92,18 +92,30 @@ def resolve_weights(stage: ClipScore) -> tuple[ClipScore, bool, str]:
         if os.path.isfile(tag):
             return stage, True, f"local checkpoint {tag}"
         return _random(stage, f"checkpoint file {tag} does not exist")
+    cfg = open_clip.get_pretrained_cfg(stage.model, tag)
+    if not cfg:
+        return _random(stage, f"open_clip has no pretrained tag '{tag}' for {stage.model}")
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    if not offline and not _reachable("huggingface.co", 443):
+        # the hub client would retry with back-off for about a minute before giving up
+        return _random(stage, "offline: huggingface.co is unreachable (set HF_HUB_OFFLINE=1 to use a cached copy)")
     try:
-        cfg = open_clip.get_pretrained_cfg(stage.model, tag)
-        if not cfg:
-            return _random(stage, f"open_clip has no pretrained tag '{tag}' for {stage.model}")
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
-        os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
         path = open_clip.download_pretrained(cfg)
         if not path:
             return _random(stage, f"no download source for {stage.model}/{tag}")
     except Exception as e:  # noqa: BLE001 - offline, hub refused, ...: fall back, loudly
         return _random(stage, f"could not fetch {stage.model}/{tag}: {type(e).__name__}: {str(e)[:200]}")
     return dataclasses.replace(stage, pretrained=path), True, f"{stage.model}/{tag} from {path}"
+
+
+def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _random(stage: ClipScore, why: str) -> tuple[ClipScore, bool, str]:

@@ -2,7 +2,7 @@
 
 Reads `image`; writes `image` (JPEG bytes: the original file when it is already a plain RGB/greyscale
 JPEG with no EXIF rotation, else a re-encode after EXIF orientation, mode conversion and alpha
-flattening), `width`, `height`, `content_sha` (sha256 of the input bytes), `phash` (64-bit DCT
+flattening), `width`, `height`, `content_sha` (sha256 of the input bytes), `source_bytes` (their length), `phash` (64-bit DCT
 perceptual hash, as a signed int64) and `pixel_std` (grey-level standard deviation of a 64x64
 thumbnail). Items that cannot be decoded get `error` set and are quarantined downstream.
 """
@@ -65,6 +65,7 @@ class Decode(Stage):
             pa.field(S.WIDTH, pa.int32()),
             pa.field(S.HEIGHT, pa.int32()),
             pa.field(S.CONTENT_SHA, pa.string()),
+            pa.field(S.SOURCE_BYTES, pa.int64()),
             pa.field(S.PHASH, pa.int64()),
             pa.field(S.PIXEL_STD, pa.float32()),
             pa.field(ERROR, pa.string()),
@@ -114,6 +115,7 @@ class Decode(Stage):
             S.WIDTH: rgb.width,
             S.HEIGHT: rgb.height,
             S.CONTENT_SHA: hashlib.sha256(data).hexdigest(),
+            S.SOURCE_BYTES: len(data),
             S.PHASH: phash - (1 << 64) if phash >= (1 << 63) else phash,
             S.PIXEL_STD: std,
         }

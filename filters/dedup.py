@@ -1,6 +1,6 @@
 """Image dedup across the whole run: exact (content hash) then near (perceptual hash).
 
-Reads `sample_id`, `content_sha`, `phash`, `width`, `height` of the rows still in play; returns one
+Reads `sample_id`, `content_sha`, `phash`, `width`, `height` (and `source_bytes`) of the rows still in play; returns one
 row per dropped item: (`sample_id`, `reason`, `duplicate_of`).
 
 Near duplicates are found without an all-pairs loop: the 64-bit pHash is cut into `bands` bands;
@@ -10,8 +10,8 @@ exact Hamming distance. Pairs within `hamming_radius` are edges; connected compo
 min-label propagation on DataFrames) are the duplicate groups. With hamming_radius >= bands, pairs at
 distance >= bands are found only when one band happens to match (probable, not certain).
 
-Keeper rule, for both kinds of group: the member with the most pixels; ties go to the smallest
-sample_id. Every other member is dropped with `duplicate_of` = the keeper.
+Keeper rule, for both kinds of group: the member with the most pixels; then the one with the most
+input bytes (the least compressed copy); then the smallest sample_id. Every other member is dropped with `duplicate_of` = the keeper.
 """
 from __future__ import annotations
 
@@ -34,10 +34,13 @@ class Dedup:
     max_iterations: int = 30  # connected-components rounds
 
 
-def _rank_key(F):
-    # Sorts ascending with the keeper first: most pixels, then smallest sample_id.
-    pixels = (F.col(S.WIDTH).cast("long") * F.col(S.HEIGHT).cast("long"))
-    return F.concat(F.lpad((F.lit(1 << 40) - pixels).cast("string"), 13, "0"), F.lit(":"), F.col(SAMPLE_ID))
+def _rank_key(F, columns):
+    # Sorts ascending with the keeper first: most pixels, then most bytes (the least compressed copy),
+    # then the smallest sample_id.
+    pixels = F.col(S.WIDTH).cast("long") * F.col(S.HEIGHT).cast("long")
+    size = F.col(S.SOURCE_BYTES).cast("long") if S.SOURCE_BYTES in columns else F.lit(0).cast("long")
+    return F.concat(F.lpad((F.lit(1 << 40) - pixels).cast("string"), 13, "0"), F.lit(":"),
+                    F.lpad((F.lit(1 << 40) - size).cast("string"), 13, "0"), F.lit(":"), F.col(SAMPLE_ID))
 
 
 def find_duplicates(df, cfg: Dedup):
@@ -46,7 +49,7 @@ def find_duplicates(df, cfg: Dedup):
     from pyspark.sql import functions as F
 
     spark = df.sparkSession
-    items = df.select(SAMPLE_ID, S.CONTENT_SHA, S.PHASH, _rank_key(F).alias("rank_key"))
+    items = df.select(SAMPLE_ID, S.CONTENT_SHA, S.PHASH, _rank_key(F, df.columns).alias("rank_key"))
     empty = spark.createDataFrame([], "sample_id string, reason string, duplicate_of string")
     drops = empty
     if cfg.exact:
@@ -86,9 +89,9 @@ def _near_duplicates(items, cfg: Dedup):
     ).localCheckpoint()
     labels = components(edges, cfg.max_iterations)
     return labels.filter(F.col("label") != F.col("node")).select(
-        F.split("node", ":").getItem(1).alias(SAMPLE_ID),
+        F.split("node", ":").getItem(2).alias(SAMPLE_ID),
         F.lit("near_duplicate").alias("reason"),
-        F.split("label", ":").getItem(1).alias("duplicate_of"),
+        F.split("label", ":").getItem(2).alias("duplicate_of"),
     )
 
 

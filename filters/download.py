@@ -16,6 +16,7 @@ rebind). Redirects are followed by hand, one checked hop at a time. Bodies are s
 `max_bytes`; each attempt has a wall-clock deadline; cookies, proxies and .netrc from the
 environment are ignored.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,7 +51,11 @@ from schemas.common import ERROR, ERROR_DETAIL
 DOWNLOAD_STATUS = "download_status"
 OK, SKIPPED, OPTED_OUT = "ok", "skipped", "opted_out"
 FAILED, HTTP_ERROR, TOO_LARGE = "download_failed", "download_http_error", "download_too_large"
-TOO_MANY_REDIRECTS, BLOCKED, BAD_URL = "download_too_many_redirects", "download_blocked_address", "download_bad_url"
+TOO_MANY_REDIRECTS, BLOCKED, BAD_URL = (
+    "download_too_many_redirects",
+    "download_blocked_address",
+    "download_bad_url",
+)
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _OPT_OUT = frozenset({"noai", "noimageai"})
@@ -125,7 +130,9 @@ def _open_checked_socket(conn: HTTPConnection, policy: AddressPolicy) -> socket.
         sys.audit("http.client.connect", conn, conn.host, conn.port)
         return sock
     if isinstance(err, TimeoutError):
-        raise ConnectTimeoutError(conn, f"Connection to {conn.host} timed out. (connect timeout={conn.timeout})")
+        raise ConnectTimeoutError(
+            conn, f"Connection to {conn.host} timed out. (connect timeout={conn.timeout})"
+        )
     raise NewConnectionError(conn, f"Failed to establish a new connection: {err}")
 
 
@@ -252,9 +259,13 @@ class Download(Stage):
 
     def setup(self, threads: int) -> requests.Session:
         session = requests.Session()
-        session.trust_env = False  # no proxy / .netrc from the environment: the address check must see the origin
+        session.trust_env = (
+            False  # no proxy / .netrc from the environment: the address check must see the origin
+        )
         session.cookies.set_policy(_NoCookies())
-        adapter = checked_adapter(AddressPolicy(self.block_private, self.allow_loopback), max(1, self.concurrency))
+        adapter = checked_adapter(
+            AddressPolicy(self.block_private, self.allow_loopback), max(1, self.concurrency)
+        )
         session.mount("http://", adapter)
         session.mount("https://", adapter)
         session.headers.update({"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
@@ -279,11 +290,14 @@ class Download(Stage):
                 return result
             redirects += 1
             if redirects > self.max_redirects:
-                return Outcome(TOO_MANY_REDIRECTS, detail=f"more than {self.max_redirects} redirects, last to {url[:200]}")
+                return Outcome(
+                    TOO_MANY_REDIRECTS,
+                    detail=f"more than {self.max_redirects} redirects, stopped at {url[:200]}",
+                )
             url = urljoin(url, result.location)
 
     def _with_retries(self, session: requests.Session, url: str) -> Outcome | _Redirect:
-        attempts = 1
+        attempts = max(0, self.retries) + 1
         for attempt in range(attempts):
             result = self._attempt(session, url)
             if not isinstance(result, _Retry):
@@ -307,8 +321,13 @@ class Download(Stage):
             )
         except BlockedAddress as e:
             return Outcome(BLOCKED, detail=str(e)[:300])
-        except (requests.exceptions.InvalidURL, requests.exceptions.InvalidSchema,
-                requests.exceptions.MissingSchema, LocationParseError, UnicodeError) as e:
+        except (
+            requests.exceptions.InvalidURL,
+            requests.exceptions.InvalidSchema,
+            requests.exceptions.MissingSchema,
+            LocationParseError,
+            UnicodeError,
+        ) as e:
             return Outcome(BAD_URL, detail=f"{type(e).__name__}: {e}"[:300])
         except requests.exceptions.Timeout as e:
             return _Retry(FAILED, f"timeout: {_describe(e)}")
@@ -327,7 +346,9 @@ class Download(Stage):
         if status in _REDIRECTS and resp.headers.get("Location"):
             return _Redirect(resp.headers["Location"])
         if status == 429 or 500 <= status < 600:
-            return _Retry(HTTP_ERROR, f"HTTP {status}", _retry_after(resp.headers.get("Retry-After"), self.timeout_s))
+            return _Retry(
+                HTTP_ERROR, f"HTTP {status}", _retry_after(resp.headers.get("Retry-After"), self.timeout_s)
+            )
         if status != 200:
             return Outcome(HTTP_ERROR, detail=f"HTTP {status}")
         length = resp.headers.get("Content-Length", "")
@@ -352,7 +373,8 @@ class Download(Stage):
         errors = batch.column(ERROR).to_pylist()
         details = batch.column(ERROR_DETAIL).to_pylist()
         todo = [
-            i for i, (url, img, err) in enumerate(zip(urls, images, errors))
+            i
+            for i, (url, img, err) in enumerate(zip(urls, images, errors))
             if err is None and img is None and url is not None and url.strip()
         ]
         outcomes: dict[int, Outcome] = {}

@@ -10,6 +10,7 @@ With `endpoint` empty the stage is off: no network, both columns null.
 The server is any OpenAI-compatible chat-completions endpoint serving a vision-language model (vLLM,
 SGLang). Which samples train on their recaption is decided later, per sample, by `train_on_recaption`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,7 +35,7 @@ RECAPTION_ERROR = "recaption_error"
 
 DEFAULT_PROMPT = (
     "You are given an image and its original caption, which was scraped from the web.\n"
-    "Original caption: \"{caption}\"\n\n"
+    'Original caption: "{caption}"\n\n'
     "Rewrite it into one detailed, accurate caption of the image. Rules:\n"
     "1. Keep every fact from the original caption (names of people, products, places and "
     "organisations; numbers; dates; quoted text) unless the image clearly contradicts it.\n"
@@ -65,7 +66,13 @@ def clean_reply(text: str) -> str:
 
 def image_data_url(data: bytes) -> str:
     # decode normalises to JPEG; the sniff only keeps the stage honest if it runs before decode.
-    mime = "image/png" if data.startswith(b"\x89PNG") else "image/webp" if data[8:12] == b"WEBP" else "image/jpeg"
+    mime = (
+        "image/png"
+        if data.startswith(b"\x89PNG")
+        else "image/webp"
+        if data[8:12] == b"WEBP"
+        else "image/jpeg"
+    )
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -114,6 +121,9 @@ class Recaption(Stage):
     max_tokens: int = 256
     temperature: float = 0.0
     prompt: str = DEFAULT_PROMPT  # `{caption}` is replaced by the original caption
+    # Not used by the stage itself: the share of recaptioned samples that train on their recaption
+    # (drawn per sample by `train_on_recaption` when shards are written); the rest keep the caption.
+    train_share: float = 0.5
 
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.RECAPTION, pa.string()), pa.field(RECAPTION_ERROR, pa.string())]
@@ -122,7 +132,9 @@ class Recaption(Stage):
         if not self.endpoint:
             return RecaptionState(None, "", None, {})
         session = requests.Session()
-        session.trust_env = False  # cluster proxies and .netrc must not hijack an internal endpoint or its key
+        session.trust_env = (
+            False  # cluster proxies and .netrc must not hijack an internal endpoint or its key
+        )
         size = max(1, self.concurrency)
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=size, max_retries=0)
         session.mount("http://", adapter)
@@ -132,7 +144,12 @@ class Recaption(Stage):
         if key:
             headers["Authorization"] = f"Bearer {key}"
         base = self.endpoint.rstrip("/")
-        return RecaptionState(session, f"{base}/chat/completions", self.model or self._served_model(session, base, headers), headers)
+        return RecaptionState(
+            session,
+            f"{base}/chat/completions",
+            self.model or self._served_model(session, base, headers),
+            headers,
+        )
 
     def _served_model(self, session: requests.Session, base: str, headers: dict[str, str]) -> str | None:
         """The first model id from GET /models; None (the field is then omitted) if that fails."""
@@ -147,13 +164,15 @@ class Recaption(Stage):
         # str.replace, not str.format: a custom prompt may contain other braces (JSON examples).
         text = self.prompt.replace("{caption}", (caption or "").strip() or "(none)")
         body: dict[str, Any] = {
-            "messages": [{
-                "role": "user",
-                "content": [
-                    {"type": "image_url", "image_url": {"url": image_data_url(image)}},
-                    {"type": "text", "text": text},
-                ],
-            }],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_data_url(image)}},
+                        {"type": "text", "text": text},
+                    ],
+                }
+            ],
             "max_tokens": self.max_tokens,
             "temperature": self.temperature,
         }
@@ -212,8 +231,9 @@ class Recaption(Stage):
         row_errors = batch.column(ERROR).to_pylist()
         todo = [i for i in range(n) if row_errors[i] is None and images[i]]
         if todo:
-            with ThreadPoolExecutor(max_workers=1,
-                                    thread_name_prefix="recaption") as pool:
+            with ThreadPoolExecutor(
+                max_workers=max(1, min(self.concurrency, len(todo))), thread_name_prefix="recaption"
+            ) as pool:
                 replies = pool.map(lambda i: self.recaption_one(state, images[i], captions[i]), todo)
                 for i, reply in zip(todo, replies):
                     recaptions[i], errors[i] = reply

@@ -31,8 +31,9 @@ class Rules:
         short = F.least(c(S.WIDTH), c(S.HEIGHT))
         long_ = F.greatest(c(S.WIDTH), c(S.HEIGHT))
         checks = [
-            (c(ERROR).isNotNull(), c(ERROR)),
+            # an opted-out URL has no image (so decode reports one missing): the opt-out is the reason
             (c("download_status") == "opted_out", F.lit("opted_out")),
+            (c(ERROR).isNotNull(), c(ERROR)),
             (short < self.min_side, F.lit("image_too_small")),
             (long_ > short * self.max_aspect_ratio, F.lit("aspect_ratio")),
             (c(S.PIXEL_STD) < self.min_pixel_std, F.lit("solid_color")),

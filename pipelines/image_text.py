@@ -89,7 +89,7 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
 
     # --- decisions ------------------------------------------------------------------------------
     decided = feats.withColumn("reason", cfg.rules.reason())
-    rule_drops = decided.filter(F.col("reason").isNotNull() & F.col(ERROR).isNull()).select(
+    rule_drops = decided.filter(F.col("reason").isNotNull()).select(
         SAMPLE_ID, "reason", F.lit(None).cast("string").alias("duplicate_of"))
     alive = decided.filter(F.col("reason").isNull()).drop("reason")
 
@@ -142,10 +142,10 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
         .join(kept.select(SAMPLE_ID, F.col("shard")), SAMPLE_ID, "left")
         .select(
             SAMPLE_ID, "kind", "source", "source_key",
-            F.when(F.col(ERROR).isNotNull(), L.QUARANTINED).when(F.col("reason").isNotNull(), L.DROPPED)
-            .otherwise(L.KEPT).alias(L.STATUS),
-            F.coalesce(F.col(ERROR), F.col("reason")).alias(L.REASON),
-            F.col(ERROR_DETAIL).alias(L.DETAIL),
+            F.when(F.col("reason").isin(list(L.QUARANTINE_REASONS)), L.QUARANTINED)
+            .when(F.col("reason").isNotNull(), L.DROPPED).otherwise(L.KEPT).alias(L.STATUS),
+            F.col("reason").alias(L.REASON),
+            F.when(F.col("reason") == F.col(ERROR), F.col(ERROR_DETAIL)).alias(L.DETAIL),
             F.col("duplicate_of").alias(L.DUPLICATE_OF),
             F.col("shard").alias(L.SHARD),
         )

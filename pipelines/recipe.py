@@ -89,6 +89,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise RecipeError(f"recipe key '{path}' must be a mapping, got {value!r}")
         return value
+    if tp is str and value is None:  # `--set key=` and `key:` in YAML mean the empty string
+        return ""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp in (int, float, str, bool):

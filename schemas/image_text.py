@@ -27,7 +27,8 @@ RAW = pa.schema(
 )
 
 # Added by filters.decode.Decode
-WIDTH, HEIGHT, CONTENT_SHA, PHASH, PIXEL_STD = "width", "height", "content_sha", "phash", "pixel_std"
+WIDTH, HEIGHT, CONTENT_SHA, SOURCE_BYTES, PHASH, PIXEL_STD = (
+    "width", "height", "content_sha", "source_bytes", "phash", "pixel_std")
 # Added by filters.caption.CaptionLanguage
 CAPTION_ORIGINAL, CAPTION_WORDS, CAPTION_CHARS, LANGUAGE, LANGUAGE_SCORE = (
     "caption_original", "caption_words", "caption_chars", "language", "language_score")

@@ -25,6 +25,7 @@ QUARANTINE_REASONS = {
     "unsafe_member": "tar member is a link, device or has an absolute / '..' path",
     "duplicate_member": "a tar holds the same key and extension twice; the later copy is quarantined",
     "image_missing": "no image bytes, path or URL for the item",
+    "meta_invalid": "the item's JSON side-car does not parse",
     "image_empty": "zero-byte image",
     "image_undecodable": "Pillow cannot identify or decode the image",
     "image_truncated": "image data ends early",

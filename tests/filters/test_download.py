@@ -4,6 +4,7 @@ Every test runs with `socket.socket.connect` wrapped: connections to anything bu
 recorded and refused, so no packet can leave the machine even if the address guard were broken,
 and the tests can assert that refused addresses were never even attempted.
 """
+
 from __future__ import annotations
 
 import io
@@ -43,8 +44,9 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
-    def _send(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None,
-              length: bool = True) -> None:
+    def _send(
+        self, status: int, body: bytes = b"", headers: dict[str, str] | None = None, length: bool = True
+    ) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -137,14 +139,27 @@ def closed_port() -> int:
 def batch(rows: list[dict]) -> pa.RecordBatch:
     cols: dict[str, list] = {f.name: [] for f in S.RAW}
     for i, row in enumerate(rows):
-        full = {"sample_id": f"id{i:03d}", "kind": "image_text", "source": "test", "source_key": str(i), **row}
+        full = {
+            "sample_id": f"id{i:03d}",
+            "kind": "image_text",
+            "source": "test",
+            "source_key": str(i),
+            **row,
+        }
         for name, values in cols.items():
             values.append(full.get(name))
     return pa.RecordBatch.from_pydict(cols, schema=S.RAW)
 
 
-STAGE = Download(timeout_s=0.5, max_bytes=10_000, retries=1, backoff_s=0.01, max_redirects=3,
-                 concurrency=8, allow_loopback=True)
+STAGE = Download(
+    timeout_s=0.5,
+    max_bytes=10_000,
+    retries=1,
+    backoff_s=0.01,
+    max_redirects=3,
+    concurrency=8,
+    allow_loopback=True,
+)
 
 
 def test_every_row_gets_its_outcome_in_order(server: str, outside_connects: list) -> None:
@@ -167,8 +182,14 @@ def test_every_row_gets_its_outcome_in_order(server: str, outside_connects: list
         ("no-scheme", {"url": "example.com/x.jpg"}),
         ("redirect-ftp", {"url": f"{server}/redirect-ftp"}),
         ("has-bytes", {"url": f"{server}/should-not-be-fetched", "image": b"already-here"}),
-        ("has-error", {"url": f"{server}/should-not-be-fetched-either", "error": "read_error",
-                       "error_detail": "from the reader"}),
+        (
+            "has-error",
+            {
+                "url": f"{server}/should-not-be-fetched-either",
+                "error": "read_error",
+                "error_detail": "from the reader",
+            },
+        ),
         ("no-url", {}),
         ("ok-2", {"url": f"  {server}/img.jpg?second  "}),
     ]
@@ -229,17 +250,19 @@ def test_every_row_gets_its_outcome_in_order(server: str, outside_connects: list
     assert elapsed < 4.0, elapsed
 
 
-
-@pytest.mark.parametrize("url", [
-    "http://10.0.0.1/x.jpg",
-    "http://169.254.169.254/latest/meta-data/",
-    "http://192.168.1.1/x.jpg",
-    "http://172.16.0.1/x.jpg",
-    "http://[fe80::1]/x.jpg",
-    "http://224.0.0.1/x.jpg",
-    "http://0.0.0.0/x.jpg",
-    "http://[::ffff:10.0.0.1]/x.jpg",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://10.0.0.1/x.jpg",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://192.168.1.1/x.jpg",
+        "http://172.16.0.1/x.jpg",
+        "http://[fe80::1]/x.jpg",
+        "http://224.0.0.1/x.jpg",
+        "http://0.0.0.0/x.jpg",
+        "http://[::ffff:10.0.0.1]/x.jpg",
+    ],
+)
 def test_private_addresses_refused_without_any_connection(url: str, outside_connects: list) -> None:
     out = STAGE.apply(batch([{"url": url}])).to_pylist()[0]
     assert out[DOWNLOAD_STATUS] == out[ERROR] == "download_blocked_address"
@@ -254,9 +277,14 @@ def test_redirect_target_is_checked_too(server: str, outside_connects: list) -> 
 
 
 def test_host_names_are_resolved_and_every_record_checked(
-        server: str, outside_connects: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    server: str, outside_connects: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = socket.getaddrinfo
-    fake = {"internal.test": ["10.1.2.3"], "mixed.test": ["127.0.0.1", "192.168.0.7"], "local.test": ["127.0.0.1"]}
+    fake = {
+        "internal.test": ["10.1.2.3"],
+        "mixed.test": ["127.0.0.1", "192.168.0.7"],
+        "local.test": ["127.0.0.1"],
+    }
 
     def getaddrinfo(host, port, *args, **kwargs):
         if host in fake:
@@ -265,8 +293,11 @@ def test_host_names_are_resolved_and_every_record_checked(
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     port = server.rsplit(":", 1)[1]
-    rows = [{"url": f"http://internal.test:{port}/img.jpg"}, {"url": f"http://mixed.test:{port}/img.jpg"},
-            {"url": f"http://local.test:{port}/img.jpg"}]
+    rows = [
+        {"url": f"http://internal.test:{port}/img.jpg"},
+        {"url": f"http://mixed.test:{port}/img.jpg"},
+        {"url": f"http://local.test:{port}/img.jpg"},
+    ]
     out = STAGE.apply(batch(rows)).to_pylist()
     assert [r[DOWNLOAD_STATUS] for r in out] == ["download_blocked_address", "download_blocked_address", "ok"]
     assert out[2][S.IMAGE] == JPEG  # connected to the checked address, Host header kept
@@ -280,9 +311,24 @@ def test_loopback_refused_by_default(server: str) -> None:
 
 def test_address_policy() -> None:
     strict = AddressPolicy()
-    for ip in ("10.0.0.1", "172.31.255.255", "192.168.1.1", "169.254.169.254", "224.0.0.251", "240.0.0.1",
-               "0.0.0.0", "127.0.0.1", "100.64.0.1", "::1", "::", "fe80::1", "fc00::1", "ff02::1",
-               "::ffff:192.168.0.1", "64:ff9b::a00:1"):
+    for ip in (
+        "10.0.0.1",
+        "172.31.255.255",
+        "192.168.1.1",
+        "169.254.169.254",
+        "224.0.0.251",
+        "240.0.0.1",
+        "0.0.0.0",
+        "127.0.0.1",
+        "100.64.0.1",
+        "::1",
+        "::",
+        "fe80::1",
+        "fc00::1",
+        "ff02::1",
+        "::ffff:192.168.0.1",
+        "64:ff9b::a00:1",
+    ):
         assert strict.refusal(ip) is not None, ip
     for ip in ("8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "::ffff:8.8.8.8"):
         assert strict.refusal(ip) is None, ip
@@ -293,10 +339,25 @@ def test_address_policy() -> None:
 
 
 def test_opted_out_parsing() -> None:
-    for value in ("noai", "NoAI", "noimageai", "noindex, noai", "otherbot: noai", "googlebot: noindex, noimageai",
-                  "noindex,NOIMAGEAI", "all, otherbot: noimageai"):
+    for value in (
+        "noai",
+        "NoAI",
+        "noimageai",
+        "noindex, noai",
+        "otherbot: noai",
+        "googlebot: noindex, noimageai",
+        "noindex,NOIMAGEAI",
+        "all, otherbot: noimageai",
+    ):
         assert opted_out(value), value
-    for value in (None, "", "noindex", "noindex, nofollow", "unavailable_after: 25 Jun 2030 15:00:00 PST", "ai"):
+    for value in (
+        None,
+        "",
+        "noindex",
+        "noindex, nofollow",
+        "unavailable_after: 25 Jun 2030 15:00:00 PST",
+        "ai",
+    ):
         assert not opted_out(value), value
 
 

@@ -5,6 +5,7 @@ original caption inside the prompt) and answers "Detailed: <original caption>". 
 segment picks its behaviour: /ok, /flaky (500 once per image), /down (always 500), /slow (sleeps),
 /empty (blank answer), /think (answer wrapped in a reasoning block).
 """
+
 from __future__ import annotations
 
 import base64
@@ -100,10 +101,23 @@ class Handler(BaseHTTPRequestHandler):
             if mode == "down" or (mode == "flaky" and calls == 1):
                 return self._json(500, {"error": "overloaded"})
             text = {"empty": "   ", "think": f"<think>hmm</think>\n<answer>Detailed: {caption}</answer>"}.get(
-                mode, f"  Detailed: {caption}\n")
-            self._json(200, {"id": "x", "object": "chat.completion", "model": body.get("model"),
-                             "choices": [{"index": 0, "finish_reason": "stop",
-                                          "message": {"role": "assistant", "content": text}}]})
+                mode, f"  Detailed: {caption}\n"
+            )
+            self._json(
+                200,
+                {
+                    "id": "x",
+                    "object": "chat.completion",
+                    "model": body.get("model"),
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": text},
+                        }
+                    ],
+                },
+            )
         finally:
             with srv.lock:
                 srv.in_flight -= 1
@@ -121,13 +135,17 @@ class Handler(BaseHTTPRequestHandler):
             image_part, text_part = message["content"]
             url = image_part["image_url"]["url"]
             text = text_part["text"]
-            assert message["role"] == "user" and image_part["type"] == "image_url" and text_part["type"] == "text"
+            assert (
+                message["role"] == "user"
+                and image_part["type"] == "image_url"
+                and text_part["type"] == "text"
+            )
         except (KeyError, ValueError, TypeError, AssertionError):
             return None, "message shape"
         prefix = "data:image/jpeg;base64,"
         if not url.startswith(prefix):
             return None, "not a JPEG data URL"
-        caption = self.server.captions.get(base64.b64decode(url[len(prefix):]))
+        caption = self.server.captions.get(base64.b64decode(url[len(prefix) :]))
         if caption is None:
             return None, "image bytes do not match any image sent"
         if f'"{caption}"' not in text:
@@ -151,15 +169,26 @@ def server(vlm: FakeVLM) -> FakeVLM:
     return vlm
 
 
-def batch(server: FakeVLM | None, captions: list[str | None], errors: dict[int, str] | None = None,
-          no_image: tuple[int, ...] = ()) -> pa.RecordBatch:
+def batch(
+    server: FakeVLM | None,
+    captions: list[str | None],
+    errors: dict[int, str] | None = None,
+    no_image: tuple[int, ...] = (),
+) -> pa.RecordBatch:
     rows: dict[str, list] = {f.name: [] for f in S.RAW}
     for i, caption in enumerate(captions):
         image = None if i in no_image else _jpeg(i)
         if server is not None and image is not None and caption is not None:
             server.captions[image] = caption
-        values = {"sample_id": f"s{i}", "kind": "image_text", "source": "t", "source_key": str(i),
-                  "image": image, "caption": caption, "error": (errors or {}).get(i)}
+        values = {
+            "sample_id": f"s{i}",
+            "kind": "image_text",
+            "source": "t",
+            "source_key": str(i),
+            "image": image,
+            "caption": caption,
+            "error": (errors or {}).get(i),
+        }
         for name, column in rows.items():
             column.append(values.get(name))
     return pa.RecordBatch.from_pydict(rows, schema=S.RAW)
@@ -202,7 +231,12 @@ def test_model_discovered_from_server(server: FakeVLM) -> None:
 def test_skips_rows_with_error_or_without_image(server: FakeVLM) -> None:
     stage = Recaption(endpoint=endpoint(server, "ok"), model=MODEL)
     out = stage.apply(batch(server, CAPTIONS + ["no image"], errors={1: "image_undecodable"}, no_image=(3,)))
-    assert out.column(S.RECAPTION).to_pylist() == [f"Detailed: {CAPTIONS[0]}", None, f"Detailed: {CAPTIONS[2]}", None]
+    assert out.column(S.RECAPTION).to_pylist() == [
+        f"Detailed: {CAPTIONS[0]}",
+        None,
+        f"Detailed: {CAPTIONS[2]}",
+        None,
+    ]
     assert out.column(RECAPTION_ERROR).to_pylist() == [None] * 4
     assert sum(server.calls.values()) == 2
 
@@ -243,7 +277,9 @@ def test_unreachable_server_and_timeout_and_empty(server: FakeVLM) -> None:
 
 def test_reasoning_block_removed(server: FakeVLM) -> None:
     stage = Recaption(endpoint=endpoint(server, "think"), model=MODEL)
-    assert stage.apply(batch(server, CAPTIONS[:1])).column(S.RECAPTION).to_pylist() == [f"Detailed: {CAPTIONS[0]}"]
+    assert stage.apply(batch(server, CAPTIONS[:1])).column(S.RECAPTION).to_pylist() == [
+        f"Detailed: {CAPTIONS[0]}"
+    ]
     assert clean_reply("<|begin_of_box|>A cat.<|end_of_box|>") == "A cat."
 
 

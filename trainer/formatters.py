@@ -1,0 +1,264 @@
+"""One formatter per shard kind: a webdataset sample (dict of bytes) -> a token sequence and its images.
+
+An image becomes `<|begin_of_image|> <|image|> x N <|end_of_image|>` with N = its merged token count; the
+vision features replace the `<|image|>` placeholders inside the model. Every sequence ends with
+`<|endoftext|>`. A formatter raises on a malformed sample; the loader logs it and moves on.
+
+A new corpus plugs in by kind name: write a class with `format(sample, ctx)` and `texts(sample)` (the
+text to train the tokenizer on) and decorate it with `@register("kind")`. The non image_text layouts
+below are provisional, matching what the pipeline is planned to write:
+
+- interleaved: `.json` {"texts": [str | null, ...]}; the image at position i is the member `img{i}.jpg`.
+- ocr: `.jpg` + `.txt` (the OCR text).
+- grounding, gui: `.jpg` + `.txt` (caption) + `.json` {"boxes": [{"phrase", "box": [x1,y1,x2,y2]}]},
+  box corners as integers 0-999 (x / width * 1000).
+- video: frames `frame{i}.jpg` + `.json` {"timestamps": [seconds per frame]} (+ optional `.txt`).
+  Two frames form one temporal patch; each pair is followed by its integer-second timestamp.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import numpy as np
+
+from trainer.images import ImageConfig, decode_resized, image_patches, merged_tokens, smart_resize, to_patches
+from trainer.tokenizer import TextTokenizer
+
+ImageInput = tuple[np.ndarray, tuple[int, int, int]]  # (patches, grid (t, h, w) in ViT patches)
+
+
+@dataclass
+class Formatted:
+    ids: list[int]
+    images: list[ImageInput] = field(default_factory=list)
+    kind: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class FormatContext:
+    tokenizer: TextTokenizer
+    image: ImageConfig
+    max_len: int
+
+
+class Formatter(Protocol):
+    def format(self, sample: dict, ctx: FormatContext) -> Formatted: ...
+
+    def texts(self, sample: dict) -> list[str]: ...
+
+
+REGISTRY: dict[str, Formatter] = {}
+
+
+def register(kind: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        REGISTRY[kind] = cls()
+        return cls
+
+    return wrap
+
+
+def get(kind: str) -> Formatter:
+    if kind not in REGISTRY:
+        raise KeyError(f"no formatter for shard kind {kind!r} (known: {sorted(REGISTRY)})")
+    return REGISTRY[kind]
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+def _text(sample: dict, ext: str = "txt", required: bool = True) -> str:
+    raw = sample.get(ext)
+    if raw is None:
+        if required:
+            raise KeyError(f"sample {sample.get('__key__')} has no .{ext}")
+        return ""
+    return raw.decode("utf-8").strip()
+
+
+def _json(sample: dict) -> dict:
+    raw = sample.get("json")
+    if raw is None:
+        raise KeyError(f"sample {sample.get('__key__')} has no .json")
+    return json.loads(raw)
+
+
+def image_block(ctx: FormatContext, grid: tuple[int, int, int]) -> list[int]:
+    t = ctx.tokenizer
+    return [t.begin_image_id] + [t.image_id] * merged_tokens(grid, ctx.image) + [t.end_image_id]
+
+
+def box_text(box) -> str:
+    """[x1,y1,x2,y2] with integer corners 0-999, as the model writes boxes; raises on anything else."""
+    if len(box) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in box):
+        raise ValueError(f"box {box!r}: want four integers")
+    x1, y1, x2, y2 = box
+    if not all(0 <= v <= 999 for v in box) or x1 > x2 or y1 > y2:
+        raise ValueError(f"box {box!r}: corners must be 0-999 with x1<=x2, y1<=y2")
+    return f"[{x1},{y1},{x2},{y2}]"
+
+
+def fit(ids: list[int], images: list[ImageInput], ctx: FormatContext) -> tuple[list[int], list[ImageInput]]:
+    """Cut a sequence longer than max_len, never inside an image block (images after the cut are dropped).
+
+    Raises ValueError when nothing trainable would be left (e.g. one image alone is longer than max_len).
+    """
+    tok = ctx.tokenizer
+    if len(ids) > ctx.max_len:
+        cut, kept, k = ctx.max_len, 0, 0
+        for i, tid in enumerate(ids):
+            if i >= cut:
+                break
+            if tid == tok.begin_image_id:
+                end = i + 1 + merged_tokens(images[k][1], ctx.image)  # index of its <|end_of_image|>
+                if end >= cut:
+                    cut = i
+                    break
+                kept, k = kept + 1, k + 1
+        ids, images = ids[:cut], images[:kept]
+    structural = tok.structural_ids
+    if not any(t not in structural for t in ids[1:]):
+        raise ValueError(f"no text to train on within max_len={ctx.max_len}")
+    return ids, images
+
+
+def _finish(ids: list[int], images: list[ImageInput], ctx: FormatContext, sample: dict, kind: str) -> Formatted:
+    ids, images = fit(ids + [ctx.tokenizer.eos_id], images, ctx)
+    return Formatted(ids=ids, images=images, kind=kind, key=sample.get("__key__", ""))
+
+
+# --- the kinds -----------------------------------------------------------------------------------------
+
+@register("image_text")
+class ImageText:
+    """`<image>` then the caption (`.txt`: the text the pipeline chose to train on)."""
+
+    kind = "image_text"
+
+    def format(self, sample: dict, ctx: FormatContext) -> Formatted:
+        caption = _text(sample)
+        if not caption:
+            raise ValueError("empty caption")
+        patches, grid = image_patches(sample["jpg"], ctx.image)
+        ids = image_block(ctx, grid) + ctx.tokenizer.encode(caption)
+        return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
+
+    def texts(self, sample: dict) -> list[str]:
+        return [_text(sample, required=False)]
+
+
+@register("ocr")
+class Ocr(ImageText):
+    """`<image>` then the text read from it: the same layout as image_text."""
+
+    kind = "ocr"
+
+
+@register("grounding")
+class Grounding:
+    """`<image>`, the caption, then each phrase followed by `<|begin_of_box|>[x1,y1,x2,y2]<|end_of_box|>`."""
+
+    kind = "grounding"
+
+    def format(self, sample: dict, ctx: FormatContext) -> Formatted:
+        tok = ctx.tokenizer
+        boxes = _json(sample).get("boxes") or []
+        caption = _text(sample, required=False)
+        if not boxes and not caption:
+            raise ValueError("neither boxes nor caption")
+        patches, grid = image_patches(sample["jpg"], ctx.image)
+        ids = image_block(ctx, grid) + tok.encode(caption)
+        for i, b in enumerate(boxes):
+            sep = "\n" if i == 0 and caption else ("; " if i else "")
+            ids += tok.encode(sep + str(b["phrase"]).strip()) + [tok.begin_box_id] + tok.encode(box_text(b["box"]))
+            ids.append(tok.end_box_id)
+        return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
+
+    def texts(self, sample: dict) -> list[str]:
+        boxes = _json(sample).get("boxes") or []
+        return [_text(sample, required=False)] + [f"{b.get('phrase', '')}{b.get('box', '')}" for b in boxes]
+
+
+@register("gui")
+class Gui(Grounding):
+    """GUI screenshots with element boxes: the grounding layout."""
+
+    kind = "gui"
+
+
+@register("interleaved")
+class Interleaved:
+    """Texts and images in document order; consecutive texts are joined by a blank line."""
+
+    kind = "interleaved"
+
+    def format(self, sample: dict, ctx: FormatContext) -> Formatted:
+        tok = ctx.tokenizer
+        texts = _json(sample).get("texts")
+        if not texts:
+            raise ValueError("no texts")
+        ids: list[int] = []
+        images: list[ImageInput] = []
+        prev_text = False
+        for i, t in enumerate(texts):
+            if t is None:
+                data = sample.get(f"img{i}.jpg")
+                if data is None:
+                    raise KeyError(f"position {i} is an image but img{i}.jpg is missing")
+                patches, grid = image_patches(data, ctx.image)
+                ids += image_block(ctx, grid)
+                images.append((patches, grid))
+                prev_text = False
+            elif t:
+                ids += tok.encode(("\n\n" if prev_text else "") + t)
+                prev_text = True
+        return _finish(ids, images, ctx, sample, self.kind)
+
+    def texts(self, sample: dict) -> list[str]:
+        return [t for t in (_json(sample).get("texts") or []) if t]
+
+
+_FRAME = re.compile(r"^frame(\d+)\.jpg$")
+
+
+@register("video")
+class Video:
+    """`<|begin_of_video|>`, each frame pair as an image then its integer second, `<|end_of_video|>`, caption.
+
+    Frames are decoded from `frame{i}.jpg` members (decoding `.mp4` is future work). All frames take the
+    size smart_resize gives the first one, so the pairs stack into temporal patches.
+    """
+
+    kind = "video"
+
+    def format(self, sample: dict, ctx: FormatContext) -> Formatted:
+        tok = ctx.tokenizer
+        names = sorted((int(m.group(1)), k) for k in sample if (m := _FRAME.match(k)))
+        if not names:
+            raise KeyError("no frame{i}.jpg members")
+        stamps = _json(sample).get("timestamps") or []
+        if len(stamps) != len(names):
+            raise ValueError(f"{len(names)} frames but {len(stamps)} timestamps")
+        from PIL import Image
+        import io
+
+        with Image.open(io.BytesIO(sample[names[0][1]])) as first:
+            size = smart_resize(first.height, first.width, ctx.image)
+        frames = [decode_resized(sample[k], size, ctx.image) for _, k in names]
+        tp = ctx.image.temporal_patch_size
+        ids, images = [tok.begin_video_id], []
+        for start in range(0, len(frames), tp):
+            patches, grid = to_patches(frames[start:start + tp], ctx.image)
+            ids += image_block(ctx, grid) + tok.encode(str(int(stamps[start])))
+            images.append((patches, grid))
+        ids.append(tok.end_video_id)
+        caption = _text(sample, required=False)
+        if caption:
+            ids += tok.encode(caption)
+        return _finish(ids, images, ctx, sample, self.kind)
+
+    def texts(self, sample: dict) -> list[str]:
+        return [_text(sample, required=False)]
