@@ -11,7 +11,7 @@ from importlib import metadata
 
 from filters.base import StageTimer
 from pipelines import image_text
-from pipelines.io import storage
+from pipelines.io import shards, storage
 from pipelines.recipe import Recipe
 from schemas import ledger as L
 from schemas.common import SAMPLE_ID
@@ -130,6 +130,9 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     summary = summarize(ledger, results, recipe, timer, started, out)
     storage.write_bytes(storage.join(out, "reports", "summary.json"),
                         json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
+    # publishing comes last: a consumer never sees the shards of a run that did not finish
+    for kind, res in results.items():
+        shards.publish(out, kind, res.shards)
     if not recipe.keep_work:
         storage.remove_tree(work_dir)
     return summary

@@ -32,8 +32,11 @@ KIND = S.KIND
 @dataclasses.dataclass
 class Result:
     ledger: Any  # DataFrame in schemas.ledger.SCHEMA
-    shards: list[dict]
-    clip: dict
+    shards: list[dict]  # per-shard stats: shard, nsamples, bytes
+    clip: dict  # weights used, threshold, whether it was applied
+    features: Any = None  # DataFrame: every input row with decode/caption features (image bytes included)
+    scores: Any = None  # DataFrame (sample_id, clip_score) of every row that reached CLIP
+    concepts: Any = None  # DataFrame (sample_id, concepts) of every row that reached balancing, or None
 
 
 def _decisions_schema():
@@ -110,6 +113,7 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
     if balance_cfg.enabled:
         concepts = apply_stage(alive.select(SAMPLE_ID, S.CAPTION), balance_cfg, timer).select(SAMPLE_ID, S.CONCEPTS)
         concepts = concepts.localCheckpoint()
+        matched = concepts
         alive = alive.join(concepts, SAMPLE_ID, "left")
         bal_drops = balance_drops(alive, balance_cfg, recipe.seed).localCheckpoint()
         alive = alive.join(bal_drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
@@ -117,6 +121,7 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
     else:
         alive = alive.withColumn(S.CONCEPTS, F.array().cast("array<string>"))
         bal_drops = spark.createDataFrame([], _decisions_schema())
+        matched = None
 
     if cfg.recaption.endpoint:
         recaps = apply_stage(alive.select(SAMPLE_ID, S.IMAGE, S.CAPTION, ERROR), cfg.recaption, timer)
@@ -130,9 +135,8 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
     kept, num_shards = shards.assign_shards(alive, KIND, recipe.shards.max_samples, recipe.shards.max_bytes,
                                             F.length(S.IMAGE) + F.length(S.CAPTION) + 600)
     kept = kept.localCheckpoint()
-    shard_dir = storage.join(out, "shards", KIND)
-    stats = shards.write_shards(kept, shard_dir, to_sample(recipe), num_shards)
-    shards.write_index(shard_dir, stats)
+    # written to a staging folder; pipelines.build publishes it once the run's checks pass
+    stats = shards.write_shards(kept, shards.staging_dir(out, KIND), to_sample(recipe), num_shards)
 
     # --- ledger: every feature row exactly once ---------------------------------------------------
     decisions = rule_drops.unionByName(dups).unionByName(clip_drops).unionByName(bal_drops)
@@ -150,6 +154,6 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
             F.col("shard").alias(L.SHARD),
         )
     )
-    return Result(ledger=ledger, shards=stats, clip={"real_weights": clip_real, "message": clip_msg,
-                                                     "model": clip_stage.model, "threshold": clip_stage.threshold,
-                                                     "threshold_applied": clip_real})
+    clip = {"real_weights": clip_real, "message": clip_msg, "model": clip_stage.model,
+            "pretrained": clip_stage.pretrained, "threshold": clip_stage.threshold, "threshold_applied": clip_real}
+    return Result(ledger=ledger, shards=stats, clip=clip, features=feats, scores=scores, concepts=matched)

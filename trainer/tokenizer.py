@@ -113,7 +113,11 @@ def shard_texts(shards_root: str, kinds: list[str] | None = None, limit: int = 1
             except StopIteration:
                 del iters[kind]
                 continue
-            for text in formatters.get(kind).texts(sample):
+            try:
+                texts = formatters.get(kind).texts(sample)
+            except Exception:  # noqa: BLE001 - a malformed sample has no text to offer; the loader logs it later
+                continue
+            for text in texts:
                 if text:
                     yield text
                     n += 1

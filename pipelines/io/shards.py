@@ -88,6 +88,34 @@ def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str,
                     os.remove(tmp_path)
 
 
+def final_dir(out: str, kind: str) -> str:
+    return storage.join(out, "shards", kind)
+
+
+def staging_dir(out: str, kind: str) -> str:
+    """Local output: shards are written here and the folder is renamed at publish time. S3 has no
+    folder rename: shards go to their final keys and the manifests, written last, publish them."""
+    return final_dir(out, kind) if storage.is_s3(out) else storage.join(out, "shards", f".staging-{kind}")
+
+
+def publish(out: str, kind: str, stats: list[dict]) -> None:
+    """Make a finished run's shards visible: rename the staging folder over the previous run's, then
+    write sizes.json and index.json (the manifest a reader trusts) last."""
+    final = final_dir(out, kind)
+    if not storage.is_s3(out):
+        import shutil
+
+        staging = staging_dir(out, kind)
+        os.makedirs(staging, exist_ok=True)
+        old = storage.join(out, "shards", f".previous-{kind}")
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(final):
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    write_index(final, stats)
+
+
 def write_index(out_dir: str, stats: list[dict]) -> None:
     """sizes.json and the wids index.json; written last, after every shard is in place."""
     stats = sorted(stats, key=lambda s: s["shard"])
@@ -107,6 +135,8 @@ def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shar
 
     from schemas.common import spark_type
 
+    if not storage.is_s3(out_dir):
+        storage.remove_tree(out_dir)  # leftovers of an earlier, failed run must not be published
     if num_shards == 0:
         return []
     parts = kept.repartitionByRange(num_shards, "shard").sortWithinPartitions("shard", SAMPLE_ID)
