@@ -6,11 +6,12 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 from importlib import metadata
 
 from filters.base import StageTimer
-from pipelines import image_text
+from pipelines import checkpoint, image_text
 from pipelines.io import shards, storage
 from pipelines.recipe import Recipe
 from schemas import ledger as L
@@ -109,11 +110,21 @@ def check_accounting(ledger, results: dict) -> None:
         raise AccountingError(f"ledger says {row['kept']} kept, shards hold {shard_samples}")
 
 
+def default_work_dir(recipe: Recipe, out: str) -> str:
+    """Stage checkpoints: recipe.work_dir, else OUT/_work for local output, else a folder under the
+    system temp dir named after OUT (stable, so a restarted run finds it)."""
+    if recipe.work_dir:
+        return recipe.work_dir
+    if not storage.is_s3(out):
+        return os.path.join(out, "_work")
+    return os.path.join(tempfile.gettempdir(), "vlcurate-work", checkpoint.fingerprint(out))
+
+
 def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, started: float | None = None) -> dict:
     """Run every kind's pipeline; write OUT/ledger and OUT/reports/summary.json; return the summary."""
     started = started or time.time()
     timer = StageTimer(spark)
-    work_dir = os.path.abspath(recipe.work_dir or (os.path.join(out, "_work") if not storage.is_s3(out) else "_work"))
+    work_dir = default_work_dir(recipe, out)
     results = {}
     for kind, uris in inputs.items():
         log.info("%s: %d input URI(s)", kind, len(uris))
@@ -134,7 +145,7 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     for kind, res in results.items():
         shards.publish(out, kind, res.shards)
     if not recipe.keep_work:
-        storage.remove_tree(work_dir)
+        checkpoint.remove(spark, work_dir)
     return summary
 
 

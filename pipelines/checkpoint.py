@@ -1,11 +1,14 @@
-"""Stage checkpoints: a DataFrame is written once as Parquet under OUT/_work/<name>-<fingerprint>/
-and read back; a rerun with the same inputs and recipe finds the _SUCCESS marker and reuses it."""
+"""Stage checkpoints: a DataFrame is written once as Parquet under <work_dir>/<name>-<fingerprint>/
+and read back; a rerun with the same inputs and recipe finds the _SUCCESS marker and reuses it.
+
+The work dir is any Hadoop-reachable path (a local folder for local runs, hdfs:// or a shared mount
+on a multi-node cluster); existence checks and deletes go through Spark's Hadoop FileSystem.
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
 import time
 
 log = logging.getLogger(__name__)
@@ -15,11 +18,28 @@ def fingerprint(*parts) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _fs(spark, path: str):
+    jvm = spark.sparkContext._jvm
+    p = jvm.org.apache.hadoop.fs.Path(path)
+    return p.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()), p
+
+
+def exists(spark, path: str) -> bool:
+    fs, p = _fs(spark, path)
+    return bool(fs.exists(p))
+
+
+def remove(spark, path: str) -> None:
+    fs, p = _fs(spark, path)
+    if fs.exists(p):
+        fs.delete(p, True)
+
+
 def checkpoint(df, work_dir: str, name: str, key: str, timer=None):
-    """Materialise df at work_dir/name-key (local paths only; on s3 output, the work dir is local)."""
-    path = os.path.join(work_dir, f"{name}-{key}")
+    """Materialise df at work_dir/name-key, or reuse what a previous attempt finished there."""
+    path = f"{work_dir.rstrip('/')}/{name}-{key}"
     spark = df.sparkSession
-    if os.path.exists(os.path.join(path, "_SUCCESS")):
+    if exists(spark, f"{path}/_SUCCESS"):
         log.info("reusing finished stage output %s", path)
         return spark.read.parquet(path)
     t0 = time.perf_counter()

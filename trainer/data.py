@@ -116,7 +116,8 @@ class KindStream:
         self.urls = [s.url for s in shards]
         self.rank, self.world, self.worker, self.workers = rank, world, worker, workers
         self._pass: tuple[int, list[str]] | None = None
-        if not cfg.resample and not self._mine(0):
+        # every (rank, worker) needs a shard of its own in every pass; checked the same way on all of them
+        if not cfg.resample and len(self.urls) < world * workers:
             raise ValueError(f"{kind}: {len(self.urls)} shards cannot be split over {world} ranks x {workers} "
                              f"workers without resampling; use fewer workers or --resample")
         state = state or {"next": cfg.interleave, "slots": [[i, 0] for i in range(cfg.interleave)], "draws": 0}

@@ -148,7 +148,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        # in float32 (the weight's dtype): stable under bf16 autocast and the fused kernel applies
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).to(x.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -168,7 +169,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
+    # in x's dtype: under bf16 autocast q and k must stay bf16 to meet v in attention
+    return x * cos.to(x.dtype) + rotate_half(x) * sin.to(x.dtype)
 
 
 # --- vision --------------------------------------------------------------------------------------------
@@ -237,7 +239,6 @@ class VisionTower(nn.Module):
         x = self.embed_norm(self.patch_embed(pixels))
         x = x + self.abs_pos(patch_pos, patch_hw).to(x.dtype)
         cos, sin = self.rope(patch_pos)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.blocks:
             x = block(x, cos, sin, sizes)
         x = self.post_norm(x)
@@ -324,7 +325,6 @@ class VisionLanguageModel(nn.Module):
             # a batch without images still touches the vision weights, so DDP finds a gradient for each
             h = h + 0.0 * sum(p.reshape(-1)[0] for p in self.vision.parameters())
         cos, sin = self.rope(position_ids)
-        cos, sin = cos.to(h.dtype), sin.to(h.dtype)
         mask = packed_mask(segment_ids)
         for layer in self.layers:
             h = layer(h, cos, sin, mask)

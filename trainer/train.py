@@ -178,6 +178,20 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, loader: Sh
     return path if rank == 0 else None
 
 
+# flags that decide which batches come next: a resume with other values could not continue the same stream
+DATA_FLAGS = ("mix", "seq_len", "batch_rows", "grad_accum", "no_packing", "no_resample", "interleave", "seed",
+              "workers", "epoch_batches", "min_image_tokens", "max_image_tokens")
+
+
+def check_resumable(ckpt: dict, args: argparse.Namespace, world: int) -> None:
+    if ckpt["world"] != world:
+        raise ValueError(f"checkpoint was written by {ckpt['world']} ranks, this run has {world}")
+    old = ckpt["args"]
+    changed = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in DATA_FLAGS if old.get(k) != getattr(args, k)]
+    if changed:
+        raise ValueError("cannot resume exactly with other data flags: " + "; ".join(changed))
+
+
 def load_checkpoint(spec: str | None, out: str) -> dict | None:
     if not spec:
         return None
@@ -205,8 +219,8 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     os.makedirs(args.out, exist_ok=True)
     ckpt = load_checkpoint(args.resume, args.out)
-    if ckpt is not None and ckpt["world"] != world:
-        raise ValueError(f"checkpoint was written by {ckpt['world']} ranks, this run has {world}")
+    if ckpt is not None:
+        check_resumable(ckpt, args, world)
 
     # tokenizer: the checkpoint's, a given file, or trained on the shards by rank 0 and read by the others
     tok_path = os.path.join(args.out, "tokenizer.json")
@@ -259,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a", encoding="utf-8") if rank == 0 else None
+    metrics = open_metrics(os.path.join(args.out, "metrics.jsonl"), step) if rank == 0 else None
     data = iter(loader)
     window = {"tokens": 0.0, "pad": 0.0, "slots": 0.0, "wait": 0.0, "t0": time.time(), "steps": 0}
     run_start, start_step, last_loss = time.time(), step, float("nan")
@@ -326,6 +340,17 @@ def run(args: argparse.Namespace) -> dict:
     if world > 1:
         dist.destroy_process_group()
     return summary
+
+
+def open_metrics(path: str, step: int):
+    """metrics.jsonl for appending, without the lines of steps after `step` (a run that died past its last
+    checkpoint logged steps that the resumed run is about to redo)."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(kept)
+    return open(path, "a", encoding="utf-8")
 
 
 def _si(x: float) -> str:

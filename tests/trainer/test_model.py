@@ -159,3 +159,16 @@ def test_config_validates_sizes():
         ModelConfig(hidden_size=60, num_heads=4, mrope_section=[1, 1, 1])
     with pytest.raises(ValueError):
         ModelConfig(vision_hidden_size=24, vision_heads=4)
+
+
+def test_bf16_autocast_forward_and_backward(tok, tiny_config, corpus):
+    # the GPU path runs under bf16 autocast; the CPU autocast checks that the dtypes meet in attention
+    torch.manual_seed(0)
+    model = VisionLanguageModel(tiny_config)
+    s = samples(tok, [0, 1, 2], corpus)
+    b = batch_of([[s[0], s[1]], [s[2]]], tok)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss_sum, n = model(**inputs(b), labels=b["labels"])
+    assert torch.isfinite(loss_sum)
+    (loss_sum / n).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
