@@ -5,7 +5,7 @@ import io
 
 import pyarrow as pa
 import pytest
-from PIL import Image, ImageDraw, ImageEnhance
+from PIL import ImageDraw, ImageEnhance
 
 from filters.decode import Decode
 from filters.dedup import Dedup, components, find_duplicates
