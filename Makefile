@@ -36,12 +36,14 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/spark-submit --properties-file spark-defaults.conf jobs/build_pretrain.py \
 	  --output $(OUT) --set shards.max_samples=8
+	$(PY) -m trainer --shards $(OUT)/shards --out $(OUT)/train --steps 20 --warmup 4 --log-every 5
 
 test: setup
 	$(PY) -m pytest
 
 bench: setup
 	$(PY) -m benchmarks.pipeline_throughput
+	$(PY) -m benchmarks.trainer_bench
 
 # A relocatable environment for executors (venv-pack refuses editable installs, so pack a fresh one).
 package: setup

@@ -27,9 +27,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-WORDS = ("a the red green blue small large old new wooden metal stone cat dog bird car boat house tree river "
-         "mountain street table chair window sky cloud sun snow field flower person child woman man group "
-         "standing sitting walking near under over beside in on with and of photo view close-up").split()
+WORDS = [
+    "a", "the", "red", "green", "blue", "small", "large", "old", "new", "wooden", "metal", "stone",
+    "cat", "dog", "bird", "car", "boat", "house", "tree", "river", "mountain", "street", "table",
+    "chair", "window", "sky", "cloud", "sun", "snow", "field", "flower", "person", "child", "woman",
+    "man", "group", "standing", "sitting", "walking", "near", "under", "over", "beside", "in", "on",
+    "with", "and", "of", "photo", "view", "close-up",
+]
 
 
 def synthetic_shards(root: str, n: int = 96, per_shard: int = 32, seed: int = 0) -> str:
@@ -91,8 +95,8 @@ def make_model(args, tok):
     import torch
 
     from trainer.__main__ import build_parser
-    from trainer.train import make_optimizer, model_config
     from trainer.model import VisionLanguageModel
+    from trainer.train import make_optimizer, model_config
 
     targs = build_parser().parse_args(["--shards", "x", "--lr", "1e-3"])
     torch.manual_seed(0)
@@ -144,9 +148,11 @@ def end_to_end(model, opt, cfg, tok, steps: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.trainer_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", default=None, help="OUT/shards to read (default: synthetic shards in a temp folder)")
+    p.add_argument("--shards", default=None,
+                   help="OUT/shards to read (default: synthetic shards in a temp folder)")
     p.add_argument("--mix", default="image_text=1", help="kinds to read, as for python -m trainer")
-    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader worker counts to measure")
+    p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2],
+                   help="DataLoader worker counts to measure")
     p.add_argument("--batches", type=int, default=20, help="batches per loader measurement")
     p.add_argument("--steps", type=int, default=10, help="training steps per step measurement")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per row")
@@ -176,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
         return DataConfig(shards=shards, mix=mix, seq_len=args.seq_len, rows=args.batch_rows, pack=pack,
                           workers=workers, image=ImageConfig(max_pixels=args.max_image_tokens * 784))
 
-    result = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                          "threads": args.threads, "cuda": torch.cuda.is_available()},
-              "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"shards": shards if args.shards else
-                                                                                   "synthetic (96 photos)"}}
+    machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+               "threads": args.threads, "cuda": torch.cuda.is_available(), "load_avg_1m": os.getloadavg()[0]}
+    settings = {k: v for k, v in vars(args).items() if k != "out"}
+    settings["shards"] = shards if args.shards else "synthetic (96 photos)"
+    result = {"machine": machine, "settings": settings}
     result["loader"] = {str(w): loader_rate(cfg(w), tok, args.batches) for w in args.workers}
     from trainer.data import ShardLoader
 
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     result["padding"] = {"packed": loader_rate(cfg(0, True), tok, args.batches, 0)["pad_share"],
                          "unpacked": loader_rate(cfg(0, False), tok, args.batches, 0)["pad_share"]}
     need = result["train_step"]["batches_per_s"]
-    for w, r in result["loader"].items():
+    for r in result["loader"].values():
         r["feeds_step_x"] = r["batches_per_s"] / need
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "trainer_bench.json"), "w") as f:
@@ -208,32 +215,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def render(r: dict) -> str:
-    s = r["settings"]
+    s, m = r["settings"], r["machine"]
     lines = [
         "# Trainer benchmark", "",
-        f"{r['machine']['cpus']} CPUs, torch {r['machine']['torch']}, {r['machine']['threads']} training threads, "
-        f"CUDA: {r['machine']['cuda']}. Shards: {s['shards']}. Rows {s['batch_rows']} x {s['seq_len']} tokens, "
-        f"images up to {s['max_image_tokens']} tokens; model {r['model_params']['total'] / 1e6:.2f}M parameters "
-        f"(`python -m trainer` defaults).", "",
+        (f"{m['cpus']} CPUs (1-minute load {m['load_avg_1m']:.1f} at start), torch {m['torch']}, "
+         f"{m['threads']} training threads, CUDA: {m['cuda']}. Shards: {s['shards']}. "
+         f"Rows {s['batch_rows']} x {s['seq_len']} tokens, images up to {s['max_image_tokens']} tokens; "
+         f"model {r['model_params']['total'] / 1e6:.2f}M parameters (`python -m trainer` defaults)."), "",
         "| loader workers | batches/s | samples/s | tokens/s | loader / step consumption |",
         "|---:|---:|---:|---:|---:|",
     ]
     for w, x in r["loader"].items():
-        lines.append(f"| {w} | {x['batches_per_s']:.2f} | {x['samples_per_s']:.1f} | {x['tokens_per_s']:.0f} | "
-                     f"{x['feeds_step_x']:.2f}x |")
+        lines.append(f"| {w} | {x['batches_per_s']:.2f} | {x['samples_per_s']:.1f} | "
+                     f"{x['tokens_per_s']:.0f} | {x['feeds_step_x']:.2f}x |")
     t, e, pad = r["train_step"], r["end_to_end"], r["padding"]
     lines += [
         "",
         "| measure | value |", "|---|---:|",
-        f"| training step alone (batches held in memory) | {t['batches_per_s']:.2f} batches/s, "
-        f"{t['tokens_per_s']:.0f} tokens/s |",
-        f"| end to end, {e['workers']} workers | {e['tokens_per_s']:.0f} tokens/s, "
-        f"data wait {100 * e['data_wait_share']:.0f}% |",
+        (f"| training step alone (batches held in memory) | {t['batches_per_s']:.2f} batches/s, "
+         f"{t['tokens_per_s']:.0f} tokens/s |"),
+        (f"| end to end, {e['workers']} workers | {e['tokens_per_s']:.0f} tokens/s, "
+         f"data wait {100 * e['data_wait_share']:.0f}% |"),
         f"| padding share, packed | {100 * pad['packed']:.1f}% |",
         f"| padding share, one sample per row | {100 * pad['unpacked']:.1f}% |",
         "",
-        "Tokens count text and image tokens, not padding. \"loader / step consumption\" above 1 means the "
-        "loader makes batches faster than the step uses them.", "",
+        ("Tokens count text and image tokens, not padding. \"loader / step consumption\" above 1 means the "
+         "loader makes batches faster than the step uses them."), "",
     ]
     return "\n".join(lines)
 

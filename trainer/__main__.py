@@ -23,19 +23,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "a local path or s3://bucket/prefix")
     d.add_argument("--mix", default=None,
                    help="kind weights, e.g. 'image_text=3,interleaved=1', or a YAML/JSON file with "
-                        "{kind: weight} (or a 'mix:' key). Default: every kind found, weighted by its sample count")
+                        "{kind: weight} (or a 'mix:' key). Default: every kind found, weighted by its "
+                        "sample count")
     d.add_argument("--seq-len", type=int, default=512,
                    help="tokens per packed row, image tokens included (GLM-4.1V pretrains at 8192)")
     d.add_argument("--batch-rows", type=int, default=4, help="rows per micro-batch per rank")
     d.add_argument("--grad-accum", type=int, default=1,
-                   help="micro-batches per optimizer step; global batch = ranks x grad-accum x batch-rows rows")
+                   help="micro-batches per optimizer step; "
+                        "global batch = ranks x grad-accum x batch-rows rows")
     d.add_argument("--no-packing", action="store_true",
                    help="one sample per row, padded (the baseline packing is measured against)")
     d.add_argument("--no-resample", action="store_true",
-                   help="read shards in shuffled passes split by rank and worker instead of sampling them with "
-                        "replacement; needs at least ranks x workers shards per kind")
+                   help="read shards in shuffled passes split by rank and worker instead of sampling them "
+                        "with replacement; needs at least ranks x workers shards per kind")
     d.add_argument("--interleave", type=int, default=4,
-                   help="shards read at once per kind and worker; samples are drawn at random among them (shuffle)")
+                   help="shards read at once per kind and worker; samples are drawn at random among them "
+                        "(the shuffle)")
     d.add_argument("--workers", type=int, default=2,
                    help="DataLoader worker processes per rank (0: load in the training process). Keep it "
                         "the same when resuming: the data position is recorded per worker")
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     o = p.add_argument_group("optimization")
     o.add_argument("--steps", type=int, default=1000, help="optimizer steps in the whole run")
     o.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    o.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate / peak (cosine decay)")
+    o.add_argument("--min-lr-ratio", type=float, default=0.1,
+                   help="final learning rate / peak (cosine decay)")
     o.add_argument("--warmup", type=int, default=100, help="linear warm-up steps (at most half of --steps)")
     o.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on weight matrices")
     o.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
@@ -78,22 +82,40 @@ def build_parser() -> argparse.ArgumentParser:
     r = p.add_argument_group("run")
     r.add_argument("--out", default="out/train", help="run folder: tokenizer, metrics.jsonl, checkpoints")
     r.add_argument("--checkpoint-every", type=int, default=0,
-                   help="save a checkpoint every N steps (0: only at the end; one is always saved at the end)")
+                   help="save a checkpoint every N steps (0: only at the end; "
+                        "one is always saved at the end)")
     r.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest N checkpoints (0: all)")
     r.add_argument("--resume", default=None,
                    help="'auto' (newest checkpoint in --out, if any) or a checkpoint path; same flags needed")
     r.add_argument("--log-every", type=int, default=10, help="log loss, tokens/s and padding every N steps")
     r.add_argument("--seed", type=int, default=0, help="seeds weights, shard order, shuffling and mixing")
-    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when available")
+    r.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available")
     r.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
                    help="autocast precision; auto: bf16 on GPU, fp32 on CPU")
     r.add_argument("--compile", action="store_true", help="torch.compile the decoder layers and ViT MLPs")
-    r.add_argument("--threads", type=int, default=0, help="torch CPU threads per process (0: torch's default)")
+    r.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per process (0: torch's default)")
     return p
 
 
+def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fail on flag mistakes now, before shards are read or processes wait on each other."""
+    for name in ("seq_len", "batch_rows", "grad_accum", "interleave", "steps", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 1 <= args.min_image_tokens <= args.max_image_tokens:
+        p.error("need 1 <= --min-image-tokens <= --max-image-tokens")
+    if args.max_image_tokens + 8 > args.seq_len:
+        p.error("--seq-len must hold the largest image (--max-image-tokens) plus a few text tokens")
+    if args.workers < 0:
+        p.error("--workers must be 0 or more")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check(parser, args)
     from trainer.train import run  # after parsing: --help stays fast
 
     run(args)

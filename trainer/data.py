@@ -28,8 +28,8 @@ import json
 import logging
 import os
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 
@@ -63,7 +63,8 @@ class DataConfig:
 
 
 def parse_mix(spec: str | None) -> dict[str, float]:
-    """"image_text=1,ocr=0.5", or a YAML/JSON file holding {kind: weight} (or a `mix:` / `trainer.mix` key)."""
+    """Kind weights from "image_text=1,ocr=0.5" or from a YAML/JSON file holding {kind: weight}
+    (or under a `mix:` or `trainer: mix:` key)."""
     if not spec:
         return {}
     if os.path.isfile(spec):
@@ -92,7 +93,7 @@ def parse_mix(spec: str | None) -> dict[str, float]:
 
 
 def resolve_mix(mix: dict[str, float], found: dict[str, list[Shard]]) -> dict[str, float]:
-    """Normalised weights; with none given, every kind found with a formatter, weighted by its sample count."""
+    """Normalised weights; none given: every kind found that has a formatter, weighted by sample count."""
     if not mix:
         mix = {k: float(sum(s.nsamples for s in v)) for k, v in found.items() if k in formatters.REGISTRY}
     total = sum(mix.values())
@@ -118,9 +119,10 @@ class KindStream:
         self._pass: tuple[int, list[str]] | None = None
         # every (rank, worker) needs a shard of its own in every pass; checked the same way on all of them
         if not cfg.resample and len(self.urls) < world * workers:
-            raise ValueError(f"{kind}: {len(self.urls)} shards cannot be split over {world} ranks x {workers} "
-                             f"workers without resampling; use fewer workers or --resample")
-        state = state or {"next": cfg.interleave, "slots": [[i, 0] for i in range(cfg.interleave)], "draws": 0}
+            raise ValueError(f"{kind}: {len(self.urls)} shards cannot be split over {world} ranks x "
+                             f"{workers} workers without resampling; use fewer workers or --resample")
+        r = cfg.interleave
+        state = state or {"next": r, "slots": [[i, 0] for i in range(r)], "draws": 0}
         self.next_seq, self.draws = state["next"], state["draws"]
         self.slots = [_Slot(seq, off, self._open(seq, off)) for seq, off in state["slots"]]
         self.bad = 0
@@ -129,7 +131,7 @@ class KindStream:
         return {"next": self.next_seq, "slots": [[s.seq, s.offset] for s in self.slots], "draws": self.draws}
 
     def _mine(self, p: int) -> list[str]:
-        """Pass p's shards for this rank and worker: one shuffle per pass, then split by node and by worker."""
+        """Pass p's shards for this rank and worker: one shuffle per pass, split by node, then by worker."""
         if self._pass is None or self._pass[0] != p:
             order = list(self.urls)
             random.Random(make_seed(self.cfg.seed, self.kind, "pass", p)).shuffle(order)
@@ -152,8 +154,8 @@ class KindStream:
     def next(self) -> Formatted:
         empty_in_a_row = 0
         while True:
-            rng = random.Random(make_seed(self.cfg.seed, self.kind, self.rank, self.worker, "draw", self.draws))
-            k = rng.randrange(len(self.slots))
+            seed = make_seed(self.cfg.seed, self.kind, self.rank, self.worker, "draw", self.draws)
+            k = random.Random(seed).randrange(len(self.slots))
             self.draws += 1
             slot = self.slots[k]
             raw = next(slot.it, None)
@@ -189,7 +191,8 @@ class MixedStream:
             self.cum.append(acc)
 
     def next(self) -> Formatted:
-        u = random.Random(make_seed(self.seed, "mix", self.rank, self.worker, self.count)).random() * self.cum[-1]
+        seed = make_seed(self.seed, "mix", self.rank, self.worker, self.count)
+        u = random.Random(seed).random() * self.cum[-1]
         self.count += 1
         kind = next((k for k, c in zip(self.kinds, self.cum) if u < c), self.kinds[-1])
         return self.streams[kind].next()
@@ -198,8 +201,9 @@ class MixedStream:
         return {"count": self.count, "kinds": {k: s.state() for k, s in self.streams.items()}}
 
 
-def batch_stream(cfg: DataConfig, found: dict[str, list[Shard]], weights: dict[str, float], tok: TextTokenizer,
-                 rank: int, world: int, worker: int, workers: int, state: dict | None) -> Packer:
+def batch_stream(cfg: DataConfig, found: dict[str, list[Shard]], weights: dict[str, float],
+                 tok: TextTokenizer, rank: int, world: int, worker: int, workers: int,
+                 state: dict | None) -> Packer:
     """The packed batches of one (rank, logical worker), starting at `state` (None: the beginning)."""
     ctx = FormatContext(tok, cfg.image, cfg.seq_len)
     state = state or {"count": 0, "kinds": {}}
@@ -250,9 +254,9 @@ class ShardLoader:
         return max(1, self.cfg.workers)
 
     def describe(self) -> dict:
-        return {"kinds": {k: {"weight": round(w, 4), "shards": len(self.found[k]),
-                              "samples": sum(s.nsamples for s in self.found[k])} for k, w in self.weights.items()},
-                "epoch_batches": self.epoch_batches}
+        kinds = {k: {"weight": round(w, 4), "shards": len(self.found[k]),
+                     "samples": sum(s.nsamples for s in self.found[k])} for k, w in self.weights.items()}
+        return {"kinds": kinds, "epoch_batches": self.epoch_batches}
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "workers": self.logical_workers, "epoch_batches": self.epoch_batches,
@@ -269,8 +273,8 @@ class ShardLoader:
         while True:
             start = self.batches
             count = self.epoch_batches - start % self.epoch_batches
-            ds = _EpochDataset(self.cfg, self.found, self.weights, self.tok, self.rank, self.world, start, count,
-                               dict(self.cursors))
+            ds = _EpochDataset(self.cfg, self.found, self.weights, self.tok, self.rank, self.world, start,
+                               count, dict(self.cursors))
             if self.cfg.workers > 0:
                 it = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=self.cfg.workers,
                                                  pin_memory=self.pin_memory, prefetch_factor=4)

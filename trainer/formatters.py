@@ -17,12 +17,15 @@ below are provisional, matching what the pipeline is planned to write:
 """
 from __future__ import annotations
 
+import io
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
+from PIL import Image
 
 from trainer.images import ImageConfig, decode_resized, image_patches, merged_tokens, smart_resize, to_patches
 from trainer.tokenizer import TextTokenizer
@@ -125,7 +128,8 @@ def fit(ids: list[int], images: list[ImageInput], ctx: FormatContext) -> tuple[l
     return ids, images
 
 
-def _finish(ids: list[int], images: list[ImageInput], ctx: FormatContext, sample: dict, kind: str) -> Formatted:
+def _finish(ids: list[int], images: list[ImageInput], ctx: FormatContext, sample: dict,
+            kind: str) -> Formatted:
     ids, images = fit(ids + [ctx.tokenizer.eos_id], images, ctx)
     return Formatted(ids=ids, images=images, kind=kind, key=sample.get("__key__", ""))
 
@@ -173,8 +177,8 @@ class Grounding:
         ids = image_block(ctx, grid) + tok.encode(caption)
         for i, b in enumerate(boxes):
             sep = "\n" if i == 0 and caption else ("; " if i else "")
-            ids += tok.encode(sep + str(b["phrase"]).strip()) + [tok.begin_box_id] + tok.encode(box_text(b["box"]))
-            ids.append(tok.end_box_id)
+            ids += tok.encode(sep + str(b["phrase"]).strip())
+            ids += [tok.begin_box_id] + tok.encode(box_text(b["box"])) + [tok.end_box_id]
         return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
 
     def texts(self, sample: dict) -> list[str]:
@@ -242,10 +246,7 @@ class Video:
         stamps = _json(sample).get("timestamps") or []
         if len(stamps) != len(names):
             raise ValueError(f"{len(names)} frames but {len(stamps)} timestamps")
-        from PIL import Image
-        import io
-
-        with Image.open(io.BytesIO(sample[names[0][1]])) as first:
+        with Image.open(io.BytesIO(sample[names[0][1]])) as first:  # the header is enough for the size
             size = smart_resize(first.height, first.width, ctx.image)
         frames = [decode_resized(sample[k], size, ctx.image) for _, k in names]
         tp = ctx.image.temporal_patch_size

@@ -46,9 +46,11 @@ def smart_resize(height: int, width: int, cfg: ImageConfig = ImageConfig()) -> t
     if height <= 0 or width <= 0:
         raise ValueError(f"empty image {width}x{height}")
     if max(height, width) / min(height, width) >= cfg.max_aspect_ratio:
-        raise ValueError(f"aspect ratio {max(height, width) / min(height, width):.1f} >= {cfg.max_aspect_ratio}")
+        ratio = max(height, width) / min(height, width)
+        raise ValueError(f"aspect ratio {ratio:.1f} >= {cfg.max_aspect_ratio}")
     f = cfg.factor
-    if height < f:  # a side thinner than one merged patch: scale up, keeping the aspect (as the processor does)
+    # a side thinner than one merged patch: scale up, keeping the aspect (as the processor does)
+    if height < f:
         width, height = round(width * f / height), f
     if width < f:
         height, width = round(height * f / width), f
@@ -71,7 +73,8 @@ def smart_resize(height: int, width: int, cfg: ImageConfig = ImageConfig()) -> t
     return h_bar, w_bar
 
 
-def decode_resized(data: bytes, size: tuple[int, int] | None = None, cfg: ImageConfig = ImageConfig()) -> np.ndarray:
+def decode_resized(data: bytes, size: tuple[int, int] | None = None,
+                   cfg: ImageConfig = ImageConfig()) -> np.ndarray:
     """Encoded image -> RGB uint8 array (H, W, 3) at `size` (h, w), or at smart_resize of its own size."""
     img = Image.open(io.BytesIO(data))
     h, w = size if size is not None else smart_resize(img.height, img.width, cfg)
@@ -84,7 +87,8 @@ def decode_resized(data: bytes, size: tuple[int, int] | None = None, cfg: ImageC
     return np.asarray(img, dtype=np.uint8)
 
 
-def to_patches(frames: list[np.ndarray], cfg: ImageConfig = ImageConfig()) -> tuple[np.ndarray, tuple[int, int, int]]:
+def to_patches(frames: list[np.ndarray],
+               cfg: ImageConfig = ImageConfig()) -> tuple[np.ndarray, tuple[int, int, int]]:
     """Frames (each H, W, 3 uint8, same size) -> (patches (t*h*w, 3*2*14*14) float32, grid (t, h, w)).
 
     Grid counts ViT patches. A single frame is duplicated to fill the temporal patch; an odd count repeats

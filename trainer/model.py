@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -65,7 +65,8 @@ class ModelConfig:
             self.mrope_section = [t, (half - t) // 2, half - t - (half - t) // 2]
         self.mrope_section = [int(s) for s in self.mrope_section]
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != hd // 2:
-            raise ValueError(f"mrope_section {self.mrope_section} must be 3 numbers summing to head_dim/2 = {hd // 2}")
+            raise ValueError(f"mrope_section {self.mrope_section} must be 3 numbers summing to "
+                             f"head_dim/2 = {hd // 2}")
 
     @property
     def head_dim(self) -> int:
@@ -186,7 +187,8 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(d, cfg.norm_eps)
         self.mlp = SwiGLU(d, cfg.vision_intermediate_size)
 
-    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  sizes: list[int]) -> torch.Tensor:
         n, d = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.heads, d // self.heads).unbind(1)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -219,8 +221,8 @@ class VisionTower(nn.Module):
         self.projector = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         hd = d // cfg.vision_heads
         rot = hd // 2
-        self.register_buffer("inv_freq", 1.0 / cfg.vision_rope_theta ** (torch.arange(0, rot, 2).float() / rot),
-                             persistent=False)
+        inv_freq = 1.0 / cfg.vision_rope_theta ** (torch.arange(0, rot, 2).float() / rot)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def rope(self, patch_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = patch_pos.float()[..., None] * self.inv_freq  # N, 2, hd/4

@@ -1,4 +1,4 @@
-"""Sequence packing: samples -> fixed-shape rows of max_len tokens, with what the model needs to keep them apart.
+"""Sequence packing: samples -> fixed-shape rows of max_len tokens, and what keeps the samples apart.
 
 Each row holds whole samples back to back (next-fit, in stream order). A sample's tokens carry its segment
 number (1, 2, ... within the row; 0 = padding), so the model's block-diagonal mask stops any token from
@@ -86,7 +86,8 @@ def collate(rows: list[list[Prepared]], max_len: int, pad_id: int, image_token_i
         "labels": torch.from_numpy(labels),
         "position_ids": torch.from_numpy(positions),
         "segment_ids": torch.from_numpy(segments),
-        "pixel_values": torch.from_numpy(np.concatenate(patches) if patches else np.zeros((0, patch_dim), np.float32)),
+        "pixel_values": torch.from_numpy(np.concatenate(patches) if patches
+                                         else np.zeros((0, patch_dim), np.float32)),
         "patch_pos": torch.from_numpy(patch_pos),
         "patch_hw": torch.from_numpy(patch_hw),
         "image_sizes": [g[0] * g[1] * g[2] for g in grids],

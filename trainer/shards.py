@@ -11,8 +11,9 @@ import functools
 import json
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 log = logging.getLogger("trainer.shards")
 
@@ -32,13 +33,14 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _s3_client(pid: int):
     # keyed by pid: a boto3 client must not cross a fork into DataLoader workers
     import boto3
     from botocore.config import Config
 
-    return boto3.session.Session().client("s3", config=Config(retries={"max_attempts": 10, "mode": "adaptive"}))
+    retries = {"max_attempts": 10, "mode": "adaptive"}  # back off on throttling and 5xx
+    return boto3.session.Session().client("s3", config=Config(retries=retries))
 
 
 def s3_client():
@@ -103,12 +105,15 @@ def _subfolders(root: str) -> list[str]:
         bucket, key = _split_s3(root)
         prefix = key.rstrip("/") + "/" if key else ""
         names = []
-        for page in s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+        paginator = s3_client().get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             names += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
         return sorted(names)
     if not os.path.isdir(root):
         raise FileNotFoundError(f"shards folder {root} does not exist")
-    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    # dot folders are the pipeline's staging areas, never finished shards
+    names = [d for d in os.listdir(root) if not d.startswith(".")]
+    return sorted(d for d in names if os.path.isdir(os.path.join(root, d)))
 
 
 def find_kinds(root: str, kinds: list[str] | None = None) -> dict[str, list[Shard]]:
@@ -146,7 +151,7 @@ def iter_shard(url: str, handler) -> Iterator[dict]:
 
     try:
         stream = open_shard(url)
-    except Exception as exn:  # noqa: BLE001 - an unreachable shard is skipped like a corrupt one
+    except Exception as exn:
         if handler(exn):
             return
         raise

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Iterable
+from collections.abc import Iterable
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -46,7 +46,7 @@ class TextTokenizer:
         self.begin_box_id, self.end_box_id = ids[BEGIN_BOX], ids[END_BOX]
 
     @classmethod
-    def from_file(cls, path: str) -> "TextTokenizer":
+    def from_file(cls, path: str) -> TextTokenizer:
         with open(path, encoding="utf-8") as f:
             return cls(f.read())
 
@@ -92,7 +92,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = 8192, min_frequency: int =
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte is a token: nothing is ever unknown
+        # every byte is a token: no text is ever unknown
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
@@ -115,7 +116,7 @@ def shard_texts(shards_root: str, kinds: list[str] | None = None, limit: int = 1
                 continue
             try:
                 texts = formatters.get(kind).texts(sample)
-            except Exception:  # noqa: BLE001 - a malformed sample has no text to offer; the loader logs it later
+            except Exception:  # noqa: BLE001, S112 - a malformed sample has no text; the loader logs it later
                 continue
             for text in texts:
                 if text:
@@ -133,7 +134,8 @@ def load_or_train(path: str | None, shards_root: str, kinds: list[str] | None, v
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m trainer.tokenizer",
                                 description="Train the byte-level BPE tokenizer on shard text, offline.")
-    p.add_argument("--shards", required=True, help="OUT/shards (kind folders inside) or one kind's folder; s3:// works")
+    p.add_argument("--shards", required=True,
+                   help="OUT/shards (kind folders inside) or one kind's folder; s3:// works")
     p.add_argument("--kinds", default=None, help="comma-separated kinds to read (default: every kind found)")
     p.add_argument("--out", required=True, help="where to write tokenizer.json")
     p.add_argument("--vocab-size", type=int, default=8192, help="target vocabulary, special tokens included")

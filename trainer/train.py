@@ -1,4 +1,4 @@
-"""The training loop: AdamW with warm-up and cosine decay, gradient accumulation and clipping, DDP, checkpoints.
+"""The training loop: AdamW, warm-up then cosine decay, gradient accumulation and clipping, DDP, checkpoints.
 
 Read top to bottom: set up the process group, the tokenizer, the model and the loader; restore a checkpoint
 when resuming; then steps. A step takes `grad_accum` micro-batches from the loader, weights every target
@@ -78,13 +78,14 @@ def model_config(args: argparse.Namespace, tok: TextTokenizer) -> ModelConfig:
         unknown = set(over) - {f.name for f in fields(ModelConfig)}
         if unknown:
             raise ValueError(f"{args.model_config}: unknown ModelConfig fields {sorted(unknown)}")
-    base = dict(
-        vocab_size=-(-tok.vocab_size // 64) * 64,  # a multiple of 64 keeps the matmuls aligned
-        hidden_size=args.hidden, num_layers=args.layers, num_heads=args.heads, num_kv_heads=args.kv_heads,
-        intermediate_size=args.intermediate, vision_hidden_size=args.vision_hidden,
-        vision_layers=args.vision_layers, vision_heads=args.vision_heads,
-        vision_intermediate_size=args.vision_intermediate, image_token_id=tok.image_id,
-    )
+    base = {
+        "vocab_size": -(-tok.vocab_size // 64) * 64,  # a multiple of 64 keeps the matmuls aligned
+        "hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.heads,
+        "num_kv_heads": args.kv_heads, "intermediate_size": args.intermediate,
+        "vision_hidden_size": args.vision_hidden, "vision_layers": args.vision_layers,
+        "vision_heads": args.vision_heads, "vision_intermediate_size": args.vision_intermediate,
+        "image_token_id": tok.image_id,
+    }
     base.update(over)
     if base["vocab_size"] < tok.vocab_size:
         raise ValueError(f"vocab_size {base['vocab_size']} < tokenizer's {tok.vocab_size}")
@@ -149,7 +150,9 @@ def checkpoint_path(out: str, step: int) -> str:
 
 def latest_checkpoint(out: str) -> str | None:
     d = os.path.join(out, CHECKPOINTS)
-    found = sorted(f for f in os.listdir(d) if f.startswith("step_") and f.endswith(".pt")) if os.path.isdir(d) else []
+    if not os.path.isdir(d):
+        return None
+    found = sorted(f for f in os.listdir(d) if f.startswith("step_") and f.endswith(".pt"))
     return os.path.join(d, found[-1]) if found else None
 
 
@@ -170,9 +173,10 @@ def save_checkpoint(out: str, step: int, model, optimizer, scheduler, loader: Sh
         tmp = f"{path}.tmp-{os.getpid()}"
         torch.save(state, tmp)
         os.replace(tmp, path)
-        old = sorted(f for f in os.listdir(os.path.dirname(path)) if f.startswith("step_") and f.endswith(".pt"))
+        folder = os.path.dirname(path)
+        old = sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))
         for f in old[:-args.keep_checkpoints] if args.keep_checkpoints > 0 else []:
-            os.remove(os.path.join(os.path.dirname(path), f))
+            os.remove(os.path.join(folder, f))
         log.info("checkpoint: %s", path)
     barrier(world)
     return path if rank == 0 else None
@@ -187,7 +191,8 @@ def check_resumable(ckpt: dict, args: argparse.Namespace, world: int) -> None:
     if ckpt["world"] != world:
         raise ValueError(f"checkpoint was written by {ckpt['world']} ranks, this run has {world}")
     old = ckpt["args"]
-    changed = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}" for k in DATA_FLAGS if old.get(k) != getattr(args, k)]
+    changed = [f"{k}: {old.get(k)!r} -> {getattr(args, k)!r}"
+               for k in DATA_FLAGS if old.get(k) != getattr(args, k)]
     if changed:
         raise ValueError("cannot resume exactly with other data flags: " + "; ".join(changed))
 
@@ -221,6 +226,9 @@ def run(args: argparse.Namespace) -> dict:
     ckpt = load_checkpoint(args.resume, args.out)
     if ckpt is not None:
         check_resumable(ckpt, args, world)
+    elif rank == 0 and latest_checkpoint(args.out):
+        log.warning("starting a fresh run in %s, which holds checkpoints of an earlier one (pass --resume "
+                    "auto to continue it); checkpoints with the same step numbers get overwritten", args.out)
 
     # tokenizer: the checkpoint's, a given file, or trained on the shards by rank 0 and read by the others
     tok_path = os.path.join(args.out, "tokenizer.json")
@@ -234,7 +242,8 @@ def run(args: argparse.Namespace) -> dict:
             mix = list(parse_mix(args.mix)) or None
             tok = load_or_train(None, args.shards, mix, args.vocab_size, args.tokenizer_samples)
             tok.save(tok_path)
-            log.info("trained a %d-token byte-level BPE on shard text in %.1fs", tok.vocab_size, time.time() - t0)
+            log.info("trained a %d-token byte-level BPE on shard text in %.1fs", tok.vocab_size,
+                     time.time() - t0)
         barrier(world)  # the other ranks read the file rank 0 just wrote
         if rank != 0:
             tok = TextTokenizer.from_file(tok_path)
@@ -245,7 +254,8 @@ def run(args: argparse.Namespace) -> dict:
     seed_everything(args.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
     model = VisionLanguageModel(cfg).to(device)
     optimizer = make_optimizer(model, args, fused=device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.steps, args.warmup, args.min_lr_ratio))
+    schedule = lr_lambda(args.steps, args.warmup, args.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     loader = ShardLoader(data_config(args), tok, rank, world, args.epoch_batches or None,
                          pin_memory=device.type == "cuda")
     step, totals = 0, {"samples": 0, "tokens": 0, "batches": 0}
@@ -269,7 +279,8 @@ def run(args: argparse.Namespace) -> dict:
             block.mlp.compile(dynamic=True)
     net = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        ids = [device.index] if device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     use_bf16 = args.dtype == "bf16" or (args.dtype == "auto" and device.type == "cuda")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
 
@@ -285,7 +296,8 @@ def run(args: argparse.Namespace) -> dict:
         targets = all_sum([local[0]], device, world)[0]
         loss_sum = torch.zeros((), device=device)
         for i, b in enumerate(micro):
-            inputs = {k: (b[k].to(device, non_blocking=True) if torch.is_tensor(b[k]) else b[k]) for k in MODEL_INPUTS}
+            inputs = {k: b[k].to(device, non_blocking=True) if torch.is_tensor(b[k]) else b[k]
+                      for k in MODEL_INPUTS}
             labels = b["labels"].to(device, non_blocking=True)
             sync = world == 1 or i == len(micro) - 1
             with (contextlib.nullcontext() if sync else net.no_sync()), autocast:
@@ -299,8 +311,8 @@ def run(args: argparse.Namespace) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        glob = all_sum([loss_sum.item(), local[1], local[2], local[3], len(micro) * args.batch_rows * args.seq_len],
-                       device, world)
+        slots = len(micro) * args.batch_rows * args.seq_len
+        glob = all_sum([loss_sum.item(), local[1], local[2], local[3], slots], device, world)
         last_loss = glob[0] / max(1.0, targets)
         totals["samples"] += int(glob[3])
         totals["tokens"] += int(glob[1])
@@ -316,18 +328,19 @@ def run(args: argparse.Namespace) -> dict:
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
             dt = time.time() - window["t0"]
             eta = (time.time() - run_start) / max(1, step - start_step) * (args.steps - step)
-            log.info("step %d/%d (%d%%) | loss %.4f | lr %.2e | grad %.2f | tok/s %s | pad %.1f%% | data wait %d%% "
-                     "| epoch %d | eta %s", step, args.steps, 100 * step // args.steps, last_loss,
-                     scheduler.get_last_lr()[0], float(grad_norm), _si(window["tokens"] / max(dt, 1e-9)),
-                     100 * window["pad"] / max(1.0, window["slots"]), min(99, int(100 * window["wait"] / max(dt, 1e-9))),
+            log.info("step %d/%d (%d%%) | loss %.4f | lr %.2e | grad %.2f | tok/s %s | pad %.1f%% "
+                     "| data wait %d%% | epoch %d | eta %s", step, args.steps, 100 * step // args.steps,
+                     last_loss, scheduler.get_last_lr()[0], float(grad_norm),
+                     _si(window["tokens"] / max(dt, 1e-9)), 100 * window["pad"] / max(1.0, window["slots"]),
+                     min(99, int(100 * window["wait"] / max(dt, 1e-9))),
                      loader.batches // loader.epoch_batches, _hms(eta))
             window = {"tokens": 0.0, "pad": 0.0, "slots": 0.0, "wait": 0.0, "t0": time.time(), "steps": 0}
         if args.checkpoint_every and step % args.checkpoint_every == 0 and step < args.steps:
-            save_checkpoint(args.out, step, model, optimizer, scheduler, loader, tok, cfg, args, rank, world, device,
-                            totals)
+            save_checkpoint(args.out, step, model, optimizer, scheduler, loader, tok, cfg, args, rank, world,
+                            device, totals)
     if step > start_step:
-        save_checkpoint(args.out, step, model, optimizer, scheduler, loader, tok, cfg, args, rank, world, device,
-                        totals)
+        save_checkpoint(args.out, step, model, optimizer, scheduler, loader, tok, cfg, args, rank, world,
+                        device, totals)
     if metrics is not None:
         metrics.close()
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-
 from types import SimpleNamespace
 
 import numpy as np
@@ -87,8 +86,8 @@ def image_text_sample(i: int) -> dict:
     data, caption, (w, h) = picture(i)
     key = f"{i:016x}"
     meta = {"sample_id": key, "source": "test", "source_key": f"k{i}", "width": w, "height": h,
-            "language": "en", "clip_score": 0.31, "phash": "0" * 16, "concepts": [], "caption_original": caption,
-            "recaption": None}
+            "language": "en", "clip_score": 0.31, "phash": "0" * 16, "concepts": [],
+            "caption_original": caption, "recaption": None}
     return {"__key__": key, "jpg": data, "txt": caption.encode(), "json": json.dumps(meta).encode()}
 
 

@@ -19,7 +19,8 @@ IMG = ImageConfig(min_pixels=4 * 784, max_pixels=16 * 784)
 
 
 def cfg(root, **kw) -> DataConfig:
-    base = dict(shards=root, mix={"image_text": 1.0}, seq_len=96, rows=2, workers=0, image=IMG, interleave=2)
+    base = {"shards": root, "mix": {"image_text": 1.0}, "seq_len": 96, "rows": 2, "workers": 0, "image": IMG,
+            "interleave": 2}
     base.update(kw)
     return DataConfig(**base)
 
@@ -118,7 +119,8 @@ def test_without_resampling_ranks_and_workers_split_the_shards(shards_root, tok)
     found = find_kinds(shards_root, ["image_text"])["image_text"]
     ctx = FormatContext(tok, IMG, 96)
     c = cfg(shards_root, resample=False)
-    mine = [KindStream("image_text", found, c, ctx, rank=r, world=3, worker=0, workers=1)._mine(0) for r in range(3)]
+    mine = [KindStream("image_text", found, c, ctx, rank=r, world=3, worker=0, workers=1)._mine(0)
+            for r in range(3)]
     assert sorted(u for m in mine for u in m) == sorted(s.url for s in found)  # disjoint and complete
     nxt = KindStream("image_text", found, c, ctx, rank=0, world=3, worker=0, workers=1)._mine(1)
     assert len(nxt) == 1  # the next pass: a fresh shuffle, the same share

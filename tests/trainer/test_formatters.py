@@ -51,7 +51,7 @@ def test_special_token_text_in_a_caption_stays_text(ctx, tok, corpus):
 
 def test_ocr_is_image_then_its_text(ctx, tok, corpus):
     s = corpus.image_text(2)
-    s["txt"] = "STOP\nNo entry 9-17h".encode()
+    s["txt"] = b"STOP\nNo entry 9-17h"
     f = formatters.get("ocr").format(s, ctx)
     assert tok.decode(f.ids).endswith("STOP\nNo entry 9-17h<|endoftext|>")
 
@@ -76,8 +76,8 @@ def test_grounding_rejects_boxes_off_the_0_999_grid(ctx, box, corpus):
 
 def test_interleaved_keeps_document_order(ctx, tok, corpus):
     a, b = corpus.picture(1)[0], corpus.picture(2)[0]
-    s = {"__key__": "doc", "json": json.dumps({"texts": ["First paragraph.", None, "Second.", "Third.", None]}).encode(),
-         "img1.jpg": a, "img4.jpg": b}
+    texts = ["First paragraph.", None, "Second.", "Third.", None]
+    s = {"__key__": "doc", "json": json.dumps({"texts": texts}).encode(), "img1.jpg": a, "img4.jpg": b}
     f = formatters.get("interleaved").format(s, ctx)
     bl = blocks(f.ids, tok)
     assert len(bl) == 2 and len(f.images) == 2
@@ -95,7 +95,8 @@ def test_interleaved_missing_image_is_an_error(ctx):
 
 def test_video_frame_pairs_each_followed_by_whole_seconds(ctx, tok, corpus):
     frames = {f"frame{i}.jpg": corpus.picture(0)[0] for i in range(3)}
-    s = {"__key__": "vid", "json": json.dumps({"timestamps": [0.0, 0.5, 2.7]}).encode(), "txt": b"a clip", **frames}
+    stamps = json.dumps({"timestamps": [0.0, 0.5, 2.7]}).encode()
+    s = {"__key__": "vid", "json": stamps, "txt": b"a clip", **frames}
     f = formatters.get("video").format(s, ctx)
     assert f.ids[0] == tok.begin_video_id
     assert len(f.images) == 2 and all(g[0] == 1 for _, g in f.images)  # 3 frames -> 2 temporal patches
@@ -117,7 +118,7 @@ def test_too_long_sequences_are_cut_outside_image_blocks(tok, corpus):
     assert len(f.ids) == 120 and len(f.images) == 1
     assert f.ids.count(tok.begin_image_id) == 1 and f.ids.count(tok.end_image_id) == 1
     # cut right before an image that does not fit whole: the image is dropped, the text kept
-    s2 = {"__key__": "doc2", "json": json.dumps({"texts": ["intro words here", None]}).encode(), "img1.jpg": a}
+    s2 = {"__key__": "doc2", "json": json.dumps({"texts": ["intro words", None]}).encode(), "img1.jpg": a}
     n_img = len(formatters.get("interleaved").format(s2, FormatContext(tok, IMG, 256)).ids)
     f2 = formatters.get("interleaved").format(s2, FormatContext(tok, IMG, n_img - 3))
     assert f2.images == [] and tok.begin_image_id not in f2.ids

@@ -1,4 +1,4 @@
-"""Image processing as GLM-4.1V's: 28-pixel multiples within the pixel budget, duplicated frame, merge order."""
+"""Image processing as GLM-4.1V's: 28-pixel multiples in the pixel budget, a duplicated frame, merge order."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +10,8 @@ from trainer.model import vision_coords
 CFG = ImageConfig(min_pixels=16 * 784, max_pixels=64 * 784)
 
 
-@pytest.mark.parametrize("h,w", [(64, 64), (200, 90), (90, 240), (1000, 1000), (480, 640), (30, 5000), (5000, 27)])
+@pytest.mark.parametrize("h,w", [(64, 64), (200, 90), (90, 240), (1000, 1000), (480, 640), (30, 5000),
+                                 (5000, 27)])
 def test_smart_resize_multiples_of_28_within_budget(h, w):
     rh, rw = smart_resize(h, w, CFG)
     assert rh % 28 == 0 and rw % 28 == 0

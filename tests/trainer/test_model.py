@@ -52,7 +52,7 @@ def test_a_batch_without_images_still_gives_every_weight_a_gradient(tok, tiny_co
     labels[:-1] = ids[1:]
     p = Prepared(ids, labels, rope_positions(ids, [], tok.image_id), [], "text")
     b = batch_of([[p]], tok, 32)
-    loss_sum, n = model(**inputs(b), labels=b["labels"])
+    loss_sum, _ = model(**inputs(b), labels=b["labels"])
     loss_sum.backward()
     assert all(p.grad is not None for p in model.vision.parameters())
 
@@ -91,7 +91,7 @@ def test_image_sections_follow_height_and_width(tiny_config):
     model = VisionLanguageModel(tiny_config)
     pos = torch.tensor([2, 5, 7]).view(3, 1, 1)
     cos, _ = model.rope(pos)
-    st, sh, sw = tiny_config.mrope_section
+    st, sh, _ = tiny_config.mrope_section
     hd = tiny_config.head_dim
     inv = 1.0 / tiny_config.rope_theta ** (torch.arange(0, hd, 2).float() / hd)
     want = torch.cat([2 * inv[:st], 5 * inv[st:st + sh], 7 * inv[st + sh:]])
