@@ -31,8 +31,12 @@ def _variant(rng: np.random.Generator, img: Image.Image) -> Image.Image:
     return ImageEnhance.Brightness(out).enhance(rng.uniform(0.8, 1.2))
 
 
-def generate(out_dir: str, n: int = 2000, per_shard: int = 500, dup_share: float = 0.1, seed: int = 0) -> list[str]:
-    """Write n pairs; about dup_share of them are re-encoded copies of earlier ones. Returns the tar paths."""
+def generate(out_dir: str, n: int = 2000, per_shard: int = 500, dup_share: float = 0.1, seed: int = 0,
+             truth: dict | None = None) -> list[str]:
+    """Write n pairs; about dup_share of them are re-encoded copies of earlier ones. Returns the tar paths.
+
+    `truth`, when given, is filled with the ground truth per key: {"photo": the scikit-image photo it
+    comes from, "copy_of": the key it is a re-encoded copy of, or None} (the shards are unchanged)."""
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
     photos = [(name, load_photo(name).convert("RGB"), caption) for name, caption in PHOTOS.items()]
@@ -45,17 +49,22 @@ def generate(out_dir: str, n: int = 2000, per_shard: int = 500, dup_share: float
             paths.append(os.path.join(out_dir, f"corpus-{i // per_shard:06d}.tar"))
             tf = tarfile.open(paths[-1], "w")
         if made and rng.random() < dup_share:
-            src = Image.open(io.BytesIO(made[int(rng.integers(0, len(made)))]))
+            j = int(rng.integers(0, len(made)))
+            src = Image.open(io.BytesIO(made[j]))
             img, caption = src.resize((int(src.width * 0.9), int(src.height * 0.9))), "A copy of an earlier picture."
+            origin = {"photo": truth[f"{j:08d}"]["photo"] if truth is not None else None, "copy_of": f"{j:08d}"}
         else:
             name, photo, base = photos[int(rng.integers(0, len(photos)))]
             img = _variant(rng, photo)
             caption = f"{SUBJECTS[int(rng.integers(0, 6))].capitalize()} {PLACES[int(rng.integers(0, 6))]}: {base}"
+            origin = {"photo": name, "copy_of": None}
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=int(rng.integers(70, 95)))
         data = buf.getvalue()
         made.append(data)
         key = f"{i:08d}"
+        if truth is not None:
+            truth[key] = origin
         for ext, payload in (("jpg", data), ("txt", caption.encode()), ("json", json.dumps({"i": i}).encode())):
             ti = tarfile.TarInfo(f"{key}.{ext}")
             ti.size, ti.mtime = len(payload), 0
