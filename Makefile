@@ -13,11 +13,13 @@ OUT ?= out
 
 setup: system venv
 
-# Debian packages the pipeline needs: a Java 17+ runtime for Spark, ffmpeg for video.
+# Debian packages the pipeline needs: a Java 17+ runtime for Spark, ffmpeg for video, chromium (and its
+# driver) for the report's browser test (playwright drives Debian's chromium; it never downloads one).
 system:
 	@missing=""; \
 	java -version 2>&1 | grep -Eq 'version "(1[7-9]|2[0-9])' || missing="$$missing openjdk-17-jre-headless"; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
+	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \

@@ -57,15 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         log.info("no --input given: using the bundled sample corpus in %s", SAMPLE_DIR)
 
     from pipelines.build import run_build
+    from pipelines.gates import GateFailed
     from pipelines.io import storage
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # spark.pyspark.python, when set, wins
     from pyspark.sql import SparkSession
 
     spark = SparkSession.builder.getOrCreate()
+    out = storage.normalize(recipe.output)
     try:
-        out = storage.normalize(recipe.output)
         summary = run_build(spark, recipe, inputs, out, started)
+    except GateFailed as e:
+        print(f"build_pretrain: quality gate failed; shards NOT published. Failed critical expectation(s): "
+              f"{', '.join(e.failed)}", file=sys.stderr)
+        for line in e.details:
+            print(f"  {line}", file=sys.stderr)
+        print(f"report: {storage.join(out, 'reports', 'index.html')}", file=sys.stderr)
+        return 3
     finally:
         spark.stop()
     for kind, k in summary["kinds"].items():
@@ -73,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shards:  {storage.join(out, 'shards')}")
     print(f"ledger:  {storage.join(out, 'ledger')}")
     print(f"summary: {storage.join(out, 'reports', 'summary.json')}")
+    print(f"report:  {storage.join(out, 'reports', 'index.html')}")
     clip = summary["kinds"].get("image_text", {}).get("clip", {})
     if clip and not clip.get("real_weights"):
         print(f"WARNING: {clip.get('message')}")

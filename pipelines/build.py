@@ -141,6 +141,29 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     summary = summarize(ledger, results, recipe, timer, started, out)
     storage.write_bytes(storage.join(out, "reports", "summary.json"),
                         json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
+    # --- report material and quality gates, while the DataFrames and checkpoints still exist ---------
+    from pipelines import gates, report
+
+    t0 = time.perf_counter()
+    material = {kind: report.collect_material(kind, res, ledger, out, timer) for kind, res in results.items()}
+    timer.add_wall("report_material", time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    summary["gates"] = gates.run_gates(results, ledger, summary, recipe, out)
+    timer.add_wall("gates", time.perf_counter() - t0)
+    for kind, m in material.items():
+        summary["kinds"][kind]["report_material"] = {k: m[k] for k in ("rows", "rows_in_material", "sampled")}
+    summary["versions"].update(gates.tool_versions())
+    summary["report"] = {"html": "index.html", "material": "material/", "data_docs": summary["gates"]["data_docs"]}
+    summary["stages"] = timer.report()
+    summary["elapsed_seconds"] = round(time.time() - started, 2)
+    storage.write_bytes(storage.join(out, "reports", "summary.json"),
+                        json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
+    try:
+        report.write_report(out, in_run=True)
+    except Exception:  # noqa: BLE001 - the page is for people; the gates below decide publishing
+        log.exception("could not render %s; `python -m jobs.report OUT` retries from the material",
+                      storage.join(out, "reports", "index.html"))
+    gates.enforce(summary["gates"])  # raises GateFailed: nothing below runs, the shards stay unpublished
     # publishing comes last: a consumer never sees the shards of a run that did not finish
     for kind, res in results.items():
         shards.publish(out, kind, res.shards)

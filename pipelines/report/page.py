@@ -1,0 +1,550 @@
+"""OUT/reports/index.html from what a run left behind: summary.json, reports/material/<kind>/ and
+the shards' index.json. No Spark; the same inputs give the same bytes (no render time, sorted
+iteration, deterministic charts), so `python -m jobs.report OUT` reproduces the run's page.
+
+The page is self-contained: CSS inline, charts and thumbnails as data URIs, no script, no network.
+Its only links are relative: the great-expectations Data Docs under OUT/reports/gx/.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+from pipelines.io import shards as shard_io
+from pipelines.io import storage
+from pipelines.report import plots
+from pipelines.report.material import material_dir
+from schemas import ledger as L
+
+# Where in the pipeline each reason is decided: the funnel's rows, in order. A code missing here (a new
+# one in schemas/ledger.py) still shows, under "other"; the gates reject codes that are in neither.
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("read", ("read_error", "unsafe_member", "duplicate_member", "meta_invalid")),
+    ("download", ("download_failed", "download_http_error", "download_too_large", "download_too_many_redirects",
+                  "download_blocked_address", "download_bad_url", "opted_out")),
+    ("decode", ("image_missing", "image_empty", "image_undecodable", "image_truncated", "image_too_many_pixels")),
+    ("rules", ("image_too_small", "aspect_ratio", "solid_color", "caption_missing", "caption_too_short",
+               "caption_too_long", "language")),
+    ("dedup", ("exact_duplicate", "near_duplicate")),
+    ("clip", ("clip_low_similarity",)),
+    ("balance", ("concept_balance", "no_concept")),
+]
+ALWAYS_SHOWN = ("decode", "rules", "dedup", "clip", "balance")  # shown with −0 too: what ran and removed nothing
+STAGE_OF = {r: s for s, reasons in STAGES for r in reasons}
+REASON_ORDER = {r: i for i, r in enumerate(r for _, reasons in STAGES for r in reasons)}
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2327;background:#f6f7f9}
+header{background:#264653;color:#fff;padding:18px 28px}
+header h1{margin:0 0 6px;font-size:22px}
+header .meta{opacity:.85;font-size:13px}
+nav{background:#fff;border-bottom:1px solid #dde1e6;padding:8px 28px;position:sticky;top:0;z-index:2}
+nav a{margin-right:16px;color:#264653;text-decoration:none;font-weight:600}
+main{padding:8px 28px 40px;max-width:1400px}
+section{background:#fff;border:1px solid #dde1e6;border-radius:8px;padding:14px 20px;margin:18px 0}
+h2{margin:4px 0 10px;font-size:19px} h3{margin:18px 0 8px;font-size:16px} h4{margin:12px 0 6px;font-size:14px}
+table{border-collapse:collapse;font-size:13px;margin:6px 0}
+th,td{border-bottom:1px solid #e6e8eb;padding:4px 10px;text-align:left;vertical-align:top}
+th{background:#f1f3f5} td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;padding:2px 9px;border-radius:10px;font-weight:700;font-size:12px}
+.ok{background:#d8f3dc;color:#1b4332} .bad{background:#ffccd5;color:#800f2f} .warn{background:#fff3bf;color:#6b4f00}
+.banner{padding:10px 14px;border-radius:6px;margin:10px 0;font-weight:600}
+.bar{height:14px;background:#2a9d8f;border-radius:2px;min-width:1px}
+.dropbar{height:14px;background:#e76f51;border-radius:2px;min-width:1px;display:inline-block}
+.reasons{font-size:12px;color:#444}
+.plots{display:grid;grid-template-columns:repeat(auto-fill,minmax(430px,1fr));gap:14px}
+.plots figure{margin:0} .plots img{max-width:100%;height:auto}
+figcaption{font-size:12px;color:#555}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(176px,1fr));gap:10px}
+.card{border:1px solid #dde1e6;border-radius:6px;padding:6px;background:#fcfcfd;font-size:12px;overflow-wrap:anywhere}
+.card img{display:block;margin:0 auto 4px;max-width:160px;max-height:160px}
+.noimg{width:160px;height:90px;margin:0 auto 4px;display:flex;align-items:center;justify-content:center;
+ background:repeating-linear-gradient(45deg,#eee,#eee 6px,#f8f8f8 6px,#f8f8f8 12px);color:#777}
+.card .cap{color:#222;margin:2px 0} .card .why{color:#9d0208;font-weight:600} .card .id{color:#888;font-size:11px}
+.card.keeper{border:2px solid #2a9d8f} .card.keptcard .why{color:#1b4332}
+.group{display:flex;gap:10px;align-items:stretch;overflow-x:auto;padding:6px 0;border-bottom:1px dashed #ccc}
+.group .card{flex:0 0 176px}
+pre{background:#f1f3f5;padding:10px;border-radius:6px;overflow:auto;font-size:12px;max-height:420px}
+.muted{color:#666;font-size:12px}
+"""
+
+
+def esc(v: Any) -> str:
+    return html.escape("" if v is None else str(v), quote=True)
+
+
+def fmt_int(n: Any) -> str:
+    return "—" if n is None else f"{int(n):,}"
+
+
+def fmt_bytes(n: Any) -> str:
+    if n is None:
+        return "—"
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def _num(v: Any) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if np.isfinite(f) else None
+
+
+# --- inputs -------------------------------------------------------------------------------------------
+
+
+def _read_json(uri: str) -> Any:
+    return json.loads(storage.read_bytes(uri).decode("utf-8"))
+
+
+def _read_parquet(uri: str):
+    import pyarrow.parquet as pq
+
+    if not storage.exists(uri):
+        return None
+    return pq.read_table(io.BytesIO(storage.read_bytes(uri)))
+
+
+def load_material(out: str, kind: str) -> dict:
+    mdir = material_dir(out, kind)
+    meta_uri = storage.join(mdir, "material.json")
+    if not storage.exists(meta_uri):
+        return {}
+    return {
+        "meta": _read_json(meta_uri),
+        "rows": _read_parquet(storage.join(mdir, "rows.parquet")),
+        "languages": _read_parquet(storage.join(mdir, "languages.parquet")),
+        "concepts": _read_parquet(storage.join(mdir, "concepts.parquet")),
+        "gallery": _read_parquet(storage.join(mdir, "gallery.parquet")),
+    }
+
+
+def publish_state(out: str, kind: str, summary: dict, in_run: bool) -> tuple[str, str, str]:
+    """(badge class, label, explanation) for the kind's shards. During the run the report is written
+    just before publishing, so a run whose gates passed is reported as published; a rebuild checks
+    that index.json is there and lists the same shards as summary.json."""
+    gates = summary.get("gates") or {}
+    final = shard_io.final_dir(out, kind)
+    if gates and not gates.get("passed", True):
+        why = (f"a critical quality gate failed: the shards stay in {shard_io.staging_dir(out, kind)}/ and no "
+               "index.json or sizes.json was written, so no reader sees them")
+        return ("bad", "not published", why)
+    ok = ("ok", "published", f"{final}/ with index.json and sizes.json, written after the gates passed")
+    if in_run:
+        return ok
+    expect = sorted((s["shard"], int(s["nsamples"]), int(s["bytes"])) for s in summary["kinds"][kind]["shards"]["files"])
+    index_uri = storage.join(final, "index.json")
+    if not storage.exists(index_uri):
+        return ("bad", "index.json missing", f"{index_uri} is missing: the run did not finish publishing")
+    index = _read_json(index_uri)
+    found = sorted((s["url"], int(s["nsamples"]), int(s["filesize"])) for s in index.get("shardlist", []))
+    if found != expect:
+        return ("warn", "index.json differs",
+                f"{final}/index.json lists other shards than this run's summary.json: a later run replaced them")
+    return ok
+
+
+# --- sections -------------------------------------------------------------------------------------------
+
+
+def funnel(k: dict) -> str:
+    """Input, then what each stage removed (by reason), then kept."""
+    reasons = {**k.get("quarantined", {}), **k.get("dropped", {})}
+    n_in = int(k["input"])
+    remaining = n_in
+    rows = [f"<tr><td><b>input</b></td><td class=num>{fmt_int(n_in)}</td>"
+            + "<td><div class=bar style='width:300px'></div></td><td></td></tr>"]
+    known = set(STAGE_OF)
+    stages = STAGES + [("other", tuple(sorted(r for r in reasons if r not in known)))]  # a code STAGES lacks
+    for stage, codes in stages:
+        here = {r: reasons[r] for r in codes if r in reasons}
+        lost = sum(here.values())
+        if not here and stage not in ALWAYS_SHOWN:
+            continue
+        remaining -= lost
+        width = 300 * remaining / n_in if n_in else 0
+        detail = ", ".join(
+            f"<span title='{esc(L.REASONS.get(r, 'unknown reason code'))}'>{esc(r)} {fmt_int(c)}</span>"
+            for r, c in sorted(here.items(), key=lambda rc: (-rc[1], rc[0])))
+        rows.append(f"<tr><td>after <b>{esc(stage)}</b></td><td class=num>{fmt_int(remaining)}</td>"
+                    f"<td><div class=bar style='width:{width:.1f}px'></div></td>"
+                    f"<td class=reasons>−{fmt_int(lost)}{': ' + detail if detail else ''}</td></tr>")
+    rows.append(f"<tr><td><b>kept</b></td><td class=num><b>{fmt_int(k['kept'])}</b></td>"
+                f"<td><div class=bar style='width:{300 * k['kept'] / n_in if n_in else 0:.1f}px'></div></td>"
+                f"<td class=reasons>{100 * k['kept'] / n_in if n_in else 0:.1f}% of the input</td></tr>")
+    note = ""
+    if remaining != k["kept"]:
+        note = (f"<div class='banner bad'>The stages account for {fmt_int(remaining)} remaining items but "
+                f"{fmt_int(k['kept'])} were kept.</div>")
+    return ("<table class=funnel><tr><th>stage</th><th class=num>items left</th><th></th><th>removed, by reason</th>"
+            "</tr>" + "".join(rows) + "</table>" + note)
+
+
+def _column(table, name: str) -> np.ndarray:
+    if table is None or name not in table.column_names:
+        return np.array([], dtype=float)
+    return np.array([np.nan if v is None else v for v in table.column(name).to_pylist()], dtype=float)
+
+
+def _by_status(table, values: np.ndarray) -> dict[str, np.ndarray]:
+    status = np.array(table.column(L.STATUS).to_pylist(), dtype=object) if table is not None else np.array([])
+    return {s: values[status == s] for s in plots.STATUSES if values.size}
+
+
+def distributions(m: dict, recipe: dict, clip: dict) -> str:
+    rows = m.get("rows")
+    meta = m.get("meta", {})
+    rules = recipe.get("image_text", {}).get("rules", {})
+    if rows is None:
+        return "<p class=muted>No material recorded for distributions.</p>"
+    w, h = _column(rows, "width"), _column(rows, "height")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        short = np.fmin(w, h)
+        aspect = np.fmax(w, h) / np.fmin(w, h)
+    chars = _column(rows, "caption_chars")
+    score = _column(rows, "clip_score")
+    figs = []
+    figs.append(("resolution", plots.histogram(
+        "Resolution: shorter side", "shorter side (px, log scale)", _by_status(rows, short), log=True,
+        lines=[(rules["min_side"], f"min_side {rules['min_side']}")] if "min_side" in rules else [])))
+    figs.append(("aspect", plots.histogram(
+        "Aspect ratio", "longer / shorter side", _by_status(rows, aspect),
+        lines=[(rules["max_aspect_ratio"], f"max {rules['max_aspect_ratio']}")] if "max_aspect_ratio" in rules else [])))
+    lines = [(rules[k], f"{k} {rules[k]}") for k in ("min_caption_chars", "max_caption_chars") if k in rules]
+    figs.append(("caption", plots.histogram(
+        "Caption length", "characters after clean-up (log scale)", _by_status(rows, chars), log=True, lines=lines)))
+    weights = "real weights" if clip.get("real_weights") else "RANDOM weights: threshold not applied"
+    figs.append(("clip", plots.histogram(
+        f"CLIP score ({weights})", "image-text cosine", _by_status(rows, score),
+        lines=[(clip["threshold"], f"threshold {clip['threshold']}")] if clip.get("threshold") is not None else [])))
+    langs = m.get("languages")
+    if langs is not None and langs.num_rows:
+        totals: dict[str, dict[str, int]] = {}
+        for r in langs.to_pylist():
+            totals.setdefault(r["language"] or "(none)", {})[r["status"]] = int(r["n"])
+        top = sorted(totals, key=lambda x: (-sum(totals[x].values()), x))[:15]
+        counts = {s: [totals[x].get(s, 0) for x in top] for s in plots.STATUSES}
+        figs.append(("language", plots.stacked_bars(f"Language (top {len(top)} of {len(totals)}, exact)", top, counts)))
+    cons = m.get("concepts")
+    cmeta = meta.get("concepts", {})
+    if cons is not None and cons.num_rows:
+        rowsc = sorted(cons.to_pylist(), key=lambda r: (-r["before"], r["concept"]))[:20]
+        figs.append(("concepts", plots.paired_bars(
+            f"Top concepts before / after balancing (of {fmt_int(cmeta.get('distinct'))} matched, exact)",
+            [r["concept"] for r in rowsc], [r["before"] for r in rowsc], [r["after"] for r in rowsc])))
+    elif cmeta.get("enabled"):
+        figs.append(("concepts", plots.paired_bars("Top concepts before / after balancing", [], [], [])))
+    basis = (f"drawn from a uniform sample (hash of sample_id) of {fmt_int(meta.get('rows_in_material'))} of "
+             f"{fmt_int(meta.get('rows'))} items" if meta.get("sampled")
+             else f"drawn from all {fmt_int(meta.get('rows'))} items")
+    cells = "".join(f"<figure id='plot-{esc(k)}'><img alt='{esc(k)} distribution' src='{uri}'></figure>"
+                    for k, uri in figs)
+    concept_note = ""
+    if cmeta.get("enabled"):
+        concept_note = (f"; concepts: {fmt_int(cmeta.get('matched'))} of {fmt_int(cmeta.get('reached_balance'))} items "
+                        f"reaching balancing matched at least one concept")
+    return (f"<p class=muted>Histograms {basis}, stacked by status (dashed lines: the recipe's thresholds); "
+            f"language and concept counts are exact{concept_note}.</p><div class=plots>{cells}</div>")
+
+
+def decided_by(r: dict, recipe: dict, clip: dict) -> str:
+    """The value that decided a row's fate, in words."""
+    rules = recipe.get("image_text", {}).get("rules", {})
+    reason = r.get(L.REASON)
+    w, h = r.get("width"), r.get("height")
+    score = _num(r.get("clip_score"))
+    if r.get(L.STATUS) == L.KEPT:
+        if score is None:
+            return "no CLIP score" if clip.get("enabled", True) else ""
+        return f"CLIP {score:.3f}" + (f" ≥ {clip['threshold']}" if clip.get("threshold_applied") else "")
+    if reason == "image_too_small" and w and h:
+        return f"{w}×{h}: shorter side {min(w, h)} < {rules.get('min_side')}"
+    if reason == "aspect_ratio" and w and h:
+        return f"{w}×{h}: ratio {max(w, h) / min(w, h):.2f} > {rules.get('max_aspect_ratio')}"
+    if reason == "solid_color" and _num(r.get("pixel_std")) is not None:
+        return f"pixel std {r['pixel_std']:.2f} < {rules.get('min_pixel_std')}"
+    if reason == "caption_too_short":
+        return (f"{r.get('caption_words')} words, {r.get('caption_chars')} chars "
+                f"(needs {rules.get('min_caption_words')} words, {rules.get('min_caption_chars')} chars)")
+    if reason == "caption_too_long":
+        return f"{r.get('caption_chars')} chars > {rules.get('max_caption_chars')}"
+    if reason == "caption_missing":
+        return "no caption left after clean-up"
+    if reason == "language":
+        ls = _num(r.get("language_score"))
+        return f"language {r.get('language')} ({ls:.2f}) not in {rules.get('languages')}" if ls is not None else \
+            f"language {r.get('language')}"
+    if reason in ("exact_duplicate", "near_duplicate"):
+        d = hamming(r.get("phash"), r.get("keeper_phash"))
+        return f"copy of {r.get(L.DUPLICATE_OF)}" + (f", Hamming {d}" if d is not None else "")
+    if reason == "clip_low_similarity":
+        return f"CLIP {score:.3f} < {clip.get('threshold')}" if score is not None else "CLIP score missing"
+    if reason in ("concept_balance", "no_concept"):
+        return f"{r.get('n_concepts') or 0} concept(s) matched; not drawn" if reason == "concept_balance" else \
+            "no concept matched"
+    return r.get(L.DETAIL) or reason or ""
+
+
+def hamming(a: Any, b: Any) -> int | None:
+    if a is None or b is None:
+        return None
+    return ((int(a) ^ int(b)) & ((1 << 64) - 1)).bit_count()
+
+
+def card(r: dict, recipe: dict, clip: dict, extra_class: str = "", label: str = "") -> str:
+    thumb = r.get("thumb")
+    if thumb:
+        img = (f"<img loading=eager alt='{esc(r.get('source_key'))}' "
+               f"src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>")
+    else:
+        img = "<div class=noimg>no image</div>"
+    size = f"{r['width']}×{r['height']}" if r.get("width") and r.get("height") else ""
+    caption = r.get("caption") or ""
+    caption = caption if len(caption) <= 160 else caption[:157] + "…"
+    cls = "card " + extra_class + (" keptcard" if r.get(L.STATUS) == L.KEPT else "")
+    head = f"<div><b>{esc(label)}</b></div>" if label else ""
+    return (f"<div class='{cls.strip()}' data-sample='{esc(r.get('sample_id'))}'>{head}{img}"
+            f"<div class=why>{esc(decided_by(r, recipe, clip))}</div>"
+            f"<div class=cap>{esc(caption)}</div>"
+            f"<div class=id>{' · '.join(esc(x) for x in (r.get('source_key'), size, r.get('language')) if x)}<br>"
+            f"{esc(r.get('sample_id'))}</div></div>")
+
+
+def _sort_key(r: dict):
+    """Within a gallery, order by the value that decided, so the threshold's neighbourhood is visible."""
+    reason = r.get(L.REASON)
+    w, h = r.get("width") or 0, r.get("height") or 0
+    v = {
+        None: _num(r.get("clip_score")),
+        "clip_low_similarity": _num(r.get("clip_score")),
+        "image_too_small": min(w, h) if w and h else None,
+        "aspect_ratio": max(w, h) / min(w, h) if w and h else None,
+        "solid_color": _num(r.get("pixel_std")),
+        "caption_too_short": r.get("caption_chars"),
+        "caption_too_long": r.get("caption_chars"),
+        "language": _num(r.get("language_score")),
+    }.get(reason)
+    return (v is None, -(v or 0) if reason is None else (v or 0), r["sample_id"])
+
+
+def galleries(m: dict, k: dict, recipe: dict, clip: dict) -> str:
+    g = m.get("gallery")
+    if g is None:
+        return "<p class=muted>No gallery material recorded.</p>"
+    meta = m.get("meta", {}).get("gallery", {})
+    by_section: dict[str, list[dict]] = {}
+    for r in g.to_pylist():
+        by_section.setdefault(r["section"], []).append(r)
+    parts = []
+    kept = sorted(by_section.get("kept", []), key=_sort_key)
+    parts.append(f"<h3 id='gallery-{esc(k['_kind'])}-kept'>Kept <span class=muted>({len(kept)} shown of "
+                 f"{fmt_int(k['kept'])}, highest CLIP score first)</span></h3>"
+                 f"<div class='gallery kept'>{''.join(card(r, recipe, clip) for r in kept)}</div>")
+    reasons = {**k.get("quarantined", {}), **k.get("dropped", {})}
+    for reason in sorted(reasons, key=lambda x: (REASON_ORDER.get(x, 999), x)):
+        rows = sorted(by_section.get(reason, []), key=_sort_key)
+        status = "quarantined" if reason in k.get("quarantined", {}) else "dropped"
+        parts.append(
+            f"<h4 id='gallery-{esc(k['_kind'])}-{esc(reason)}'>{esc(reason)} <span class=muted>({status}, "
+            f"{len(rows)} shown of {fmt_int(reasons[reason])}; stage {esc(STAGE_OF.get(reason, 'unknown'))}: "
+            f"{esc(L.REASONS.get(reason, 'unknown reason code'))})</span></h4>"
+            f"<div class=gallery>{''.join(card(r, recipe, clip) for r in rows)}</div>")
+    return (f"<p class=muted>Thumbnails ({meta.get('thumb_px', 160)} px) of a fixed random sample: up to "
+            f"{meta.get('kept')} kept items and {meta.get('per_reason')} per reason. Red: the value that decided, "
+            f"next to the recipe's threshold.</p>" + "".join(parts))
+
+
+def duplicate_groups(m: dict, recipe: dict, clip: dict) -> str:
+    g = m.get("gallery")
+    dmeta = m.get("meta", {}).get("duplicates", {})
+    if g is None:
+        return ""
+    groups: dict[str, list[dict]] = {}
+    for r in g.to_pylist():
+        if r["section"].startswith("dup:"):
+            groups.setdefault(r["section"][4:], []).append(r)
+    sizes = ", ".join(f"{fmt_int(n)} of size {s}" for s, n in sorted(dmeta.get("sizes", {}).items(), key=lambda x: int(x[0])))
+    head = (f"<p class=muted>{fmt_int(dmeta.get('groups', 0))} duplicate groups, {fmt_int(dmeta.get('dropped', 0))} "
+            f"items dropped as copies{' (' + sizes + ')' if sizes else ''}. Each row: the member kept by dedup "
+            f"(most pixels, then largest file) beside the members dropped for it, with the pHash Hamming distance. "
+            f"Showing {len(groups)} group(s).</p>")
+    rows = []
+    for keeper in sorted(groups):
+        members = groups[keeper]
+        head_rows = [r for r in members if r["sample_id"] == keeper]
+        others = sorted((r for r in members if r["sample_id"] != keeper), key=lambda r: r["sample_id"])
+        cards = []
+        if head_rows:
+            h = head_rows[0]
+            label = "kept by dedup" + ("" if h.get(L.STATUS) == L.KEPT else f", later {h.get(L.REASON)}")
+            cards.append(card(h, recipe, clip, "keeper", label))
+        cards += [card(r, recipe, clip, "", r.get(L.REASON) or "") for r in others]
+        rows.append(f"<div class=group data-keeper='{esc(keeper)}'>{''.join(cards)}</div>")
+    return head + "".join(rows)
+
+
+def shards_section(out: str, kind: str, k: dict, summary: dict, in_run: bool) -> str:
+    s = k.get("shards", {})
+    cls, label, why = publish_state(out, kind, summary, in_run)
+    files = sorted(s.get("files", []), key=lambda f: f["shard"])
+    shown = files[:200]
+    rows = "".join(f"<tr><td>{esc(f['shard'])}</td><td class=num>{fmt_int(f['nsamples'])}</td>"
+                   f"<td class=num>{fmt_bytes(f['bytes'])}</td></tr>" for f in shown)
+    more = f"<p class=muted>… and {len(files) - len(shown)} more shards.</p>" if len(files) > len(shown) else ""
+    return (f"<p><span class='badge {cls}'>{esc(label)}</span> {esc(why)}</p>"
+            f"<table><tr><th>shards</th><th class=num>samples</th><th class=num>bytes</th></tr>"
+            f"<tr><td><b>{fmt_int(s.get('count'))}</b></td><td class=num><b>{fmt_int(s.get('samples'))}</b></td>"
+            f"<td class=num><b>{fmt_bytes(s.get('bytes'))}</b></td></tr>{rows}</table>{more}")
+
+
+def gates_section(summary: dict, kind: str | None = None) -> str:
+    gates = summary.get("gates")
+    if not gates:
+        return "<p class=muted>No quality gates were recorded for this run.</p>"
+    parts = []
+    for name in sorted(gates.get("suites", {})):
+        if kind is not None and not name.startswith(kind + "."):
+            continue
+        suite = gates["suites"][name]
+        info = gates.get("sampling", {}).get(name.split(".")[0], {}).get(name.split(".", 1)[1], {})
+        scope = ""
+        if info.get("sampled"):
+            scope = " (a sample: " + ", ".join(f"{k} {v}" for k, v in sorted(info.items())) + ")"
+        rows = {True: [], False: []}
+        for c in sorted(suite["expectations"], key=lambda c: (c["severity"] != "critical", c["name"])):
+            badge = "ok" if c["success"] else ("bad" if c["severity"] == "critical" else "warn")
+            obs = []
+            if c.get("unexpected_count"):
+                obs.append(f"{c['unexpected_count']} unexpected, e.g. {c.get('unexpected_sample')}")
+            elif (c.get("details") or {}).get("mismatched"):
+                obs.append(str(c["details"]["mismatched"]))
+            elif c.get("observed") is not None and not isinstance(c.get("observed"), list):
+                obs.append(f"observed {c['observed']}")
+            if c.get("exception"):
+                obs.append(f"error: {c['exception'][:200]}")
+            rows[c["success"]].append(
+                f"<tr><td><span class='badge {badge}'>{'passed' if c['success'] else 'FAILED'}</span></td>"
+                f"<td>{esc(c['severity'])}</td>"
+                f"<td><code>{esc(c['name'])}</code><div class=muted>{esc(c.get('description'))}</div></td>"
+                f"<td class=muted>{esc(c['type'])}{' · ' + esc(c['column']) if c.get('column') else ''}</td>"
+                f"<td class=muted>{esc('; '.join(obs))}</td></tr>")
+        head = ("<tr><th>result</th><th>severity</th><th>expectation</th><th>type · column</th>"
+                "<th>observed</th></tr>")
+        ok = "ok" if suite["success"] else "bad"
+        failed = f"<table>{head}{''.join(rows[False])}</table>" if rows[False] else ""
+        passed = (f"<details><summary>{len(rows[True])} expectations passed</summary>"
+                  f"<table>{head}{''.join(rows[True])}</table></details>") if rows[True] else ""
+        docs = f" · <a class=gx-page href='{esc(suite['data_docs'])}'>Data Docs page</a>" if suite.get("data_docs") else ""
+        parts.append(f"<h4>{esc(name)} <span class='badge {ok}'>{'passed' if suite['success'] else 'FAILED'}</span> "
+                     f"<span class=muted>{fmt_int(suite['rows'])} rows validated{esc(scope)}{docs}</span></h4>"
+                     f"{failed}{passed}")
+    return "".join(parts)
+
+
+def gates_banner(summary: dict, ids: bool = True) -> str:
+    gates = summary.get("gates")
+    if not gates:
+        return "<div class='banner warn'>No quality gates recorded.</div>"
+    docs = gates.get("data_docs")
+    link = f" <a {'id=gx-docs ' if ids else ''}href='{esc(docs)}'>great-expectations Data Docs</a>" if docs else ""
+    verdict = "id=gates-verdict" if ids else ""
+    warn = ""
+    if gates.get("failed_warnings"):
+        warn = f"<div class='banner warn'>Warnings (recorded only): {esc(', '.join(gates['failed_warnings']))}</div>"
+    if gates.get("passed"):
+        n = sum(len(s["expectations"]) for s in gates.get("suites", {}).values())
+        return f"<div class='banner ok' {verdict}>Quality gates passed: {n} expectations.{link}</div>{warn}"
+    return (f"<div class='banner bad' {verdict}>Quality gates FAILED; the shards were not published. "
+            f"Failed critical expectations: {esc(', '.join(gates.get('failed_critical', [])))}.{link}</div>{warn}")
+
+
+def run_section(summary: dict) -> str:
+    stages = summary.get("stages", {})
+    st = "".join(f"<tr><td>{esc(n)}</td><td class=num>{_secs(v.get('task_seconds'))}</td>"
+                 f"<td class=num>{_secs(v.get('wall_seconds'))}</td></tr>" for n, v in sorted(stages.items()))
+    vers = "".join(f"<tr><td>{esc(n)}</td><td>{esc(v)}</td></tr>" for n, v in sorted(summary.get("versions", {}).items()))
+    clips = []
+    for kind, k in sorted(summary.get("kinds", {}).items()):
+        c = k.get("clip") or {}
+        if c:
+            badge = "<span class='badge ok'>real weights</span>" if c.get("real_weights") else \
+                "<span class='badge bad'>RANDOM weights</span>"
+            clips.append(f"<tr><td>{esc(kind)}</td><td>{badge}</td><td>{esc(c.get('model'))}</td>"
+                         f"<td>{esc(c.get('pretrained'))}</td><td>{esc(c.get('threshold'))}"
+                         f"{'' if c.get('threshold_applied') else ' (not applied)'}</td>"
+                         f"<td class=muted>{esc(c.get('message'))}</td></tr>")
+    recipe = json.dumps(summary.get("recipe", {}), indent=1, sort_keys=True, ensure_ascii=False)
+    return (f"<p>Started {esc(summary.get('started_at'))}, {esc(summary.get('elapsed_seconds'))} s; output "
+            f"<code>{esc(summary.get('output'))}</code>.</p>"
+            "<h3>CLIP</h3><table><tr><th>kind</th><th>weights</th><th>model</th><th>pretrained</th><th>threshold</th>"
+            f"<th></th></tr>{''.join(clips)}</table>"
+            "<h3>Time per stage</h3><p class=muted>task seconds: summed over executors (row-wise stages); "
+            "wall seconds: on the driver (checkpoints, ledger, report, gates).</p>"
+            f"<table><tr><th>stage</th><th class=num>task s</th><th class=num>wall s</th></tr>{st}</table>"
+            f"<h3>Package versions</h3><table>{vers}</table>"
+            f"<h3>Recipe</h3><details><summary>the full recipe of this run</summary><pre>{esc(recipe)}</pre></details>")
+
+
+def _secs(v: Any) -> str:
+    return "—" if v is None else f"{float(v):.2f}"
+
+
+def render(out: str, in_run: bool = False) -> str:
+    """The report page for the output at `out`, as a string."""
+    summary = _read_json(storage.join(out, "reports", "summary.json"))
+    recipe = summary.get("recipe", {})
+    kinds = sorted(summary.get("kinds", {}))
+    nav = "".join(f"<a href='#kind-{esc(k)}'>{esc(k)}</a>" for k in kinds)
+    nav += "<a href='#gates'>quality gates</a><a href='#run'>run</a>"
+    body = []
+    for kind in kinds:
+        k = dict(summary["kinds"][kind], _kind=kind)
+        clip = k.get("clip") or {}
+        m = load_material(out, kind)
+        warn = ""
+        if clip and not clip.get("real_weights"):
+            warn = f"<div class='banner warn'>{esc(clip.get('message'))}</div>"
+        body.append(
+            f"<section id='kind-{esc(kind)}'><h2>{esc(kind)}: {fmt_int(k['input'])} in, {fmt_int(k['kept'])} kept</h2>"
+            f"{warn}<h3 id='funnel-{esc(kind)}'>Funnel</h3>{funnel(k)}"
+            f"<h3 id='distributions-{esc(kind)}'>Distributions</h3>{distributions(m, recipe, clip)}"
+            f"<h3 id='galleries-{esc(kind)}'>Galleries</h3>{galleries(m, k, recipe, clip)}"
+            f"<h3 id='duplicates-{esc(kind)}'>Duplicate groups</h3>{duplicate_groups(m, recipe, clip)}"
+            f"<h3 id='shards-{esc(kind)}'>Shards</h3>{shards_section(out, kind, k, summary, in_run)}"
+            "</section>")
+    page = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        "<meta name=viewport content='width=device-width,initial-scale=1'>"
+        f"<title>vlcurate report: {esc(summary.get('output'))}</title><style>{CSS}</style></head><body>"
+        f"<header><h1>vlcurate data quality report</h1><div class=meta>{esc(summary.get('output'))} · started "
+        f"{esc(summary.get('started_at'))} · "
+        + " · ".join(f"{esc(k)}: {fmt_int(summary['kinds'][k]['input'])} in, {fmt_int(summary['kinds'][k]['kept'])} kept"
+                     for k in kinds)
+        + f"</div></header><nav>{nav}</nav><main>{gates_banner(summary)}"
+        + "".join(body)
+        + f"<section id=gates><h2>Quality gates</h2>{gates_banner(summary, ids=False)}"
+        + "<p class=muted>great-expectations suites per kind: critical expectations stop the run before its "
+          "shards are published; warnings are recorded only.</p>"
+        + f"{gates_section(summary)}</section>"
+        + f"<section id=run><h2>Run</h2>{run_section(summary)}</section>"
+        "</main></body></html>\n")
+    return page
+
+
+def write_report(out: str, in_run: bool = False) -> str:
+    """Render and write OUT/reports/index.html; returns its URI."""
+    uri = storage.join(out, "reports", "index.html")
+    storage.write_bytes(uri, render(out, in_run).encode("utf-8"))
+    return uri

@@ -1,0 +1,159 @@
+"""The report's charts: matplotlib (Agg) figures as base64 SVG data URIs, rendered deterministically
+(fixed `svg.hashsalt`, no date or creator in the metadata, text kept as text) so that rendering the
+same material twice gives the same bytes."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+COLORS = {"kept": "#2a9d8f", "dropped": "#e76f51", "quarantined": "#8d99ae"}
+STATUSES = ("kept", "dropped", "quarantined")
+RC = {
+    "svg.hashsalt": "vlcurate-report",
+    "svg.fonttype": "none",  # text as <text>: small files, readable in any browser
+    "font.family": "sans-serif",
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 10,
+    "axes.titleweight": "bold",
+    "figure.dpi": 100,
+    "figure.figsize": (5.2, 3.0),
+    "legend.frameon": False,
+    "legend.fontsize": 8,
+    "path.simplify": False,
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return matplotlib, plt
+
+
+def to_uri(fig) -> str:
+    """A figure as a data:image/svg+xml URI (and closes it)."""
+    _, plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="svg", bbox_inches="tight",
+                metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
+    plt.close(fig)
+    return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _figure(title: str, figsize=None):
+    matplotlib, plt = _plt()
+    with matplotlib.rc_context(RC):
+        fig, ax = plt.subplots(figsize=figsize or RC["figure.figsize"], layout="constrained")
+    ax.set_title(title, loc="left")
+    return fig, ax
+
+
+def _render(build):
+    """Run a figure builder with the fixed settings and return its data URI."""
+    matplotlib, _ = _plt()
+    with matplotlib.rc_context(RC):
+        return to_uri(build())
+
+
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
+def _legend(ax) -> None:
+    """Below the axes, so it never hides data."""
+    ax.figure.legend(loc="outside lower center", ncol=3)
+
+
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} in this run", ha="center", va="center", transform=ax.transAxes, color="#666")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def histogram(title: str, xlabel: str, values: dict[str, np.ndarray], *, log: bool = False,
+              lines: list[tuple[float, str]] = (), bins: int = 30) -> str:
+    """Stacked histogram of a feature by status, with vertical lines at the recipe's thresholds."""
+
+    def build():
+        fig, ax = _figure(title)
+        data = {s: np.asarray(v, dtype=float) for s, v in values.items()}
+        data = {s: v[np.isfinite(v) & ((v > 0) if log else True)] for s, v in data.items()}
+        allv = np.concatenate([v for v in data.values()] or [np.array([])])
+        if allv.size == 0:
+            _empty(ax, xlabel)
+            return fig
+        lo, hi = float(allv.min()), float(allv.max())
+        for x, _ in lines:
+            if np.isfinite(x) and (x > 0 or not log):
+                lo, hi = min(lo, x), max(hi, x)
+        if hi <= lo:
+            hi = lo + (abs(lo) * 0.1 if lo else 1.0)
+        edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
+        order = [s for s in STATUSES if s in data and data[s].size]
+        ax.hist([data[s] for s in order], bins=edges, stacked=True, color=[COLORS[s] for s in order],
+                label=[f"{s} ({data[s].size})" for s in order])
+        if log:
+            ax.set_xscale("log")
+        for x, label in lines:
+            ax.axvline(x, color="#264653", linestyle="--", linewidth=1)
+            ax.text(x, ax.get_ylim()[1] * 0.97, f" {label}", rotation=90, va="top", ha="right", fontsize=7,
+                    color="#264653")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("items")
+        ax.yaxis.set_major_locator(_integer_ticks())
+        _legend(ax)
+        return fig
+
+    return _render(build)
+
+
+def stacked_bars(title: str, labels: list[str], counts: dict[str, list[int]]) -> str:
+    """Horizontal bars per label, stacked by status (languages)."""
+
+    def build():
+        fig, ax = _figure(title, (5.2, max(1.6, 0.22 * len(labels) + 0.8)))
+        if not labels:
+            _empty(ax, "values")
+            return fig
+        y = np.arange(len(labels))[::-1]
+        left = np.zeros(len(labels))
+        for s in STATUSES:
+            c = np.asarray(counts.get(s, [0] * len(labels)), dtype=float)
+            if c.sum():
+                ax.barh(y, c, left=left, color=COLORS[s], label=s, height=0.7)
+                left += c
+        ax.set_yticks(y, labels)
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.set_xlabel("items")
+        _legend(ax)
+        return fig
+
+    return _render(build)
+
+
+def paired_bars(title: str, labels: list[str], before: list[int], after: list[int]) -> str:
+    """Two bars per label: before and after balancing (concepts)."""
+
+    def build():
+        fig, ax = _figure(title, (5.2, max(1.6, 0.26 * len(labels) + 0.8)))
+        if not labels:
+            _empty(ax, "concepts")
+            return fig
+        y = np.arange(len(labels))[::-1]
+        ax.barh(y + 0.2, before, height=0.4, color="#adb5bd", label="before balancing")
+        ax.barh(y - 0.2, after, height=0.4, color=COLORS["kept"], label="after (kept)")
+        ax.set_yticks(y, labels)
+        ax.xaxis.set_major_locator(_integer_ticks())
+        ax.set_xlabel("items matching the concept")
+        _legend(ax)
+        return fig
+
+    return _render(build)

@@ -1,0 +1,214 @@
+"""Quality gates: the suites on small hand-made tables (clean ones pass, planted violations fail by
+name, warnings never fail), and one end-to-end job whose CLIP checkpoint yields NaN scores: the job
+exits with 3 naming the expectation, and its shards are not published."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from pipelines import gates
+from pipelines.recipe import Recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+KIND = "image_text"
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def read_bytes(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def ledger_frame(rows: list[tuple]) -> pd.DataFrame:
+    """(sample_id, status, reason, duplicate_of, shard) -> a ledger table with keeper_status."""
+    df = pd.DataFrame(rows, columns=["sample_id", "status", "reason", "duplicate_of", "shard"])
+    df.insert(1, "kind", KIND)
+    status = dict(zip(df.sample_id, df.status))
+    df["keeper_status"] = [("none" if d is None else status.get(d, "missing")) for d in df.duplicate_of]
+    return df
+
+
+CLEAN = [
+    ("00000000000000a1", "kept", None, None, "image_text-000000.tar"),
+    ("00000000000000a2", "kept", None, None, "image_text-000000.tar"),
+    ("00000000000000b1", "dropped", "near_duplicate", "00000000000000a1", None),
+    ("00000000000000b2", "dropped", "image_too_small", None, None),
+    ("00000000000000c1", "quarantined", "image_empty", None, None),
+]
+
+
+def run_suite(tmp_path, name: str, table: pd.DataFrame, checks: list) -> dict:
+    results = gates.validate({name: table}, {name: checks}, str(tmp_path))
+    out = {"suites": results}
+    out["failed_critical"] = [c["name"] for c in gates.failed(out)]
+    return out
+
+
+def test_clean_ledger_passes_and_data_docs_are_built(tmp_path):
+    res = run_suite(tmp_path, f"{KIND}.ledger", ledger_frame(CLEAN), gates.ledger_checks(KIND))
+    assert res["failed_critical"] == []
+    assert res["suites"][f"{KIND}.ledger"]["success"]
+    assert os.path.isfile(tmp_path / gates.GX_DOCS)
+    assert os.path.isfile(tmp_path / res["suites"][f"{KIND}.ledger"]["data_docs"])  # its validation page
+    gates.enforce(res)  # does not raise
+
+
+def test_planted_violations_fail_by_name(tmp_path):
+    rows = CLEAN + [
+        CLEAN[0],  # the same sample_id twice
+        ("00000000000000d1", "dropped", "blurry", None, None),  # a reason nobody declared
+        ("00000000000000d2", "dropped", "exact_duplicate", "ffffffffffffffff", None),  # keeper not in the ledger
+    ]
+    res = run_suite(tmp_path, f"{KIND}.ledger", ledger_frame(rows), gates.ledger_checks(KIND))
+    p = f"{KIND}.ledger."
+    assert set(res["failed_critical"]) == {p + "sample_id_unique", p + "reason_known", p + "dropped_reason",
+                                           p + "duplicate_keeper_exists"}
+    with pytest.raises(gates.GateFailed) as err:
+        gates.enforce(res)
+    assert p + "sample_id_unique" in str(err.value) and p + "reason_known" in str(err.value)
+    assert "blurry" in str(err.value)  # the offending value is named too
+    unique = next(c for c in res["suites"][f"{KIND}.ledger"]["expectations"] if c["name"] == p + "sample_id_unique")
+    assert unique["unexpected_count"] == 2 and unique["severity"] == "critical"
+
+
+def test_warnings_are_recorded_but_do_not_fail(tmp_path):
+    totals = pd.DataFrame([{"input": 1000, "kept": 1, "dropped": 400, "quarantined": 599, "accounted": 1000,
+                            "distinct_ids": 1000, "rows_with_shard": 1, "shard_samples": 1,
+                            "kept_fraction": 0.001, "quarantined_fraction": 0.599, "clip_real_weights": False}])
+    res = run_suite(tmp_path, f"{KIND}.totals", totals, gates.totals_checks(KIND))
+    assert res["failed_critical"] == []
+    warned = {c["name"] for c in gates.failed(res, gates.WARNING)}
+    assert warned == {f"{KIND}.totals.kept_fraction", f"{KIND}.totals.quarantined_fraction",
+                      f"{KIND}.totals.clip_real_weights"}
+    gates.enforce(res)
+
+    bad = totals.assign(accounted=999)  # counts that do not add up are critical
+    res = run_suite(tmp_path, f"{KIND}.totals", bad, gates.totals_checks(KIND))
+    assert res["failed_critical"] == [f"{KIND}.totals.counts_add_up"]
+
+
+def _write_shard(path, docs: list[dict]) -> None:
+    import webdataset as wds
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (320, 240), (200, 10, 10)).save(buf, format="JPEG")
+    with wds.TarWriter(str(path), encoder=False) as w:
+        for d in docs:
+            w.write({"__key__": d["sample_id"], "jpg": buf.getvalue(), "txt": d["caption"].encode(),
+                     "json": json.dumps(d).encode()})
+
+
+def _doc(sid: str, score: float, **kw) -> dict:
+    doc = {"sample_id": sid, "source": "s", "source_key": sid, "url": None, "width": 320, "height": 240,
+           "language": "en", "language_score": 0.9, "clip_score": score, "phash": "0123456789abcdef",
+           "concepts": [], "caption": "a red square on a page", "caption_original": "a red square on a page",
+           "recaption": None, "text_source": "caption", "meta": None}
+    doc.update(kw)
+    return doc
+
+
+def test_shard_metadata_checks_threshold_and_contract(tmp_path):
+    shard = "image_text-000000.tar"
+    docs = [_doc("00000000000000a1", 0.35), _doc("00000000000000a2", 0.12),  # below 0.3: slipped through
+            _doc("00000000000000a3", 0.40, width=100)]  # shorter side below rules.min_side
+    _write_shard(tmp_path / shard, docs)
+    table = gates.read_shard_metadata(str(tmp_path), [shard])
+    assert list(table["key"]) == [d["sample_id"] for d in docs] and table["jpg_is_jpeg"].all()
+    _write_shard(tmp_path / "twice.tar", [docs[0], docs[0]])  # one key twice in a tar: two rows, not one
+    assert list(gates.read_shard_metadata(str(tmp_path), ["twice.tar"])["sample_id"]) == [docs[0]["sample_id"]] * 2
+    table["ledger_shard"] = shard
+    clip = {"enabled": True, "real_weights": True, "threshold_applied": True, "threshold": 0.3}
+    checks = gates.shard_checks(KIND, Recipe(), clip, expected_rows=3)
+    res = run_suite(tmp_path / "gx", f"{KIND}.shards", table, checks)
+    assert set(res["failed_critical"]) == {f"{KIND}.shards.clip_score_above_threshold", f"{KIND}.shards.short_side"}
+
+    # with random weights the threshold is not applied, so it is not checked either
+    clip = dict(clip, real_weights=False, threshold_applied=False)
+    res = run_suite(tmp_path / "gx", f"{KIND}.shards", table.drop(columns=["recaption"]),
+                    gates.shard_checks(KIND, Recipe(), clip, expected_rows=3))
+    assert set(res["failed_critical"]) == {f"{KIND}.shards.required_fields", f"{KIND}.shards.short_side"}
+    required = next(c for c in res["suites"][f"{KIND}.shards"]["expectations"]
+                    if c["name"] == f"{KIND}.shards.required_fields")
+    assert required["details"]["mismatched"]["missing"] == ["recaption"]
+
+
+def test_no_kept_samples_is_not_a_failure(tmp_path):
+    table = gates.read_shard_metadata(str(tmp_path), [])
+    table["ledger_shard"] = pd.Series(dtype=object)
+    clip = {"enabled": True, "real_weights": True, "threshold_applied": True, "threshold": 0.3}
+    res = run_suite(tmp_path, f"{KIND}.shards", table, gates.shard_checks(KIND, Recipe(), clip, expected_rows=0))
+    assert res["failed_critical"] == []
+
+
+def test_pick_shards_caps_whole_shards_evenly():
+    stats = [{"shard": f"s{i:03d}", "nsamples": 100, "bytes": 1} for i in range(50)]
+    assert gates.pick_shards(stats, cap=10_000) == stats
+    picked = gates.pick_shards(stats, cap=1_000)
+    assert [s["shard"] for s in picked] == [f"s{i:03d}" for i in range(0, 50, 5)]
+
+
+# --- end to end: a broken CLIP checkpoint, the job refuses to publish ------------------------------
+
+
+@pytest.fixture(scope="module")
+def failed_run(sample_dir, tmp_path_factory):
+    """The job on the sample with a 'real' CLIP checkpoint whose text projection is NaN: every score
+    is NaN, and NaN < threshold is false in Spark, so the pipeline's own filter keeps them all."""
+    import open_clip
+    import torch
+
+    tmp = tmp_path_factory.mktemp("gate_fail")
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-S-32", pretrained=None)  # open_clip's smallest text+vision pair
+    state = {k: v.half() for k, v in model.state_dict().items()}
+    state["text_projection"].fill_(float("nan"))
+    ckpt = str(tmp / "nan_clip.pt")
+    torch.save(state, ckpt)
+    del model, state
+    out = str(tmp / "out")
+    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
+               SPARK_LOCAL_IP="127.0.0.1")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
+           "--properties-file", os.path.join(ROOT, "spark-defaults.conf"), "--conf", "spark.ui.enabled=false",
+           os.path.join(ROOT, "jobs", "build_pretrain.py"), "--input", f"image_text={sample_dir}", "--output", out,
+           "--set", "shards.max_samples=8", "--set", "image_text.clip.model=ViT-S-32",
+           "--set", f"image_text.clip.pretrained={ckpt}"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=900)
+    os.remove(ckpt)
+    return proc, out
+
+
+def test_failed_gate_exits_3_and_names_the_expectation(failed_run):
+    proc, out = failed_run
+    # main() prints to stderr; spark-submit's PythonRunner merges the driver's stderr into its stdout
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 3, output[-4000:]
+    assert "quality gate failed; shards NOT published. Failed critical expectation(s): " \
+           "image_text.shards.clip_score_present" in output
+    summary = read_json(os.path.join(out, "reports", "summary.json"))
+    assert summary["gates"]["passed"] is False
+    assert summary["gates"]["failed_critical"] == ["image_text.shards.clip_score_present"]
+    assert summary["kinds"]["image_text"]["clip"]["real_weights"]
+
+
+def test_failed_run_publishes_no_shards(failed_run):
+    _, out = failed_run
+    shards = os.path.join(out, "shards")
+    assert not os.path.exists(os.path.join(shards, "image_text"))
+    staged = os.listdir(os.path.join(shards, ".staging-image_text"))
+    assert sorted(f for f in staged if f.endswith(".tar")) and "index.json" not in staged and "sizes.json" not in staged
+    # the report is still written, so a person can see why
+    page = read_bytes(os.path.join(out, "reports", "index.html")).decode("utf-8")
+    assert "Quality gates FAILED" in page and "image_text.shards.clip_score_present" in page
+    assert "not published" in page

@@ -1,0 +1,195 @@
+"""Report material from a small hand-made pipeline Result on the local[2] session, and rendering
+from that material alone: deterministic bytes, the sections a person needs, the shards' state."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipelines import report
+from pipelines.image_text import Result
+from pipelines.recipe import Recipe
+from pipelines.report import material as M
+from pipelines.report import page as R
+
+KIND = "image_text"
+
+
+def read_json(path: str):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def jpeg(size, color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+# sample_id, status, reason, duplicate_of, image, (w, h), caption, clip score, concepts
+ITEMS = [
+    ("000000000000000a", "kept", None, None, jpeg((400, 300), (220, 30, 30)), "a red photo of a tabby cat", 0.31, ["tabby cat"]),
+    ("000000000000000b", "kept", None, None, jpeg((300, 300), (30, 30, 220)), "a blue square on a wall", 0.42, []),
+    ("000000000000000c", "dropped", "near_duplicate", "000000000000000a", jpeg((200, 150), (220, 30, 30)),
+     "a smaller red photo copy", None, None),
+    ("000000000000000d", "dropped", "image_too_small", None, jpeg((50, 40), (10, 200, 10)), "a tiny green thing", None, None),
+    ("000000000000000e", "quarantined", "image_undecodable", None, b"<html>not an image</html>", "a web page", None, None),
+    ("000000000000000f", "dropped", "clip_low_similarity", None, jpeg((640, 480), (90, 90, 90)),
+     "completely unrelated words here", 0.05, None),
+    ("0000000000000010", "dropped", "concept_balance", None, jpeg((500, 500), (240, 200, 0)), "another tabby cat",
+     0.5, ["tabby cat"]),
+]
+
+
+@pytest.fixture(scope="module")
+def result(spark):
+    from schemas import ledger as L
+    from schemas.common import spark_type
+
+    feats, ledger, scores, concepts = [], [], [], []
+    for sid, status, reason, dup, img, caption, score, cons in ITEMS:
+        decodable = img.startswith(b"\xff\xd8")
+        w, h = Image.open(io.BytesIO(img)).size if decodable else (None, None)
+        feats.append((sid, KIND, "src", f"key_{sid[-2:]}", img, caption, w, h, len(caption), len(caption.split()),
+                      "en", 0.9, 30.0, 0x0F0F0F0F0F0F0F0F if sid in ("000000000000000a", "000000000000000c") else int(sid, 16)))
+        ledger.append({"sample_id": sid, "kind": KIND, "source": "src", "source_key": f"key_{sid[-2:]}", "status": status,
+                       "reason": reason, "detail": "cannot identify image" if status == "quarantined" else None,
+                       "duplicate_of": dup, "shard": "image_text-000000.tar" if status == "kept" else None})
+        if reason not in ("near_duplicate", "image_too_small", "image_undecodable"):
+            scores.append((sid, score))
+            concepts.append((sid, cons))
+    feats_df = spark.createDataFrame(feats, "sample_id string, kind string, source string, source_key string, "
+                                     "image binary, caption string, width int, height int, caption_chars int, "
+                                     "caption_words int, language string, language_score float, pixel_std float, "
+                                     "phash long")
+    ledger_df = spark.createDataFrame(ledger, spark_type(L.SCHEMA))
+    res = Result(ledger=ledger_df, shards=[{"shard": "image_text-000000.tar", "nsamples": 2, "bytes": 10240}],
+                 clip={"real_weights": True, "threshold": 0.3, "threshold_applied": True, "enabled": True,
+                       "model": "ViT-B-32", "pretrained": "x.pt", "message": "local checkpoint x.pt"},
+                 features=feats_df, scores=spark.createDataFrame(scores, "sample_id string, clip_score float"),
+                 concepts=spark.createDataFrame(concepts, "sample_id string, concepts array<string>"))
+    return res
+
+
+def write_summary(out: str, res: Result) -> dict:
+    summary = {
+        "kinds": {KIND: {"input": 7, "kept": 2,
+                         "dropped": {"clip_low_similarity": 1, "concept_balance": 1, "image_too_small": 1,
+                                     "near_duplicate": 1},
+                         "quarantined": {"image_undecodable": 1},
+                         "shards": {"count": 1, "samples": 2, "bytes": 10240, "files": res.shards}, "clip": res.clip}},
+        "output": out, "started_at": "2026-01-01T00:00:00+00:00", "elapsed_seconds": 1.0,
+        "stages": {"decode": {"task_seconds": 1.0, "wall_seconds": None}}, "versions": {"python": "3"},
+        "recipe": Recipe().to_dict(),
+        "gates": {"passed": True, "failed_critical": [], "failed_warnings": [], "data_docs": "gx/x.html", "suites": {}},
+    }
+    os.makedirs(os.path.join(out, "reports"), exist_ok=True)
+    with open(os.path.join(out, "reports", "summary.json"), "w") as f:
+        json.dump(summary, f)
+    return summary
+
+
+@pytest.fixture(scope="module")
+def out(result, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("report"))
+    meta = report.collect_material(KIND, result, result.ledger, out)
+    write_summary(out, result)
+    return out, meta
+
+
+def test_thumbnail_stage_on_arrow_batches():
+    batch = pa.RecordBatch.from_pylist([{"image": jpeg((1000, 500), (1, 2, 3))}, {"image": b"junk"}, {"image": None}])
+    thumbs = M.Thumbnail().apply(batch).column("thumb").to_pylist()
+    assert Image.open(io.BytesIO(thumbs[0])).size == (160, 80)
+    assert thumbs[1] is None and thumbs[2] is None
+
+
+def test_material_tables(out):
+    out, meta = out
+    mdir = M.material_dir(out, KIND)
+    assert meta["rows"] == meta["rows_in_material"] == 7 and not meta["sampled"]
+    assert meta["duplicates"] == {"groups": 1, "dropped": 1, "sizes": {"2": 1}}
+    assert meta["concepts"]["reached_balance"] == 3 and meta["concepts"]["matched"] == 2
+    rows = pq.read_table(os.path.join(mdir, "rows.parquet")).to_pylist()
+    assert [r["sample_id"] for r in rows] == sorted(i[0] for i in ITEMS)
+    concepts = pq.read_table(os.path.join(mdir, "concepts.parquet")).to_pylist()
+    assert concepts == [{"concept": "tabby cat", "before": 2, "after": 1}]
+    gallery = pq.read_table(os.path.join(mdir, "gallery.parquet")).to_pylist()
+    sections = {r["section"] for r in gallery}
+    assert sections == {"kept", "near_duplicate", "image_too_small", "image_undecodable", "clip_low_similarity",
+                        "concept_balance", "dup:000000000000000a"}
+    dup = [r for r in gallery if r["section"] == "dup:000000000000000a"]
+    assert sorted(r["sample_id"] for r in dup) == ["000000000000000a", "000000000000000c"]
+    for r in gallery:
+        if r["reason"] == "image_undecodable":
+            assert r["thumb"] is None and r["detail"] == "cannot identify image"
+        else:
+            assert max(Image.open(io.BytesIO(r["thumb"])).size) <= 160
+    assert R.hamming(dup[0]["phash"], dup[1]["phash"]) == 0
+
+
+def test_rows_are_a_hash_sample_above_the_cap(result, tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "ROW_CAP", 3)
+    monkeypatch.setattr(M, "GALLERY_KEPT", 1)
+    monkeypatch.setattr(M, "OVERSAMPLE", 1)  # the kept section is thinned by a hash before ranking
+    meta = report.collect_material(KIND, result, result.ledger, str(tmp_path))
+    mdir = M.material_dir(str(tmp_path), KIND)
+    assert meta["sampled"] and 0 < meta["rows_in_material"] < 7 and meta["rows"] == 7
+    ids = pq.read_table(os.path.join(mdir, "rows.parquet")).column("sample_id").to_pylist()
+    assert len(ids) == meta["rows_in_material"] and set(ids) <= {i[0] for i in ITEMS}
+    gallery = pq.read_table(os.path.join(mdir, "gallery.parquet")).to_pylist()
+    assert len([r for r in gallery if r["section"] == "kept"]) <= 1
+    # language counts stay exact
+    langs = pq.read_table(os.path.join(mdir, "languages.parquet")).to_pylist()
+    assert sum(r["n"] for r in langs) == 7
+
+
+def test_render_is_deterministic_and_complete(out):
+    out, _ = out
+    page = R.render(out, in_run=True)
+    assert page == R.render(out, in_run=True)
+    for anchor in ("funnel-image_text", "distributions-image_text", "galleries-image_text", "duplicates-image_text",
+                   "shards-image_text", "gates", "run"):
+        assert f"id='{anchor}'" in page or f"id={anchor}" in page, anchor
+    for plot in ("resolution", "aspect", "caption", "clip", "language", "concepts"):
+        assert f"id='plot-{plot}'" in page
+    assert page.count("data:image/jpeg;base64,") >= 6
+    assert "CLIP 0.050 &lt; 0.3" in page  # the score that decided, beside the threshold
+    assert "400×300" not in page or "shorter side 40 &lt; 200" in page
+    # self-contained: every src and href is inline data, an anchor or a relative path (the Data Docs)
+    refs = re.findall(r"""(?:src|href)=['"]?([^'" >]+)""", page)
+    assert refs and all(r.startswith(("data:", "#")) or "://" not in r for r in refs), refs
+    assert not [r for r in refs if r.startswith(("http:", "https:", "//"))]
+    assert "published" in page
+
+
+def test_rebuild_checks_that_the_shards_were_published(out):
+    out, _ = out
+    assert R.publish_state(out, KIND, read_json(os.path.join(out, "reports", "summary.json")), True)[1] == "published"
+    summary = read_json(os.path.join(out, "reports", "summary.json"))
+    assert R.publish_state(out, KIND, summary, in_run=False)[1] == "index.json missing"
+    from pipelines.io import shards
+
+    os.makedirs(shards.final_dir(out, KIND), exist_ok=True)
+    shards.write_index(shards.final_dir(out, KIND), summary["kinds"][KIND]["shards"]["files"])
+    assert R.publish_state(out, KIND, summary, in_run=False)[1] == "published"
+    summary["gates"]["passed"] = False
+    assert R.publish_state(out, KIND, summary, in_run=False)[1] == "not published"
+
+
+def test_decided_by_names_the_value_and_the_threshold():
+    recipe = Recipe().to_dict()
+    clip = {"threshold": 0.3, "threshold_applied": True}
+    assert R.decided_by({"status": "dropped", "reason": "image_too_small", "width": 150, "height": 400}, recipe, clip) \
+        == "150×400: shorter side 150 < 200"
+    assert R.decided_by({"status": "dropped", "reason": "aspect_ratio", "width": 1000, "height": 250}, recipe, clip) \
+        == "1000×250: ratio 4.00 > 3.0"
+    assert R.decided_by({"status": "kept", "clip_score": 0.31234}, recipe, clip) == "CLIP 0.312 ≥ 0.3"
+    assert R.decided_by({"status": "quarantined", "reason": "image_truncated", "detail": "ends early"}, recipe, clip) \
+        == "ends early"
