@@ -127,8 +127,9 @@ def ledger_checks(kind: str) -> list:
         _expect("ExpectColumnValuesToNotBeNull", f"{p}.duplicate_names_keeper", "duplicates name the item they duplicate",
                 column=L.DUPLICATE_OF, row_condition=_when(L.REASON, "in", list(DUPLICATE_REASONS))),
         _expect("ExpectColumnValuesToBeInSet", f"{p}.duplicate_keeper_exists",
-                "duplicate_of names a ledger row that was not quarantined (keeper_status: none = not a duplicate)",
-                column="keeper_status", value_set=["none", L.KEPT, L.DROPPED]),
+                "duplicate_of names a row of the ledger (keeper_status: none = not a duplicate, missing = no such row);"
+                " a keeper may be dropped or quarantined by a later stage",
+                column="keeper_status", value_set=["none", L.KEPT, L.DROPPED, L.QUARANTINED]),
     ]
 
 
@@ -144,6 +145,9 @@ def totals_checks(kind: str) -> list:
                 column_A="kept", column_B="shard_samples"),
         _expect(pair, f"{p}.kept_rows_name_shards", "kept rows = ledger rows naming a shard",
                 column_A="kept", column_B="rows_with_shard"),
+        _expect("ExpectColumnValuesToBeBetween", f"{p}.clip_scores_finite",
+                "CLIP gave a finite score in [-1, 1] to every row it scored (else its weights are broken)",
+                column="clip_invalid", max_value=0),
         _expect("ExpectColumnValuesToBeBetween", f"{p}.kept_fraction", "at least 1% of the input is kept",
                 severity=WARNING, column="kept_fraction", min_value=0.01),
         _expect("ExpectColumnValuesToBeBetween", f"{p}.quarantined_fraction", "at most half the input is quarantined",
@@ -260,6 +264,7 @@ def totals_table(ledger, kind: str, summary_kind: dict, clip: dict):
         "rows_with_shard": int(agg["with_shard"] or 0), "shard_samples": int(k["shards"]["samples"]),
         "kept_fraction": k["kept"] / n if n else 0.0, "quarantined_fraction": quarantined / n if n else 0.0,
         "clip_real_weights": bool(clip.get("real_weights")),
+        "clip_invalid": int(k["quarantined"].get("clip_score_invalid", 0)),
     }])
 
 

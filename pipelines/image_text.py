@@ -112,10 +112,15 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
         scores = alive.select(SAMPLE_ID, S.CLIP_SCORE)
     clip_drops = alive.filter(F.lit(False))
     if clip_real and clip_stage.enabled:
-        clip_drops = alive.filter(F.col(S.CLIP_SCORE) < clip_stage.threshold)
+        # NaN compares false in Spark, so `score < threshold` would keep it: a non-finite score (broken
+        # weights) is its own reason, quarantined, and the quality gates fail the run on it
+        invalid = F.isnan(S.CLIP_SCORE) | (F.abs(S.CLIP_SCORE) > 1.0001)
+        clip_drops = alive.filter(invalid | (F.col(S.CLIP_SCORE) < clip_stage.threshold)).withColumn(
+            "reason", F.when(invalid, "clip_score_invalid").otherwise("clip_low_similarity"))
         alive = alive.join(clip_drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
-    clip_drops = clip_drops.select(SAMPLE_ID, F.lit("clip_low_similarity").alias("reason"),
-                                   F.lit(None).cast("string").alias("duplicate_of"))
+    else:
+        clip_drops = clip_drops.withColumn("reason", F.lit(None).cast("string"))
+    clip_drops = clip_drops.select(SAMPLE_ID, "reason", F.lit(None).cast("string").alias("duplicate_of"))
 
     balance_cfg = cfg.balance
     if balance_cfg.enabled:
@@ -142,7 +147,11 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
     # --- shards -----------------------------------------------------------------------------------
     kept, num_shards = shards.assign_shards(alive, KIND, recipe.shards.max_samples, recipe.shards.max_bytes,
                                             F.length(S.IMAGE) + F.length(S.CAPTION) + 600)
-    kept = kept.localCheckpoint()
+    # on local disk, not in executor memory: the kept rows carry every kept image, and the default
+    # (MEMORY_AND_DISK) held them in the heap, growing with the input (benchmarks/memory_scaling.py)
+    from pyspark import StorageLevel
+
+    kept = kept.localCheckpoint(storageLevel=StorageLevel.DISK_ONLY)
     # written to a staging folder; pipelines.build publishes it once the run's checks pass
     stats = shards.write_shards(kept, shards.staging_dir(out, KIND), to_sample(recipe), num_shards)
 

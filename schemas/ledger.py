@@ -21,15 +21,18 @@ SCHEMA = pa.schema(
 
 # Every reason the pipeline can write, with its status. Tests and the quality gates check against this.
 QUARANTINE_REASONS = {
-    "read_error": "the file, tar member or table row could not be read",
-    "unsafe_member": "tar member is a link, device or has an absolute / '..' path",
-    "duplicate_member": "a tar holds the same key and extension twice; the later copy is quarantined",
+    "read_error": "the file, tar member or table row could not be read (missing, not a regular file, above "
+                  "read.max_member_bytes, malformed); '@error' rows: a tar or table that broke off or hides members",
+    "unsafe_member": "tar member is a link, device or FIFO, or has an absolute / '..' path",
+    "duplicate_member": "a tar or table holds the same key twice (in a tar: the same key and extension, or a key "
+                        "that returns after other keys); the later copy is quarantined, the first one is used",
     "image_missing": "no image bytes, path or URL for the item",
     "meta_invalid": "the item's JSON side-car does not parse",
     "image_empty": "zero-byte image",
     "image_undecodable": "Pillow cannot identify or decode the image",
     "image_truncated": "image data ends early",
     "image_too_many_pixels": "pixel count above decode.max_pixels (decompression-bomb guard)",
+    "clip_score_invalid": "CLIP gave a NaN or out-of-range score (broken weights); the quality gates fail the run",
     "download_failed": "connection error, DNS failure or timeout after retries",
     "download_http_error": "HTTP status other than 200 after retries",
     "download_too_large": "body larger than download.max_bytes",

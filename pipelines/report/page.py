@@ -31,7 +31,7 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("rules", ("image_too_small", "aspect_ratio", "solid_color", "caption_missing", "caption_too_short",
                "caption_too_long", "language")),
     ("dedup", ("exact_duplicate", "near_duplicate")),
-    ("clip", ("clip_low_similarity",)),
+    ("clip", ("clip_low_similarity", "clip_score_invalid")),
     ("balance", ("concept_balance", "no_concept")),
 ]
 ALWAYS_SHOWN = ("decode", "rules", "dedup", "clip", "balance")  # shown with −0 too: what ran and removed nothing

@@ -84,7 +84,8 @@ def test_planted_violations_fail_by_name(tmp_path):
 def test_warnings_are_recorded_but_do_not_fail(tmp_path):
     totals = pd.DataFrame([{"input": 1000, "kept": 1, "dropped": 400, "quarantined": 599, "accounted": 1000,
                             "distinct_ids": 1000, "rows_with_shard": 1, "shard_samples": 1,
-                            "kept_fraction": 0.001, "quarantined_fraction": 0.599, "clip_real_weights": False}])
+                            "kept_fraction": 0.001, "quarantined_fraction": 0.599, "clip_real_weights": False,
+                                "clip_invalid": 0}])
     res = run_suite(tmp_path, f"{KIND}.totals", totals, gates.totals_checks(KIND))
     assert res["failed_critical"] == []
     warned = {c["name"] for c in gates.failed(res, gates.WARNING)}
@@ -164,7 +165,7 @@ def test_pick_shards_caps_whole_shards_evenly():
 @pytest.fixture(scope="module")
 def failed_run(sample_dir, tmp_path_factory):
     """The job on the sample with a 'real' CLIP checkpoint whose text projection is NaN: every score
-    is NaN, and NaN < threshold is false in Spark, so the pipeline's own filter keeps them all."""
+    is NaN; the pipeline quarantines those rows as clip_score_invalid and the totals gate fails."""
     import open_clip
     import torch
 
@@ -195,10 +196,12 @@ def test_failed_gate_exits_3_and_names_the_expectation(failed_run):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 3, output[-4000:]
     assert "quality gate failed; shards NOT published. Failed critical expectation(s): " \
-           "image_text.shards.clip_score_present" in output
+           "image_text.totals.clip_scores_finite" in output
     summary = read_json(os.path.join(out, "reports", "summary.json"))
     assert summary["gates"]["passed"] is False
-    assert summary["gates"]["failed_critical"] == ["image_text.shards.clip_score_present"]
+    assert summary["gates"]["failed_critical"] == ["image_text.totals.clip_scores_finite"]
+    assert summary["kinds"]["image_text"]["kept"] == 0  # NaN scores never pass the threshold
+    assert summary["kinds"]["image_text"]["quarantined"]["clip_score_invalid"] > 0
     assert summary["kinds"]["image_text"]["clip"]["real_weights"]
 
 
@@ -206,9 +209,10 @@ def test_failed_run_publishes_no_shards(failed_run):
     _, out = failed_run
     shards = os.path.join(out, "shards")
     assert not os.path.exists(os.path.join(shards, "image_text"))
-    staged = os.listdir(os.path.join(shards, ".staging-image_text"))
-    assert sorted(f for f in staged if f.endswith(".tar")) and "index.json" not in staged and "sizes.json" not in staged
+    staging = os.path.join(shards, ".staging-image_text")
+    staged = os.listdir(staging) if os.path.isdir(staging) else []  # nothing was kept, so maybe no tar
+    assert "index.json" not in staged and "sizes.json" not in staged
     # the report is still written, so a person can see why
     page = read_bytes(os.path.join(out, "reports", "index.html")).decode("utf-8")
-    assert "Quality gates FAILED" in page and "image_text.shards.clip_score_present" in page
+    assert "Quality gates FAILED" in page and "image_text.totals.clip_scores_finite" in page
     assert "not published" in page

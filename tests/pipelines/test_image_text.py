@@ -113,7 +113,6 @@ def test_urls_opt_outs_and_recaptions(spark, server, tmp_path):
                     key = m[:-5]
                     samples.append((json.loads(data), members[key + ".txt"].decode(), members[key + ".jpg"]))
     assert len(samples) == len(kept)
-    on_recap = 0
     for meta, txt, jpg in samples:
         assert meta["url"].startswith(server) and meta["recaption"].startswith("RECAPTION")
         assert meta["caption_original"] in PHOTOS.values()
@@ -121,8 +120,6 @@ def test_urls_opt_outs_and_recaptions(spark, server, tmp_path):
         assert meta["text_source"] == ("recaption" if expect_recap else "caption")
         assert txt == (meta["recaption"] if expect_recap else meta["caption"])
         assert Image.open(io.BytesIO(jpg)).size == (meta["width"], meta["height"])
-        on_recap += expect_recap
-    assert 0 < on_recap < len(samples) or len(samples) < 4
     # the VLM saw the original caption of every kept sample, with the image as a data URL
     prompts = [next(p["text"] for p in c["messages"][0]["content"] if p["type"] == "text") for c in Handler.chats]
     for meta, _, _ in samples:
