@@ -73,6 +73,25 @@ def generate(out_dir: str, n: int = 2000, per_shard: int = 500, dup_share: float
     return paths
 
 
+def distinct_tiles(tile: int = 128, size: int = 256, min_std: float = 12.0) -> list[tuple[str, Image.Image, str]]:
+    """Images that share no pixels: the non-overlapping tile x tile grid cells of every photo, scaled to
+    size x size; near-solid cells (grey-level std below min_std: the black around the retina, empty sky)
+    are left out. (key, photo name, image, caption) each; about 250 with the defaults. Used as the distinct images
+    among which near-duplicate copies are planted (benchmarks.compare)."""
+    out = []
+    for name, caption in PHOTOS.items():
+        photo = load_photo(name).convert("RGB")
+        w, h = photo.size
+        for y in range(0, h - tile + 1, tile):
+            for x in range(0, w - tile + 1, tile):
+                cell = photo.crop((x, y, x + tile, y + tile))
+                if float(np.asarray(cell.convert("L"), dtype=np.float32).std()) < min_std:
+                    continue
+                out.append((f"t{len(out):04d}", name, cell.resize((size, size), Image.Resampling.BICUBIC),
+                            f"A detail of a photo: {caption}"))
+    return out
+
+
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("out_dir")

@@ -1,0 +1,71 @@
+"""Smoke test of benchmarks/compare.py on ~70 items: the dedup-quality scoring and the plain script.
+
+No img2dataset, no HTTP server, no spark-submit: the full comparison is `python -m benchmarks.compare`.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+
+import pytest
+
+from benchmarks.compare import TRANSFORMS, dedup_quality, plain_curate, score
+from benchmarks.corpus import generate
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    truth: dict = {}
+    tars = generate(str(tmp_path_factory.mktemp("corpus")), n=24, per_shard=12, truth=truth)
+    return tars, truth
+
+
+def test_dedup_quality_ours_finds_what_exact_phash_equality_finds(spark, corpus, tmp_path):
+    tars, truth = corpus
+    q = dedup_quality(spark, tars, truth, originals=4, work=str(tmp_path), distinct=26)
+    planted = q["planted"]
+    assert (planted["distinct"], planted["originals"]) == (26, 4)
+    assert planted["copies"] == 4 * len(TRANSFORMS) and planted["items"] == 26 + 4 * len(TRANSFORMS)
+    assert q["corpus"]["items"] == 24
+    ours, exact = planted["ours"], planted["exact_phash_equality"]
+    assert set(ours["per_transform"]) == set(TRANSFORMS)
+    assert ours["recall"] >= exact["recall"]
+    assert ours["recall"] >= 0.8  # re-encoded, resized, 2 % cropped and watermarked copies are within radius
+    assert ours["precision"] >= 0.9 and ours["distinct_lost"] <= 1
+    for t in ("reencoded_q35", "resized_0.5", "watermarked"):
+        assert ours["per_transform"][t]["recall"] == 1.0, (t, ours["per_transform"][t])
+    corpus_copies = q["corpus"]["ours"]["per_transform"]["corpus_copy_0.9"]
+    assert corpus_copies["found"] == corpus_copies["copies"] == q["corpus"]["copies"]
+
+
+def test_score_counts_pairs_of_groups():
+    truth = {"a": {"photo": "p", "copy_of": None}, "a1": {"photo": "p", "copy_of": "a", "transform": "watermarked"},
+             "b": {"photo": "p", "copy_of": None}, "c": {"photo": "q", "copy_of": None}}
+    s = score([("a1", "a"), ("b", "a")], list(truth), truth)  # one right pair, two wrong (b with a and a1)
+    assert (s["predicted_pairs"], s["true_pairs"], s["true_positive_pairs"]) == (3, 1, 1)
+    assert (s["removed"], s["should_remove"], s["distinct_lost"], s["copies_left"]) == (2, 1, 1, 0)
+    assert s["recall"] == 1.0 and s["precision"] == pytest.approx(0.333, abs=1e-3)
+    assert s["false_pairs_same_source_photo"] == 2
+    assert s["per_transform"]["watermarked"] == {"copies": 1, "found": 1, "recall": 1.0, "precision": 0.5}
+
+
+def test_plain_script_writes_readable_shards(corpus, tmp_path):
+    import webdataset as wds
+    from PIL import Image
+
+    tars, truth = corpus
+    counts = plain_curate(tars, str(tmp_path), per_shard=8)
+    assert counts["input"] == 24
+    copies = sum(1 for t in truth.values() if t["copy_of"])
+    assert copies and counts.get("near_duplicate", 0) + counts.get("exact_duplicate", 0) >= copies - 1
+    assert 0 < counts["kept"] < 24
+    assert counts["input"] == counts["kept"] + sum(v for k, v in counts.items() if k not in ("input", "kept"))
+    shards = sorted(glob.glob(os.path.join(str(tmp_path), "*.tar")))
+    assert len(shards) == -(-counts["kept"] // 8)
+    samples = list(wds.WebDataset(shards, shardshuffle=False))
+    assert len(samples) == counts["kept"]
+    for s in samples:
+        assert Image.open(io.BytesIO(s["jpg"])).size == tuple(json.loads(s["json"])[k] for k in ("width", "height"))
+        assert s["txt"].decode()
