@@ -9,7 +9,7 @@ export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export SPARK_LOCAL_IP := 127.0.0.1
 OUT ?= out
 
-.PHONY: setup system venv demo test bench package clean
+.PHONY: setup system venv demo test bench bench-compare package clean
 
 setup: system venv
 
@@ -46,6 +46,14 @@ test: setup
 bench: setup
 	$(PY) -m benchmarks.pipeline_throughput
 	$(PY) -m benchmarks.trainer_bench
+
+# img2dataset pins webdataset<0.3, so it lives in a venv of its own
+build/i2d-venv/bin/img2dataset:
+	python3 -m venv build/i2d-venv
+	build/i2d-venv/bin/pip install -q img2dataset
+
+bench-compare: setup build/i2d-venv/bin/img2dataset
+	$(PY) -m benchmarks.compare --img2dataset build/i2d-venv/bin/img2dataset
 
 # A relocatable environment for executors (venv-pack refuses editable installs, so pack a fresh one).
 package: setup
