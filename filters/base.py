@@ -8,6 +8,8 @@ they are tested on plain pyarrow batches; `apply_stage` is the only bridge to `D
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 import time
 from typing import Any, ClassVar, Iterable, Iterator
 
@@ -91,6 +93,7 @@ class StageTimer:
         self.spark = spark
         self.accumulators: dict[str, Any] = {}
         self.wall: dict[str, float] = {}
+        self.reused: dict[str, bool] = {}  # checkpoint name -> True when a finished one was read back
 
     def accumulator(self, name: str):
         if name not in self.accumulators:
@@ -100,15 +103,76 @@ class StageTimer:
     def add_wall(self, name: str, seconds: float) -> None:
         self.wall[name] = self.wall.get(name, 0.0) + seconds
 
-    def report(self) -> dict[str, dict[str, float]]:
-        names = sorted(set(self.accumulators) | set(self.wall))
-        return {
-            n: {
+    def mark_checkpoint(self, name: str, reused: bool) -> None:
+        self.reused[name] = reused
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        names = sorted(set(self.accumulators) | set(self.wall) | set(self.reused))
+        out: dict[str, dict[str, Any]] = {}
+        for n in names:
+            out[n] = {
                 "task_seconds": round(self.accumulators[n].value, 3) if n in self.accumulators else None,
                 "wall_seconds": round(self.wall[n], 3) if n in self.wall else None,
             }
-            for n in names
-        }
+            if n in self.reused:
+                out[n]["reused"] = self.reused[n]
+        return out
+
+
+# --- test-only fault injection -------------------------------------------------------------------
+FAULT_RATE_ENV = "VLCURATE_FAULT_RATE"
+FAULT_SEED_ENV = "VLCURATE_FAULT_SEED"
+FAULT_STALL_ENV = "VLCURATE_FAULT_STALL_S"
+FAULT_SITES_ENV = "VLCURATE_FAULT_SITES"
+
+
+class InjectedFault(RuntimeError):
+    """Raised by the test-only fault hook (FaultPlan), never by real work."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultPlan:
+    """TEST ONLY: fail the first attempt of a fixed share of the tasks at one site (a stage or the shard
+    writer), so tests can check that retried and speculative attempts give a clean run's output.
+
+    Off unless VLCURATE_FAULT_RATE (0..1) is set on the driver; VLCURATE_FAULT_SEED picks which tasks,
+    VLCURATE_FAULT_SITES (comma-separated stage names and/or `shards`; default all) where,
+    VLCURATE_FAULT_STALL_S makes a chosen attempt stall that long first (a straggler for speculation
+    to copy). The choice is a hash of (seed, site, partition), so it is the same on every run, and only
+    attempt 0 fails: retries and speculative copies (attempt >= 1) run clean. Local mode retries only
+    with a master like local[2,4]. Read on the driver and shipped in the closure: executors need no
+    environment.
+    """
+
+    site: str
+    rate: float
+    seed: str = "0"
+    stall_s: float = 0.0
+
+    @classmethod
+    def from_env(cls, site: str) -> FaultPlan | None:
+        rate = float(os.environ.get(FAULT_RATE_ENV) or 0)
+        sites = os.environ.get(FAULT_SITES_ENV)
+        if rate <= 0 or (sites and site not in sites.split(",")):
+            return None
+        return cls(site, rate, os.environ.get(FAULT_SEED_ENV, "0"), float(os.environ.get(FAULT_STALL_ENV) or 0))
+
+    def chosen(self, partition: int) -> bool:
+        digest = hashlib.sha1(f"{self.seed}/{self.site}/{partition}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2.0**64 < self.rate
+
+    def strike(self) -> None:
+        """Call inside a task where a failure hurts most (partial output exists): raises on attempt 0 of a
+        chosen partition, does nothing otherwise."""
+        from pyspark import TaskContext
+
+        ctx = TaskContext.get()
+        if ctx is None or ctx.attemptNumber() != 0 or not self.chosen(ctx.partitionId()):
+            return
+        if self.stall_s > 0:
+            time.sleep(self.stall_s)
+        raise InjectedFault(f"vlcurate injected fault (test only): site={self.site} "
+                            f"partition={ctx.partitionId()} attempt=0")
 
 
 def apply_stage(df, stage: Stage, timer: StageTimer | None = None):
@@ -117,10 +181,18 @@ def apply_stage(df, stage: Stage, timer: StageTimer | None = None):
 
     out_schema = stage.output_schema(to_arrow_schema(df.schema))
     acc = timer.accumulator(stage.name) if timer is not None else None
+    fault = FaultPlan.from_env(stage.name)  # None outside fault-injection tests
 
     def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         spent = [0.0]
-        yield from stage.run(batches, task_threads(), spent)
+        struck = fault is None
+        for out in stage.run(batches, task_threads(), spent):
+            yield out
+            if not struck:  # after the first batch went downstream: the failed attempt left partial output
+                struck = True
+                fault.strike()
+        if not struck:
+            fault.strike()
         if acc is not None:
             acc.add(spent[0])
 

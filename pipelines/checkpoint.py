@@ -1,5 +1,7 @@
 """Stage checkpoints: a DataFrame is written once as Parquet under <work_dir>/<name>-<fingerprint>/
 and read back; a rerun with the same inputs and recipe finds the _SUCCESS marker and reuses it.
+Spark's committer writes _SUCCESS last, after every part file is in place, so a folder without it is
+the leftover of a killed run: it is overwritten, never read.
 
 The work dir is any Hadoop-reachable path (a local folder for local runs, hdfs:// or a shared mount
 on a multi-node cluster); existence checks and deletes go through Spark's Hadoop FileSystem.
@@ -41,9 +43,14 @@ def checkpoint(df, work_dir: str, name: str, key: str, timer=None):
     spark = df.sparkSession
     if exists(spark, f"{path}/_SUCCESS"):
         log.info("reusing finished stage output %s", path)
+        if timer is not None:
+            timer.mark_checkpoint(name, reused=True)
         return spark.read.parquet(path)
+    if exists(spark, path):
+        log.info("overwriting unfinished stage output %s (no _SUCCESS: a killed run's leftover)", path)
     t0 = time.perf_counter()
     df.write.mode("overwrite").parquet(path)
     if timer is not None:
         timer.add_wall(name, time.perf_counter() - t0)
+        timer.mark_checkpoint(name, reused=False)
     return spark.read.parquet(path)

@@ -5,17 +5,20 @@ ceil(n / per_shard) shards of near-equal count, where per_shard is the smaller o
 max_bytes / mean sample size. Each shard is written by one task to a temporary name and renamed (or
 uploaded as one S3 object) when complete, so a retried or speculative attempt rewrites identical
 bytes and never leaves a partial or doubled shard. Tar headers carry fixed owner, mode and mtime.
+A temporary file that a killed attempt could not remove is deleted at publish time.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
 import uuid
 from typing import Callable, Iterator
 
 import pyarrow as pa
 
+from filters.base import FaultPlan
 from pipelines.io import storage
 from schemas.common import SAMPLE_ID
 
@@ -46,9 +49,10 @@ def assign_shards(kept, kind: str, max_samples: int, max_bytes: int, size_col):
     return kept.join(index, SAMPLE_ID).withColumn("shard", names).drop("shard_index"), num_shards
 
 
-def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str,
-                    to_sample: Callable[[dict], dict]) -> Iterator[pa.RecordBatch]:
-    """Write the shards of one partition (rows sorted by shard, then sample_id)."""
+def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str, to_sample: Callable[[dict], dict],
+                    fault: FaultPlan | None = None) -> Iterator[pa.RecordBatch]:
+    """Write the shards of one partition (rows sorted by shard, then sample_id). `fault`: test only,
+    fails a chosen first attempt right after its first sample, mid-shard."""
     import webdataset as wds
 
     staging = storage.staging_dir(out_dir)
@@ -75,6 +79,9 @@ def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str,
                                            mode=0o444, encoder=False)
                 writer.write(to_sample(row))
                 count += 1
+                if fault is not None:
+                    fault.strike()
+                    fault = None
         done = finish()
         writer = None
         if done is not None:
@@ -86,6 +93,8 @@ def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str,
             finally:
                 if tmp_path and os.path.exists(tmp_path):
                     os.remove(tmp_path)
+        if storage.is_s3(out_dir):
+            shutil.rmtree(staging, ignore_errors=True)  # this task's local temp dir
 
 
 def final_dir(out: str, kind: str) -> str:
@@ -99,21 +108,54 @@ def staging_dir(out: str, kind: str) -> str:
 
 
 def publish(out: str, kind: str, stats: list[dict]) -> None:
-    """Make a finished run's shards visible: rename the staging folder over the previous run's, then
-    write sizes.json and index.json (the manifest a reader trusts) last."""
+    """Make a finished run's shards visible. Local: drop from the staging folder whatever is not one of
+    this run's shards (a killed attempt's .tmp file), write sizes.json and index.json (the manifest a
+    reader trusts) into it, and swap it in for the previous run's folder in one step. S3: the shards
+    are at their keys already; the manifests, written last, publish them."""
     final = final_dir(out, kind)
-    if not storage.is_s3(out):
-        import shutil
+    if storage.is_s3(out):
+        write_index(final, stats)
+        return
+    staging = staging_dir(out, kind)
+    os.makedirs(staging, exist_ok=True)
+    names = {s["shard"] for s in stats}
+    for name in os.listdir(staging):
+        path = os.path.join(staging, name)
+        if name in names:
+            continue
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    missing = names - set(os.listdir(staging))
+    if missing:
+        raise RuntimeError(f"shards missing from {staging}: {sorted(missing)[:5]}")
+    write_index(staging, stats)
+    old = storage.join(out, "shards", f".previous-{kind}")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final) and _exchange(staging, final):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous run's folder
+        return
+    if os.path.exists(final):  # no atomic exchange here: a brief gap with no folder at `final`
+        os.replace(final, old)
+    os.replace(staging, final)
+    shutil.rmtree(old, ignore_errors=True)
 
-        staging = staging_dir(out, kind)
-        os.makedirs(staging, exist_ok=True)
-        old = storage.join(out, "shards", f".previous-{kind}")
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(final):
-            os.replace(final, old)
-        os.replace(staging, final)
-        shutil.rmtree(old, ignore_errors=True)
-    write_index(final, stats)
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def write_index(out_dir: str, stats: list[dict]) -> None:
@@ -131,8 +173,6 @@ def write_index(out_dir: str, stats: list[dict]) -> None:
 
 def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shards: int) -> list[dict]:
     """Write `kept` (with a `shard` column) as tars under out_dir; returns per-shard stats (small)."""
-    from pyspark.sql import functions as F
-
     from schemas.common import spark_type
 
     if not storage.is_s3(out_dir):
@@ -140,8 +180,10 @@ def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shar
     if num_shards == 0:
         return []
     parts = kept.repartitionByRange(num_shards, "shard").sortWithinPartitions("shard", SAMPLE_ID)
-    stats = parts.mapInArrow(lambda it: write_partition(it, out_dir, to_sample), spark_type(SHARD_STATS))
-    rows = [r.asDict() for r in stats.orderBy(F.col("shard")).collect()]
+    fault = FaultPlan.from_env("shards")  # None outside fault-injection tests
+    stats = parts.mapInArrow(lambda it: write_partition(it, out_dir, to_sample, fault), spark_type(SHARD_STATS))
+    # sorted here, not with orderBy: its range-partitioning sample would run the writer a second time
+    rows = sorted((r.asDict() for r in stats.collect()), key=lambda r: r["shard"])
     if len({r["shard"] for r in rows}) != len(rows):
         raise RuntimeError("a shard was written by two partitions: shard assignment is broken")
     return rows

@@ -15,11 +15,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SPARK_SUBMIT = os.path.join(os.path.dirname(sys.executable), "spark-submit")
 
 
-def submit(*args, check=True):
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
-               SPARK_LOCAL_IP="127.0.0.1")
-    cmd = [SPARK_SUBMIT, "--master", "local[2]", "--properties-file", os.path.join(ROOT, "spark-defaults.conf"),
-           "--conf", "spark.ui.enabled=false", os.path.join(ROOT, "jobs", "build_pretrain.py"), *args]
+def submit(*args, check=True, master="local[2]", env=None, spark_args=()):
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+           "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})}
+    cmd = [SPARK_SUBMIT, "--master", master, "--properties-file", os.path.join(ROOT, "spark-defaults.conf"),
+           "--conf", "spark.ui.enabled=false", *spark_args, os.path.join(ROOT, "jobs", "build_pretrain.py"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     if check and proc.returncode != 0:
         raise AssertionError(f"job failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")

@@ -1,0 +1,54 @@
+"""One clean local run of the job on the sample, shared by the reliability and cluster tests, and the
+helpers that compare another run's output with it."""
+from __future__ import annotations
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.jobs.test_build_pretrain import submit
+
+# the arguments every compared run uses (random CLIP weights: no download, the same scores every run)
+ARGS = ("--set", "shards.max_samples=8", "--set", "image_text.clip.pretrained=")
+# names only a run that did not finish, or did not clean up, leaves behind
+TEMPORARY = (".tmp", ".staging-", ".previous-", "_temporary", "_work")
+
+
+@pytest.fixture(scope="session")
+def clean_run(sample_dir, tmp_path_factory) -> str:
+    """OUT of an uninterrupted run. keep_work=true keeps its stage checkpoints: their folder names are
+    a fingerprint of the inputs and recipe, so the restart test knows the names a rerun will use."""
+    out = str(tmp_path_factory.mktemp("clean"))
+    submit("--input", f"image_text={sample_dir}", "--output", out, *ARGS, "--set", "keep_work=true")
+    return out
+
+
+def shard_files(out: str) -> dict[str, bytes]:
+    """Every file of the published image_text shard folder (tars and manifests), by name."""
+    folder = os.path.join(out, "shards", "image_text")
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def ledger_decisions(out: str) -> set[tuple]:
+    return {(r["sample_id"], r["status"], r["reason"])
+            for r in pq.read_table(os.path.join(out, "ledger")).to_pylist()}
+
+
+def leftovers(out: str) -> list[str]:
+    """Temporary files and folders under OUT (stage checkpoints included: removed after a good run)."""
+    found = []
+    for dirpath, dirnames, files in os.walk(out):
+        for name in dirnames + files:
+            if any(t in name for t in TEMPORARY):
+                found.append(os.path.relpath(os.path.join(dirpath, name), out))
+    return sorted(found)
+
+
+def assert_same_output(out: str, clean: str) -> None:
+    """The same shards byte for byte (manifests included) and the same ledger decisions."""
+    got, want = shard_files(out), shard_files(clean)
+    assert sorted(got) == sorted(want)
+    assert [n for n in want if got[n] != want[n]] == []
+    assert ledger_decisions(out) == ledger_decisions(clean)
+    assert leftovers(out) == []
