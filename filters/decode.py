@@ -5,6 +5,10 @@ JPEG with no EXIF rotation, else a re-encode after EXIF orientation, mode conver
 flattening), `width`, `height`, `content_sha` (sha256 of the input bytes), `source_bytes` (their length), `phash` (64-bit DCT
 perceptual hash, as a signed int64) and `pixel_std` (grey-level standard deviation of a 64x64
 thumbnail). Items that cannot be decoded get `error` set and are quarantined downstream.
+
+Only the formats in `formats` are opened (Pillow's other plugins include EPS, which runs Ghostscript
+on the file). Any exception a corrupt file raises while it is opened, decoded or converted belongs to
+that item: it becomes `image_truncated` or `image_undecodable`, never a failed task.
 """
 from __future__ import annotations
 
@@ -26,6 +30,13 @@ from schemas.common import ERROR, ERROR_DETAIL
 # Decompression bombs are handled by our own max_pixels check before any pixel is decoded.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+# What web image corpora hold. Deliberately not EPS (Pillow renders it with Ghostscript), nor the
+# scientific and legacy formats whose parsers see little use and much fuzzing.
+# (Multi-picture JPEGs open through the JPEG entry and report format "MPO".)
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "AVIF")
+_TRUNCATED = ("truncated", "premature", "expected to read", "unexpected end", "buffer is not large enough")
 
 
 class DecodeError(Exception):
@@ -58,6 +69,14 @@ class Decode(Stage):
     max_pixels: int = 178_956_970  # 2x Pillow's bomb limit; above it nothing is decoded
     jpeg_quality: int = 95
     keep_original_jpeg: bool = True  # pass plain JPEGs through byte for byte (no generation loss)
+    formats: tuple[str, ...] = FORMATS  # Pillow format names that may be opened; empty: any Pillow knows
+
+    def __post_init__(self) -> None:
+        Image.init()
+        unknown = [f for f in self.formats if f not in Image.OPEN]
+        if unknown:  # a typo would otherwise quarantine every image of that format, one by one
+            raise ValueError(f"image_text.decode.formats: {unknown} are not Pillow formats "
+                             f"(this Pillow opens {', '.join(sorted(Image.OPEN))})")
 
     def adds(self) -> list[pa.Field]:
         return [
@@ -78,24 +97,27 @@ class Decode(Stage):
         if len(data) == 0:
             raise DecodeError("image_empty", "zero-byte image")
         try:
-            img = Image.open(io.BytesIO(data))
+            with warnings.catch_warnings():  # damaged files make Pillow warn per file: noise in executor logs
+                warnings.simplefilter("ignore")
+                return self._decode(data)
+        except (DecodeError, MemoryError):
+            raise
         except UnidentifiedImageError as e:
-            raise DecodeError("image_undecodable", f"not an image format Pillow knows (starts with {data[:16]!r})") from e
+            accepted = f" among {', '.join(self.formats)}" if self.formats else ""
+            raise DecodeError("image_undecodable", f"not an image format{accepted} (starts with {data[:16]!r})") from e
+        except Exception as e:  # Pillow raises OSError, ValueError, SyntaxError, struct.error, ... on bad files
+            msg = f"{type(e).__name__}: {e}"[:200]
+            reason = "image_truncated" if any(t in msg.lower() for t in _TRUNCATED) else "image_undecodable"
+            raise DecodeError(reason, msg) from e
+
+    def _decode(self, data: bytes) -> dict[str, Any]:
+        img = Image.open(io.BytesIO(data), formats=list(self.formats) or None)
         w, h = img.size
         if w * h > self.max_pixels:
             raise DecodeError("image_too_many_pixels", f"{w}x{h} > max_pixels {self.max_pixels}")
         fmt = img.format
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                img.seek(0)
-                img.load()
-        except OSError as e:
-            msg = str(e)
-            reason = "image_truncated" if "truncated" in msg.lower() or "premature" in msg.lower() else "image_undecodable"
-            raise DecodeError(reason, msg[:200]) from e
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a property of this one item
-            raise DecodeError("image_undecodable", f"{type(e).__name__}: {e}"[:200]) from e
+        img.seek(0)
+        img.load()
         orientation = img.getexif().get(0x0112, 1)
         rotated = ImageOps.exif_transpose(img) if orientation not in (1, None) else img
         rgb = to_rgb(rotated)

@@ -10,12 +10,18 @@ Planning (listing files, grouping them into read units) runs on the driver and h
 reading runs in the executors, one unit per task, and turns every problem into a quarantined row
 (`error`, `error_detail`) instead of an exception. Nothing is extracted to disk, so tar member names
 such as '../x' or '/etc/x' can do no harm; they are still quarantined as unsafe.
+
+Every row's `source_key` is unique within its tar or table: a key seen before gets a `#n` suffix and is
+quarantined as `duplicate_member` (so two rows can never share a sample_id). Text that Arrow cannot
+hold (lone surrogates from undecodable file names or JSON escapes) is made valid before it leaves.
 """
 from __future__ import annotations
 
 import json
 import os
 import posixpath
+import re
+import stat
 import tarfile
 from typing import Any, Iterable, Iterator
 
@@ -47,8 +53,13 @@ BYTES_PER_BATCH = 64 << 20
 def plan_units(uris: Iterable[str], files_per_task: int) -> list[list[dict]]:
     """Group input files into read units (one list per Spark task)."""
     tars, tables, loose = [], [], {}
+    listed: set[str] = set()
     for uri in uris:
         for f in storage.list_files(uri):
+            f = _valid_text(f, name=True)  # undecodable bytes in a name: '\\udcXX', see _local_path
+            if f in listed:  # overlapping inputs (a folder and a file inside it): one item, not two
+                continue
+            listed.add(f)
             name = f.rsplit("/", 1)[-1]
             lower = name.lower()
             if lower.endswith(".tar"):
@@ -79,12 +90,64 @@ def plan_units(uris: Iterable[str], files_per_task: int) -> list[list[dict]]:
     return tars + tables + chunks
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_text(text: str | None, name: bool = False) -> str | None:
+    """Text Arrow can encode. Lone surrogates (a tar member or file name whose bytes are not UTF-8, a
+    JSON '\\udc00' escape) become '\\udcxx' escapes in names, so distinct names stay distinct, and
+    U+FFFD in captions and metadata, which caption clean-up then removes."""
+    if text is None:
+        return None
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        if name:
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+        return _SURROGATE.sub("\ufffd", text)
+
+
 def _row(source: str, key: str, *, url=None, image=None, caption=None, meta=None, error=None, detail=None) -> dict:
+    source, key = _valid_text(source, name=True), _valid_text(key, name=True)
     return {
         SAMPLE_ID: make_sample_id(S.KIND, source, key), KIND: S.KIND, SOURCE: source, SOURCE_KEY: key,
-        S.URL: url, S.IMAGE: image, S.CAPTION: caption, S.META: meta, ERROR: error,
-        ERROR_DETAIL: None if detail is None else str(detail)[:500],
+        S.URL: _valid_text(url, name=True), S.IMAGE: image, S.CAPTION: _valid_text(caption),
+        S.META: _valid_text(meta), ERROR: error,
+        ERROR_DETAIL: None if detail is None else _valid_text(str(detail)[:500]),
     }
+
+
+_ESCAPED_BYTE = re.compile(r"\\udc([89a-f][0-9a-f])")
+
+
+def _local_path(uri: str) -> str:
+    """The file behind a read unit's uri. os.walk hands out a name whose bytes are not UTF-8 with
+    surrogates, which neither Spark nor Arrow can carry; plan_units writes them as '\\udcXX' text
+    (_valid_text) and this turns them back into the name the file system knows."""
+    if storage.is_s3(uri) or "\\udc" not in uri:
+        return uri
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), uri)
+
+
+class _UniqueKeys:
+    """Source keys handed out within one tar or table: a key seen before gets '#n' appended (and
+    never one that is already taken), so the ledger can hold one row per occurrence."""
+
+    def __init__(self) -> None:
+        self.count: dict[str, int] = {}
+        self.taken: set[str] = set()
+
+    def claim(self, key: str) -> tuple[str, bool]:
+        """(a source key not handed out before, whether `key` itself was seen before)."""
+        n = self.count.get(key, 0)
+        self.count[key] = n + 1
+        out = key if n == 0 else f"{key}#{n}"
+        while out in self.taken:
+            n += 1
+            out = f"{key}#{n}"
+        self.taken.add(out)
+        return out, self.count[key] > 1
 
 
 def _text(data: bytes | None) -> str | None:
@@ -97,20 +160,28 @@ def _meta(data: bytes | str | None) -> tuple[str | None, str | None]:
         return None, None
     try:
         value = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        return None, f"invalid JSON side-car: {e}"
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: '[[[[...' nested too deep
+        return None, f"invalid JSON side-car: {type(e).__name__}: {e}"
     return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str), None
 
 
+def _pick(parts: dict[str, bytes], exts: tuple[str, ...]) -> bytes | None:
+    """The member for a slot: an exact extension ('jpg') first, else a dotted one ('seg.png', 'en.txt')."""
+    exact = [e for e in parts if e.lower() in exts]
+    dotted = [e for e in parts if e.rsplit(".", 1)[-1].lower() in exts]
+    return parts[(exact or dotted)[0]] if exact or dotted else None
+
+
 def _group_row(source: str, key: str, parts: dict[str, bytes]) -> dict:
-    image = next((parts[e] for e in parts if e.rsplit(".", 1)[-1].lower() in IMAGE_EXTS), None)
-    caption = next((_text(parts[e]) for e in parts if e.rsplit(".", 1)[-1].lower() in CAPTION_EXTS), None)
-    meta_raw = next((parts[e] for e in parts if e.rsplit(".", 1)[-1].lower() in META_EXTS), None)
-    meta, bad = _meta(meta_raw)
+    image = _pick(parts, IMAGE_EXTS)
+    caption = _text(_pick(parts, CAPTION_EXTS))
+    meta, bad = _meta(_pick(parts, META_EXTS))
     if bad:
         return _row(source, key, caption=caption, error="meta_invalid", detail=bad)
     if caption is None and meta:
-        caption = json.loads(meta).get("caption") if isinstance(json.loads(meta), dict) else None
+        doc = json.loads(meta)
+        found = doc.get("caption") if isinstance(doc, dict) else None
+        caption = found if isinstance(found, str) else None  # {"caption": 42} is not a caption
     if image is None:
         return _row(source, key, caption=caption, meta=meta, error="image_missing", detail=f"members: {sorted(parts)}")
     return _row(source, key, image=image, caption=caption, meta=meta)
@@ -123,25 +194,64 @@ def split_key(name: str) -> tuple[str, str]:
     return posixpath.join(d, stem) if d else stem, ext
 
 
+class _WatchedTarInfo(tarfile.TarInfo):
+    """Remembers why the last header did not parse. After the first member, tarfile ends a stream
+    quietly at a damaged or cut-off header, which would drop every later member without a trace."""
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as e:
+            tf.header_error = e
+            raise
+
+
+def _unread_rest(tf: tarfile.TarFile) -> str | None:
+    """Why the archive's end is suspicious (a damaged header, data after the end marker), or None."""
+    err = getattr(tf, "header_error", None)
+    if err is not None and not isinstance(err, (tarfile.EOFHeaderError, tarfile.EmptyHeaderError)):
+        return f"damaged tar header at byte {tf.offset} ({type(err).__name__}: {err}); the members after it are unread"
+    while True:  # a normal end is zero blocks up to the record size; anything else was never read
+        chunk = tf.fileobj.read(1 << 16)
+        if not chunk:
+            return None
+        if chunk.strip(b"\0"):
+            return f"data after the end-of-archive marker at byte {tf.offset} was not read (concatenated tars?)"
+
+
 def read_tar(uri: str, max_member_bytes: int) -> Iterator[dict]:
-    seen: dict[str, int] = {}
-    key, parts = None, {}
+    """One row per sample (members grouped by key, as webdataset does) and per unusable member.
+
+    Rules: links, devices, FIFOs and names that are absolute or contain '..' are `unsafe_member`;
+    a key that returns after other keys, or a second member with the same key and extension, is
+    `duplicate_member` (the first copy is used); a member above max_member_bytes makes its sample a
+    `read_error`; a tar that stops being readable, or hides members behind a damaged header, ends with
+    one `read_error` row keyed '@error' after the rows read before it.
+    """
+    keys = _UniqueKeys()
+    key, parts, problem = None, {}, None
+
+    def alone(name: str, error: str, detail: str) -> dict:
+        sk, _ = keys.claim(name)
+        return _row(f"{uri}::{sk}", sk, error=error, detail=detail)
 
     def flush():
-        nonlocal key, parts
+        nonlocal key, parts, problem
         if key is not None:
-            n = seen.get(key, 0)
-            seen[key] = n + 1
-            source_key = key if n == 0 else f"{key}#{n}"
-            source = f"{uri}::{source_key}"
-            if n:
-                yield _row(source, source_key, error="duplicate_member", detail=f"key {key!r} appears again")
+            sk, again = keys.claim(key)
+            source = f"{uri}::{sk}"
+            if again:
+                yield _row(source, sk, error="duplicate_member", detail=f"key {key!r} appears again after other keys")
+            elif problem:
+                yield _row(source, sk, error="read_error", detail=problem)
             else:
-                yield _group_row(source, source_key, parts)
-        key, parts = None, {}
+                yield _group_row(source, sk, parts)
+        key, parts, problem = None, {}, None
 
     try:
-        with storage.open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
+        with storage.open_read(_local_path(uri)) as stream, \
+                tarfile.open(fileobj=stream, mode="r|*", tarinfo=_WatchedTarInfo) as tf:
             for m in tf:
                 if m.isdir():
                     continue
@@ -150,24 +260,32 @@ def read_tar(uri: str, max_member_bytes: int) -> Iterator[dict]:
                 if unsafe:
                     yield from flush()
                     kind = "link" if (m.issym() or m.islnk()) else "special file" if not m.isfile() else "unsafe path"
-                    yield _row(f"{uri}::{name}", name, error="unsafe_member", detail=f"{kind}: {name!r}")
+                    target = f" -> {m.linkname!r}" if m.linkname else ""
+                    yield alone(name, "unsafe_member", f"{kind}: {name!r}{target}")
                     continue
                 k, ext = split_key(name)
                 if k != key:
                     yield from flush()
                     key = k
                 if ext in parts:
-                    parts[ext + f"#{len(parts)}"] = b""  # keep the first copy of an extension, note the second
+                    yield alone(name, "duplicate_member", f"a second {ext!r} member for key {k!r}; the first one is used")
                     continue
                 if m.size > max_member_bytes:
-                    yield _row(f"{uri}::{name}", name, error="read_error", detail=f"member of {m.size} bytes > {max_member_bytes}")
+                    problem = problem or f"member {name!r} of {m.size} bytes > read.max_member_bytes {max_member_bytes}"
+                    parts[ext] = b""
                     continue
                 f = tf.extractfile(m)
                 parts[ext] = f.read() if f is not None else b""
             yield from flush()
+            rest = _unread_rest(tf)
+            if rest:
+                yield alone("@error", "read_error", rest)
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        why = f"tar stopped being readable: {type(e).__name__}: {e}"
+        if key is not None:  # the sample being read when it broke may be missing members
+            problem = problem or why
         yield from flush()
-        yield _row(f"{uri}::@error", "@error", error="read_error", detail=f"tar stopped being readable: {type(e).__name__}: {e}")
+        yield alone("@error", "read_error", why)
 
 
 def _first(row: dict, names: tuple[str, ...]) -> Any:
@@ -179,7 +297,7 @@ def _table_rows(uri: str) -> Iterator[tuple[str, dict | None, str | None]]:
     if uri.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        path, tmp = storage.local_copy(uri)
+        path, tmp = storage.local_copy(_local_path(uri))
         try:
             n = 0
             for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
@@ -190,7 +308,7 @@ def _table_rows(uri: str) -> Iterator[tuple[str, dict | None, str | None]]:
             if tmp:
                 os.remove(path)
         return
-    with storage.open_read(uri) as f:
+    with storage.open_read(_local_path(uri)) as f:
         for n, line in enumerate(f):
             if not line.strip():
                 continue
@@ -198,21 +316,44 @@ def _table_rows(uri: str) -> Iterator[tuple[str, dict | None, str | None]]:
                 r = json.loads(line)
                 if not isinstance(r, dict):
                     raise ValueError(f"a JSON {type(r).__name__}, not an object")
-            except (ValueError, UnicodeDecodeError) as e:
-                yield f"line{n}", None, f"malformed JSON line: {e}"
+            except (ValueError, UnicodeDecodeError, RecursionError) as e:
+                yield f"line{n}", None, f"malformed JSON line: {type(e).__name__}: {e}"
                 continue
             yield f"line{n}", r, None
 
 
+def _read_item_bytes(uri: str, max_bytes: int) -> bytes:
+    """storage.read_bytes for one item's file, refusing anything but a regular file: a FIFO named
+    like an image would block the task forever and a device such as /dev/zero would never end."""
+    uri = _local_path(uri)
+    if not storage.is_s3(uri):
+        mode = os.stat(uri).st_mode  # follows links: a dangling or looping link raises here
+        if not stat.S_ISREG(mode):
+            kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "device or socket"
+            raise ValueError(f"not a regular file ({kind})")
+    return storage.read_bytes(uri, max_bytes)
+
+
 def read_table(uri: str, max_member_bytes: int) -> Iterator[dict]:
+    """One row per table row. A key (the first of KEY_COLUMNS, else the row position) seen before in
+    the table is `duplicate_member`; a row that does not parse, an image column of the wrong type or
+    an image above max_member_bytes is `read_error`; a table that stops being readable ends with one
+    `read_error` row keyed '@error'."""
     base = uri.rsplit("/", 1)[0]
+    keys = _UniqueKeys()
     try:
         for pos, r, bad in _table_rows(uri):
             if r is None:
-                yield _row(f"{uri}::{pos}", pos, error="read_error", detail=bad)
+                sk, _ = keys.claim(pos)
+                yield _row(f"{uri}::{sk}", sk, error="read_error", detail=bad)
                 continue
             key = str(_first(r, KEY_COLUMNS) or pos)
-            source = f"{uri}::{key}"
+            sk, again = keys.claim(key)
+            source = f"{uri}::{sk}"
+            if again:
+                yield _row(source, sk, error="duplicate_member", detail=f"key {key!r} appears again ({pos})")
+                continue
+            key = sk
             caption = _first(r, CAPTION_COLUMNS)
             caption = _text(caption) if isinstance(caption, bytes) else None if caption is None else str(caption)
             image = _first(r, IMAGE_COLUMNS)
@@ -221,22 +362,28 @@ def read_table(uri: str, max_member_bytes: int) -> Iterator[dict]:
             if image is not None and not isinstance(image, bytes):
                 yield _row(source, key, caption=caption, error="read_error", detail=f"image column holds {type(image).__name__}")
                 continue
+            if image is not None and len(image) > max_member_bytes:
+                yield _row(source, key, caption=caption, error="read_error",
+                           detail=f"image of {len(image)} bytes > read.max_member_bytes {max_member_bytes}")
+                continue
             path, url = _first(r, PATH_COLUMNS), _first(r, URL_COLUMNS)
             meta = json.dumps({k: v for k, v in r.items() if k not in IMAGE_COLUMNS and not isinstance(v, bytes)},
                               sort_keys=True, ensure_ascii=False, default=str)
             if image is None and path:
                 full = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(base, path)
                 try:
-                    image = storage.read_bytes(full, max_member_bytes)
+                    image = _read_item_bytes(full, max_member_bytes)
                 except Exception as e:  # noqa: BLE001 - missing or unreadable file: this row only
-                    yield _row(source, key, url=url, caption=caption, meta=meta, error="read_error", detail=f"{full}: {e}")
+                    yield _row(source, key, url=url, caption=caption, meta=meta, error="read_error",
+                               detail=f"{full}: {type(e).__name__}: {e}")
                     continue
             if image is None and not url:
                 yield _row(source, key, caption=caption, meta=meta, error="image_missing", detail="no image, path or url column")
                 continue
             yield _row(source, key, url=None if image is not None else str(url), image=image, caption=caption, meta=meta)
     except Exception as e:  # noqa: BLE001 - a corrupt table: account for it, keep the rows read so far
-        yield _row(f"{uri}::@error", "@error", error="read_error", detail=f"table stopped being readable: {type(e).__name__}: {e}")
+        sk, _ = keys.claim("@error")
+        yield _row(f"{uri}::{sk}", sk, error="read_error", detail=f"table stopped being readable: {type(e).__name__}: {e}")
 
 
 def read_file_item(unit: dict, max_member_bytes: int) -> dict:
@@ -247,7 +394,7 @@ def read_file_item(unit: dict, max_member_bytes: int) -> dict:
         for slot in ("uri", "caption_uri", "meta_uri"):
             if unit.get(slot):
                 ext = unit[slot].rsplit(".", 1)[-1].lower()
-                parts[ext] = storage.read_bytes(unit[slot], max_member_bytes)
+                parts[ext] = _read_item_bytes(unit[slot], max_member_bytes)
     except Exception as e:  # noqa: BLE001 - unreadable, vanished, too large: this item only
         return _row(uri, key, error="read_error", detail=f"{type(e).__name__}: {e}")
     return _group_row(uri, key, parts)

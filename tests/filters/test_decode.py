@@ -116,3 +116,50 @@ def test_existing_error_is_kept():
 def test_solid_image_has_zero_std():
     (row,) = decode([_encode(Image.new("RGB", (300, 300), (10, 200, 30)), "PNG")])
     assert row["pixel_std"] < 0.5
+
+
+# --- hostile inputs (tests/jobs/test_hostile.py runs them end to end) -----------------------------
+
+
+def test_corrupt_files_of_every_accepted_format_become_rows_not_exceptions(photo):
+    """Pillow raises OSError, ValueError, SyntaxError, ... from open() and load() on damaged files; a
+    single one escaping would fail the task (and, retried, the job)."""
+    small = photo.resize((96, 64))
+    originals = [_encode(small, "JPEG"), _encode(small, "PNG"), _encode(small.convert("P"), "GIF"),
+                 _encode(small, "WEBP"), _encode(small, "BMP"), _encode(small, "TIFF"), _encode(small, "ICO")]
+    rng = np.random.default_rng(0)
+    damaged = []
+    for data in originals:
+        for _ in range(30):
+            d = bytearray(data[: int(rng.integers(1, len(data)))] if rng.random() < 0.4 else data)
+            for _ in range(int(rng.integers(1, 6))):
+                d[int(rng.integers(0, min(len(d), 300)))] = int(rng.integers(0, 256))
+            damaged.append(bytes(d))
+    rows = decode(damaged)
+    assert len(rows) == len(damaged)
+    assert {r["error"] for r in rows} <= {None, "image_truncated", "image_undecodable", "image_too_many_pixels"}
+    assert all(r["error_detail"] for r in rows if r["error"])
+
+
+def test_formats_outside_the_accepted_list_are_not_opened(photo):
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 300 300\nshowpage\n"  # Pillow would run Ghostscript
+    ppm = _encode(photo, "PPM")
+    eps_row, ppm_row = decode([eps, ppm])
+    assert eps_row["error"] == ppm_row["error"] == "image_undecodable"
+    assert "among JPEG, PNG" in ppm_row["error_detail"]
+    (row,) = decode([ppm], formats=())  # empty: anything Pillow knows
+    assert row["error"] is None and (row["width"], row["height"]) == (512, 512)
+    with pytest.raises(ValueError, match="decode.formats"):
+        Decode(formats=("JPG",))
+
+
+def test_declared_dimensions_are_checked_before_any_pixel():
+    import zlib
+
+    from tests.hostile import jpeg_declaring, png_declaring
+
+    tiny = zlib.compress(b"\0" * 100)
+    huge_png, huge_jpeg, big_png = decode([png_declaring(100_000, 100_000, tiny), jpeg_declaring(65_000, 65_000),
+                                           png_declaring(12_000, 12_000, tiny)])
+    assert huge_png["error"] == huge_jpeg["error"] == "image_too_many_pixels"
+    assert big_png["error"] == "image_truncated"  # under the cap: decoded, and found to end early

@@ -97,3 +97,123 @@ def test_folder_with_sidecars_and_table_owned_images(tmp_path):
     assert set(rows) == {"a", "b", "c", "line0"}
     assert rows["a"]["caption"] == "caption a" and rows["b"]["caption"] is None
     assert rows["c"]["error"] == "image_missing" and rows["line0"]["image"] == b"X"
+
+
+# --- hostile inputs (tests/jobs/test_hostile.py runs them end to end) -----------------------------
+
+
+def test_tar_duplicates_and_odd_names_get_one_unique_row_each(tmp_path):
+    link = tarfile.TarInfo("l.jpg")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    p = tmp_path / "d.tar"
+    with tarfile.open(p, "w", format=tarfile.PAX_FORMAT, errors="surrogateescape") as tf:
+        for name, data in [
+            ("a.jpg", b"first"), ("a.jpg", b"second"), ("a.txt", b"cap a"),  # same key and extension twice
+            ("../x.jpg", b"1"), ("../x.jpg", b"2"), ("l.jpg", None), ("l.jpg", None),  # unsafe, twice each
+            ("b.jpg", b"B"), ("b.json", b"[" * 50_000 + b"]" * 50_000),  # nested past the recursion limit
+            ("c.jpg", b"C"), ("c.json", b'{"caption": 42}'),  # not a caption
+            ("big.jpg", bytes(2 << 20)), ("big.txt", b"too large"),  # one row for the sample, not two
+            ("n\udcffo.jpg", b"N"), ("n\udcfeo.jpg", b"M"),  # names that are not UTF-8
+        ]:
+            if data is None:
+                tf.addfile(link)
+                continue
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    rows = _rows([{"format": "tar", "uri": str(p)}])
+    by_key = {r["source_key"]: r for r in rows}
+    assert len(by_key) == len(rows) == len({r["sample_id"] for r in rows}) == 11
+    assert by_key["a"]["image"] == b"first" and by_key["a"]["caption"] == "cap a" and by_key["a"]["error"] is None
+    assert by_key["a.jpg"]["error"] == "duplicate_member"
+    assert [by_key[k]["error"] for k in ("../x.jpg", "../x.jpg#1", "l.jpg", "l.jpg#1")] == ["unsafe_member"] * 4
+    assert "/etc/passwd" in by_key["l.jpg"]["error_detail"]
+    assert by_key["b"]["error"] == "meta_invalid" and "RecursionError" in by_key["b"]["error_detail"]
+    assert by_key["c"]["error"] is None and by_key["c"]["caption"] is None
+    assert by_key["big"]["error"] == "read_error" and "max_member_bytes" in by_key["big"]["error_detail"]
+    assert by_key["n\\udcffo"]["image"] == b"N" and by_key["n\\udcfeo"]["image"] == b"M"
+
+
+def test_tar_members_hidden_by_a_damaged_header_or_a_second_archive_are_reported(tmp_path):
+    def tar_bytes(names):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+            for n in names:
+                ti = tarfile.TarInfo(n)
+                ti.size = 600
+                tf.addfile(ti, io.BytesIO(bytes(600)))
+        return buf.getvalue()
+
+    clean, damaged, concatenated = tmp_path / "clean.tar", tmp_path / "damaged.tar", tmp_path / "cat.tar"
+    clean.write_bytes(tar_bytes(["1.jpg", "2.jpg", "3.jpg"]))
+    data = bytearray(clean.read_bytes())
+    header = data.index(b"2.jpg")
+    data[header + 148: header + 156] = b"garbage!"  # the checksum: tarfile would stop here silently
+    damaged.write_bytes(bytes(data))
+    concatenated.write_bytes(tar_bytes(["1.jpg"]) + tar_bytes(["2.jpg"]))
+    assert [r["source_key"] for r in _rows([{"format": "tar", "uri": str(clean)}])] == ["1", "2", "3"]
+    rows = _rows([{"format": "tar", "uri": str(damaged)}])
+    assert [(r["source_key"], r["error"]) for r in rows] == [("1", None), ("@error", "read_error")]
+    assert "damaged tar header" in rows[-1]["error_detail"]
+    rows = _rows([{"format": "tar", "uri": str(concatenated)}])
+    assert [(r["source_key"], r["error"]) for r in rows] == [("1", None), ("@error", "read_error")]
+    assert "after the end-of-archive marker" in rows[-1]["error_detail"]
+
+
+def test_a_tar_cut_inside_a_sample_quarantines_that_sample(tmp_path):
+    p = tmp_path / "cut.tar"
+    _tar(p, [("1.jpg", bytes(3000)), ("1.txt", b"one"), ("2.jpg", bytes(3000)), ("2.txt", b"two")])
+    data = p.read_bytes()
+    p.write_bytes(data[: data.index(b"2.jpg") + 512 + 1000])  # inside 2.jpg's data
+    rows = _rows([{"format": "tar", "uri": str(p)}])
+    assert [(r["source_key"], r["error"]) for r in rows] == [("1", None), ("2", "read_error"), ("@error", "read_error")]
+
+
+def test_tables_duplicate_keys_bad_text_and_files_that_are_not_regular(tmp_path):
+    import os
+    import signal
+
+    (tmp_path / "ok.jpg").write_bytes(b"IMG")
+    os.mkfifo(tmp_path / "fifo.jpg")
+    (tmp_path / "t.jsonl").write_bytes(b"\n".join([
+        b'{"key": "k", "image_path": "ok.jpg", "caption": "a \\udc00 b"}',
+        b'{"key": "k", "image_path": "ok.jpg", "caption": "again"}',
+        b'{"key": "fifo", "image_path": "fifo.jpg"}',
+        b'{"key": "dev", "image_path": "/dev/zero"}',
+        b"[" * 50_000 + b"]" * 50_000,
+        b'{"key": "latin1", "caption": "caf\xe9"}',
+    ]) + b"\n")
+    signal.alarm(30)  # opening the FIFO would block forever: fail instead of hanging
+    try:
+        rows = _rows([{"format": "table", "uri": str(tmp_path / "t.jsonl")}])
+    finally:
+        signal.alarm(0)
+    got = [(r["source_key"], r["error"]) for r in rows]
+    assert got == [("k", None), ("k#1", "duplicate_member"), ("fifo", "read_error"), ("dev", "read_error"),
+                   ("line4", "read_error"), ("line5", "read_error")]
+    assert rows[0]["caption"] == "a \ufffd b"  # a lone surrogate Arrow could not hold
+    assert "FIFO" in rows[2]["error_detail"] and "device" in rows[3]["error_detail"]
+    assert "RecursionError" in rows[4]["error_detail"]
+    pq.write_table(pa.table({"key": ["a", "a", "big"], "caption": ["x", "y", "z"],
+                             "jpg": [b"A", b"B", bytes(2 << 20)]}), tmp_path / "t.parquet")
+    rows = _rows([{"format": "table", "uri": str(tmp_path / "t.parquet")}])
+    assert [(r["source_key"], r["error"]) for r in rows] == [("a", None), ("a#1", "duplicate_member"),
+                                                             ("big", "read_error")]
+
+
+def test_folder_special_files_and_names_that_are_not_utf8(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo.jpg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.jpg")
+    os.symlink("loop.jpg", tmp_path / "loop.jpg")
+    (tmp_path / "dir.jpg").mkdir()
+    with open(os.fsencode(str(tmp_path / "\udce9t\udce9.jpg")), "wb") as f:
+        f.write(b"LATIN1")
+    units = [u for t in readers.plan_units([str(tmp_path), str(tmp_path / "loop.jpg")], 10) for u in t]
+    assert len(units) == 4  # dir.jpg is no item; loop.jpg listed twice is one
+    assert all(u["uri"].encode("utf-8") for u in units)  # Spark and Arrow can carry every unit
+    rows = {r["source_key"]: r for r in _rows(units)}
+    assert {k: r["error"] for k, r in rows.items()} == {
+        "fifo": "read_error", "dangling": "read_error", "loop": "read_error", "\\udce9t\\udce9": None}
+    assert rows["\\udce9t\\udce9"]["image"] == b"LATIN1"
