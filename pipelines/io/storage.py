@@ -14,6 +14,7 @@ import tempfile
 from typing import BinaryIO
 
 GLOB_CHARS = "*?["
+MULTIPART_BYTES = 64 << 20  # shards above this go up in parts of this size (S3's minimum part is 5 MB)
 
 
 def is_s3(uri: str) -> bool:
@@ -126,9 +127,9 @@ def publish_file(local_path: str, uri: str) -> None:
         from boto3.s3.transfer import TransferConfig
 
         bucket, key = split_s3(uri)
-        # multipart above 64 MB; an S3 object appears whole or not at all
-        s3_client().upload_file(local_path, bucket, key,
-                                Config=TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20))
+        # multipart above MULTIPART_BYTES; either way the object appears whole or not at all
+        s3_client().upload_file(local_path, bucket, key, Config=TransferConfig(
+            multipart_threshold=MULTIPART_BYTES, multipart_chunksize=MULTIPART_BYTES))
         os.remove(local_path)
         return
     os.makedirs(os.path.dirname(uri) or ".", exist_ok=True)
