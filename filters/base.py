@@ -3,7 +3,7 @@
 A row-wise stage is a frozen dataclass: its fields are its knobs (they come straight from the recipe).
 `adds()` declares the columns it appends (or replaces), `setup()` loads heavy state once per Python
 worker, and `process()` maps one Arrow record batch to those columns. Stages never import Spark, so
-they are tested on plain pyarrow batches; `apply_stage` is the only bridge to `DataFrame.mapInArrow`.
+they are tested on plain pyarrow batches; `apply_stages` is the only bridge to `DataFrame.mapInArrow`.
 """
 from __future__ import annotations
 
@@ -176,24 +176,46 @@ class FaultPlan:
 
 
 def apply_stage(df, stage: Stage, timer: StageTimer | None = None):
-    """Run a row-wise stage over a DataFrame with mapInArrow; the output schema comes from the stage."""
+    """Run one row-wise stage over a DataFrame (see apply_stages)."""
+    return apply_stages(df, [stage], timer)
+
+
+def apply_stages(df, stages: list[Stage], timer: StageTimer | None = None):
+    """Run row-wise stages over a DataFrame in one mapInArrow: one Python worker pass, each batch
+    handed from stage to stage in memory. (Chained mapInArrow calls are not fused by Spark: each would
+    ship every batch, image bytes included, JVM -> Python -> JVM again.) Task-seconds are still
+    accounted per stage; the output schema comes from the stages."""
     from pyspark.sql.pandas.types import from_arrow_schema, to_arrow_schema
 
-    out_schema = stage.output_schema(to_arrow_schema(df.schema))
-    acc = timer.accumulator(stage.name) if timer is not None else None
-    fault = FaultPlan.from_env(stage.name)  # None outside fault-injection tests
+    out_schema = to_arrow_schema(df.schema)
+    for stage in stages:
+        out_schema = stage.output_schema(out_schema)
+    accs = [timer.accumulator(s.name) if timer is not None else None for s in stages]
+    faults = [FaultPlan.from_env(s.name) for s in stages]  # all None outside fault-injection tests
 
     def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        spent = [0.0]
-        struck = fault is None
-        for out in stage.run(batches, task_threads(), spent):
-            yield out
-            if not struck:  # after the first batch went downstream: the failed attempt left partial output
-                struck = True
-                fault.strike()
-        if not struck:
-            fault.strike()
-        if acc is not None:
-            acc.add(spent[0])
+        threads = task_threads()
+        spent = [[0.0] for _ in stages]
+        for stage, fault, t in zip(stages, faults, spent):
+            batches = stage.run(batches, threads, t)
+            if fault is not None:
+                batches = _strike_after_first(batches, fault)
+        yield from batches
+        for acc, t in zip(accs, spent):
+            if acc is not None:
+                acc.add(t[0])
 
     return df.mapInArrow(run_partition, from_arrow_schema(out_schema))
+
+
+def _strike_after_first(batches: Iterator[pa.RecordBatch], fault: FaultPlan) -> Iterator[pa.RecordBatch]:
+    """Test only: a chosen first attempt fails after its first batch went downstream (partial output
+    exists), or at its end when it had none."""
+    struck = False
+    for out in batches:
+        yield out
+        if not struck:
+            struck = True
+            fault.strike()
+    if not struck:
+        fault.strike()

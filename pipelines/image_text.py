@@ -87,10 +87,8 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
     # --- row-wise feature stages, materialised once ----------------------------------------------
     inputs = [storage.normalize(u) for u in uris]
     key = fingerprint(inputs, recipe.read, cfg.download, cfg.decode, cfg.caption)
-    raw = readers.read_image_text(spark, inputs, recipe.read.files_per_task, recipe.read.max_member_bytes)
-    feats = apply_stage(raw, cfg.download, timer)
-    feats = apply_stage(feats, cfg.decode, timer)
-    feats = apply_stage(feats, cfg.caption, timer)
+    feats = readers.read_image_text(spark, inputs, recipe.read.files_per_task, recipe.read.max_member_bytes,
+                                    [cfg.download, cfg.decode, cfg.caption], timer)
     feats = checkpoint(feats, work_dir, f"{KIND}-features", key, timer)
 
     # --- decisions ------------------------------------------------------------------------------
@@ -145,22 +143,18 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
         alive = alive.withColumn(S.RECAPTION, F.lit(None).cast("string"))
 
     # --- shards -----------------------------------------------------------------------------------
-    kept, num_shards = shards.assign_shards(alive, KIND, recipe.shards.max_samples, recipe.shards.max_bytes,
-                                            F.length(S.IMAGE) + F.length(S.CAPTION) + 600)
-    # on local disk, not in executor memory: the kept rows carry every kept image, and the default
-    # (MEMORY_AND_DISK) held them in the heap, growing with the input (benchmarks/memory_scaling.py)
-    from pyspark import StorageLevel
-
-    kept = kept.localCheckpoint(storageLevel=StorageLevel.DISK_ONLY)
+    index, num_shards = shards.assign_shards(alive, KIND, recipe.shards.max_samples, recipe.shards.max_bytes,
+                                             F.length(S.IMAGE) + F.length(S.CAPTION) + 600)
     # written to a staging folder; pipelines.build publishes it once the run's checks pass
-    stats = shards.write_shards(kept, shards.staging_dir(out, KIND), to_sample(recipe), num_shards)
+    stats = shards.write_shards(alive.join(index, SAMPLE_ID), shards.staging_dir(out, KIND), to_sample(recipe),
+                                num_shards)
 
     # --- ledger: every feature row exactly once ---------------------------------------------------
     decisions = rule_drops.unionByName(dups).unionByName(clip_drops).unionByName(bal_drops)
     ledger = (
         feats.select(SAMPLE_ID, "kind", "source", "source_key", ERROR, ERROR_DETAIL)
         .join(decisions, SAMPLE_ID, "left")
-        .join(kept.select(SAMPLE_ID, F.col("shard")), SAMPLE_ID, "left")
+        .join(index, SAMPLE_ID, "left")
         .select(
             SAMPLE_ID, "kind", "source", "source_key",
             F.when(F.col("reason").isin(list(L.QUARANTINE_REASONS)), L.QUARANTINED)

@@ -17,16 +17,19 @@ hold (lone surrogates from undecodable file names or JSON escapes) is made valid
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
 import re
 import stat
 import tarfile
-from typing import Any, Iterable, Iterator
+import time
+from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
 
+from filters.base import Stage
 from pipelines.io import storage
 from schemas import image_text as S
 from schemas.common import ERROR, ERROR_DETAIL, KIND, SAMPLE_ID, SOURCE, SOURCE_KEY, make_sample_id, spark_type
@@ -423,17 +426,44 @@ def read_units(units: Iterable[dict], max_member_bytes: int) -> Iterator[pa.Reco
         yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
 
 
-def read_image_text(spark, uris: list[str], files_per_task: int, max_member_bytes: int):
-    """DataFrame of RAW rows: one per input item (or per unreadable container)."""
+@dataclasses.dataclass(frozen=True)
+class ReadUnits(Stage):
+    """The reader as the first stage of a fused chain (filters.base.apply_stages): read-unit rows in,
+    RAW rows out, so reading and the row-wise stages after it share one Python worker pass."""
+
+    name: ClassVar[str] = "read"
+    max_member_bytes: int = 1 << 30
+
+    def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        return S.RAW
+
+    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
+            timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
+        out = read_units((u for b in batches for u in b.to_pylist()), self.max_member_bytes)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(out, None)
+            if timing is not None:
+                timing[0] += time.perf_counter() - t0
+            if batch is None:
+                return
+            yield batch
+
+
+def read_plan(spark, uris: list[str], files_per_task: int):
+    """DataFrame of read units (format, uri, caption_uri, meta_uri), one Spark partition per task."""
     tasks = plan_units(uris, files_per_task)
     if not tasks:
         raise FileNotFoundError(f"no input files under {uris}")
     # one element per partition: each read unit list becomes exactly one task
-    units = (spark.sparkContext.parallelize(tasks, len(tasks))
-             .flatMap(lambda task: [(u["format"], u["uri"], u["caption_uri"], u["meta_uri"]) for u in task])
-             .toDF(spark_type(UNIT)))
+    return (spark.sparkContext.parallelize(tasks, len(tasks))
+            .flatMap(lambda task: [(u["format"], u["uri"], u["caption_uri"], u["meta_uri"]) for u in task])
+            .toDF(spark_type(UNIT)))
 
-    def run(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        yield from read_units((u for b in batches for u in b.to_pylist()), max_member_bytes)
 
-    return units.mapInArrow(run, spark_type(S.RAW))
+def read_image_text(spark, uris: list[str], files_per_task: int, max_member_bytes: int, stages=(), timer=None):
+    """DataFrame of RAW rows, one per input item (or per unreadable container), with the row-wise
+    `stages` applied in the same pass."""
+    from filters.base import apply_stages
+
+    return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(max_member_bytes), *stages], timer)
