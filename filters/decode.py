@@ -5,6 +5,8 @@ JPEG with no EXIF rotation, else a re-encode after EXIF orientation, mode conver
 flattening), `width`, `height`, `content_sha` (sha256 of the input bytes), `source_bytes` (their length), `phash` (64-bit DCT
 perceptual hash, as a signed int64) and `pixel_std` (grey-level standard deviation of a 64x64
 thumbnail). Items that cannot be decoded get `error` set and are quarantined downstream.
+A JPEG that is passed through is decoded in libjpeg's reduced-size draft mode (every block is still
+read, so truncation and corrupt streams are caught) to at least 64x64 luma: the features need no more.
 
 Only the formats in `formats` are opened (Pillow's other plugins include EPS, which runs Ghostscript
 on the file). Any exception a corrupt file raises while it is opened, decoded or converted belongs to
@@ -36,6 +38,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # scientific and legacy formats whose parsers see little use and much fuzzing.
 # (Multi-picture JPEGs open through the JPEG entry and report format "MPO".)
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "AVIF")
+FEATURE_SIZE = 64  # pHash (32x32) and the solid-colour check (64x64) need no more pixels than this
 _TRUNCATED = ("truncated", "premature", "expected to read", "unexpected end", "buffer is not large enough")
 
 
@@ -117,25 +120,31 @@ class Decode(Stage):
             raise DecodeError("image_too_many_pixels", f"{w}x{h} > max_pixels {self.max_pixels}")
         fmt = img.format
         img.seek(0)
-        img.load()
         orientation = img.getexif().get(0x0112, 1)
-        rotated = ImageOps.exif_transpose(img) if orientation not in (1, None) else img
-        rgb = to_rgb(rotated)
-        if rgb.width == 0 or rgb.height == 0:
-            raise DecodeError("image_empty", "zero-sized image")
-        gray = rgb.convert("L")
-        phash = int(str(imagehash.phash(gray)), 16)
-        std = float(np.asarray(gray.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32).std())
-        if self.keep_original_jpeg and fmt == "JPEG" and img.mode in ("RGB", "L") and rotated is img:
-            out = data
+        if self.keep_original_jpeg and fmt == "JPEG" and img.mode in ("RGB", "L") and orientation in (1, None):
+            # passed through byte for byte, so only the features need pixels: libjpeg decodes every
+            # block (a damaged stream still fails) but scales in the DCT and emits luma only, which is
+            # several times cheaper than a full-size RGB decode
+            img.draft("L", (FEATURE_SIZE, FEATURE_SIZE))
+            img.load()
+            out, gray = data, img.convert("L")
         else:
+            img.load()
+            rotated = ImageOps.exif_transpose(img) if orientation not in (1, None) else img
+            rgb = to_rgb(rotated)
+            w, h = rgb.size
+            if w == 0 or h == 0:
+                raise DecodeError("image_empty", "zero-sized image")
+            gray = rgb.convert("L")
             buf = io.BytesIO()
             rgb.save(buf, format="JPEG", quality=self.jpeg_quality)
             out = buf.getvalue()
+        phash = int(str(imagehash.phash(gray)), 16)
+        std = float(np.asarray(gray.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32).std())
         return {
             S.IMAGE: out,
-            S.WIDTH: rgb.width,
-            S.HEIGHT: rgb.height,
+            S.WIDTH: w,
+            S.HEIGHT: h,
             S.CONTENT_SHA: hashlib.sha256(data).hexdigest(),
             S.SOURCE_BYTES: len(data),
             S.PHASH: phash - (1 << 64) if phash >= (1 << 63) else phash,
