@@ -9,10 +9,12 @@ A temporary file that a killed attempt could not remove is deleted at publish ti
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import shutil
+import tarfile
 import uuid
 from typing import Callable, Iterator
 
@@ -31,30 +33,53 @@ def shard_name(kind: str, index: int) -> str:
     return f"{kind}-{index:06d}.tar"
 
 
-def assign_shards(kept, kind: str, max_samples: int, max_bytes: int, size_col):
-    """(kept with a `shard` column, number of shards). size_col: a Column giving a sample's bytes."""
+def assign_shards(alive, kind: str, max_samples: int, max_bytes: int, size_col):
+    """(index, number of shards): index is a small DataFrame (sample_id, shard) of every row of `alive`,
+    materialised. size_col: a Column giving a sample's bytes. Only narrow columns are read here: the
+    image bytes go through Spark once, in the writer."""
     from pyspark.sql import functions as F
 
-    stats = kept.agg(F.count("*").alias("n"), F.avg(size_col).alias("mean")).first()
+    narrow = alive.select(SAMPLE_ID, size_col.alias("size")).localCheckpoint()
+    stats = narrow.agg(F.count("*").alias("n"), F.avg("size").alias("mean")).first()
     n = int(stats["n"])
+    spark = alive.sparkSession
     if n == 0:
-        return kept.withColumn("shard", F.lit(None).cast("string")), 0
+        return spark.createDataFrame([], "sample_id string, shard string"), 0
     per_shard = max(1, min(max_samples, int(max_bytes // max(1.0, float(stats["mean"])))))
     num_shards = math.ceil(n / per_shard)
     # global position by sample_id without pulling ids to the driver: zipWithIndex over a sorted RDD
-    spark = kept.sparkSession
-    order = kept.select(SAMPLE_ID).orderBy(SAMPLE_ID).rdd.map(lambda r: r[0]).zipWithIndex()
+    order = narrow.select(SAMPLE_ID).orderBy(SAMPLE_ID).rdd.map(lambda r: r[0]).zipWithIndex()
     index = spark.createDataFrame(order.map(lambda p: (p[0], p[1] * num_shards // n)), "sample_id string, shard_index long")
     names = F.format_string(f"{kind}-%06d.tar", F.col("shard_index"))
-    return kept.join(index, SAMPLE_ID).withColumn("shard", names).drop("shard_index"), num_shards
+    return index.select(SAMPLE_ID, names.alias("shard")).localCheckpoint(), num_shards
+
+
+class TarShard:
+    """A WebDataset tar: each sample's files as `{__key__}.{ext}` members, in the sample's order, with
+    fixed owner, mode and mtime so equal samples give equal bytes. (Plain tarfile: webdataset's own
+    TarWriter imports torch, half a GiB per writer process, to write the same bytes.)"""
+
+    def __init__(self, path: str):
+        self.tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+
+    def write(self, sample: dict) -> None:
+        key = sample["__key__"]
+        for ext, payload in sample.items():
+            if ext.startswith("__"):
+                continue
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(payload), 0, 0o444
+            info.uname = info.gname = "vlcurate"
+            self.tar.addfile(info, io.BytesIO(payload))
+
+    def close(self) -> None:
+        self.tar.close()
 
 
 def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str, to_sample: Callable[[dict], dict],
                     fault: FaultPlan | None = None) -> Iterator[pa.RecordBatch]:
     """Write the shards of one partition (rows sorted by shard, then sample_id). `fault`: test only,
     fails a chosen first attempt right after its first sample, mid-shard."""
-    import webdataset as wds
-
     staging = storage.staging_dir(out_dir)
     current, writer, tmp_path, count = None, None, None, 0
 
@@ -75,8 +100,7 @@ def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str, to_sample: 
                         yield done
                     current, count = row["shard"], 0
                     tmp_path = os.path.join(staging, f".{current}.{uuid.uuid4().hex}.tmp")
-                    writer = wds.TarWriter(tmp_path, mtime=0.0, user="vlcurate", group="vlcurate",
-                                           mode=0o444, encoder=False)
+                    writer = TarShard(tmp_path)
                 writer.write(to_sample(row))
                 count += 1
                 if fault is not None:
@@ -179,7 +203,9 @@ def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shar
         storage.remove_tree(out_dir)  # leftovers of an earlier, failed run must not be published
     if num_shards == 0:
         return []
-    parts = kept.repartitionByRange(num_shards, "shard").sortWithinPartitions("shard", SAMPLE_ID)
+    # hash partitioning needs no sampling pass over the rows (range partitioning would run the whole
+    # lineage once more to find its bounds); a task may get several whole shards, never part of one
+    parts = kept.repartition(num_shards, "shard").sortWithinPartitions("shard", SAMPLE_ID)
     fault = FaultPlan.from_env("shards")  # None outside fault-injection tests
     stats = parts.mapInArrow(lambda it: write_partition(it, out_dir, to_sample, fault), spark_type(SHARD_STATS))
     # sorted here, not with orderBy: its range-partitioning sample would run the writer a second time

@@ -46,9 +46,13 @@ def test_assign_and_write_make_even_shards(spark, tmp_path):
     df = spark.createDataFrame([(f"{i:05d}", f"caption {i}") for i in range(23)], "sample_id string, text string")
     from pyspark.sql import functions as F
 
-    kept, n = shards.assign_shards(df, "k", max_samples=5, max_bytes=10**9, size_col=F.length("text"))
+    index, n = shards.assign_shards(df, "k", max_samples=5, max_bytes=10**9, size_col=F.length("text"))
     assert n == 5
-    stats = shards.write_shards(kept, str(tmp_path / "staging"), _sample, n)
+    assert sorted(index.columns) == ["sample_id", "shard"] and index.count() == 23
+    # consecutive ids share a shard: the order is by sample_id
+    names = [r.shard for r in index.orderBy("sample_id").collect()]
+    assert names == sorted(names) and names[0] == "k-000000.tar" and names[-1] == "k-000004.tar"
+    stats = shards.write_shards(df.join(index, "sample_id"), str(tmp_path / "staging"), _sample, n)
     counts = [s["nsamples"] for s in stats]
     assert sum(counts) == 23 and max(counts) - min(counts) <= 1
     by_bytes, m = shards.assign_shards(df, "k", max_samples=100, max_bytes=40, size_col=F.lit(10))
