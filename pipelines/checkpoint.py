@@ -54,3 +54,15 @@ def checkpoint(df, work_dir: str, name: str, key: str, timer=None):
         timer.add_wall(name, time.perf_counter() - t0)
         timer.mark_checkpoint(name, reused=False)
     return spark.read.parquet(path)
+
+
+def cached(df):
+    """Materialise a small table (ids, decisions, shard names) in executor memory, spilling to disk.
+    Unlike localCheckpoint(), whose size the planner cannot see (so every join with it shuffled both
+    sides, image bytes included), a materialised cache reports its real size: joins broadcast it when
+    it is below spark.sql.autoBroadcastJoinThreshold and fall back to a shuffle join when it is not."""
+    from pyspark import StorageLevel
+
+    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    df.count()
+    return df

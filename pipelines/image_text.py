@@ -18,7 +18,7 @@ from filters.clip import resolve_weights
 from filters.decode import phash_hex
 from filters.dedup import find_duplicates
 from filters.recaption import train_on_recaption
-from pipelines.checkpoint import checkpoint, fingerprint
+from pipelines.checkpoint import cached, checkpoint, fingerprint
 from pipelines.io import readers, shards, storage
 from pipelines.recipe import Recipe
 from schemas import image_text as S
@@ -97,7 +97,7 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
         SAMPLE_ID, "reason", F.lit(None).cast("string").alias("duplicate_of"))
     alive = decided.filter(F.col("reason").isNull()).drop("reason")
 
-    dups = find_duplicates(alive, cfg.dedup).localCheckpoint()
+    dups = cached(find_duplicates(alive, cfg.dedup))
     alive = alive.join(dups.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
 
     if clip_stage.enabled:
@@ -123,10 +123,10 @@ def run(spark, recipe: Recipe, uris: list[str], out: str, work_dir: str, timer: 
     balance_cfg = cfg.balance
     if balance_cfg.enabled:
         concepts = apply_stage(alive.select(SAMPLE_ID, S.CAPTION), balance_cfg, timer).select(SAMPLE_ID, S.CONCEPTS)
-        concepts = concepts.localCheckpoint()
+        concepts = cached(concepts)
         matched = concepts
         alive = alive.join(concepts, SAMPLE_ID, "left")
-        bal_drops = balance_drops(alive, balance_cfg, recipe.seed).localCheckpoint()
+        bal_drops = cached(balance_drops(alive, balance_cfg, recipe.seed))
         alive = alive.join(bal_drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
         bal_drops = bal_drops.select(SAMPLE_ID, "reason", F.lit(None).cast("string").alias("duplicate_of"))
     else:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 import pyarrow as pa
 
 from filters.base import FaultPlan
+from pipelines.checkpoint import cached
 from pipelines.io import storage
 from schemas.common import SAMPLE_ID
 
@@ -51,7 +52,7 @@ def assign_shards(alive, kind: str, max_samples: int, max_bytes: int, size_col):
     order = narrow.select(SAMPLE_ID).orderBy(SAMPLE_ID).rdd.map(lambda r: r[0]).zipWithIndex()
     index = spark.createDataFrame(order.map(lambda p: (p[0], p[1] * num_shards // n)), "sample_id string, shard_index long")
     names = F.format_string(f"{kind}-%06d.tar", F.col("shard_index"))
-    return index.select(SAMPLE_ID, names.alias("shard")).localCheckpoint(), num_shards
+    return cached(index.select(SAMPLE_ID, names.alias("shard"))), num_shards
 
 
 class TarShard:

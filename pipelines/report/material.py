@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 from filters.base import Stage
+from pipelines.checkpoint import cached
 from pipelines.io import storage
 from schemas import image_text as S
 from schemas import ledger as L
@@ -189,7 +190,7 @@ def collect_material(kind: str, res, ledger, out: str, timer=None) -> dict:
         heads = rows.filter(F.col(SAMPLE_ID).isin(keepers)).select(
             SAMPLE_ID, F.concat(F.lit("dup:"), F.col(SAMPLE_ID)).alias("section"))
         picks = picks.unionByName(members).unionByName(heads)
-    picks = picks.localCheckpoint()
+    picks = cached(picks)  # a few hundred ids: broadcast into the joins with the image rows
     ids = picks.select(SAMPLE_ID).distinct()
 
     from filters.base import apply_stage
