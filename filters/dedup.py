@@ -6,8 +6,12 @@ row per dropped item: (`sample_id`, `reason`, `duplicate_of`).
 Near duplicates are found without an all-pairs loop: the 64-bit pHash is cut into `bands` bands;
 two hashes within Hamming distance r < bands share at least one band exactly (pigeonhole), so
 candidate pairs come from an equi-join on (band, value); each candidate is then checked with the
-exact Hamming distance. Pairs within `hamming_radius` are edges; connected components (iterative
-min-label propagation on DataFrames) are the duplicate groups. With hamming_radius >= bands, pairs at
+exact Hamming distance. Pairs within `hamming_radius` are edges; their connected components are the
+duplicate groups: found with a union-find on the driver when there are at most
+`driver_components_max_edges` edges (one small collect instead of a Spark job per round), else on
+DataFrames with alternating large-star / small-star rounds (Kiveris et al. 2014), which converge in
+O(log n) rounds even on long chains, where min-label propagation needs as many rounds as the chain
+is long. With hamming_radius >= bands, pairs at
 distance >= bands are found only when one band happens to match (probable, not certain).
 
 Keeper rule, for both kinds of group: the member with the most pixels; then the one with the most
@@ -31,7 +35,8 @@ class Dedup:
     hamming_radius: int = 10  # of 64 pHash bits; transformed copies measured 0-10, different photos >20
     bands: int = 8  # LSH bands of 64/bands bits; every pair within bands-1 bits is a candidate
     max_bucket: int = 5000  # band buckets larger than this are skipped (logged): they are noise, not copies
-    max_iterations: int = 30  # connected-components rounds
+    max_iterations: int = 30  # distributed connected-components rounds (large-star + small-star each)
+    driver_components_max_edges: int = 1_000_000  # up to this many edges: union-find on the driver; 0: never
 
 
 def _rank_key(F, columns):
@@ -87,7 +92,7 @@ def _near_duplicates(items, cfg: Dedup):
         .select("src", "dst")
         .distinct()
     ).localCheckpoint()
-    labels = components(edges, cfg.max_iterations)
+    labels = components(edges, cfg.max_iterations, cfg.driver_components_max_edges)
     return labels.filter(F.col("label") != F.col("node")).select(
         F.split("node", ":").getItem(2).alias(SAMPLE_ID),
         F.lit("near_duplicate").alias("reason"),
@@ -95,20 +100,75 @@ def _near_duplicates(items, cfg: Dedup):
     )
 
 
-def components(edges, max_iterations: int):
-    """Connected components of an undirected edge list (src, dst): (node, label = smallest node)."""
+def components(edges, max_iterations: int, driver_max_edges: int = 0):
+    """Connected components of an undirected edge list (src, dst): (node, label = smallest node) for
+    every node that is in an edge."""
+    if driver_max_edges > 0 and edges.count() <= driver_max_edges:
+        return components_on_driver(edges)
+    return components_distributed(edges, max_iterations)
+
+
+def components_on_driver(edges):
+    """Union-find over the collected edge list; the result goes back to Spark as a DataFrame."""
+    import pandas as pd
+
+    table = edges.select("src", "dst").toArrow()
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        root = x
+        while parent[root] != root:
+            root = parent[root]
+        while parent[x] != root:  # path compression
+            parent[x], x = root, parent[x]
+        return root
+
+    for a, b in zip(table.column("src").to_pylist(), table.column("dst").to_pylist()):
+        parent.setdefault(a, a)
+        parent.setdefault(b, b)
+        ra, rb = find(a), find(b)
+        if ra != rb:  # the smaller node becomes the root, so every root is its component's minimum
+            parent[max(ra, rb)] = min(ra, rb)
+    nodes = sorted(parent)
+    frame = pd.DataFrame({"node": nodes, "label": [find(n) for n in nodes]})
+    return edges.sparkSession.createDataFrame(frame, "node string, label string")
+
+
+def components_distributed(edges, max_iterations: int):
+    """Alternating large-star and small-star rounds until the edge set stops changing; each component
+    then is a star around its smallest node."""
     from pyspark.sql import functions as F
 
-    both = edges.unionByName(edges.select(F.col("dst").alias("src"), F.col("src").alias("dst"))).localCheckpoint()
-    labels = both.groupBy(F.col("src").alias("node")).agg(F.least(F.min("dst"), F.first("src")).alias("label"))
-    labels = labels.localCheckpoint()
-    for i in range(max_iterations):
-        # each node takes the smallest label among itself and its neighbours
-        proposed = (both.join(labels, both.src == labels.node).select(F.col("dst").alias("node"), "label")
-                    .unionByName(labels).groupBy("node").agg(F.min("label").alias("label"))).localCheckpoint()
-        changed = proposed.join(labels.withColumnRenamed("label", "old"), "node").filter("label != old").count()
-        labels = proposed
+    current = edges.select("src", "dst").filter(F.col("src") != F.col("dst")).distinct().localCheckpoint()
+    for _ in range(max_iterations):
+        after = _small_star(_large_star(current)).localCheckpoint()
+        changed = after.exceptAll(current).limit(1).count() + current.exceptAll(after).limit(1).count()
+        current = after
         if changed == 0:
-            return labels
-    log.warning("dedup: connected components did not converge in %d rounds; groups may be split", max_iterations)
-    return labels
+            break
+    else:
+        log.warning("dedup: connected components did not converge in %d rounds; groups may be split", max_iterations)
+    leaves = current.select(F.col("src").alias("node"), F.col("dst").alias("label"))
+    centres = current.select(F.col("dst").alias("node"), F.col("dst").alias("label"))
+    return leaves.unionByName(centres).groupBy("node").agg(F.min("label").alias("label"))
+
+
+def _large_star(edges):
+    """Every node links its larger neighbours to the smallest node of its closed neighbourhood."""
+    from pyspark.sql import functions as F
+
+    both = edges.unionByName(edges.select(F.col("dst").alias("src"), F.col("src").alias("dst")))
+    smallest = both.groupBy("src").agg(F.least(F.min("dst"), F.col("src")).alias("m"))
+    return (both.join(smallest, "src").filter(F.col("dst") > F.col("src"))
+            .select(F.col("dst").alias("src"), F.col("m").alias("dst")).distinct())
+
+
+def _small_star(edges):
+    """Every node links itself and its smaller neighbours to the smallest of them."""
+    from pyspark.sql import functions as F
+
+    down = edges.select(F.greatest("src", "dst").alias("u"), F.least("src", "dst").alias("v"))
+    smallest = down.groupBy("u").agg(F.min("v").alias("m"))  # v < u always, so min(v) = min(N(u) + u)
+    linked = down.join(smallest, "u").select(F.col("v").alias("src"), F.col("m").alias("dst"))
+    return (linked.unionByName(smallest.select(F.col("u").alias("src"), F.col("m").alias("dst")))
+            .filter(F.col("src") != F.col("dst")).distinct())

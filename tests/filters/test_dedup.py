@@ -8,7 +8,7 @@ import pytest
 from PIL import ImageDraw, ImageEnhance
 
 from filters.decode import Decode
-from filters.dedup import Dedup, components, find_duplicates
+from filters.dedup import Dedup, components, components_distributed, components_on_driver, find_duplicates
 from jobs.make_sample import PHOTOS, load_photo
 
 
@@ -92,3 +92,58 @@ def test_components_of_a_chain(spark):
     edges = spark.createDataFrame([("a", "b"), ("b", "c"), ("c", "d"), ("x", "y")], "src string, dst string")
     labels = {r.node: r.label for r in components(edges, 10).collect()}
     assert labels == {"a": "a", "b": "a", "c": "a", "d": "a", "x": "x", "y": "x"}
+
+
+def _reference_labels(pairs):
+    """Smallest node of each component, by breadth-first search in plain Python."""
+    graph: dict[str, set[str]] = {}
+    for a, b in pairs:
+        graph.setdefault(a, set()).add(b)
+        graph.setdefault(b, set()).add(a)
+    labels: dict[str, str] = {}
+    for start in graph:
+        if start in labels:
+            continue
+        seen, todo = {start}, [start]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        for node in seen:
+            labels[node] = min(seen)
+    return labels
+
+
+def _graphs():
+    import random
+
+    rng = random.Random(7)
+    chain = [(f"c{i:04d}", f"c{i + 1:04d}") for i in range(200)]
+    rng.shuffle(chain)
+    star = [("s000", f"s{i:03d}") for i in range(1, 30)]
+    cycle = [(f"y{i}", f"y{(i + 1) % 12}") for i in range(12)]
+    nodes = [f"r{i:03d}" for i in range(300)]
+    rand = [tuple(rng.sample(nodes, 2)) for _ in range(260)]
+    return {"chain": chain, "mixed": star + cycle + [("p", "q"), ("q", "p")], "random": rand}
+
+
+@pytest.mark.parametrize("name", ["chain", "mixed", "random"])
+def test_both_component_paths_match_a_reference(spark, name):
+    pairs = _graphs()[name]
+    edges = spark.createDataFrame(pairs, "src string, dst string")
+    want = _reference_labels(pairs)
+    on_driver = {r.node: r.label for r in components_on_driver(edges).collect()}
+    # the chain of 201 nodes needs ~8 large-star/small-star rounds; min-label propagation needed 200
+    distributed = {r.node: r.label for r in components_distributed(edges, max_iterations=12).collect()}
+    assert on_driver == want
+    assert distributed == want
+
+
+def test_components_path_is_chosen_by_edge_count(spark, caplog):
+    edges = spark.createDataFrame(_graphs()["chain"], "src string, dst string")
+    with caplog.at_level("WARNING", logger="filters.dedup"):
+        few_rounds = {r.node: r.label for r in components(edges, 1, driver_max_edges=0).collect()}
+    assert "did not converge" in caplog.text  # one distributed round cannot finish a long chain
+    assert set(few_rounds.values()) != {"c0000"}
+    on_driver = {r.node: r.label for r in components(edges, 1, driver_max_edges=1000).collect()}
+    assert set(on_driver.values()) == {"c0000"}  # the driver's union-find has no rounds to run out of
