@@ -128,15 +128,39 @@ def _graphs():
 
 
 @pytest.mark.parametrize("name", ["chain", "mixed", "random"])
-def test_both_component_paths_match_a_reference(spark, name):
+def test_both_component_paths_match_a_reference(spark, name, caplog):
     pairs = _graphs()[name]
     edges = spark.createDataFrame(pairs, "src string, dst string")
     want = _reference_labels(pairs)
-    on_driver = {r.node: r.label for r in components_on_driver(edges).collect()}
+    on_driver = {r.node: r.label for r in components(edges, 12, driver_max_edges=10_000).collect()}
     # the chain of 201 nodes needs ~8 large-star/small-star rounds; min-label propagation needed 200
-    distributed = {r.node: r.label for r in components_distributed(edges, max_iterations=12).collect()}
+    with caplog.at_level("INFO", logger="filters.dedup"):
+        distributed = {r.node: r.label for r in components(edges, 12, driver_max_edges=0).collect()}
     assert on_driver == want
     assert distributed == want
+    assert "did not converge" not in caplog.text
+    rounds = [r.args[0] for r in caplog.records if "converged in" in r.getMessage()]
+    assert len(rounds) == 1 and rounds[0] <= 12, rounds
+
+
+def test_distributed_rounds_grow_like_log_n_on_a_chain(spark, caplog):
+    pairs = [(f"c{i:04d}", f"c{i + 1:04d}") for i in range(199)]  # 200 nodes, in chain order
+    edges = spark.createDataFrame(pairs, "src string, dst string")
+    with caplog.at_level("INFO", logger="filters.dedup"):
+        labels = {r.node: r.label for r in components_distributed(edges, max_iterations=20).collect()}
+    assert labels == {f"c{i:04d}": "c0000" for i in range(200)}
+    rounds = [r.args[0] for r in caplog.records if "converged in" in r.getMessage()]
+    assert rounds and rounds[0] <= 20, rounds  # measured: 8
+
+
+def test_components_of_no_edges_and_self_loops(spark):
+    empty = spark.createDataFrame([], "src string, dst string")
+    assert components_on_driver(empty).collect() == []
+    assert components_distributed(empty, 5).collect() == []
+    loops = spark.createDataFrame([("a", "a"), ("b", "c"), ("c", "c"), ("c", "b")], "src string, dst string")
+    want = {"a": "a", "b": "b", "c": "b"}
+    assert {r.node: r.label for r in components_on_driver(loops).collect()} == want
+    assert {r.node: r.label for r in components_distributed(loops, 5).collect()} == want
 
 
 def test_components_path_is_chosen_by_edge_count(spark, caplog):
