@@ -196,9 +196,9 @@ def markdown(r: dict) -> str:
 
     lines = [f"# Pipeline throughput ({r['n']} and {r['scale'] * r['n']} pairs, {r['cpu_count']} cores)", "",
              f"Command: `{r['command']}`; load average before {r['loadavg_before']}, after {r['loadavg_after']}", "",
-             "Path = read -> decode -> caption/language -> rules -> dedup -> shards staged + ledger written "
-             "(`curated_seconds` in summary.json); job = the path plus the report material, the quality gates "
-             "and the HTML report. Marginal = per-sample rate from the two corpus sizes (wall = fixed + n / rate).",
+             ("Path = read -> decode -> caption/language -> rules -> dedup -> shards staged + ledger written "
+              "(`curated_seconds` in summary.json); job = the path plus the report material, the quality gates "
+              "and the HTML report. Marginal = per-sample rate from the two corpus sizes (wall = fixed + n / rate)."),
              "",
              "| path | samples/s | per core | vs ceiling (issue: bare PIL + imagehash) | vs draft-decode loop | peak RSS MiB |",
              "|---|---|---|---|---|---|",

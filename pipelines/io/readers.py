@@ -29,10 +29,19 @@ from typing import Any, ClassVar, Iterable, Iterator
 
 import pyarrow as pa
 
-from filters.base import Stage
+from filters.base import Stage, apply_stages
 from pipelines.io import storage
 from schemas import image_text as S
-from schemas.common import ERROR, ERROR_DETAIL, KIND, SAMPLE_ID, SOURCE, SOURCE_KEY, make_sample_id, spark_type
+from schemas.common import (
+    ERROR,
+    ERROR_DETAIL,
+    KIND,
+    SAMPLE_ID,
+    SOURCE,
+    SOURCE_KEY,
+    make_sample_id,
+    spark_type,
+)
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
 CAPTION_EXTS = ("txt",)
@@ -464,6 +473,4 @@ def read_plan(spark, uris: list[str], files_per_task: int):
 def read_image_text(spark, uris: list[str], files_per_task: int, max_member_bytes: int, stages=(), timer=None):
     """DataFrame of RAW rows, one per input item (or per unreadable container), with the row-wise
     `stages` applied in the same pass."""
-    from filters.base import apply_stages
-
     return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(max_member_bytes), *stages], timer)
