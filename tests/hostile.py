@@ -20,7 +20,7 @@ import os
 import struct
 import tarfile
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import ClassVar
 
 import numpy as np
@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from jobs.make_sample import load_photo
+from tests.util import QuietHandler
 
 MAX_MEMBER_BYTES = 4_000_000  # --set read.max_member_bytes
 MAX_DOWNLOAD_BYTES = 1_000_000  # --set image_text.download.max_bytes
@@ -400,25 +401,12 @@ def write_corpus(root: str, base_url: str, closed_port: int) -> Corpus:
     return Corpus(ind, items, escape_targets, [os.path.join(fold, "directory.jpg")], expect_in_shards)
 
 
-class HostileHandler(BaseHTTPRequestHandler):
+class HostileHandler(QuietHandler):
     """/ok.jpg, /noai.jpg (X-Robots-Tag: noai), /loop (redirects to itself), /big (Content-Length over
     the cap), /big-chunked (no length, streams past the cap), /to-private (redirects to 10.0.0.1),
     /page.html (HTML with status 200); anything else is a 404."""
 
-    protocol_version = "HTTP/1.1"
     images: ClassVar[dict[str, bytes]] = {}
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, status: int, body: bytes = b"", ctype: str = "image/jpeg", headers=()) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         path = self.path.split("?")[0]

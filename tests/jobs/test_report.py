@@ -3,7 +3,6 @@ Chromium (Debian's, driven by playwright) with no console errors, its images loa
 resolves; `python -m jobs.report OUT` rebuilds the same page byte for byte."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,20 +11,12 @@ import sys
 
 import pytest
 
+from tests.util import read_bytes, read_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
 
 
 @pytest.fixture(scope="module")

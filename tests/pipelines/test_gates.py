@@ -14,19 +14,10 @@ import pytest
 
 from pipelines import gates
 from pipelines.recipe import Recipe
+from tests.util import read_bytes, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KIND = "image_text"
-
-
-def read_json(path: str):
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
-
-
-def read_bytes(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def ledger_frame(rows: list[tuple]) -> pd.DataFrame:

@@ -8,7 +8,7 @@ import os
 import socket
 import tarfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,26 +18,14 @@ from filters.recaption import train_on_recaption
 from jobs.make_sample import PHOTOS, load_photo
 from pipelines.build import run_build
 from pipelines.recipe import load
+from tests.util import QuietHandler
 
 NAMES = list(PHOTOS)[:8]
 
 
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
+class Handler(QuietHandler):
     images: dict[str, bytes] = {}
     chats: list[dict] = []
-
-    def log_message(self, *a):
-        pass
-
-    def _send(self, status, body: bytes, ctype="image/jpeg", headers=()):
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in headers:
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
 
     def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]
