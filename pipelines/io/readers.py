@@ -18,6 +18,8 @@ hold (lone surrogates from undecodable file names or JSON escapes) is made valid
 from __future__ import annotations
 
 import dataclasses
+import errno
+import io
 import json
 import os
 import posixpath
@@ -25,7 +27,8 @@ import re
 import stat
 import tarfile
 import time
-from typing import Any, ClassVar, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -43,7 +46,19 @@ from schemas.common import (
     spark_type,
 )
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff")
+
+def _image_exts() -> tuple[str, ...]:
+    """Every file extension Pillow registers for a format decode accepts (filters.decode.FORMATS):
+    jpg, jpe, jfif, tif, ico, avif, ... A file decode could read is never skipped as 'not an item'."""
+    from PIL import Image
+
+    from filters.decode import FORMATS
+
+    Image.init()
+    return tuple(sorted(ext[1:] for ext, fmt in Image.registered_extensions().items() if fmt in FORMATS))
+
+
+IMAGE_EXTS = _image_exts()
 CAPTION_EXTS = ("txt",)
 META_EXTS = ("json",)
 TABLE_EXTS = (".parquet", ".jsonl", ".ndjson")
@@ -54,52 +69,254 @@ PATH_COLUMNS = ("image_path", "path", "file", "filepath")
 URL_COLUMNS = ("url", "URL", "image_url")
 KEY_COLUMNS = ("key", "id", "sample_id", "__key__", "uid")
 
+# `part` (JSON, or null for a whole file): which part of a table a unit reads (Parquet row groups, a JSONL
+# byte range), the keys resolved across the whole table, or {"failed_only": true} for img2dataset's Parquet
 UNIT = pa.schema([
     pa.field("format", pa.string()), pa.field("uri", pa.string()),
-    pa.field("caption_uri", pa.string()), pa.field("meta_uri", pa.string()),
+    pa.field("caption_uri", pa.string()), pa.field("meta_uri", pa.string()), pa.field("part", pa.string()),
 ])
 ROWS_PER_BATCH = 64
 BYTES_PER_BATCH = 64 << 20
+I2D_STATS_SUFFIX = "_stats.json"  # img2dataset's per-shard summary: not an item
 
 
-def plan_units(uris: Iterable[str], files_per_task: int) -> list[list[dict]]:
-    """Group input files into read units (one list per Spark task)."""
-    tars, tables, loose = [], [], {}
-    listed: set[str] = set()
+# --- transient or permanent ---------------------------------------------------------------------
+_TRANSIENT_ERRNOS = frozenset({
+    errno.ECONNRESET, errno.ETIMEDOUT, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE, errno.ENETRESET,
+    errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.EAGAIN,
+})
+_TRANSIENT_S3_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "RequestThrottledException", "RequestLimitExceeded", "TooManyRequestsException", "BandwidthLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable", "PriorRequestNotComplete",
+})
+
+
+def _transient_one(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):  # reset, refused, aborted, broken pipe, timed out
+        return True
+    if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+        return True
+    try:
+        from botocore import exceptions as bx
+        from urllib3 import exceptions as ux
+    except ImportError:  # pragma: no cover - both come with boto3 / requests
+        return False
+    if isinstance(e, (bx.HTTPClientError, bx.ConnectionError, bx.ResponseStreamingError, bx.IncompleteReadError,
+                      ux.ProtocolError, ux.TimeoutError)):
+        return True
+    if isinstance(e, bx.ClientError):
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return e.response.get("Error", {}).get("Code") in _TRANSIENT_S3_CODES or status == 429 or status >= 500
+    return False
+
+
+def is_transient(e: BaseException) -> bool:
+    """True for errors that may well pass on a second try (S3 throttling and 5xx, connection resets,
+    timeouts; botocore's retryable errors), also when wrapped by another exception. Those RAISE, so
+    Spark retries the task; turning them into a row would hide every item not read yet."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if _transient_one(cur):
+            return True
+        cur = cur.__cause__ or cur.__context__
+    return False
+
+
+class _S3Object(io.RawIOBase):
+    """A seekable read-only S3 object, each read one ranged GET: Parquet footers and row groups and
+    JSONL byte ranges are read without fetching the whole object."""
+
+    def __init__(self, uri: str) -> None:
+        super().__init__()
+        self.bucket, self.key = storage.split_s3(uri)
+        self.size = storage.s3_client().head_object(Bucket=self.bucket, Key=self.key)["ContentLength"]
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = max(0, {0: offset, 1: self.pos + offset, 2: self.size + offset}[whence])
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self.size - self.pos)
+        if n <= 0:
+            return 0
+        body = storage.s3_client().get_object(Bucket=self.bucket, Key=self.key,
+                                              Range=f"bytes={self.pos}-{self.pos + n - 1}")["Body"]
+        data = body.read()
+        b[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _open_seekable(uri: str) -> io.BufferedReader:
+    uri = _local_path(uri)
+    if storage.is_s3(uri):
+        return io.BufferedReader(_S3Object(uri), buffer_size=1 << 20)
+    return open(uri, "rb")
+
+
+TABLE_ROWS_PER_UNIT = 50_000  # a Parquet table above this many rows is split by row groups
+JSONL_BYTES_PER_UNIT = 64 << 20  # a JSONL table above this many bytes is split by byte ranges
+
+
+def _unit(fmt: str, uri: str, caption_uri=None, meta_uri=None, part: dict | None = None) -> dict:
+    return {"format": fmt, "uri": uri, "caption_uri": caption_uri, "meta_uri": meta_uri,
+            "part": None if part is None else json.dumps(part, sort_keys=True)}
+
+
+def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TABLE_ROWS_PER_UNIT,
+               bytes_per_unit: int = JSONL_BYTES_PER_UNIT) -> list[list[dict]]:
+    """Group input files into read units (one list per Spark task).
+
+    img2dataset's output folder (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json) is read as its samples,
+    once: the tar gives the successful ones and the Parquet only the rows whose `status` is not
+    success (its other rows are the tar's samples); the _stats.json is no item. A table owns only the
+    loose files it references by path; a large table is split into several units (split_table)."""
+    listed: list[str] = []
+    seen: set[str] = set()
     for uri in uris:
         for f in storage.list_files(uri):
             f = _valid_text(f, name=True)  # undecodable bytes in a name: '\\udcXX', see _local_path
-            if f in listed:  # overlapping inputs (a folder and a file inside it): one item, not two
-                continue
-            listed.add(f)
-            name = f.rsplit("/", 1)[-1]
-            lower = name.lower()
-            if lower.endswith(".tar"):
-                tars.append([{"format": "tar", "uri": f, "caption_uri": None, "meta_uri": None}])
-            elif lower.endswith(TABLE_EXTS):
-                tables.append([{"format": "table", "uri": f, "caption_uri": None, "meta_uri": None}])
+            if f not in seen:  # overlapping inputs (a folder and a file inside it): one item, not two
+                seen.add(f)
+                listed.append(f)
+    tar_stems = {f[: -len(".tar")] for f in listed if f.lower().endswith(".tar")}
+    pq_stems = {f[: -len(".parquet")] for f in listed if f.lower().endswith(".parquet")}
+    tars, tables, loose = [], [], {}
+    for f in listed:
+        lower = f.rsplit("/", 1)[-1].lower()
+        if lower.endswith(".tar"):
+            tars.append([_unit("tar", f)])
+        elif lower.endswith(TABLE_EXTS):
+            if lower.endswith(".parquet") and f[: -len(".parquet")] in tar_stems:
+                tables.append([_unit("table", f, part={"failed_only": True})])  # img2dataset's shard metadata
             else:
-                stem, ext = os.path.splitext(f)
-                ext = ext[1:].lower()
-                slot = "image" if ext in IMAGE_EXTS else "caption" if ext in CAPTION_EXTS else "meta" if ext in META_EXTS else None
-                if slot is None:
-                    continue  # README files, checksums, ...: not items
-                group = loose.setdefault(stem, {})
-                if slot == "image" and "image" in group:
-                    # two images with one stem (a.jpg and a.png): each is its own item
-                    loose.setdefault(f, {})["image"] = f
-                else:
-                    group[slot] = f
-    # a table owns its folder: images it references by path are not also items of their own
-    table_dirs = tuple(t[0]["uri"].rsplit("/", 1)[0] + "/" for t in tables)
-    loose = {stem: g for stem, g in loose.items() if not stem.startswith(table_dirs)}
+                tables.append(f)  # split below, once the loose files are known
+        elif lower.endswith(I2D_STATS_SUFFIX) and f[: -len(I2D_STATS_SUFFIX)] in (tar_stems | pq_stems):
+            continue  # img2dataset's per-shard statistics
+        else:
+            stem, ext = os.path.splitext(f)
+            ext = ext[1:].lower()
+            slot = "image" if ext in IMAGE_EXTS else "caption" if ext in CAPTION_EXTS else "meta" if ext in META_EXTS else None
+            if slot is None:
+                continue  # README files, checksums, ...: not items
+            group = loose.setdefault(stem, {})
+            if slot == "image" and "image" in group:
+                # two images with one stem (a.jpg and a.png): each is its own item
+                loose.setdefault(f, {})["image"] = f
+            else:
+                group[slot] = f
+    # a table owns the images it references by path (and their side-cars): they are not items of their own
+    images = {g["image"]: stem for stem, g in loose.items() if "image" in g}
+    for t in tables:
+        if isinstance(t, str) and images:
+            for ref in _referenced_paths(t):
+                loose.pop(images.get(ref), None)
     items = []
     for stem in sorted(loose):
         g = loose[stem]
-        items.append({"format": "file", "uri": g.get("image") or g.get("caption") or g.get("meta"),
-                      "caption_uri": g.get("caption"), "meta_uri": g.get("meta") if "image" in g or "caption" in g else None})
+        items.append(_unit("file", g.get("image") or g.get("caption") or g.get("meta"), g.get("caption"),
+                           g.get("meta") if "image" in g or "caption" in g else None))
     chunks = [items[i : i + files_per_task] for i in range(0, len(items), files_per_task)]
+    tables = [[u] for t in tables for u in (split_table(t, rows_per_unit, bytes_per_unit) if isinstance(t, str) else t)]
     return tars + tables + chunks
+
+
+def _resolve(base: str, path: str) -> str:
+    """The file a table row's path names (relative to the table's folder), as plan_units lists it."""
+    full = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(base, path)
+    if storage.is_s3(full):
+        bucket, key = storage.split_s3(full)
+        return f"s3://{bucket}/{posixpath.normpath(key)}"
+    return _valid_text(os.path.normpath(full), name=True)
+
+
+def _referenced_paths(uri: str) -> set[str]:
+    """Files a table references by path (driver side; only the path columns are read). A table that
+    cannot be read owns nothing: its unit reports it, and the files beside it stay items."""
+    base = uri.rsplit("/", 1)[0]
+    out: set[str] = set()
+    try:
+        if uri.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with _open_seekable(uri) as f:
+                pf = pq.ParquetFile(f)
+                cols = [c for c in PATH_COLUMNS if c in pf.schema_arrow.names]
+                if not cols:
+                    return out
+                rows = (r for b in pf.iter_batches(batch_size=4096, columns=cols) for r in b.to_pylist())
+                out.update(_resolve(base, str(p)) for r in rows if (p := _first(r, PATH_COLUMNS)))
+            return out
+        with _open_seekable(uri) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    continue
+                if isinstance(r, dict) and (p := _first(r, PATH_COLUMNS)) and isinstance(p, str):
+                    out.add(_resolve(base, p))
+    except Exception as e:
+        if is_transient(e):
+            raise
+    return out
+
+
+def split_table(uri: str, rows_per_unit: int, bytes_per_unit: int) -> list[dict]:
+    """Read units for one table, from metadata only: Parquet row groups up to rows_per_unit rows per
+    unit; JSONL byte ranges of bytes_per_unit (a line belongs to the range its first byte is in). A
+    JSONL range's first line number, and the keys of rows whose key is not unique on its own, are
+    filled in by resolve_splits, so no key or sample id depends on the split."""
+    try:
+        if uri.lower().endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            with _open_seekable(uri) as f:
+                md = pq.ParquetFile(f).metadata
+                keyed = any(c in md.schema.to_arrow_schema().names for c in KEY_COLUMNS)
+                sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
+            if md.num_rows <= rows_per_unit or len(sizes) < 2:
+                return [_unit("table", uri)]
+            units, groups, first, rows = [], [], 0, 0
+            for g, n in enumerate(sizes):
+                if groups and rows + n > rows_per_unit:
+                    units.append({"row_groups": groups, "first": first, "rows": rows, "keyed": keyed})
+                    groups, first, rows = [], first + rows, 0
+                groups.append(g)
+                rows += n
+            units.append({"row_groups": groups, "first": first, "rows": rows, "keyed": keyed})
+            return [_unit("table", uri, part=p) for p in units]
+        if uri.lower().endswith(TABLE_EXTS):
+            size = _object_size(uri)
+            if size <= bytes_per_unit:
+                return [_unit("table", uri)]
+            return [_unit("table", uri, part={"start": a, "end": min(a + bytes_per_unit, size), "first": None,
+                                              "keyed": True})
+                    for a in range(0, size, bytes_per_unit)]
+    except Exception as e:
+        if is_transient(e):
+            raise
+    return [_unit("table", uri)]
+
+
+def _object_size(uri: str) -> int:
+    uri = _local_path(uri)
+    if storage.is_s3(uri):
+        bucket, key = storage.split_s3(uri)
+        return storage.s3_client().head_object(Bucket=bucket, Key=key)["ContentLength"]
+    return os.path.getsize(uri)
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -292,7 +509,9 @@ def read_tar(uri: str, max_member_bytes: int) -> Iterator[dict]:
             rest = _unread_rest(tf)
             if rest:
                 yield alone("@error", "read_error", rest)
-    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+    except Exception as e:
+        if is_transient(e) or not isinstance(e, (tarfile.TarError, OSError, EOFError, ValueError)):
+            raise  # Spark retries the task: the members not read yet must not vanish behind one row
         why = f"tar stopped being readable: {type(e).__name__}: {e}"
         if key is not None:  # the sample being read when it broke may be missing members
             problem = problem or why
@@ -304,34 +523,85 @@ def _first(row: dict, names: tuple[str, ...]) -> Any:
     return next((row[n] for n in names if n in row and row[n] is not None), None)
 
 
-def _table_rows(uri: str) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(row key, row dict or None, error detail)."""
+def _table_rows(uri: str, part: dict) -> Iterator[tuple[int, str, dict | None, str | None]]:
+    """(row position in the whole table, positional key, row dict or None, error detail) for the rows
+    of `part` (see split_table; {} is the whole table). A Parquet table that breaks off after its
+    metadata was read gives each row not read a row of its own; anything else raises."""
     if uri.lower().endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        path, tmp = storage.local_copy(_local_path(uri))
+        n = part.get("first") or 0
+        total = None if part.get("rows") is None else n + part["rows"]  # a split knows its row count
+        path, tmp, f = None, False, None
         try:
-            n = 0
-            for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
-                for r in batch.to_pylist():
-                    yield f"row{n}", r, None
-                    n += 1
+            if part.get("row_groups") is not None:  # a split: read only its row groups, by ranged reads
+                f = _open_seekable(uri)
+            else:
+                path, tmp = storage.local_copy(_local_path(uri))
+            pf = pq.ParquetFile(f if f is not None else path)
+            groups = part.get("row_groups")
+            groups = list(range(pf.num_row_groups)) if groups is None else groups
+            total = n + sum(pf.metadata.row_group(g).num_rows for g in groups)
+            for g in groups:  # one damaged row group costs its own rows, not the ones after it
+                end = n + pf.metadata.row_group(g).num_rows
+                try:
+                    for batch in pf.iter_batches(batch_size=256, row_groups=[g]):
+                        for r in batch.to_pylist():
+                            yield n, f"row{n}", r, None
+                            n += 1
+                except Exception as e:
+                    if is_transient(e):
+                        raise
+                    why = f"row group {g} stopped being readable at row {n}: {type(e).__name__}: {e}"
+                    for m in range(n, end):
+                        yield m, f"row{m}", None, why
+                n = end
+        except Exception as e:
+            if total is None or is_transient(e):
+                raise
+            why = f"table stopped being readable at row {n}: {type(e).__name__}: {e}"
+            for m in range(n, total):
+                yield m, f"row{m}", None, why
         finally:
+            if f is not None:
+                f.close()
             if tmp:
                 os.remove(path)
         return
-    with storage.open_read(_local_path(uri)) as f:
-        for n, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-                if not isinstance(r, dict):
-                    raise ValueError(f"a JSON {type(r).__name__}, not an object")
-            except (ValueError, UnicodeDecodeError, RecursionError) as e:
-                yield f"line{n}", None, f"malformed JSON line: {type(e).__name__}: {e}"
-                continue
-            yield f"line{n}", r, None
+    for n, line in _jsonl_lines(uri, part):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            if not isinstance(r, dict):
+                raise ValueError(f"a JSON {type(r).__name__}, not an object")  # noqa: TRY004 - caught below
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
+            yield n, f"line{n}", None, f"malformed JSON line: {type(e).__name__}: {e}"
+            continue
+        yield n, f"line{n}", r, None
+
+
+def _jsonl_lines(uri: str, part: dict) -> Iterator[tuple[int, bytes]]:
+    """(line number, line) of a JSONL table, or of the lines that START in part's byte range
+    [start, end): the line running into the range belongs to the range before it."""
+    start, end, n = part.get("start", 0), part.get("end"), part.get("first") or 0
+    if not start and end is None:
+        with storage.open_read(_local_path(uri)) as f:
+            yield from enumerate(f)
+        return
+    with _open_seekable(uri) as f:
+        pos = start
+        if start > 0:
+            f.seek(start - 1)
+            if f.read(1) != b"\n":
+                pos += len(f.readline())
+        while pos < end:
+            line = f.readline()
+            if not line:
+                return
+            yield n, line
+            pos += len(line)
+            n += 1
 
 
 def _read_item_bytes(uri: str, max_bytes: int) -> bytes:
@@ -346,21 +616,53 @@ def _read_item_bytes(uri: str, max_bytes: int) -> bytes:
     return storage.read_bytes(uri, max_bytes)
 
 
-def read_table(uri: str, max_member_bytes: int) -> Iterator[dict]:
-    """One row per table row. A key (the first of KEY_COLUMNS, else the row position) seen before in
-    the table is `duplicate_member`; a row that does not parse, an image column of the wrong type or
-    an image above max_member_bytes is `read_error`; a table that stops being readable ends with one
-    `read_error` row keyed '@error'."""
+def _raw_key(r: dict | None, pos: str) -> str:
+    """A row's key before de-duplication: the first of KEY_COLUMNS, else its position."""
+    return pos if r is None else str(_first(r, KEY_COLUMNS) or pos)
+
+
+def read_table(uri: str, max_member_bytes: int, part: str | dict | None = None) -> Iterator[dict]:
+    """One row per table row (of `part`: see split_table). A key (the first of KEY_COLUMNS, else the
+    row position) seen before in the table is `duplicate_member`; a row that does not parse, an image
+    column of the wrong type or an image above max_member_bytes is `read_error`; a Parquet table that
+    breaks off after its metadata gives each unread row a `read_error` row; any other table that stops
+    being readable ends with one `read_error` row keyed '@error' ('@error@<first byte>' for a part of
+    a JSONL table). A transient error (is_transient) raises, so Spark retries the task.
+
+    With `{"failed_only": true}` (img2dataset's Parquet beside its tar) only rows whose `status` is not
+    "success" are items: `download_failed`, with img2dataset's error_message as the detail."""
+    part = json.loads(part) if isinstance(part, str) else dict(part or {})
     base = uri.rsplit("/", 1)[0]
     keys = _UniqueKeys()
+    split = "row_groups" in part or "start" in part
+    resolved = part.get("keys") or {}  # row position -> [source key, seen before], from resolve_splits
+
+    def claim(idx: int, key: str) -> tuple[str, bool]:
+        if not split:
+            return keys.claim(key)
+        sk, again = resolved.get(str(idx), (key, False))
+        return sk, bool(again)
+
     try:
-        for pos, r, bad in _table_rows(uri):
+        for idx, pos, r, bad in _table_rows(uri, part):
             if r is None:
-                sk, _ = keys.claim(pos)
+                sk, _ = claim(idx, pos)
                 yield _row(f"{uri}::{sk}", sk, error="read_error", detail=bad)
                 continue
-            key = str(_first(r, KEY_COLUMNS) or pos)
-            sk, again = keys.claim(key)
+            if part.get("failed_only") and "status" in r:
+                if r["status"] == "success":
+                    continue  # a sample of the tar beside this table
+                key = _raw_key(r, pos)
+                sk, again = claim(idx, key)
+                caption = _first(r, CAPTION_COLUMNS)
+                yield _row(f"{uri}::{sk}", sk, url=_first(r, URL_COLUMNS),
+                           caption=caption if isinstance(caption, str) else None,
+                           error="duplicate_member" if again else "download_failed",
+                           detail=f"key {key!r} appears again ({pos})" if again else
+                           f"img2dataset: {r['status']}: {r.get('error_message') or 'no error message'}")
+                continue
+            key = _raw_key(r, pos)
+            sk, again = claim(idx, key)
             source = f"{uri}::{sk}"
             if again:
                 yield _row(source, sk, error="duplicate_member", detail=f"key {key!r} appears again ({pos})")
@@ -385,7 +687,9 @@ def read_table(uri: str, max_member_bytes: int) -> Iterator[dict]:
                 full = path if storage.is_s3(path) or os.path.isabs(path) else storage.join(base, path)
                 try:
                     image = _read_item_bytes(full, max_member_bytes)
-                except Exception as e:  # noqa: BLE001 - missing or unreadable file: this row only
+                except Exception as e:
+                    if is_transient(e):
+                        raise
                     yield _row(source, key, url=url, caption=caption, meta=meta, error="read_error",
                                detail=f"{full}: {type(e).__name__}: {e}")
                     continue
@@ -393,8 +697,10 @@ def read_table(uri: str, max_member_bytes: int) -> Iterator[dict]:
                 yield _row(source, key, caption=caption, meta=meta, error="image_missing", detail="no image, path or url column")
                 continue
             yield _row(source, key, url=None if image is not None else str(url), image=image, caption=caption, meta=meta)
-    except Exception as e:  # noqa: BLE001 - a corrupt table: account for it, keep the rows read so far
-        sk, _ = keys.claim("@error")
+    except Exception as e:
+        if is_transient(e):
+            raise
+        sk, _ = keys.claim("@error" if "start" not in part else f"@error@{part['start']}")
         yield _row(f"{uri}::{sk}", sk, error="read_error", detail=f"table stopped being readable: {type(e).__name__}: {e}")
 
 
@@ -407,7 +713,9 @@ def read_file_item(unit: dict, max_member_bytes: int) -> dict:
             if unit.get(slot):
                 ext = unit[slot].rsplit(".", 1)[-1].lower()
                 parts[ext] = _read_item_bytes(unit[slot], max_member_bytes)
-    except Exception as e:  # noqa: BLE001 - unreadable, vanished, too large: this item only
+    except Exception as e:
+        if is_transient(e):
+            raise
         return _row(uri, key, error="read_error", detail=f"{type(e).__name__}: {e}")
     return _group_row(uri, key, parts)
 
@@ -416,7 +724,7 @@ def read_unit(unit: dict, max_member_bytes: int) -> Iterator[dict]:
     if unit["format"] == "tar":
         yield from read_tar(unit["uri"], max_member_bytes)
     elif unit["format"] == "table":
-        yield from read_table(unit["uri"], max_member_bytes)
+        yield from read_table(unit["uri"], max_member_bytes, unit.get("part"))
     else:
         yield read_file_item(unit, max_member_bytes)
 
@@ -459,14 +767,93 @@ class ReadUnits(Stage):
             yield batch
 
 
-def read_plan(spark, uris: list[str], files_per_task: int):
-    """DataFrame of read units (format, uri, caption_uri, meta_uri), one Spark partition per task."""
-    tasks = plan_units(uris, files_per_task)
+def _split_keys(item: tuple[int, str, str]) -> Iterator[tuple[int, int, str | None, bool]]:
+    """(unit, row position within the unit, key or None when the key is the position, True) for each
+    row of a split unit, then (unit, rows or lines in the unit, None, False)."""
+    unit, uri, part = item
+    part = {**json.loads(part), "first": 0}
+    n = 0
+    try:
+        if uri.lower().endswith(".parquet"):
+            for n, _, r, _ in _table_rows(uri, part):
+                k = None if r is None else _first(r, KEY_COLUMNS)
+                yield unit, n, str(k) if k else None, True
+                n += 1
+        else:  # as _table_rows reads it, but blank lines are counted too
+            for n, line in _jsonl_lines(uri, part):
+                if line.strip():
+                    try:
+                        r = json.loads(line)
+                    except (ValueError, UnicodeDecodeError, RecursionError):
+                        r = None
+                    k = _first(r, KEY_COLUMNS) if isinstance(r, dict) else None
+                    yield unit, n, str(k) if k else None, True
+                n += 1
+    except Exception as e:
+        if is_transient(e):
+            raise
+    yield unit, n, None, False
+
+
+def resolve_splits(spark, tasks: list[list[dict]]) -> list[list[dict]]:
+    """Fill in what a split unit cannot know alone, with one Spark job over the split units: the first
+    line number of a JSONL range, and the source key of every row whose key is not unique in its table
+    (or holds a '#'), replayed in table order exactly as one reader of the whole table would claim them
+    (_UniqueKeys). Only those few keys come back to the driver; keys and sample ids so do not depend on
+    the split."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    todo = [u for t in tasks for u in t if u.get("part") and json.loads(u["part"]).get("keyed")]
+    if not todo:
+        return tasks
+    parts = [json.loads(u["part"]) for u in todo]
+    items = [(i, u["uri"], u["part"]) for i, u in enumerate(todo)]
+    keys = (spark.sparkContext.parallelize(items, len(items)).flatMap(_split_keys)
+            .toDF("unit int, local long, raw string, is_row boolean").cache())
+    try:
+        counts = dict(keys.filter(~F.col("is_row")).select("unit", "local").collect())
+        next_line: dict[str, int] = {}
+        for i, (u, p) in enumerate(zip(todo, parts)):  # JSONL ranges are planned in file order
+            if p.get("first") is None:
+                p["first"] = next_line.get(u["uri"], 0)
+                next_line[u["uri"]] = p["first"] + counts.get(i, 0)
+        units = spark.createDataFrame(
+            [(i, u["uri"], p["first"], "line" if "start" in p else "row") for i, (u, p) in enumerate(zip(todo, parts))],
+            "unit int, uri string, first long, prefix string")
+        rows = (keys.filter("is_row").join(F.broadcast(units), "unit")
+                .withColumn("pos", F.col("first") + F.col("local"))
+                .withColumn("key", F.coalesce("raw", F.concat("prefix", F.col("pos").cast("string"))))
+                .withColumn("n", F.count(F.lit(1)).over(Window.partitionBy("uri", "key")))
+                .filter((F.col("n") > 1) | F.col("key").contains("#"))
+                .select("uri", "pos", "key").collect())
+    finally:
+        keys.unpersist()
+    claimed: dict[str, dict[int, list]] = {}
+    for uri in sorted({r["uri"] for r in rows}):
+        ours, out = _UniqueKeys(), claimed.setdefault(uri, {})
+        for r in sorted((r for r in rows if r["uri"] == uri), key=lambda r: r["pos"]):
+            sk, again = ours.claim(r["key"])
+            if (sk, again) != (r["key"], False):
+                out[r["pos"]] = [sk, again]
+    for i, (u, p) in enumerate(zip(todo, parts)):
+        end = p["first"] + counts.get(i, 0)
+        p["keys"] = {str(k): v for k, v in claimed.get(u["uri"], {}).items() if p["first"] <= k < end}
+        del p["keyed"]
+        u["part"] = json.dumps(p, sort_keys=True)
+    return tasks
+
+
+def read_plan(spark, uris: list[str], files_per_task: int, rows_per_unit: int = TABLE_ROWS_PER_UNIT,
+              bytes_per_unit: int = JSONL_BYTES_PER_UNIT):
+    """DataFrame of read units (format, uri, caption_uri, meta_uri, part), one Spark partition per task."""
+    tasks = resolve_splits(spark, plan_units(uris, files_per_task, rows_per_unit, bytes_per_unit))
     if not tasks:
         raise FileNotFoundError(f"no input files under {uris}")
     # one element per partition: each read unit list becomes exactly one task
     return (spark.sparkContext.parallelize(tasks, len(tasks))
-            .flatMap(lambda task: [(u["format"], u["uri"], u["caption_uri"], u["meta_uri"]) for u in task])
+            .flatMap(lambda task: [(u["format"], u["uri"], u["caption_uri"], u["meta_uri"], u.get("part"))
+                                   for u in task])
             .toDF(spark_type(UNIT)))
 
 

@@ -217,3 +217,189 @@ def test_folder_special_files_and_names_that_are_not_utf8(tmp_path):
     assert {k: r["error"] for k, r in rows.items()} == {
         "fifo": "read_error", "dangling": "read_error", "loop": "read_error", "\\udce9t\\udce9": None}
     assert rows["\\udce9t\\udce9"]["image"] == b"LATIN1"
+
+
+# --- every item exactly once: img2dataset folders, tables beside loose files, transient errors, splits --
+
+
+def _plan_rows(paths, **kw):
+    return _rows([u for t in readers.plan_units([str(p) for p in paths], 10, **kw) for u in t])
+
+
+def test_img2dataset_output_folder_is_read_as_its_samples_once(tmp_path):
+    # img2dataset: the tar holds the successful samples, the parquet every sample's status
+    _tar(tmp_path / "00000.tar", [
+        ("000000000.jpg", b"IMG0"), ("000000000.txt", b"cap 0"), ("000000000.json", b'{"status": "success"}'),
+        ("000000002.jpg", b"IMG2"), ("000000002.txt", b"cap 2"), ("000000002.json", b'{"status": "success"}'),
+    ])
+    pq.write_table(pa.table({
+        "url": [f"http://h/{i}.jpg" for i in range(4)], "caption": [f"cap {i}" for i in range(4)],
+        "key": [f"{i:09d}" for i in range(4)],
+        "status": ["success", "failed_to_download", "success", "failed_to_resize"],
+        "error_message": [None, "HTTP Error 404: Not Found", None, "image file is truncated"],
+    }), tmp_path / "00000.parquet")
+    (tmp_path / "00000_stats.json").write_text('{"count": 4, "successes": 2}')
+    rows = _plan_rows([tmp_path])
+    got = sorted((r["source_key"], r["error"]) for r in rows)
+    assert got == [("000000000", None), ("000000001", "download_failed"), ("000000002", None),
+                   ("000000003", "download_failed")]
+    failed = {r["source_key"]: r for r in rows if r["error"]}
+    assert "HTTP Error 404" in failed["000000001"]["error_detail"] and failed["000000001"]["url"] == "http://h/1.jpg"
+    assert "truncated" in failed["000000003"]["error_detail"]
+    ok = {r["source_key"]: r for r in rows if not r["error"]}
+    assert ok["000000000"]["image"] == b"IMG0" and ok["000000000"]["source"].endswith("00000.tar::000000000")
+    # a parquet with no tar beside it is a URL table as before: every row an item
+    (tmp_path / "00000.tar").unlink()
+    assert len(_plan_rows([tmp_path])) == 4
+
+
+def test_a_table_owns_only_the_files_it_references_and_every_decodable_extension_is_read(tmp_path):
+    t = tmp_path / "t"
+    t.mkdir()
+    (t / "x.jpg").write_bytes(b"X")
+    (t / "x.txt").write_text("side-car of a referenced image: the table's")
+    (t / "rows.jsonl").write_text('{"image_path": "x.jpg", "caption": "from table"}\n'
+                                  '{"image_path": "../up.png", "caption": "outside the folder"}\n')
+    (tmp_path / "up.png").write_bytes(b"UP")
+    for name in ("beside.jpg", "a.jpe", "b.jfif", "c.tif", "d.ico", "e.avif"):
+        (t / name).write_bytes(name.encode())
+    (t / "beside.txt").write_text("a loose image the table does not name")
+    rows = {r["source_key"]: r for r in _plan_rows([tmp_path])}
+    assert set(rows) == {"line0", "line1", "beside", "a", "b", "c", "d", "e"}
+    assert rows["line0"]["image"] == b"X" and rows["line1"]["image"] == b"UP"
+    assert rows["beside"]["caption"] == "a loose image the table does not name" and rows["e"]["image"] == b"e.avif"
+    assert {"jpe", "jfif", "tif", "ico", "avif", "jpg", "png", "webp"} <= set(readers.IMAGE_EXTS)
+
+
+class _BreaksOnce:
+    """A file whose reads raise ConnectionResetError once `after` bytes were read (the first time only)."""
+    broken = 0
+
+    def __init__(self, path, after):
+        self.f, self.after = open(path, "rb"), after  # noqa: SIM115 - closed by __exit__
+
+    def read(self, n=-1):
+        if _BreaksOnce.broken == 0 and self.f.tell() >= self.after:
+            _BreaksOnce.broken += 1
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return self.f.read(n if n is None or n < 0 or self.f.tell() + n <= self.after or _BreaksOnce.broken
+                           else self.after - self.f.tell())
+
+    def __iter__(self):
+        while line := self._readline():
+            yield line
+
+    def _readline(self):
+        out = b""
+        while not out.endswith(b"\n"):
+            c = self.read(1)
+            if not c:
+                break
+            out += c
+        return out
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        self.f.close()
+
+
+def test_a_transient_error_raises_so_spark_retries_and_the_retry_reads_everything(tmp_path, monkeypatch):
+    import pytest
+
+    _tar(tmp_path / "a.tar", [(f"{i}.jpg", bytes(2000)) for i in range(4)])
+    (tmp_path / "t.jsonl").write_text("".join(f'{{"url": "http://h/{i}.jpg"}}\n' for i in range(6)))
+    real_open = readers.storage.open_read
+    for name, n in (("a.tar", 4), ("t.jsonl", 6)):
+        _BreaksOnce.broken = 0
+        monkeypatch.setattr(readers.storage, "open_read", lambda uri: _BreaksOnce(uri, 3000 if "tar" in uri else 40))
+        unit = {"format": "tar" if name.endswith("tar") else "table", "uri": str(tmp_path / name)}
+        with pytest.raises(ConnectionResetError):  # not one '@error' row hiding the unread items
+            _rows([unit])
+        monkeypatch.setattr(readers.storage, "open_read", real_open)
+        rows = _rows([unit])  # Spark's retry
+        assert len(rows) == n and not any(r["error"] for r in rows)
+    # a loose file and a table's image path: the same
+    (tmp_path / "i.jpg").write_bytes(b"I")
+    monkeypatch.setattr(readers.storage, "read_bytes", lambda *a: (_ for _ in ()).throw(TimeoutError("timed out")))
+    with pytest.raises(TimeoutError):
+        _rows([{"format": "file", "uri": str(tmp_path / "i.jpg")}])
+
+
+def test_transient_or_permanent():
+    from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+
+    def client_error(code, status):
+        return ClientError({"Error": {"Code": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+
+    for e in (client_error("SlowDown", 503), client_error("InternalError", 500), client_error("X", 429),
+              EndpointConnectionError(endpoint_url="http://s3"), ReadTimeoutError(endpoint_url="http://s3"),
+              ConnectionResetError(), OSError(110, "Connection timed out")):
+        assert readers.is_transient(e), e
+    wrapped = OSError("read failed")
+    wrapped.__cause__ = ConnectionResetError(104, "reset")
+    assert readers.is_transient(wrapped)
+    for e in (client_error("NoSuchKey", 404), client_error("AccessDenied", 403), FileNotFoundError(2, "gone"),
+              ValueError("malformed"), tarfile.ReadError("bad"), EOFError()):
+        assert not readers.is_transient(e), e
+
+
+def test_a_parquet_that_breaks_after_its_metadata_gives_a_row_per_unread_row(tmp_path):
+    p = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"key": [f"k{i}" for i in range(9)], "url": [f"http://h/{i}" for i in range(9)]}),
+                   p, row_group_size=3, compression="none")
+    data = bytearray(p.read_bytes())
+    md = pq.ParquetFile(p).metadata
+    col = md.row_group(1).column(0)
+    start = col.dictionary_page_offset or col.data_page_offset
+    data[start: start + col.total_compressed_size] = b"\xff" * col.total_compressed_size  # row group 1 unreadable
+    p.write_bytes(bytes(data))
+    rows = _rows([{"format": "table", "uri": str(p)}])
+    assert [(r["source_key"], r["error"]) for r in rows] == [
+        ("k0", None), ("k1", None), ("k2", None), ("row3", "read_error"), ("row4", "read_error"),
+        ("row5", "read_error"), ("k6", None), ("k7", None), ("k8", None)]
+    assert "row group 1" in rows[3]["error_detail"]
+    assert len({r["sample_id"] for r in rows}) == 9
+
+
+def _split_fixtures(tmp_path):
+    keys = ["a", "b", "a", "c", None, "a#1", "d", "b", "row4", "e", "a", "f"]
+    pq.write_table(pa.table({"key": keys, "url": [f"http://h/{i}.jpg" for i in range(12)]}),
+                   tmp_path / "keyed.parquet", row_group_size=2)
+    pq.write_table(pa.table({"url": [f"http://h/{i}.jpg" for i in range(12)]}), tmp_path / "plain.parquet",
+                   row_group_size=2)
+    lines = []
+    for i in range(30):
+        lines.append("" if i % 7 == 3 else "not json" if i % 11 == 5 else
+                     json.dumps({"key": f"k{i % 9}", "url": f"http://h/{i}.jpg", "caption": "x" * (i * 3)}))
+    (tmp_path / "rows.jsonl").write_text("\n".join(lines) + "\n")
+    return [tmp_path / "keyed.parquet", tmp_path / "plain.parquet", tmp_path / "rows.jsonl"]
+
+
+def test_large_tables_are_split_and_keys_do_not_depend_on_the_split(tmp_path, spark):
+    from pipelines.io.readers import ReadUnits
+
+    paths = _split_fixtures(tmp_path)
+    whole = sorted((r["source"], r["source_key"], r["sample_id"], r["error"], r["url"]) for r in _plan_rows(paths))
+    for rows_per_unit, bytes_per_unit in ((4, 301), (6, 777)):
+        plan = readers.read_plan(spark, [str(p) for p in paths], 10, rows_per_unit, bytes_per_unit)
+        units = plan.collect()
+        assert len(units) > 3 and all(u["part"] for u in units if u["format"] == "table")
+        parts = [json.loads(u["part"]) for u in units]
+        assert all(p.get("row_groups") is not None or p.get("start") is not None for p in parts)
+        got = readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect()
+        got = sorted((r["source"], r["source_key"], r["sample_id"], r["error"], r["url"]) for r in got)
+        assert got == whole, (rows_per_unit, bytes_per_unit)
+    keyed = {r[1]: r[3] for r in whole if r[0].split("::")[0].endswith("keyed.parquet")}
+    assert keyed["a"] is None and keyed["a#1"] == keyed["a#2"] == "duplicate_member" and keyed["a#1#1"] is None
+    assert keyed["row4"] is None and keyed["row4#1"] == "duplicate_member"
+
+
+def test_a_split_unit_reads_only_its_part(tmp_path, monkeypatch):
+    paths = _split_fixtures(tmp_path)
+    units = [u for t in readers.plan_units([str(paths[1])], 10, rows_per_unit=4) for u in t]
+    assert [json.loads(u["part"])["row_groups"] for u in units] == [[0, 1], [2, 3], [4, 5]]
+    assert [r["source_key"] for r in _rows(units[1:2])] == ["row4", "row5", "row6", "row7"]
+    units = [u for t in readers.plan_units([str(paths[2])], 10, bytes_per_unit=200) for u in t]
+    assert len(units) > 2
