@@ -26,7 +26,9 @@ import re
 import socket
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from http import cookiejar
 from typing import Any, ClassVar, NamedTuple
 from urllib.parse import urljoin, urlsplit
@@ -61,6 +63,7 @@ _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _OPT_OUT = frozenset({"noai", "noimageai"})
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 _CHUNK = 64 * 1024
+_MAX_PENDING_BATCHES = 32  # batches held while an earlier one waits for a slow URL (bounds memory)
 
 
 class BlockedAddress(Exception):
@@ -366,23 +369,20 @@ class Download(Stage):
             return _Retry(FAILED, f"connection error while reading body: {_describe(e)}")
         return Outcome(OK, image=bytes(body))
 
-    # --- a batch ------------------------------------------------------------------------------
-    def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
+    # --- batches ------------------------------------------------------------------------------
+    @staticmethod
+    def _todo(batch: pa.RecordBatch) -> list[tuple[int, str]]:
+        """(row, url) of the rows to fetch: no error, no bytes, a non-blank URL."""
         urls = batch.column(S.URL).to_pylist()
         images = batch.column(S.IMAGE).to_pylist()
         errors = batch.column(ERROR).to_pylist()
+        return [(i, url) for i, (url, img, err) in enumerate(zip(urls, images, errors))
+                if err is None and img is None and url is not None and url.strip()]
+
+    def _columns(self, batch: pa.RecordBatch, outcomes: dict[int, Outcome]) -> dict[str, list]:
+        images = batch.column(S.IMAGE).to_pylist()
+        errors = batch.column(ERROR).to_pylist()
         details = batch.column(ERROR_DETAIL).to_pylist()
-        todo = [
-            i
-            for i, (url, img, err) in enumerate(zip(urls, images, errors))
-            if err is None and img is None and url is not None and url.strip()
-        ]
-        outcomes: dict[int, Outcome] = {}
-        if todo:
-            workers = max(1, min(self.concurrency, len(todo)))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
-                # map keeps input order, so the outcomes line up with `todo`.
-                outcomes = dict(zip(todo, pool.map(lambda i: self.fetch(state, urls[i]), todo)))
         out: dict[str, list] = {S.IMAGE: [], ERROR: [], ERROR_DETAIL: [], DOWNLOAD_STATUS: []}
         for i in range(batch.num_rows):
             o = outcomes.get(i)
@@ -395,3 +395,75 @@ class Download(Stage):
             for name, value in zip(out, row):
                 out[name].append(value)
         return out
+
+    def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
+        """One batch on its own (run() keeps requests rolling across batches instead)."""
+        if isinstance(state, _Fetched):  # run(): the outcomes are already there
+            return self._columns(batch, state.outcomes)
+        todo = self._todo(batch)
+        outcomes: dict[int, Outcome] = {}
+        if todo:
+            workers = max(1, min(self.concurrency, len(todo)))
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
+                # map keeps input order, so the outcomes line up with `todo`.
+                outcomes = dict(zip((i for i, _ in todo), pool.map(lambda t: self.fetch(state, t[1]), todo)))
+        return self._columns(batch, outcomes)
+
+    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
+            timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
+        """Keep up to `concurrency` requests in flight ACROSS batches: while one slow URL holds back its
+        batch, the next batches' URLs are already being fetched (a pool per batch would wait for each
+        batch's slowest URL in turn). Batches still come out whole and in input order, each once all
+        its rows are done; at most _MAX_PENDING_BATCHES wait behind an unfinished one. `timing[0]` gets
+        this stage's seconds (waiting on requests included), not those spent producing the input."""
+        clock: list[Any] = [0.0, time.perf_counter()]  # [seconds spent here, start of this stretch or None]
+
+        def pause() -> None:
+            if clock[1] is not None:
+                clock[0] += time.perf_counter() - clock[1]
+                clock[1] = None
+
+        def resume() -> None:
+            clock[1] = time.perf_counter()
+
+        state = self.state(threads)
+        limit = max(1, self.concurrency)
+        pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="download")
+        pending: deque[tuple[pa.RecordBatch, dict[int, Future]]] = deque()
+        running: set[Future] = set()
+        source, exhausted = iter(batches), False
+        try:
+            while pending or not exhausted:
+                # top up: pull input while a request slot is free
+                while not exhausted and len(running) < limit and len(pending) < _MAX_PENDING_BATCHES:
+                    pause()
+                    batch = next(source, None)
+                    resume()
+                    if batch is None:
+                        exhausted = True
+                    elif batch.num_rows:
+                        futures = {i: pool.submit(self.fetch, state, url) for i, url in self._todo(batch)}
+                        running.update(futures.values())
+                        pending.append((batch, futures))
+                # hand out finished batches, in input order
+                while pending and all(f.done() for f in pending[0][1].values()):
+                    batch, futures = pending.popleft()
+                    out = self.apply(batch, _Fetched({i: f.result() for i, f in futures.items()}))
+                    pause()
+                    yield out
+                    resume()
+                running = {f for f in running if not f.done()}
+                if pending and running and (exhausted or len(running) >= limit
+                                            or len(pending) >= _MAX_PENDING_BATCHES):
+                    wait(running, return_when=FIRST_COMPLETED)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            pause()
+            if timing is not None:
+                timing[0] += clock[0]
+
+
+class _Fetched(NamedTuple):
+    """Outcomes run() already fetched for a batch, handed to process() through apply()."""
+
+    outcomes: dict[int, Outcome]

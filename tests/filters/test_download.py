@@ -22,8 +22,11 @@ from PIL import Image
 
 from filters.download import DOWNLOAD_STATUS, AddressPolicy, Download, opted_out
 from schemas import image_text as S
+from schemas import ledger
 from schemas.common import ERROR, ERROR_DETAIL
-from schemas.ledger import REASONS
+
+# the reason codes a download may write (the ledger module is being reorganised by reason group)
+REASONS = getattr(ledger, "REASONS", None) or {r.code for r in ledger.DOWNLOAD}
 
 
 def _jpeg(color: tuple[int, int, int]) -> bytes:
@@ -95,6 +98,9 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, JPEG, {**img, "X-Robots-Tag": "noindex, nofollow"})
         elif path == "/slow":
             time.sleep(1.5)
+            self._send(200, JPEG, img)
+        elif path.startswith("/sleep/"):  # /sleep/<seconds>/<anything>
+            time.sleep(float(path.split("/")[2]))
             self._send(200, JPEG, img)
         else:
             self._send(404)
@@ -371,3 +377,42 @@ def test_nothing_to_fetch() -> None:
     rows = [{"image": b"x"}, {"error": "read_error"}, {"url": None}]
     out = STAGE.apply(batch(rows)).to_pylist()
     assert [r[DOWNLOAD_STATUS] for r in out] == ["skipped"] * 3
+
+
+def test_requests_roll_across_batches_so_one_slow_url_does_not_stall_the_rest(server: str) -> None:
+    stage = Download(timeout_s=5.0, retries=0, concurrency=8, allow_loopback=True)
+    # 4 batches, each with one URL that takes 1 s: a pool per batch takes about 4 s, a rolling pool 1 s
+    batches = [batch([{"url": f"{server}/sleep/1.0/{b}"}] + [{"url": f"{server}/img.jpg?{b}-{i}"} for i in range(3)]
+                     + [{"image": b"has bytes"}])
+               for b in range(4)]
+    for i, b in enumerate(batches):  # distinct sample ids per batch, to check the order
+        batches[i] = b.set_column(0, "sample_id", pa.array([f"b{i}-{j}" for j in range(b.num_rows)]))
+    pulled = []
+
+    def source():
+        for b in batches:
+            pulled.append(time.perf_counter())
+            yield b
+
+    timing = [0.0]
+    t0 = time.perf_counter()
+    out = list(stage.run(source(), 1, timing))
+    elapsed = time.perf_counter() - t0
+    assert [b.column("sample_id").to_pylist() for b in out] == [b.column("sample_id").to_pylist() for b in batches]
+    rows = [r for b in out for r in b.to_pylist()]
+    assert [r[DOWNLOAD_STATUS] for r in rows] == ["ok", "ok", "ok", "ok", "skipped"] * 4
+    assert all(r[S.IMAGE] == JPEG for r in rows if r[DOWNLOAD_STATUS] == "ok")
+    assert elapsed < 2.5, elapsed  # max(slow, rest), not the sum of the batches' slowest URLs
+    assert pulled[-1] - pulled[0] < 0.5  # the next batches were started before the first one finished
+    assert 0.9 < timing[0] <= elapsed + 0.01
+
+
+def test_rolling_pool_keeps_order_with_many_small_batches(server: str) -> None:
+    stage = Download(timeout_s=5.0, retries=0, concurrency=3, allow_loopback=True)
+    delays = [0.3, 0.0, 0.2, 0.0, 0.0, 0.1, 0.0]
+    batches = [batch([{"url": f"{server}/sleep/{d}/{i}"}]).set_column(0, "sample_id", pa.array([f"s{i}"]))
+               for i, d in enumerate(delays)]
+    batches.insert(3, batch([]))  # an empty batch is dropped, as Stage.run does
+    out = list(stage.run(iter(batches)))
+    assert [b.column("sample_id")[0].as_py() for b in out] == [f"s{i}" for i in range(len(delays))]
+    assert all(b.column(DOWNLOAD_STATUS)[0].as_py() == "ok" for b in out)
