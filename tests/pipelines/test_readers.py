@@ -403,3 +403,33 @@ def test_a_split_unit_reads_only_its_part(tmp_path, monkeypatch):
     assert [r["source_key"] for r in _rows(units[1:2])] == ["row4", "row5", "row6", "row7"]
     units = [u for t in readers.plan_units([str(paths[2])], 10, bytes_per_unit=200) for u in t]
     assert len(units) > 2
+
+
+def test_split_tables_on_s3_are_read_by_ranges(tmp_path, s3_server):
+    from pipelines.io import storage
+
+    storage.s3_client.cache_clear()
+    plain = _split_fixtures(tmp_path)[1]
+    lines = tmp_path / "urls.jsonl"
+    lines.write_text("".join("\n" if i % 5 == 2 else json.dumps({"url": f"http://h/{i}.jpg"}) + "\n" for i in range(40)))
+    client = storage.s3_client()
+    client.create_bucket(Bucket="splits")
+    for p in (plain, lines):
+        client.upload_file(str(p), "splits", f"in/{p.name}")
+
+    def keys(units):
+        return [(r["source"].rsplit("/", 1)[-1], r["source_key"], r["error"], r["url"]) for r in _rows(units)]
+
+    local = keys([u for t in readers.plan_units([str(plain), str(lines)], 10) for u in t])
+    units = [u for t in readers.plan_units(["s3://splits/in/plain.parquet", "s3://splits/in/urls.jsonl"], 10,
+                                           rows_per_unit=4, bytes_per_unit=300) for u in t]
+    assert len(units) > 5 and all(u["part"] for u in units)
+    first = 0  # what resolve_splits does with Spark: each JSONL range's first line number
+    for u in units:
+        part = json.loads(u["part"])
+        if "start" in part:
+            count = sum(1 for _ in readers._jsonl_lines(u["uri"], {**part, "first": 0}))
+            part.update(first=first, keys={})
+            first += count
+            u["part"] = json.dumps(part)
+    assert keys(units) == local
