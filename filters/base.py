@@ -11,7 +11,8 @@ import dataclasses
 import hashlib
 import os
 import time
-from typing import Any, ClassVar, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any, ClassVar
 
 import pyarrow as pa
 
@@ -25,6 +26,16 @@ class Stage:
     def adds(self) -> list[pa.Field]:
         """Columns this stage appends to (or replaces in) every batch."""
         raise NotImplementedError
+
+    def drops(self) -> list[str]:
+        """Columns this stage removes (e.g. bytes it moved to a file and replaced by a reference)."""
+        return []
+
+    def cache_key(self) -> Any:
+        """What this stage's output depends on, for checkpoint keys: by default every knob. A stage
+        whose output does not depend on some knobs (a threshold applied later, a batch size) leaves
+        them out, so changing them reuses the checkpoint."""
+        return self
 
     def setup(self, threads: int) -> Any:
         """Heavy state (a model, an automaton), built once per worker and reused for every batch."""
@@ -42,6 +53,8 @@ class Stage:
         return _STATE[key]
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
+        for name in self.drops():
+            schema = schema.remove(schema.get_field_index(name))
         for f in self.adds():
             i = schema.get_field_index(f.name)
             schema = schema.set(i, f) if i >= 0 else schema.append(f)
@@ -69,6 +82,8 @@ class Stage:
         values = self.process(batch, state)
         columns = {name: batch.column(name) for name in batch.schema.names}
         fields = {f.name: f for f in batch.schema}
+        for name in self.drops():
+            del columns[name], fields[name]
         for f in self.adds():
             columns[f.name] = pa.array(values[f.name], type=f.type)
             fields[f.name] = f

@@ -18,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from filters.base import Stage
+from filters.media import column_bytes
 from schemas import image_text as S
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,11 @@ class ClipScore(Stage):
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.CLIP_SCORE, pa.float32())]
 
+    def cache_key(self) -> Any:
+        # the scores depend on the weights only: the threshold is applied later, batch size and
+        # device do not change them
+        return (self.model, self.pretrained, self.seed)
+
     def setup(self, threads: int) -> Any:
         import open_clip
         import torch
@@ -54,7 +60,7 @@ class ClipScore(Stage):
         from PIL import Image
 
         model, preprocess, tokenizer, device = state
-        images = batch.column(S.IMAGE).to_pylist()
+        images = column_bytes(batch, S.IMAGE)
         captions = batch.column(S.CAPTION).to_pylist()
         scores: list[float | None] = [None] * len(images)
         todo = [i for i, (im, cap) in enumerate(zip(images, captions)) if im is not None and cap]

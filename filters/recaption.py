@@ -28,6 +28,7 @@ import requests
 from requests.adapters import HTTPAdapter
 
 from filters.base import Stage
+from filters.media import column_bytes
 from schemas import image_text as S
 from schemas.common import ERROR
 
@@ -226,7 +227,7 @@ class Recaption(Stage):
         errors: list[str | None] = [None] * n
         if state.session is None:
             return {S.RECAPTION: recaptions, RECAPTION_ERROR: errors}
-        images = batch.column(S.IMAGE).to_pylist()
+        images = column_bytes(batch, S.IMAGE)
         captions = batch.column(S.CAPTION).to_pylist()
         row_errors = batch.column(ERROR).to_pylist()
         todo = [i for i in range(n) if row_errors[i] is None and images[i]]

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", help="YAML recipe (default: recipes/default.yaml)")
     p.add_argument("--input", action="append", default=[], metavar="KIND=URI",
-                   help="an input: KIND is image_text (more kinds to come); URI a folder, glob, file or s3:// prefix. "
+                   help="an input: KIND is a registered corpus kind (image_text, ...); URI a folder, glob, file or s3:// prefix. "
                         "Repeatable. Replaces the recipe's inputs.")
     p.add_argument("--output", help="output folder or s3:// prefix (default: the recipe's, ./out)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -82,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ledger:  {storage.join(out, 'ledger')}")
     print(f"summary: {storage.join(out, 'reports', 'summary.json')}")
     print(f"report:  {storage.join(out, 'reports', 'index.html')}")
-    clip = summary["kinds"].get("image_text", {}).get("clip", {})
-    if clip and not clip.get("real_weights"):
-        print(f"WARNING: {clip.get('message')}")
+    for k in summary["kinds"].values():
+        for a in k.get("assertions", []):
+            if not a.get("ok"):
+                print(f"WARNING: {a.get('message') or a.get('description')}")
     return 0
 
 

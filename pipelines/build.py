@@ -11,14 +11,14 @@ import time
 from importlib import metadata
 
 from filters.base import StageTimer
-from pipelines import checkpoint, image_text
+from pipelines import checkpoint, kinds
 from pipelines.io import shards, storage
+from pipelines.kind import Context, run_kind
 from pipelines.recipe import Recipe
 from schemas import ledger as L
 from schemas.common import SAMPLE_ID
 
 log = logging.getLogger(__name__)
-PIPELINES = {"image_text": image_text.run}
 VERSIONED = ["pyspark", "pyarrow", "pillow", "imagehash", "open-clip-torch", "torch", "fasttext-numpy2",
              "webdataset", "pyahocorasick", "numpy", "boto3"]
 
@@ -45,7 +45,6 @@ def write_parquet(df, uri: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
     from pyspark import TaskContext
-
     from pyspark.sql.pandas.types import to_arrow_schema
 
     schema = to_arrow_schema(df.schema)
@@ -69,26 +68,47 @@ def write_parquet(df, uri: str) -> None:
     storage.write_bytes(storage.join(uri, "_SUCCESS"), b"")
 
 
+def _counts() -> dict:
+    return {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}}
+
+
 def summarize(ledger, results: dict, recipe: Recipe, timer: StageTimer, started: float, out: str) -> dict:
+    """summary.json: per kind, the counts of its sample unit at the top (input, kept, dropped and
+    quarantined by reason) and every unit's under `units`; the shards; the kind's facts."""
     from pyspark.sql import functions as F
 
-    kinds: dict = {}
-    for r in ledger.groupBy("kind", L.STATUS, L.REASON).agg(F.count("*").alias("n")).collect():
-        k = kinds.setdefault(r["kind"], {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}})
-        k["input"] += r["n"]
+    per: dict = {}
+    for r in ledger.groupBy("kind", L.UNIT, L.STATUS, L.REASON).agg(F.count("*").alias("n")).collect():
+        u = per.setdefault(r["kind"], {}).setdefault(r[L.UNIT], _counts())
+        u["input"] += r["n"]
         if r[L.STATUS] == L.KEPT:
-            k["kept"] += r["n"]
+            u["kept"] += r["n"]
         else:
-            k[r[L.STATUS]][r[L.REASON]] = r["n"]
+            u[r[L.STATUS]][r[L.REASON]] = r["n"]
+    kinds_out: dict = {}
     for kind, res in results.items():
-        k = kinds.setdefault(kind, {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}})
-        for section in ("dropped", "quarantined"):
-            k[section] = dict(sorted(k[section].items()))
+        units = per.get(kind, {})
+        for name in kinds.get(kind).units:
+            units.setdefault(name, _counts())
+        for u in units.values():
+            for section in ("dropped", "quarantined"):
+                u[section] = dict(sorted(u[section].items()))
+        first = kinds.get(kind).units[0]
+        k = dict(units[first])
+        k["unit"] = first
+        k["units"] = {name: units[name] for name in kinds.get(kind).units} | {
+            n: v for n, v in sorted(units.items()) if n not in kinds.get(kind).units}
         k["shards"] = {"count": len(res.shards), "samples": sum(s["nsamples"] for s in res.shards),
                        "bytes": sum(s["bytes"] for s in res.shards), "files": res.shards}
-        k["clip"] = res.clip
+        decl = kinds.get(kind)
+        k["facts"] = res.facts
+        k["assertions"] = res.assertions
+        k["stages_run"] = list(res.stages_run)
+        k["reasons"] = {c: {"status": r.status, "stage": r.stage, "text": r.text, "fatal": r.fatal,
+                            "shows": list(r.shows)} for c, r in decl.reasons.items()}
+        kinds_out[kind] = k
     return {
-        "kinds": kinds,
+        "kinds": kinds_out,
         "output": out,
         "started_at": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
         "elapsed_seconds": round(time.time() - started, 2),
@@ -99,15 +119,25 @@ def summarize(ledger, results: dict, recipe: Recipe, timer: StageTimer, started:
 
 
 def check_accounting(ledger, results: dict) -> None:
+    """One ledger row per id; per kind, kept sample-unit rows = samples in its shards; every sub-item
+    points at an item of its kind that is in the ledger."""
     from pyspark.sql import functions as F
 
-    row = ledger.agg(F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids"),
-                     F.sum((F.col(L.STATUS) == L.KEPT).cast("int")).alias("kept")).first()
-    shard_samples = sum(s["nsamples"] for res in results.values() for s in res.shards)
+    row = ledger.agg(F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids")).first()
     if row["n"] != row["ids"]:
         raise AccountingError(f"ledger has {row['n']} rows but {row['ids']} distinct sample ids")
-    if (row["kept"] or 0) != shard_samples:
-        raise AccountingError(f"ledger says {row['kept']} kept, shards hold {shard_samples}")
+    kept = {r["kind"]: r["n"] for r in ledger.filter((F.col(L.STATUS) == L.KEPT) & F.col(L.PARENT_ID).isNull())
+            .groupBy("kind").agg(F.count("*").alias("n")).collect()}
+    for kind, res in results.items():
+        in_shards = sum(s["nsamples"] for s in res.shards)
+        if kept.get(kind, 0) != in_shards:
+            raise AccountingError(f"{kind}: ledger says {kept.get(kind, 0)} kept, shards hold {in_shards}")
+    ids = ledger.select(F.col(SAMPLE_ID).alias("_parent"), F.col("kind").alias("_parent_kind"))
+    orphans = (ledger.filter(F.col(L.PARENT_ID).isNotNull())
+               .join(ids, (F.col(L.PARENT_ID) == F.col("_parent")) & (F.col("kind") == F.col("_parent_kind")),
+                     "left_anti").count())
+    if orphans:
+        raise AccountingError(f"{orphans} ledger rows name a parent_id that is not an item of their kind")
 
 
 def default_work_dir(recipe: Recipe, out: str) -> str:
@@ -128,7 +158,9 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     results = {}
     for kind, uris in inputs.items():
         log.info("%s: %d input URI(s)", kind, len(uris))
-        results[kind] = PIPELINES[kind](spark, recipe, uris, out, work_dir, timer)
+        ctx = Context(spark=spark, recipe=recipe, cfg=recipe.section(kind), uris=uris, out=out, work_dir=work_dir,
+                      timer=timer)
+        results[kind] = run_kind(kinds.get(kind), ctx)
     ledgers = [r.ledger for r in results.values()]
     ledger = ledgers[0]
     for other in ledgers[1:]:
@@ -147,7 +179,8 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     from pipelines import gates, report
 
     t0 = time.perf_counter()
-    material = {kind: report.collect_material(kind, res, ledger, out, timer) for kind, res in results.items()}
+    material = {kind: report.collect_material(kinds.get(kind), res, ledger, out, timer, recipe.section(kind))
+                for kind, res in results.items()}
     timer.add_wall("report_material", time.perf_counter() - t0)
     t0 = time.perf_counter()
     summary["gates"] = gates.run_gates(results, ledger, summary, recipe, out)
@@ -162,7 +195,7 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
                         json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
     try:
         report.write_report(out, in_run=True)
-    except Exception:  # noqa: BLE001 - the page is for people; the gates below decide publishing
+    except Exception:
         log.exception("could not render %s; `python -m jobs.report OUT` retries from the material",
                       storage.join(out, "reports", "index.html"))
     gates.enforce(summary["gates"])  # raises GateFailed: nothing below runs, the shards stay unpublished

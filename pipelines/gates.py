@@ -1,17 +1,21 @@
 """Quality gates: great-expectations suites that a run must pass before its shards are published.
 
-Per kind, three suites, each over a pandas table built from the run:
+Per kind, three suites, each over a pandas table built from the run, and each generated from what
+the kind declares (`pipelines/kind.py`): its units, its reasons and its shard contract. Nothing here
+names a kind.
 
 - `<kind>.ledger`: the ledger rows of the kind (every row up to `LEDGER_CAP`; above it a sample
   chosen by a hash of sample_id, so both copies of a duplicated id are in or out together): ids
-  unique and well-formed, statuses and reasons from the known set (`schemas.ledger`), kept rows
-  with a shard and no reason, duplicates pointing at a ledger row that was not quarantined.
+  unique and well-formed, units declared by the kind, statuses and reasons declared for the kind
+  with the status each reason has, kept rows with a shard and no reason, sub-items pointing at a
+  parent, duplicates pointing at a ledger row.
 - `<kind>.totals`: one row of exact counts computed with Spark: input = kept + dropped +
-  quarantined, distinct ids = input, kept = samples in the shards.
-- `<kind>.shards`: the `.json` members read back from the shards just written (all of them up to
-  `SHARD_SAMPLE_CAP` samples; above it every k-th shard, whole): required fields present, ids unique,
-  values in range (sizes, aspect ratio, caption length, language, scores), kept CLIP scores at or
-  above the threshold when real weights were used, each sample in the shard the ledger names.
+  quarantined for every unit, distinct ids = input, kept = samples in the shards, no row with a
+  reason the kind declares fatal, and the run-level assertions the kind's plan made.
+- `<kind>.shards`: the samples read back from the shards just written (all of them up to
+  `SHARD_SAMPLE_CAP` samples; above it every k-th shard, whole): the whole contract holds for each
+  (`contract_ok`), and one expectation per declared field bound (present, not null, range, allowed
+  values, pattern) so a failure names the field; ids unique; each sample in the shard the ledger names.
 
 Every expectation is named `<kind>.<table>.<check>` (its `meta.name`) and is critical (fails the
 run: no shards are published) or a warning (recorded only). Data Docs are built into
@@ -31,8 +35,10 @@ from typing import Any
 
 from pipelines.io import shards as shard_io
 from pipelines.io import storage
+from pipelines.kind import Kind
 from schemas import ledger as L
-from schemas.common import SAMPLE_ID
+from schemas.common import SAMPLE_ID, SAMPLE_ID_REGEX
+from schemas.contract import Contract
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")  # read when great_expectations is imported (lazily)
 
@@ -43,14 +49,8 @@ CRITICAL, WARNING = "critical", "warning"
 LEDGER_CAP = 1_000_000  # ledger rows validated one by one; above it, a hash sample of about this many
 SHARD_SAMPLE_CAP = 20_000  # shard samples read back on the driver; above it, whole shards spread evenly
 GX_DOCS = "gx/uncommitted/data_docs/local_site/index.html"  # relative to OUT/reports
-SAMPLE_ID_REGEX = r"^[0-9a-f]{16}$"
-DUPLICATE_REASONS = ("exact_duplicate", "near_duplicate")
-# the sample json of the output contract (README): every field must be present in every sample
-SHARD_FIELDS = ("sample_id", "source", "source_key", "url", "width", "height", "language", "language_score",
-                "clip_score", "phash", "concepts", "caption", "caption_original", "recaption", "text_source", "meta")
-DERIVED = ("key", "shard_file", "jpg_is_jpeg", "txt_matches", "short_side", "aspect_ratio", "caption_chars")
-SHARD_NOT_NULL = ("sample_id", "source", "source_key", "width", "height", "language", "phash", "caption",
-                  "caption_original", "text_source")
+SAMPLE_ID_PATTERN = f"^{SAMPLE_ID_REGEX}$"
+READ_BACK = ("key", "shard_file", "contract_ok", "contract_problems")  # columns the read-back adds
 
 
 class GateFailed(RuntimeError):
@@ -93,39 +93,51 @@ def _when(column: str, op: str, value):
     return c == value if op == "==" else c != value
 
 
-def ledger_checks(kind: str) -> list:
-    """Row-level checks of the ledger rows of one kind."""
-    p = f"{kind}.ledger"
+def ledger_checks(kind: Kind) -> list:
+    """Row-level checks of the ledger rows of one kind, from what the kind declares."""
+    p = f"{kind.name}.ledger"
     kept = _when(L.STATUS, "==", L.KEPT)
+    codes = sorted(kind.reasons)
+    dropped = sorted(c for c, r in kind.reasons.items() if r.status == L.DROPPED)
+    quarantined = kind.quarantine_codes()
     return [
         _expect("ExpectColumnValuesToNotBeNull", f"{p}.sample_id_present", "every row has a sample_id", column=SAMPLE_ID),
         _expect("ExpectColumnValuesToBeUnique", f"{p}.sample_id_unique", "one row per input item", column=SAMPLE_ID),
-        _expect("ExpectColumnValuesToMatchRegex", f"{p}.sample_id_format", "sample_id is 16 hex digits",
-                column=SAMPLE_ID, regex=SAMPLE_ID_REGEX),
-        _expect("ExpectColumnValuesToBeInSet", f"{p}.kind", f"every row is of kind {kind}", column="kind",
-                value_set=[kind]),
+        _expect("ExpectColumnValuesToMatchRegex", f"{p}.sample_id_format", f"sample_id matches {SAMPLE_ID_REGEX}",
+                column=SAMPLE_ID, regex=SAMPLE_ID_PATTERN),
+        _expect("ExpectColumnValuesToBeInSet", f"{p}.kind", f"every row is of kind {kind.name}", column="kind",
+                value_set=[kind.name]),
+        _expect("ExpectColumnValuesToBeInSet", f"{p}.unit_declared", f"unit is one of {list(kind.units)}",
+                column=L.UNIT, value_set=list(kind.units)),
+        _expect("ExpectColumnValuesToBeNull", f"{p}.items_have_no_parent", f"{kind.units[0]} rows are input items",
+                column=L.PARENT_ID, row_condition=_when(L.UNIT, "==", kind.units[0])),
+        _expect("ExpectColumnValuesToNotBeNull", f"{p}.sub_items_have_a_parent",
+                "every sub-item names the item it sits in", column=L.PARENT_ID,
+                row_condition=_when(L.UNIT, "in", list(kind.units[1:]) or ["-"])),
+        _expect("ExpectColumnValuesToBeInSet", f"{p}.parent_exists",
+                "parent_id names a ledger row of the kind (parent_status: none = no parent, missing = no such row)",
+                column="parent_status", value_set=["none", L.KEPT, L.DROPPED, L.QUARANTINED]),
         _expect("ExpectColumnValuesToNotBeNull", f"{p}.status_present", "every row has a status", column=L.STATUS),
         _expect("ExpectColumnValuesToBeInSet", f"{p}.status_known", "status is kept, dropped or quarantined",
                 column=L.STATUS, value_set=[L.KEPT, L.DROPPED, L.QUARANTINED]),
-        _expect("ExpectColumnValuesToBeInSet", f"{p}.reason_known", "reason is a code of schemas/ledger.py",
-                column=L.REASON, value_set=sorted(L.REASONS)),
+        _expect("ExpectColumnValuesToBeInSet", f"{p}.reason_known", f"reason is a code declared for {kind.name}",
+                column=L.REASON, value_set=codes),
         _expect("ExpectColumnValuesToBeNull", f"{p}.kept_without_reason", "kept rows carry no reason",
                 column=L.REASON, row_condition=kept),
         _expect("ExpectColumnValuesToNotBeNull", f"{p}.not_kept_with_reason", "dropped and quarantined rows carry a reason",
                 column=L.REASON, row_condition=_when(L.STATUS, "!=", L.KEPT)),
         _expect("ExpectColumnValuesToBeInSet", f"{p}.dropped_reason", "dropped rows carry a drop reason",
-                column=L.REASON, value_set=sorted(L.DROP_REASONS), row_condition=_when(L.STATUS, "==", L.DROPPED)),
+                column=L.REASON, value_set=dropped or ["-"], row_condition=_when(L.STATUS, "==", L.DROPPED)),
         _expect("ExpectColumnValuesToBeInSet", f"{p}.quarantined_reason", "quarantined rows carry a quarantine reason",
-                column=L.REASON, value_set=sorted(L.QUARANTINE_REASONS),
-                row_condition=_when(L.STATUS, "==", L.QUARANTINED)),
+                column=L.REASON, value_set=quarantined or ["-"], row_condition=_when(L.STATUS, "==", L.QUARANTINED)),
         _expect("ExpectColumnValuesToNotBeNull", f"{p}.kept_in_a_shard", "kept rows name their shard",
                 column=L.SHARD, row_condition=kept),
         _expect("ExpectColumnValuesToBeNull", f"{p}.only_kept_in_shards", "rows that are not kept name no shard",
                 column=L.SHARD, row_condition=_when(L.STATUS, "!=", L.KEPT)),
-        _expect("ExpectColumnValuesToMatchRegex", f"{p}.shard_name", f"shard names are {kind}-NNNNNN.tar",
-                column=L.SHARD, regex=rf"^{kind}-\d{{6}}\.tar$"),
+        _expect("ExpectColumnValuesToMatchRegex", f"{p}.shard_name", f"shard names are {kind.name}-NNNNNN.tar",
+                column=L.SHARD, regex=rf"^{kind.name}-\d{{6}}\.tar$"),
         _expect("ExpectColumnValuesToNotBeNull", f"{p}.duplicate_names_keeper", "duplicates name the item they duplicate",
-                column=L.DUPLICATE_OF, row_condition=_when(L.REASON, "in", list(DUPLICATE_REASONS))),
+                column=L.DUPLICATE_OF, row_condition=_when(L.REASON, "in", list(L.DUPLICATE_REASONS))),
         _expect("ExpectColumnValuesToBeInSet", f"{p}.duplicate_keeper_exists",
                 "duplicate_of names a row of the ledger (keeper_status: none = not a duplicate, missing = no such row);"
                 " a keeper may be dropped or quarantined by a later stage",
@@ -133,90 +145,67 @@ def ledger_checks(kind: str) -> list:
     ]
 
 
-def totals_checks(kind: str) -> list:
-    """Exact counts (one row) that must agree; plus warnings a person should look at."""
-    p = f"{kind}.totals"
+def totals_checks(kind: Kind, assertions: list[dict]) -> list:
+    """Exact counts (one row) that must agree; reasons that must not occur; the plan's assertions."""
+    p = f"{kind.name}.totals"
     pair = "ExpectColumnPairValuesToBeEqual"
-    return [
+    out = [
         _expect(pair, f"{p}.counts_add_up", "input = kept + dropped + quarantined",
                 column_A="input", column_B="accounted"),
-        _expect(pair, f"{p}.ids_unique", "distinct sample ids = input rows", column_A="input", column_B="distinct_ids"),
-        _expect(pair, f"{p}.kept_equals_shard_samples", "kept rows = samples written to shards",
+        _expect(pair, f"{p}.ids_unique", "distinct sample ids = ledger rows (every unit)", column_A="input_all_units",
+                column_B="distinct_ids"),
+        _expect(pair, f"{p}.kept_equals_shard_samples", f"kept {kind.units[0]} rows = samples written to shards",
                 column_A="kept", column_B="shard_samples"),
         _expect(pair, f"{p}.kept_rows_name_shards", "kept rows = ledger rows naming a shard",
-                column_A="kept", column_B="rows_with_shard"),
-        _expect("ExpectColumnValuesToBeBetween", f"{p}.clip_scores_finite",
-                "CLIP gave a finite score in [-1, 1] to every row it scored (else its weights are broken)",
-                column="clip_invalid", max_value=0),
+                column_A="kept_all_units", column_B="rows_with_shard"),
+    ]
+    out += [_expect(pair, f"{p}.{unit}_counts_add_up", f"{unit}: input = kept + dropped + quarantined",
+                    column_A=f"{unit}_input", column_B=f"{unit}_accounted") for unit in kind.units[1:]]
+    out += [_expect("ExpectColumnValuesToBeBetween", f"{p}.no_{code}", f"no row is {code}: {kind.reasons[code].text}",
+                    column=f"fatal_{code}", max_value=0) for code in kind.fatal_codes()]
+    out += [
         _expect("ExpectColumnValuesToBeBetween", f"{p}.kept_fraction", "at least 1% of the input is kept",
                 severity=WARNING, column="kept_fraction", min_value=0.01),
         _expect("ExpectColumnValuesToBeBetween", f"{p}.quarantined_fraction", "at most half the input is quarantined",
                 severity=WARNING, column="quarantined_fraction", max_value=0.5),
-        _expect("ExpectColumnValuesToBeInSet", f"{p}.clip_real_weights",
-                "CLIP scored with real weights (random weights: scores are noise and no threshold was applied)",
-                severity=WARNING, column="clip_real_weights", value_set=[True]),
     ]
+    out += [_expect("ExpectColumnValuesToBeInSet", f"{p}.{a['name']}", a["description"],
+                    severity=a.get("severity", CRITICAL), column=f"assert_{a['name']}", value_set=[True])
+            for a in assertions]
+    return out
 
 
-def shard_checks(kind: str, recipe, clip: dict, expected_rows: int) -> list:
-    """Checks of the sample json read back from the shards (image_text's output contract)."""
-    p = f"{kind}.shards"
-    rules = recipe.image_text.rules
+def shard_checks(contract: Contract, expected_rows: int) -> list:
+    """Checks of the samples read back from the shards, generated from the kind's contract."""
+    p = f"{contract.kind}.shards"
     out = [_expect("ExpectTableColumnsToMatchSet", f"{p}.required_fields",
-                   "every field of the sample json contract is present", column_set=list(SHARD_FIELDS),
-                   exact_match=False)]
-    out += [_expect("ExpectColumnValuesToNotBeNull", f"{p}.{f}_present", f"'{f}' is set in every sample", column=f)
-            for f in SHARD_NOT_NULL]
+                   "every field of the sample json contract is present", column_set=[f.name for f in contract.stored],
+                   exact_match=False),
+           _expect("ExpectColumnValuesToBeInSet", f"{p}.contract", "every sample holds its whole shard contract "
+                   "(members and their media types, json fields, types, bounds, checks)", column="contract_ok",
+                   value_set=[True])]
     out += [
         _expect("ExpectTableRowCountToEqual", f"{p}.samples_match_ledger",
                 "the shards read hold exactly the samples the ledger puts in them", value=expected_rows),
-        _expect("ExpectColumnValuesToBeUnique", f"{p}.sample_id_unique", "a sample appears once", column="sample_id"),
-        _expect("ExpectColumnValuesToMatchRegex", f"{p}.sample_id_format", "sample_id is 16 hex digits",
-                column="sample_id", regex=SAMPLE_ID_REGEX),
+        _expect("ExpectColumnValuesToBeUnique", f"{p}.sample_id_unique", "a sample appears once", column="key"),
         _expect("ExpectColumnPairValuesToBeEqual", f"{p}.in_ledger_shard", "each sample sits in the shard the ledger names",
                 column_A="shard_file", column_B="ledger_shard"),
-        _expect("ExpectColumnPairValuesToBeEqual", f"{p}.key_is_sample_id", "the tar key is the sample_id",
-                column_A="key", column_B="sample_id"),
-        _expect("ExpectColumnValuesToBeInSet", f"{p}.has_image", "every sample has a JPEG .jpg member",
-                column="jpg_is_jpeg", value_set=[True]),
-        _expect("ExpectColumnValuesToBeInSet", f"{p}.txt_is_training_text",
-                "the .txt member is the caption or recaption named by text_source", column="txt_matches", value_set=[True]),
-        _expect("ExpectColumnValuesToBeInSet", f"{p}.text_source", "text_source is caption or recaption",
-                column="text_source", value_set=["caption", "recaption"]),
-        _expect("ExpectColumnValuesToMatchRegex", f"{p}.phash_format", "phash is 16 hex digits", column="phash",
-                regex=SAMPLE_ID_REGEX),
-        _expect("ExpectColumnValuesToBeBetween", f"{p}.width_range", "1 <= width <= 65535 (JPEG limit)",
-                column="width", min_value=1, max_value=65535),
-        _expect("ExpectColumnValuesToBeBetween", f"{p}.height_range", "1 <= height <= 65535 (JPEG limit)",
-                column="height", min_value=1, max_value=65535),
-        _expect("ExpectColumnValuesToBeBetween", f"{p}.short_side", f"shorter side >= rules.min_side ({rules.min_side})",
-                column="short_side", min_value=rules.min_side),
-        _expect("ExpectColumnValuesToBeBetween", f"{p}.aspect_ratio",
-                f"long/short side <= rules.max_aspect_ratio ({rules.max_aspect_ratio})",
-                column="aspect_ratio", min_value=1.0, max_value=rules.max_aspect_ratio * (1 + 1e-9)),
-        _expect("ExpectColumnValuesToBeBetween", f"{p}.caption_length",
-                f"caption has {rules.min_caption_chars}..{rules.max_caption_chars} characters",
-                column="caption_chars", min_value=rules.min_caption_chars, max_value=rules.max_caption_chars),
-        _expect("ExpectColumnValuesToBeBetween", f"{p}.language_score_range", "0 <= language_score <= 1",
-                column="language_score", min_value=0.0, max_value=1.0),
     ]
-    if rules.languages:
-        out.append(_expect("ExpectColumnValuesToBeInSet", f"{p}.language", f"language in rules.languages {list(rules.languages)}",
-                           column="language", value_set=list(rules.languages)))
-    if clip.get("enabled", True):
-        out += [
-            # NaN (a broken checkpoint) compares false with the threshold in Spark and slips through it
-            _expect("ExpectColumnValuesToNotBeNull", f"{p}.clip_score_present", "every kept sample has a finite CLIP score",
-                    column="clip_score"),
-            _expect("ExpectColumnValuesToBeBetween", f"{p}.clip_score_range", "-1 <= clip_score <= 1 (a cosine)",
-                    column="clip_score", min_value=-1.0, max_value=1.0),
-        ]
-    if clip.get("threshold_applied"):
-        t = float(clip["threshold"])
-        # the json rounds scores to 4 decimals: allow that much below the threshold
-        out.append(_expect("ExpectColumnValuesToBeBetween", f"{p}.clip_score_above_threshold",
-                           f"kept CLIP scores >= clip.threshold ({t}) with real weights",
-                           column="clip_score", min_value=t - 5e-5, max_value=1.0))
+    for f in contract.fields:
+        what = f"'{f.name}'" + (" (derived)" if f.derive else "")
+        if not f.nullable:
+            out.append(_expect("ExpectColumnValuesToNotBeNull", f"{p}.{f.name}_present", f"{what} is set in every sample",
+                               column=f.name))
+        if f.min is not None or f.max is not None:
+            rng = f"{'' if f.min is None else f'{f.min} <= '}{f.name}{'' if f.max is None else f' <= {f.max}'}"
+            out.append(_expect("ExpectColumnValuesToBeBetween", f"{p}.{f.name}_range", f"{rng}{f.description and ': '}"
+                               f"{f.description}", column=f.name, min_value=f.min, max_value=f.max))
+        if f.values is not None:
+            out.append(_expect("ExpectColumnValuesToBeInSet", f"{p}.{f.name}_values", f"{what} in {list(f.values)}",
+                               column=f.name, value_set=list(f.values)))
+        if f.regex:
+            out.append(_expect("ExpectColumnValuesToMatchRegex", f"{p}.{f.name}_format", f"{what} matches {f.regex}",
+                               column=f.name, regex=f"^{f.regex}$"))
     return out
 
 
@@ -229,43 +218,62 @@ def _hash_fraction(F, col: str):
 
 
 def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP):
-    """(pandas ledger rows of `kind` with keeper_status, info). keeper_status: the status of the row
-    named by duplicate_of ('none' when the row is no duplicate, 'missing' when no such row exists)."""
+    """(pandas ledger rows of `kind` with keeper_status and parent_status, info). keeper_status: the
+    status of the row named by duplicate_of ('none' when the row is no duplicate, 'missing' when no
+    such row exists); parent_status likewise for parent_id, among the rows of the same kind."""
     from pyspark.sql import functions as F
 
     rows = ledger.filter(F.col("kind") == kind)
     n = rows.count()
     keepers = ledger.select(F.col(SAMPLE_ID).alias("_keeper"), F.col(L.STATUS).alias("_keeper_status"))
+    parents = ledger.filter(F.col("kind") == kind).select(F.col(SAMPLE_ID).alias("_parent"),
+                                                          F.col(L.STATUS).alias("_parent_status"))
     rows = rows.join(keepers, rows[L.DUPLICATE_OF] == keepers["_keeper"], "left")
+    rows = rows.join(parents, rows[L.PARENT_ID] == parents["_parent"], "left")
     rows = rows.withColumn("keeper_status", F.when(F.col(L.DUPLICATE_OF).isNull(), "none")
                            .otherwise(F.coalesce(F.col("_keeper_status"), F.lit("missing"))))
+    rows = rows.withColumn("parent_status", F.when(F.col(L.PARENT_ID).isNull(), "none")
+                           .otherwise(F.coalesce(F.col("_parent_status"), F.lit("missing"))))
     sampled = n > cap
     if sampled:
         rows = rows.filter(_hash_fraction(F, SAMPLE_ID) < cap / n)
-    cols = [SAMPLE_ID, "kind", L.STATUS, L.REASON, L.DUPLICATE_OF, L.SHARD, "keeper_status"]
+    cols = [SAMPLE_ID, "kind", L.UNIT, L.PARENT_ID, L.STATUS, L.REASON, L.DUPLICATE_OF, L.SHARD, "keeper_status",
+            "parent_status"]
     table = rows.select(cols).toArrow().to_pandas()
     return table, {"rows": n, "validated": len(table), "sampled": sampled}
 
 
-def totals_table(ledger, kind: str, summary_kind: dict, clip: dict):
+def totals_table(ledger, kind: Kind, summary_kind: dict, assertions: list[dict]):
     """One row of exact counts (Spark aggregates over the whole ledger, and the shard writer's stats)."""
     import pandas as pd
     from pyspark.sql import functions as F
 
-    agg = ledger.filter(F.col("kind") == kind).agg(
+    agg = ledger.filter(F.col("kind") == kind.name).agg(
         F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids"),
+        F.sum((F.col(L.STATUS) == L.KEPT).cast("int")).alias("kept"),
         F.sum(F.col(L.SHARD).isNotNull().cast("int")).alias("with_shard")).first()
     k = summary_kind
-    dropped, quarantined = sum(k["dropped"].values()), sum(k["quarantined"].values())
-    n = int(agg["n"])
-    return pd.DataFrame([{
-        "input": n, "kept": k["kept"], "dropped": dropped, "quarantined": quarantined,
-        "accounted": k["kept"] + dropped + quarantined, "distinct_ids": int(agg["ids"]),
-        "rows_with_shard": int(agg["with_shard"] or 0), "shard_samples": int(k["shards"]["samples"]),
-        "kept_fraction": k["kept"] / n if n else 0.0, "quarantined_fraction": quarantined / n if n else 0.0,
-        "clip_real_weights": bool(clip.get("real_weights")),
-        "clip_invalid": int(k["quarantined"].get("clip_score_invalid", 0)),
-    }])
+    units = k.get("units", {})
+    n_all = int(agg["n"])
+    row: dict[str, Any] = {"distinct_ids": int(agg["ids"]), "input_all_units": n_all,
+                           "kept_all_units": int(agg["kept"] or 0), "rows_with_shard": int(agg["with_shard"] or 0),
+                           "shard_samples": int(k["shards"]["samples"])}
+    for i, unit in enumerate(kind.units):
+        u = units.get(unit) or {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}}
+        accounted = u["kept"] + sum(u["dropped"].values()) + sum(u["quarantined"].values())
+        prefix = "" if i == 0 else f"{unit}_"
+        row.update({f"{prefix}input": u["input"], f"{prefix}accounted": accounted})
+        if i == 0:
+            n = u["input"]
+            row.update(kept=u["kept"], dropped=sum(u["dropped"].values()), quarantined=sum(u["quarantined"].values()),
+                       kept_fraction=u["kept"] / n if n else 0.0,
+                       quarantined_fraction=sum(u["quarantined"].values()) / n if n else 0.0)
+    # ids are unique across all units: compare with every row of the kind
+    for code in kind.fatal_codes():
+        row[f"fatal_{code}"] = sum(u[kind.reasons[code].status].get(code, 0) for u in units.values())
+    for a in assertions:
+        row[f"assert_{a['name']}"] = bool(a["ok"])
+    return pd.DataFrame([row])
 
 
 def pick_shards(stats: list[dict], cap: int = SHARD_SAMPLE_CAP) -> list[dict]:
@@ -278,9 +286,14 @@ def pick_shards(stats: list[dict], cap: int = SHARD_SAMPLE_CAP) -> list[dict]:
     return stats[::step]
 
 
-def read_shard_metadata(shard_dir: str, names: list[str]):
-    """pandas table: one row per sample of the named tars, with the json fields and derived columns
-    (key, shard_file, jpg_is_jpeg, txt_matches, short_side, aspect_ratio, caption_chars)."""
+def _cell(v: Any) -> Any:
+    """Lists and dicts as JSON text: hashable cells for pandas and great-expectations."""
+    return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
+
+
+def read_shard_metadata(shard_dir: str, names: list[str], contract: Contract):
+    """pandas table: one row per sample of the named tars: the contract's fields (json and derived),
+    the tar key and file, and whether the whole contract holds (`contract_ok`, `contract_problems`)."""
     import pandas as pd
 
     rows = []
@@ -299,40 +312,33 @@ def read_shard_metadata(shard_dir: str, names: list[str]):
                 doc = json.loads(parts.get("json", b"null")) or {}
             except ValueError:
                 doc = {}
-            row = dict(doc)
-            for f in ("concepts", "meta"):  # lists and dicts as text: hashable cells
-                if f in doc:
-                    row[f] = json.dumps(doc[f], sort_keys=True)
-            txt = parts.get("txt", b"").decode("utf-8", "replace")
-            want = doc.get("recaption") if doc.get("text_source") == "recaption" else doc.get("caption")
-            w, h = doc.get("width"), doc.get("height")
-            numeric = isinstance(w, int) and isinstance(h, int) and min(w, h) > 0
-            row.update(key=key, shard_file=name, jpg_is_jpeg=parts.get("jpg", b"")[:3] == b"\xff\xd8\xff",
-                       txt_matches=txt == want, short_side=min(w, h) if numeric else None,
-                       aspect_ratio=max(w, h) / min(w, h) if numeric else None,
-                       caption_chars=len(doc["caption"]) if isinstance(doc.get("caption"), str) else None)
+            doc = doc if isinstance(doc, dict) else {}
+            values = contract.values(doc)
+            row = {k: _cell(v) for k, v in values.items() if k in doc or k in {f.name for f in contract.derived}}
+            problems = contract.violations({"__key__": key, **parts})
+            row.update(key=key, shard_file=name, contract_ok=not problems, contract_problems="; ".join(problems[:5]))
             rows.append(row)
     table = pd.DataFrame(rows)
-    for col in (*SHARD_FIELDS, *DERIVED):  # no samples (nothing kept): the empty table still has every column
+    for col in (*(f.name for f in contract.fields), *READ_BACK):  # no samples: the empty table has every column
         if not len(table) and col not in table:
             table[col] = pd.Series(dtype=object)
-    if "clip_score" in table:
-        table["clip_score"] = pd.to_numeric(table["clip_score"], errors="coerce")  # NaN counts as missing
+    for f in contract.fields:  # NaN counts as missing; a number stored as text fails the range check
+        if f.type in ("int", "float") and f.name in table:
+            table[f.name] = pd.to_numeric(table[f.name], errors="coerce")
     return table
 
 
-def shard_table(ledger, kind: str, out: str, stats: list[dict], cap: int = SHARD_SAMPLE_CAP):
-    """(pandas sample json of the shards read, with the ledger's shard for each sample; the number of
+def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contract, cap: int = SHARD_SAMPLE_CAP):
+    """(pandas samples of the shards read, with the ledger's shard for each sample; the number of
     samples the ledger puts in those shards; info)."""
     from pyspark.sql import functions as F
 
     picked = pick_shards(stats, cap)
     names = [s["shard"] for s in picked]
-    table = read_shard_metadata(shard_io.staging_dir(out, kind), names)
-    in_ledger = (ledger.filter((F.col("kind") == kind) & F.col(L.SHARD).isin(names))
-                 .select(SAMPLE_ID, F.col(L.SHARD).alias("ledger_shard")).toArrow().to_pandas())
-    if SAMPLE_ID in table:
-        table = table.merge(in_ledger, on=SAMPLE_ID, how="left")
+    table = read_shard_metadata(shard_io.staging_dir(out, kind), names, contract)
+    in_ledger = (ledger.filter((F.col("kind") == kind) & F.col(L.SHARD).isin(names) & F.col(L.PARENT_ID).isNull())
+                 .select(F.col(SAMPLE_ID).alias("key"), F.col(L.SHARD).alias("ledger_shard")).toArrow().to_pandas())
+    table = table.merge(in_ledger, on="key", how="left")
     info = {"shards": len(stats), "shards_read": len(names), "samples_read": len(table),
             "samples": sum(s["nsamples"] for s in stats), "sampled": len(picked) < len(stats)}
     return table, len(in_ledger), info
@@ -446,18 +452,21 @@ def enforce(gates: dict) -> None:
 def run_gates(results: dict, ledger, summary: dict, recipe, out: str) -> dict:
     """Build every kind's tables, validate them, build Data Docs under OUT/reports/gx; the plain
     results (for summary.json). Call before publishing; then `enforce`."""
+    from pipelines import kinds
+
     tables: dict = {}
     suites: dict = {}
     sampling: dict = {}
-    for kind, res in results.items():
-        k = summary["kinds"][kind]
-        tables[f"{kind}.ledger"], led_info = ledger_table(ledger, kind)
-        suites[f"{kind}.ledger"] = ledger_checks(kind)
-        tables[f"{kind}.totals"] = totals_table(ledger, kind, k, res.clip)
-        suites[f"{kind}.totals"] = totals_checks(kind)
-        tables[f"{kind}.shards"], expected, shard_info = shard_table(ledger, kind, out, res.shards)
-        suites[f"{kind}.shards"] = shard_checks(kind, recipe, res.clip, expected)
-        sampling[kind] = {"ledger": led_info, "shards": shard_info}
+    for name, res in results.items():
+        kind = kinds.get(name)
+        contract = kind.contract(recipe.section(name), res.facts)
+        tables[f"{name}.ledger"], led_info = ledger_table(ledger, name)
+        suites[f"{name}.ledger"] = ledger_checks(kind)
+        tables[f"{name}.totals"] = totals_table(ledger, kind, summary["kinds"][name], res.assertions)
+        suites[f"{name}.totals"] = totals_checks(kind, res.assertions)
+        tables[f"{name}.shards"], expected, shard_info = shard_table(ledger, name, out, res.shards, contract)
+        suites[f"{name}.shards"] = shard_checks(contract, expected)
+        sampling[name] = {"ledger": led_info, "shards": shard_info}
     reports = storage.join(out, "reports")
     root = reports if not storage.is_s3(out) else tempfile.mkdtemp(prefix="vlcurate-gx-")
     suite_results = validate(tables, suites, root)

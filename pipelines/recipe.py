@@ -1,5 +1,7 @@
 """Recipes: YAML files whose sections are the stages' own dataclass configs.
 
+The run-wide keys are below (`Recipe`); each registered corpus kind (`pipelines/kinds.py`) adds one
+section, its own config class, with every default filled in: a kind with no input costs nothing.
 Unknown keys and wrong types are errors raised here, on the driver, before any Spark work.
 """
 from __future__ import annotations
@@ -12,17 +14,8 @@ from typing import Any
 
 import yaml
 
-from filters.balance import Balance
-from filters.caption import CaptionLanguage
-from filters.clip import ClipScore
-from filters.decode import Decode
-from filters.dedup import Dedup
-from filters.download import Download
-from filters.recaption import Recaption
-from filters.rules import Rules
+from pipelines import kinds
 
-KINDS = ("image_text", "interleaved", "ocr", "grounding", "gui", "video")
-SUPPORTED_KINDS = ("image_text",)
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "default.yaml")
 
 
@@ -43,18 +36,6 @@ class Shards:
 
 
 @dataclasses.dataclass(frozen=True)
-class ImageText:
-    download: Download = Download()
-    decode: Decode = Decode()
-    caption: CaptionLanguage = CaptionLanguage()
-    rules: Rules = Rules()
-    dedup: Dedup = Dedup()
-    clip: ClipScore = ClipScore()
-    balance: Balance = Balance()
-    recaption: Recaption = Recaption()
-
-
-@dataclasses.dataclass(frozen=True)
 class Recipe:
     output: str = "out"
     inputs: dict = dataclasses.field(default_factory=dict)  # kind -> list of URIs (folder, glob, file, s3://)
@@ -63,10 +44,21 @@ class Recipe:
     work_dir: str = ""  # stage checkpoints; default OUT/_work (./_work for s3 output). Shared storage on a cluster.
     read: Read = Read()
     shards: Shards = Shards()
-    image_text: ImageText = ImageText()
+    sections: dict = dataclasses.field(default_factory=dict)  # kind -> its section (filled in by `load`)
+
+    def __getattr__(self, name: str) -> Any:  # recipe.image_text: the kind's section
+        sections = self.__dict__.get("sections") or {}
+        if name in sections:
+            return sections[name]
+        raise AttributeError(f"recipe has no key or kind section {name!r}")
+
+    def section(self, kind: str) -> Any:
+        return self.sections[kind]
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = {f.name: dataclasses.asdict(self)[f.name] for f in dataclasses.fields(self) if f.name != "sections"}
+        out.update({k: dataclasses.asdict(v) for k, v in sorted(self.sections.items())})
+        return out
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -142,12 +134,18 @@ def load(path: str | None = None, overrides: list[str] = (), inputs: list[str] =
             data["inputs"].setdefault(kind.strip(), []).append(uri.strip())
     if output:
         data["output"] = output
-    recipe = build(Recipe, data)
+    sections = {}
+    for name, kind in sorted(kinds.REGISTRY.items()):
+        sections[name] = build(kind.config, data.pop(name, None) or {}, name)
+    if "sections" in data:
+        raise RecipeError("unknown recipe key 'sections'")
+    recipe = dataclasses.replace(build(Recipe, data), sections=sections)
     for kind, uris in recipe.inputs.items():
-        if kind not in KINDS:
-            raise RecipeError(f"unknown input kind '{kind}' (one of {', '.join(KINDS)})")
-        if kind not in SUPPORTED_KINDS:
-            raise RecipeError(f"input kind '{kind}' is not implemented yet (supported: {', '.join(SUPPORTED_KINDS)})")
+        if kind not in kinds.REGISTRY:
+            if kind in kinds.PLANNED:
+                raise RecipeError(f"input kind '{kind}' is not implemented yet "
+                                  f"(registered: {', '.join(sorted(kinds.REGISTRY))})")
+            raise RecipeError(f"unknown input kind '{kind}' (registered: {', '.join(sorted(kinds.REGISTRY))})")
         if isinstance(uris, str):
             recipe.inputs[kind] = [uris]
     return recipe

@@ -22,6 +22,7 @@ IDENTITY_FIELDS = [
     pa.field(SOURCE, pa.string(), nullable=False),
     pa.field(SOURCE_KEY, pa.string(), nullable=False),
 ]
+SAMPLE_ID_REGEX = r"[0-9a-f]{16}"  # what make_sample_id gives
 ERROR_FIELDS = [pa.field(ERROR, pa.string()), pa.field(ERROR_DETAIL, pa.string())]
 
 

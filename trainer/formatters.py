@@ -5,8 +5,10 @@ vision features replace the `<|image|>` placeholders inside the model. Every seq
 `<|endoftext|>`. A formatter raises on a malformed sample; the loader logs it and moves on.
 
 A new corpus plugs in by kind name: write a class with `format(sample, ctx)` and `texts(sample)` (the
-text to train the tokenizer on) and decorate it with `@register("kind")`. The non image_text layouts
-below are provisional, matching what the pipeline is planned to write:
+text to train the tokenizer on) and decorate it with `@register("kind")`. It reads the members its
+kind's shard contract declares (`schemas/<kind>.py`, importable without Spark); each kind has a
+contract test in which its formatter reads samples the pipeline's writer produced. The non
+image_text layouts below are provisional, until their kinds land on the spine:
 
 - interleaved: `.json` {"texts": [str | null, ...]}; the image at position i is the member `img{i}.jpg`.
 - ocr: `.jpg` + `.txt` (the OCR text).
@@ -22,13 +24,16 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 from PIL import Image
 
+from schemas import image_text as image_text_schema
 from trainer.images import ImageConfig, decode_resized, image_patches, merged_tokens, smart_resize, to_patches
-from trainer.tokenizer import TextTokenizer
+
+if TYPE_CHECKING:  # a type only: tokenizer.py reads formatters to find training text, not the other way round
+    from trainer.tokenizer import TextTokenizer
 
 ImageInput = tuple[np.ndarray, tuple[int, int, int]]  # (patches, grid (t, h, w) in ViT patches)
 
@@ -136,22 +141,28 @@ def _finish(ids: list[int], images: list[ImageInput], ctx: FormatContext, sample
 
 # --- the kinds -----------------------------------------------------------------------------------------
 
+_IMAGE_TEXT = image_text_schema.contract()  # the layout the pipeline writes (schemas/image_text.py)
+
+
 @register("image_text")
 class ImageText:
-    """`<image>` then the caption (`.txt`: the text the pipeline chose to train on)."""
+    """`<image>` then the caption (`.txt`: the text the pipeline chose to train on). The members are
+    the ones the kind's shard contract declares."""
 
     kind = "image_text"
+    image = _IMAGE_TEXT.thumbnail.ext
+    text = next(m.ext for m in _IMAGE_TEXT.members if m.media == "text")
 
     def format(self, sample: dict, ctx: FormatContext) -> Formatted:
-        caption = _text(sample)
+        caption = _text(sample, self.text)
         if not caption:
             raise ValueError("empty caption")
-        patches, grid = image_patches(sample["jpg"], ctx.image)
+        patches, grid = image_patches(sample[self.image], ctx.image)
         ids = image_block(ctx, grid) + ctx.tokenizer.encode(caption)
         return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
 
     def texts(self, sample: dict) -> list[str]:
-        return [_text(sample, required=False)]
+        return [_text(sample, self.text, required=False)]
 
 
 @register("ocr")

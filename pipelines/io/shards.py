@@ -16,7 +16,7 @@ import os
 import shutil
 import tarfile
 import uuid
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pyarrow as pa
 
@@ -24,6 +24,7 @@ from filters.base import FaultPlan
 from pipelines.checkpoint import cached
 from pipelines.io import storage
 from schemas.common import SAMPLE_ID
+from schemas.contract import Contract
 
 SHARD_STATS = pa.schema([
     pa.field("shard", pa.string()), pa.field("nsamples", pa.int64()), pa.field("bytes", pa.int64()),
@@ -78,9 +79,11 @@ class TarShard:
 
 
 def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str, to_sample: Callable[[dict], dict],
-                    fault: FaultPlan | None = None) -> Iterator[pa.RecordBatch]:
-    """Write the shards of one partition (rows sorted by shard, then sample_id). `fault`: test only,
-    fails a chosen first attempt right after its first sample, mid-shard."""
+                    contract: Contract | None = None, fault: FaultPlan | None = None) -> Iterator[pa.RecordBatch]:
+    """Write the shards of one partition (rows sorted by shard, then sample_id). Every sample is checked
+    against the kind's `contract` first: one that breaks it is a pipeline bug and fails the task
+    (ContractViolation), never a silently malformed shard. `fault`: test only, fails a chosen first
+    attempt right after its first sample, mid-shard."""
     staging = storage.staging_dir(out_dir)
     current, writer, tmp_path, count = None, None, None, 0
 
@@ -102,7 +105,10 @@ def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str, to_sample: 
                     current, count = row["shard"], 0
                     tmp_path = os.path.join(staging, f".{current}.{uuid.uuid4().hex}.tmp")
                     writer = TarShard(tmp_path)
-                writer.write(to_sample(row))
+                sample = to_sample(row)
+                if contract is not None:
+                    contract.validate(sample)
+                writer.write(sample)
                 count += 1
                 if fault is not None:
                     fault.strike()
@@ -196,7 +202,8 @@ def write_index(out_dir: str, stats: list[dict]) -> None:
     storage.write_bytes(storage.join(out_dir, "index.json"), json.dumps(index, indent=1).encode())
 
 
-def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shards: int) -> list[dict]:
+def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shards: int,
+                 contract: Contract | None = None) -> list[dict]:
     """Write `kept` (with a `shard` column) as tars under out_dir; returns per-shard stats (small)."""
     from schemas.common import spark_type
 
@@ -208,7 +215,7 @@ def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shar
     # lineage once more to find its bounds); a task may get several whole shards, never part of one
     parts = kept.repartition(num_shards, "shard").sortWithinPartitions("shard", SAMPLE_ID)
     fault = FaultPlan.from_env("shards")  # None outside fault-injection tests
-    stats = parts.mapInArrow(lambda it: write_partition(it, out_dir, to_sample, fault), spark_type(SHARD_STATS))
+    stats = parts.mapInArrow(lambda it: write_partition(it, out_dir, to_sample, contract, fault), spark_type(SHARD_STATS))
     # sorted here, not with orderBy: its range-partitioning sample would run the writer a second time
     rows = sorted((r.asDict() for r in stats.collect()), key=lambda r: r["shard"])
     if len({r["shard"] for r in rows}) != len(rows):

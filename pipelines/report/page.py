@@ -21,22 +21,6 @@ from pipelines.report import plots
 from pipelines.report.material import material_dir
 from schemas import ledger as L
 
-# Where in the pipeline each reason is decided: the funnel's rows, in order. A code missing here (a new
-# one in schemas/ledger.py) still shows, under "other"; the gates reject codes that are in neither.
-STAGES: list[tuple[str, tuple[str, ...]]] = [
-    ("read", ("read_error", "unsafe_member", "duplicate_member", "meta_invalid")),
-    ("download", ("download_failed", "download_http_error", "download_too_large", "download_too_many_redirects",
-                  "download_blocked_address", "download_bad_url", "opted_out")),
-    ("decode", ("image_missing", "image_empty", "image_undecodable", "image_truncated", "image_too_many_pixels")),
-    ("rules", ("image_too_small", "aspect_ratio", "solid_color", "caption_missing", "caption_too_short",
-               "caption_too_long", "language")),
-    ("dedup", ("exact_duplicate", "near_duplicate")),
-    ("clip", ("clip_low_similarity", "clip_score_invalid")),
-    ("balance", ("concept_balance", "no_concept")),
-]
-ALWAYS_SHOWN = ("decode", "rules", "dedup", "clip", "balance")  # shown with −0 too: what ran and removed nothing
-STAGE_OF = {r: s for s, reasons in STAGES for r in reasons}
-REASON_ORDER = {r: i for i, r in enumerate(r for _, reasons in STAGES for r in reasons)}
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;color:#1d2327;background:#f6f7f9}
 header{background:#264653;color:#fff;padding:18px 28px}
@@ -125,8 +109,8 @@ def load_material(out: str, kind: str) -> dict:
     return {
         "meta": _read_json(meta_uri),
         "rows": _read_parquet(storage.join(mdir, "rows.parquet")),
-        "languages": _read_parquet(storage.join(mdir, "languages.parquet")),
-        "concepts": _read_parquet(storage.join(mdir, "concepts.parquet")),
+        "bars": {name: _read_parquet(storage.join(mdir, f"bars-{name}.parquet"))
+                 for name in _read_json(meta_uri).get("bars", {})},
         "gallery": _read_parquet(storage.join(mdir, "gallery.parquet")),
     }
 
@@ -159,37 +143,63 @@ def publish_state(out: str, kind: str, summary: dict, in_run: bool) -> tuple[str
 # --- sections -------------------------------------------------------------------------------------------
 
 
-def funnel(k: dict) -> str:
-    """Input, then what each stage removed (by reason), then kept."""
-    reasons = {**k.get("quarantined", {}), **k.get("dropped", {})}
-    n_in = int(k["input"])
+def _reasons(k: dict) -> dict[str, dict]:
+    """The kind's declared reasons (code -> status, stage, text), in funnel order, from summary.json."""
+    return k.get("reasons") or {}
+
+
+def funnel(k: dict, unit: str | None = None) -> str:
+    """Input, then what each stage removed (by reason, in the order the kind declares), then kept."""
+    u = k if unit is None else k["units"][unit]
+    declared = _reasons(k)
+    reasons = {**u.get("quarantined", {}), **u.get("dropped", {})}
+    n_in = int(u["input"])
     remaining = n_in
     rows = [f"<tr><td><b>input</b></td><td class=num>{fmt_int(n_in)}</td>"
             + "<td><div class=bar style='width:300px'></div></td><td></td></tr>"]
-    known = set(STAGE_OF)
-    stages = STAGES + [("other", tuple(sorted(r for r in reasons if r not in known)))]  # a code STAGES lacks
-    for stage, codes in stages:
+    stages: dict[str, list[str]] = {}
+    for code, r in declared.items():
+        stages.setdefault(r["stage"], []).append(code)
+    stages["other"] = sorted(r for r in reasons if r not in declared)  # a code the kind does not declare
+    ran = set(k.get("stages_run") or ())
+    for stage, codes in stages.items():
         here = {r: reasons[r] for r in codes if r in reasons}
         lost = sum(here.values())
-        if not here and stage not in ALWAYS_SHOWN:
+        if not here and stage not in ran:
             continue
         remaining -= lost
         width = 300 * remaining / n_in if n_in else 0
         detail = ", ".join(
-            f"<span title='{esc(L.REASONS.get(r, 'unknown reason code'))}'>{esc(r)} {fmt_int(c)}</span>"
-            for r, c in sorted(here.items(), key=lambda rc: (-rc[1], rc[0])))
+            f"<span title='{esc(declared.get(r, {}).get('text', 'reason code not declared for this kind'))}'>"
+            f"{esc(r)} {fmt_int(c)}</span>" for r, c in sorted(here.items(), key=lambda rc: (-rc[1], rc[0])))
         rows.append(f"<tr><td>after <b>{esc(stage)}</b></td><td class=num>{fmt_int(remaining)}</td>"
                     f"<td><div class=bar style='width:{width:.1f}px'></div></td>"
                     f"<td class=reasons>−{fmt_int(lost)}{': ' + detail if detail else ''}</td></tr>")
-    rows.append(f"<tr><td><b>kept</b></td><td class=num><b>{fmt_int(k['kept'])}</b></td>"
-                f"<td><div class=bar style='width:{300 * k['kept'] / n_in if n_in else 0:.1f}px'></div></td>"
-                f"<td class=reasons>{100 * k['kept'] / n_in if n_in else 0:.1f}% of the input</td></tr>")
+    rows.append(f"<tr><td><b>kept</b></td><td class=num><b>{fmt_int(u['kept'])}</b></td>"
+                f"<td><div class=bar style='width:{300 * u['kept'] / n_in if n_in else 0:.1f}px'></div></td>"
+                f"<td class=reasons>{100 * u['kept'] / n_in if n_in else 0:.1f}% of the input</td></tr>")
     note = ""
-    if remaining != k["kept"]:
+    if remaining != u["kept"]:
         note = (f"<div class='banner bad'>The stages account for {fmt_int(remaining)} remaining items but "
-                f"{fmt_int(k['kept'])} were kept.</div>")
+                f"{fmt_int(u['kept'])} were kept.</div>")
     return ("<table class=funnel><tr><th>stage</th><th class=num>items left</th><th></th><th>removed, by reason</th>"
             "</tr>" + "".join(rows) + "</table>" + note)
+
+
+def units_section(k: dict) -> str:
+    """Accounting per unit: every item and sub-item is kept, dropped or quarantined exactly once."""
+    units = k.get("units") or {}
+    rows = []
+    for name, u in units.items():
+        d, q = sum(u["dropped"].values()), sum(u["quarantined"].values())
+        ok = "ok" if u["input"] == u["kept"] + d + q else "bad"
+        rows.append(f"<tr><td>{esc(name)}</td><td class=num>{fmt_int(u['input'])}</td><td class=num>{fmt_int(u['kept'])}"
+                    f"</td><td class=num>{fmt_int(d)}</td><td class=num>{fmt_int(q)}</td>"
+                    f"<td><span class='badge {ok}'>{'adds up' if ok == 'ok' else 'DOES NOT ADD UP'}</span></td></tr>")
+    table = ("<table><tr><th>unit</th><th class=num>input</th><th class=num>kept</th><th class=num>dropped</th>"
+             f"<th class=num>quarantined</th><th></th></tr>{''.join(rows)}</table>")
+    subs = "".join(f"<h4>{esc(name)}</h4>{funnel(k, name)}" for name in list(units)[1:])
+    return table + subs
 
 
 def _column(table, name: str) -> np.ndarray:
@@ -203,143 +213,97 @@ def _by_status(table, values: np.ndarray) -> dict[str, np.ndarray]:
     return {s: values[status == s] for s in plots.STATUSES if values.size}
 
 
-def distributions(m: dict, recipe: dict, clip: dict) -> str:
+def distributions(m: dict) -> str:
+    """One chart per field the kind's contract plots: histograms over the (sampled) rows, stacked by
+    status, with the recipe's thresholds; bars from exact counts."""
     rows = m.get("rows")
     meta = m.get("meta", {})
-    rules = recipe.get("image_text", {}).get("rules", {})
     if rows is None:
         return "<p class=muted>No material recorded for distributions.</p>"
-    w, h = _column(rows, "width"), _column(rows, "height")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        short = np.fmin(w, h)
-        aspect = np.fmax(w, h) / np.fmin(w, h)
-    chars = _column(rows, "caption_chars")
-    score = _column(rows, "clip_score")
+    if rows is not None and L.UNIT in rows.column_names and meta.get("unit"):
+        rows = rows.filter(np.array([u == meta["unit"] for u in rows.column(L.UNIT).to_pylist()], dtype=bool))
     figs = []
-    figs.append(("resolution", plots.histogram(
-        "Resolution: shorter side", "shorter side (px, log scale)", _by_status(rows, short), log=True,
-        lines=[(rules["min_side"], f"min_side {rules['min_side']}")] if "min_side" in rules else [])))
-    figs.append(("aspect", plots.histogram(
-        "Aspect ratio", "longer / shorter side", _by_status(rows, aspect),
-        lines=[(rules["max_aspect_ratio"], f"max {rules['max_aspect_ratio']}")] if "max_aspect_ratio" in rules else [])))
-    lines = [(rules[k], f"{k} {rules[k]}") for k in ("min_caption_chars", "max_caption_chars") if k in rules]
-    figs.append(("caption", plots.histogram(
-        "Caption length", "characters after clean-up (log scale)", _by_status(rows, chars), log=True, lines=lines)))
-    weights = "real weights" if clip.get("real_weights") else "RANDOM weights: threshold not applied"
-    figs.append(("clip", plots.histogram(
-        f"CLIP score ({weights})", "image-text cosine", _by_status(rows, score),
-        lines=[(clip["threshold"], f"threshold {clip['threshold']}")] if clip.get("threshold") is not None else [])))
-    langs = m.get("languages")
-    if langs is not None and langs.num_rows:
-        totals: dict[str, dict[str, int]] = {}
-        for r in langs.to_pylist():
-            totals.setdefault(r["language"] or "(none)", {})[r["status"]] = int(r["n"])
-        top = sorted(totals, key=lambda x: (-sum(totals[x].values()), x))[:15]
-        counts = {s: [totals[x].get(s, 0) for x in top] for s in plots.STATUSES}
-        figs.append(("language", plots.stacked_bars(f"Language (top {len(top)} of {len(totals)}, exact)", top, counts)))
-    cons = m.get("concepts")
-    cmeta = meta.get("concepts", {})
-    if cons is not None and cons.num_rows:
-        rowsc = sorted(cons.to_pylist(), key=lambda r: (-r["before"], r["concept"]))[:20]
-        figs.append(("concepts", plots.paired_bars(
-            f"Top concepts before / after balancing (of {fmt_int(cmeta.get('distinct'))} matched, exact)",
-            [r["concept"] for r in rowsc], [r["before"] for r in rowsc], [r["after"] for r in rowsc])))
-    elif cmeta.get("enabled"):
-        figs.append(("concepts", plots.paired_bars("Top concepts before / after balancing", [], [], [])))
+    for spec in meta.get("plots", []):
+        name, kind = spec["name"], spec["plot"]
+        lines = [(v, label) for v, label in spec.get("marks", [])]
+        label = spec.get("description") or name.replace("_", " ")
+        if kind in ("hist", "loghist"):
+            figs.append((name, plots.histogram(label[:1].upper() + label[1:], name + (" (log scale)" if kind == "loghist"
+                                               else ""), _by_status(rows, _column(rows, name)),
+                                               log=kind == "loghist", lines=lines)))
+        elif kind == "bars":
+            table = m.get("bars", {}).get(name)
+            info = meta.get("bars", {}).get(name, {})
+            totals: dict[str, dict[str, int]] = {}
+            for r in (table.to_pylist() if table is not None else []):
+                totals.setdefault(r["value"] if r["value"] is not None else "(none)", {})[r["status"]] = int(r["n"])
+            top = sorted(totals, key=lambda x: (-sum(totals[x].values()), x))[:20]
+            counts = {st: [totals[x].get(st, 0) for x in top] for st in plots.STATUSES}
+            what = "values" if not info.get("list") else f"values in {fmt_int(info.get('with_values'))} items"
+            figs.append((name, plots.stacked_bars(f"{label[:1].upper() + label[1:]} (top {len(top)} of "
+                                                  f"{fmt_int(info.get('distinct'))} {what}, exact)", top, counts)))
     basis = (f"drawn from a uniform sample (hash of sample_id) of {fmt_int(meta.get('rows_in_material'))} of "
-             f"{fmt_int(meta.get('rows'))} items" if meta.get("sampled")
-             else f"drawn from all {fmt_int(meta.get('rows'))} items")
+             f"{fmt_int(meta.get('rows'))} rows" if meta.get("sampled")
+             else f"drawn from all {fmt_int(meta.get('rows'))} rows")
     cells = "".join(f"<figure id='plot-{esc(k)}'><img alt='{esc(k)} distribution' src='{uri}'></figure>"
                     for k, uri in figs)
-    concept_note = ""
-    if cmeta.get("enabled"):
-        concept_note = (f"; concepts: {fmt_int(cmeta.get('matched'))} of {fmt_int(cmeta.get('reached_balance'))} items "
-                        f"reaching balancing matched at least one concept")
-    return (f"<p class=muted>Histograms {basis}, stacked by status (dashed lines: the recipe's thresholds); "
-            f"language and concept counts are exact{concept_note}.</p><div class=plots>{cells}</div>")
+    return (f"<p class=muted>Histograms {basis} of unit {esc(meta.get('unit'))}, stacked by status (dashed lines: "
+            f"the recipe's thresholds); bar charts are exact counts.</p><div class=plots>{cells}</div>")
 
 
-def decided_by(r: dict, recipe: dict, clip: dict) -> str:
-    """The value that decided a row's fate, in words."""
-    rules = recipe.get("image_text", {}).get("rules", {})
-    reason = r.get(L.REASON)
-    w, h = r.get("width"), r.get("height")
-    score = _num(r.get("clip_score"))
-    if r.get(L.STATUS) == L.KEPT:
-        if score is None:
-            return "no CLIP score" if clip.get("enabled", True) else ""
-        return f"CLIP {score:.3f}" + (f" ≥ {clip['threshold']}" if clip.get("threshold_applied") else "")
-    if reason == "image_too_small" and w and h:
-        return f"{w}×{h}: shorter side {min(w, h)} < {rules.get('min_side')}"
-    if reason == "aspect_ratio" and w and h:
-        return f"{w}×{h}: ratio {max(w, h) / min(w, h):.2f} > {rules.get('max_aspect_ratio')}"
-    if reason == "solid_color" and _num(r.get("pixel_std")) is not None:
-        return f"pixel std {r['pixel_std']:.2f} < {rules.get('min_pixel_std')}"
-    if reason == "caption_too_short":
-        return (f"{r.get('caption_words')} words, {r.get('caption_chars')} chars "
-                f"(needs {rules.get('min_caption_words')} words, {rules.get('min_caption_chars')} chars)")
-    if reason == "caption_too_long":
-        return f"{r.get('caption_chars')} chars > {rules.get('max_caption_chars')}"
-    if reason == "caption_missing":
-        return "no caption left after clean-up"
-    if reason == "language":
-        ls = _num(r.get("language_score"))
-        return f"language {r.get('language')} ({ls:.2f}) not in {rules.get('languages')}" if ls is not None else \
-            f"language {r.get('language')}"
-    if reason in ("exact_duplicate", "near_duplicate"):
-        d = hamming(r.get("phash"), r.get("keeper_phash"))
-        return f"copy of {r.get(L.DUPLICATE_OF)}" + (f", Hamming {d}" if d is not None else "")
-    if reason == "clip_low_similarity":
-        return f"CLIP {score:.3f} < {clip.get('threshold')}" if score is not None else "CLIP score missing"
-    if reason in ("concept_balance", "no_concept"):
-        return f"{r.get('n_concepts') or 0} concept(s) matched; not drawn" if reason == "concept_balance" else \
-            "no concept matched"
-    return r.get(L.DETAIL) or reason or ""
+def decided_by(r: dict, k: dict, section: dict) -> str:
+    """The value that decided a row's fate, in words: the kind's own wording when it is registered,
+    else the reason's deciding columns."""
+    from pipelines import kinds
+
+    kind = kinds.REGISTRY.get(k.get("_kind", ""))
+    if kind is not None and kind.explain is not None:
+        return kind.explain(r, section, k)
+    declared = _reasons(k).get(r.get(L.REASON) or "", {})
+    shows = [f"{c} {_fmt(r.get(c))}" for c in declared.get("shows", ()) if r.get(c) is not None]
+    if r.get(L.DUPLICATE_OF):
+        shows.insert(0, f"copy of {r[L.DUPLICATE_OF]}")
+    return ", ".join(shows) or r.get(L.DETAIL) or r.get(L.REASON) or ""
 
 
-def hamming(a: Any, b: Any) -> int | None:
-    if a is None or b is None:
-        return None
-    return ((int(a) ^ int(b)) & ((1 << 64) - 1)).bit_count()
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def card(r: dict, recipe: dict, clip: dict, extra_class: str = "", label: str = "") -> str:
+def card(r: dict, k: dict, section: dict, extra_class: str = "", label: str = "") -> str:
     thumb = r.get("thumb")
     if thumb:
         img = (f"<img loading=eager alt='{esc(r.get('source_key'))}' "
                f"src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>")
     else:
         img = "<div class=noimg>no image</div>"
-    size = f"{r['width']}×{r['height']}" if r.get("width") and r.get("height") else ""
-    caption = r.get("caption") or ""
-    caption = caption if len(caption) <= 160 else caption[:157] + "…"
+    text = r.get("text") or ""
+    text = text if len(text) <= 160 else text[:157] + "…"
     cls = "card " + extra_class + (" keptcard" if r.get(L.STATUS) == L.KEPT else "")
     head = f"<div><b>{esc(label)}</b></div>" if label else ""
+    unit = r.get(L.UNIT) if r.get(L.UNIT) != k.get("unit") else None
     return (f"<div class='{cls.strip()}' data-sample='{esc(r.get('sample_id'))}'>{head}{img}"
-            f"<div class=why>{esc(decided_by(r, recipe, clip))}</div>"
-            f"<div class=cap>{esc(caption)}</div>"
-            f"<div class=id>{' · '.join(esc(x) for x in (r.get('source_key'), size, r.get('language')) if x)}<br>"
+            f"<div class=why>{esc(decided_by(r, k, section))}</div>"
+            f"<div class=cap>{esc(text)}</div>"
+            f"<div class=id>{' · '.join(esc(x) for x in (r.get('source_key'), unit) if x)}<br>"
             f"{esc(r.get('sample_id'))}</div></div>")
 
 
-def _sort_key(r: dict):
-    """Within a gallery, order by the value that decided, so the threshold's neighbourhood is visible."""
+def _sort_key(r: dict, k: dict, kept_by: str | None):
+    """Within a gallery, order by the value that decided, so the threshold's neighbourhood is visible;
+    kept items by the value the last deciding stage looked at, highest first."""
     reason = r.get(L.REASON)
-    w, h = r.get("width") or 0, r.get("height") or 0
-    v = {
-        None: _num(r.get("clip_score")),
-        "clip_low_similarity": _num(r.get("clip_score")),
-        "image_too_small": min(w, h) if w and h else None,
-        "aspect_ratio": max(w, h) / min(w, h) if w and h else None,
-        "solid_color": _num(r.get("pixel_std")),
-        "caption_too_short": r.get("caption_chars"),
-        "caption_too_long": r.get("caption_chars"),
-        "language": _num(r.get("language_score")),
-    }.get(reason)
+    col = kept_by if reason is None else next(iter(_reasons(k).get(reason, {}).get("shows", ()) or ()), None)
+    v = _num(r.get(col)) if col else None
     return (v is None, -(v or 0) if reason is None else (v or 0), r["sample_id"])
 
 
-def galleries(m: dict, k: dict, recipe: dict, clip: dict) -> str:
+def _kept_by(k: dict) -> str | None:
+    shown = [r["shows"][0] for r in _reasons(k).values() if r.get("shows")]
+    return shown[-1] if shown else None
+
+
+def galleries(m: dict, k: dict, section: dict) -> str:
     g = m.get("gallery")
     if g is None:
         return "<p class=muted>No gallery material recorded.</p>"
@@ -348,25 +312,33 @@ def galleries(m: dict, k: dict, recipe: dict, clip: dict) -> str:
     for r in g.to_pylist():
         by_section.setdefault(r["section"], []).append(r)
     parts = []
-    kept = sorted(by_section.get("kept", []), key=_sort_key)
+    kept_by = _kept_by(k)
+    kept = sorted(by_section.get("kept", []), key=lambda r: _sort_key(r, k, kept_by))
+    order = f", highest {kept_by} first" if kept_by else ""
     parts.append(f"<h3 id='gallery-{esc(k['_kind'])}-kept'>Kept <span class=muted>({len(kept)} shown of "
-                 f"{fmt_int(k['kept'])}, highest CLIP score first)</span></h3>"
-                 f"<div class='gallery kept'>{''.join(card(r, recipe, clip) for r in kept)}</div>")
-    reasons = {**k.get("quarantined", {}), **k.get("dropped", {})}
-    for reason in sorted(reasons, key=lambda x: (REASON_ORDER.get(x, 999), x)):
-        rows = sorted(by_section.get(reason, []), key=_sort_key)
-        status = "quarantined" if reason in k.get("quarantined", {}) else "dropped"
+                 f"{fmt_int(k['kept'])}{esc(order)})</span></h3>"
+                 f"<div class='gallery kept'>{''.join(card(r, k, section) for r in kept)}</div>")
+    declared = _reasons(k)
+    position = {code: i for i, code in enumerate(declared)}
+    reasons: dict[str, int] = {}
+    for u in (k.get("units") or {"": k}).values():
+        for st in ("quarantined", "dropped"):
+            for code, n in u.get(st, {}).items():
+                reasons[code] = reasons.get(code, 0) + n
+    for reason in sorted(reasons, key=lambda x: (position.get(x, 999), x)):
+        rows = sorted(by_section.get(reason, []), key=lambda r: _sort_key(r, k, kept_by))
+        d = declared.get(reason, {})
         parts.append(
-            f"<h4 id='gallery-{esc(k['_kind'])}-{esc(reason)}'>{esc(reason)} <span class=muted>({status}, "
-            f"{len(rows)} shown of {fmt_int(reasons[reason])}; stage {esc(STAGE_OF.get(reason, 'unknown'))}: "
-            f"{esc(L.REASONS.get(reason, 'unknown reason code'))})</span></h4>"
-            f"<div class=gallery>{''.join(card(r, recipe, clip) for r in rows)}</div>")
+            f"<h4 id='gallery-{esc(k['_kind'])}-{esc(reason)}'>{esc(reason)} <span class=muted>({esc(d.get('status'))}, "
+            f"{len(rows)} shown of {fmt_int(reasons[reason])}; stage {esc(d.get('stage', 'unknown'))}: "
+            f"{esc(d.get('text', 'reason code not declared for this kind'))})</span></h4>"
+            f"<div class=gallery>{''.join(card(r, k, section) for r in rows)}</div>")
     return (f"<p class=muted>Thumbnails ({meta.get('thumb_px', 160)} px) of a fixed random sample: up to "
             f"{meta.get('kept')} kept items and {meta.get('per_reason')} per reason. Red: the value that decided, "
             f"next to the recipe's threshold.</p>" + "".join(parts))
 
 
-def duplicate_groups(m: dict, recipe: dict, clip: dict) -> str:
+def duplicate_groups(m: dict, k: dict, section: dict) -> str:
     g = m.get("gallery")
     dmeta = m.get("meta", {}).get("duplicates", {})
     if g is None:
@@ -378,8 +350,7 @@ def duplicate_groups(m: dict, recipe: dict, clip: dict) -> str:
     sizes = ", ".join(f"{fmt_int(n)} of size {s}" for s, n in sorted(dmeta.get("sizes", {}).items(), key=lambda x: int(x[0])))
     head = (f"<p class=muted>{fmt_int(dmeta.get('groups', 0))} duplicate groups, {fmt_int(dmeta.get('dropped', 0))} "
             f"items dropped as copies{' (' + sizes + ')' if sizes else ''}. Each row: the member kept by dedup "
-            f"(most pixels, then largest file) beside the members dropped for it, with the pHash Hamming distance. "
-            f"Showing {len(groups)} group(s).</p>")
+            f"beside the members dropped for it. Showing {len(groups)} group(s).</p>")
     rows = []
     for keeper in sorted(groups):
         members = groups[keeper]
@@ -389,8 +360,8 @@ def duplicate_groups(m: dict, recipe: dict, clip: dict) -> str:
         if head_rows:
             h = head_rows[0]
             label = "kept by dedup" + ("" if h.get(L.STATUS) == L.KEPT else f", later {h.get(L.REASON)}")
-            cards.append(card(h, recipe, clip, "keeper", label))
-        cards += [card(r, recipe, clip, "", r.get(L.REASON) or "") for r in others]
+            cards.append(card(h, k, section, "keeper", label))
+        cards += [card(r, k, section, "", r.get(L.REASON) or "") for r in others]
         rows.append(f"<div class=group data-keeper='{esc(keeper)}'>{''.join(cards)}</div>")
     return head + "".join(rows)
 
@@ -475,21 +446,17 @@ def run_section(summary: dict) -> str:
     st = "".join(f"<tr><td>{esc(n)}</td><td class=num>{_secs(v.get('task_seconds'))}</td>"
                  f"<td class=num>{_secs(v.get('wall_seconds'))}</td></tr>" for n, v in sorted(stages.items()))
     vers = "".join(f"<tr><td>{esc(n)}</td><td>{esc(v)}</td></tr>" for n, v in sorted(summary.get("versions", {}).items()))
-    clips = []
+    facts = []
     for kind, k in sorted(summary.get("kinds", {}).items()):
-        c = k.get("clip") or {}
-        if c:
-            badge = "<span class='badge ok'>real weights</span>" if c.get("real_weights") else \
-                "<span class='badge bad'>RANDOM weights</span>"
-            clips.append(f"<tr><td>{esc(kind)}</td><td>{badge}</td><td>{esc(c.get('model'))}</td>"
-                         f"<td>{esc(c.get('pretrained'))}</td><td>{esc(c.get('threshold'))}"
-                         f"{'' if c.get('threshold_applied') else ' (not applied)'}</td>"
-                         f"<td class=muted>{esc(c.get('message'))}</td></tr>")
+        for name, fact in sorted((k.get("facts") or {}).items()):
+            cells = fact.items() if isinstance(fact, dict) else [("value", fact)]
+            facts.append(f"<tr><td>{esc(kind)}</td><td>{esc(name)}</td><td>"
+                         + "; ".join(f"{esc(a)}: <b>{esc(b)}</b>" for a, b in cells) + "</td></tr>")
     recipe = json.dumps(summary.get("recipe", {}), indent=1, sort_keys=True, ensure_ascii=False)
     return (f"<p>Started {esc(summary.get('started_at'))}, {esc(summary.get('elapsed_seconds'))} s; output "
             f"<code>{esc(summary.get('output'))}</code>.</p>"
-            "<h3>CLIP</h3><table><tr><th>kind</th><th>weights</th><th>model</th><th>pretrained</th><th>threshold</th>"
-            f"<th></th></tr>{''.join(clips)}</table>"
+            "<h3>Facts per kind</h3><p class=muted>what each kind's plan decided on the driver (models, weights, "
+            f"thresholds applied)</p><table><tr><th>kind</th><th>fact</th><th></th></tr>{''.join(facts)}</table>"
             "<h3>Time per stage</h3><p class=muted>task seconds: summed over executors (row-wise stages); "
             "wall seconds: on the driver (checkpoints, ledger, report, gates).</p>"
             f"<table><tr><th>stage</th><th class=num>task s</th><th class=num>wall s</th></tr>{st}</table>"
@@ -511,17 +478,17 @@ def render(out: str, in_run: bool = False) -> str:
     body = []
     for kind in kinds:
         k = dict(summary["kinds"][kind], _kind=kind)
-        clip = k.get("clip") or {}
+        section = recipe.get(kind, {})
         m = load_material(out, kind)
-        warn = ""
-        if clip and not clip.get("real_weights"):
-            warn = f"<div class='banner warn'>{esc(clip.get('message'))}</div>"
+        warn = "".join(f"<div class='banner warn'>{esc(a.get('message') or a.get('description'))}</div>"
+                       for a in k.get("assertions", []) if not a.get("ok"))
         body.append(
             f"<section id='kind-{esc(kind)}'><h2>{esc(kind)}: {fmt_int(k['input'])} in, {fmt_int(k['kept'])} kept</h2>"
             f"{warn}<h3 id='funnel-{esc(kind)}'>Funnel</h3>{funnel(k)}"
-            f"<h3 id='distributions-{esc(kind)}'>Distributions</h3>{distributions(m, recipe, clip)}"
-            f"<h3 id='galleries-{esc(kind)}'>Galleries</h3>{galleries(m, k, recipe, clip)}"
-            f"<h3 id='duplicates-{esc(kind)}'>Duplicate groups</h3>{duplicate_groups(m, recipe, clip)}"
+            f"<h3 id='units-{esc(kind)}'>Units</h3>{units_section(k)}"
+            f"<h3 id='distributions-{esc(kind)}'>Distributions</h3>{distributions(m)}"
+            f"<h3 id='galleries-{esc(kind)}'>Galleries</h3>{galleries(m, k, section)}"
+            f"<h3 id='duplicates-{esc(kind)}'>Duplicate groups</h3>{duplicate_groups(m, k, section)}"
             f"<h3 id='shards-{esc(kind)}'>Shards</h3>{shards_section(out, kind, k, summary, in_run)}"
             "</section>")
     page = (

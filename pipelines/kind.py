@@ -1,0 +1,209 @@
+"""A corpus kind is a plug-in; this module is the spine every kind runs on.
+
+A kind declares (`Kind`): its recipe section, its units (the first is the item written as a sample;
+the others are sub-items that point at a parent), its reasons, its shard contract and a `plan`
+function. The plan (`Plan`), made on the driver after the kind's own checks (models, weights), gives:
+
+- `features()`: the input read and taken through the kind's row-wise stages in one fused pass
+  (`filters.base.apply_stages`), media bytes spooled to files (`filters.media.Spool`): a narrow table
+  with one row per item and sub-item (`unit`, `parent_id`);
+- `steps`: in order, each an optional row-wise stage on the rows still in play (its columns joined
+  back) and an optional decision function returning a narrow (sample_id, reason, duplicate_of) table;
+- `to_sample`: a row of the final table -> the webdataset sample its contract describes.
+
+`run_kind` does the rest the same way for every kind: checkpoints, the quarantine of rows that carry
+an `error`, sub-items whose parent was removed, shard assignment and writing (each sample checked
+against the contract), the ledger (one row per item and sub-item, statuses from the declared
+reasons), and the narrow per-item rows the report draws from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from filters.base import Stage, StageTimer, apply_stage
+from pipelines.checkpoint import cached, checkpoint, fingerprint
+from pipelines.io import shards
+from schemas import ledger as L
+from schemas.common import ERROR, ERROR_DETAIL, KIND, SAMPLE_ID, SOURCE, SOURCE_KEY
+from schemas.contract import Contract
+
+log = logging.getLogger(__name__)
+DECISIONS = "sample_id string, reason string, duplicate_of string"
+
+
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """What a kind's plan gets: the run's session, recipe and places."""
+
+    spark: Any
+    recipe: Any  # pipelines.recipe.Recipe
+    cfg: Any  # the kind's own recipe section
+    uris: list[str]
+    out: str
+    work_dir: str
+    timer: StageTimer
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One decision point, on the rows still in play. `stage` (row-wise) runs first on the columns
+    `reads`, and its `adds()` columns are joined back (`store`: "checkpoint" for costly model calls,
+    kept across restarts; "cache" for cheap ones). `decide(alive)` then returns the rows removed here:
+    sample_id, reason (declared by the kind), and duplicate_of where the reason is a copy of another
+    item. `depends`: the recipe knobs the decision reads, for the checkpoint keys of later stages."""
+
+    name: str
+    decide: Callable[[Any], Any] | None = None
+    stage: Stage | None = None
+    reads: tuple[str, ...] = ()
+    store: str = "cache"
+    depends: Any = None
+
+
+@dataclasses.dataclass
+class Plan:
+    features: Callable[[], Any]  # () -> DataFrame, one row per item and sub-item
+    key: str  # fingerprint of what the features depend on
+    steps: list[Step]
+    to_sample: Callable[[dict], dict]  # final row -> {"__key__", ext: bytes}
+    sample_size: Callable[[Any], Any]  # F -> Column: about a sample's bytes (for shards.max_bytes)
+    error_reason: Callable[[Any], Any] | None = None  # F -> Column: the quarantine reason of a row (default: error)
+    samples: Callable[[Any], Any] | None = None  # alive -> the rows written as samples (default: the first unit)
+    report: Mapping[str, Callable[[Any], Any]] = dataclasses.field(default_factory=dict)  # column -> F -> Column
+    thumbnail: str = ""  # media column (bytes or its _ref) the report shows
+    text: str = ""  # column the report shows on a card
+    facts: dict = dataclasses.field(default_factory=dict)  # summary.json and the report show these
+    assertions: list[dict] = dataclasses.field(default_factory=list)  # run-level checks -> gates (see gates)
+
+
+@dataclasses.dataclass
+class Result:
+    """What a kind's run hands to the spine's ledger, gates and report."""
+
+    ledger: Any  # DataFrame in schemas.ledger.SCHEMA
+    shards: list[dict]  # per-shard stats: shard, nsamples, bytes
+    rows: Any  # DataFrame: sample_id + the plan's report columns + thumbnail + text, every ledger row
+    facts: dict
+    assertions: list[dict]
+    thumbnail: str = ""
+    text: str = ""
+    report_columns: tuple[str, ...] = ()
+    stages_run: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    name: str
+    config: type  # the recipe section (a frozen dataclass of the stages' own configs)
+    units: tuple[str, ...]  # units[0]: the item a sample is made of; the rest: sub-items
+    reasons: Mapping[str, L.Reason]
+    contract: Callable[[Any, dict], Contract]  # (recipe section, run facts) -> the shard contract, bounds filled in
+    plan: Callable[[Context], Plan]
+    layouts: tuple[str, ...] = ()  # the input layouts it reads (for --help and the README)
+    explain: Callable[[dict, dict, dict], str] | None = None  # (report row, recipe section, facts) -> words
+
+    def quarantine_codes(self) -> list[str]:
+        return sorted(c for c, r in self.reasons.items() if r.status == L.QUARANTINED)
+
+    def fatal_codes(self) -> list[str]:
+        return sorted(c for c, r in self.reasons.items() if r.fatal)
+
+
+def decisions(df, F):
+    """A decision table normalised to (sample_id, reason, duplicate_of)."""
+    dup = F.col("duplicate_of") if "duplicate_of" in df.columns else F.lit(None).cast("string")
+    return df.select(SAMPLE_ID, F.col("reason").cast("string"), dup.cast("string").alias("duplicate_of"))
+
+
+def run_kind(kind: Kind, ctx: Context) -> Result:
+    from pyspark.sql import functions as F
+
+    plan = kind.plan(ctx)
+    feats = plan.features()
+    for col, default in ((L.UNIT, F.lit(kind.units[0])), (L.PARENT_ID, F.lit(None).cast("string"))):
+        if col not in feats.columns:
+            feats = feats.withColumn(col, default)
+    feats = checkpoint(feats, ctx.work_dir, f"{kind.name}-features", plan.key, ctx.timer)
+
+    # --- decisions, in order, on the rows still in play -------------------------------------------
+    error = plan.error_reason(F) if plan.error_reason else F.col(ERROR)
+    quarantined = feats.filter(error.isNotNull()).select(SAMPLE_ID, error.alias("reason"))
+    found = [decisions(quarantined, F)]
+    alive = feats.filter(error.isNull())
+    added = []  # narrow tables the stages produced (sample_id + columns), for the report
+    key, depends = plan.key, []
+    for step in plan.steps:
+        if step.stage is not None:
+            cols = [f.name for f in step.stage.adds()]
+            out = apply_stage(alive.select(SAMPLE_ID, *step.reads), step.stage, ctx.timer).select(SAMPLE_ID, *cols)
+            if step.store == "checkpoint":
+                out = checkpoint(out, ctx.work_dir, f"{kind.name}-{step.name}",
+                                 fingerprint(key, depends, step.stage.cache_key()), ctx.timer)
+            else:
+                out = cached(out)
+            alive = alive.join(out, SAMPLE_ID, "left")
+            added.append(out)
+        if step.decide is not None:
+            drops = cached(decisions(step.decide(alive), F))
+            alive = alive.join(drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
+            found.append(drops)
+            depends.append(step.depends)
+    # a sub-item goes with its parent
+    if len(kind.units) > 1:
+        parents = alive.select(F.col(SAMPLE_ID).alias("_parent"))
+        orphans = (alive.filter(F.col(L.PARENT_ID).isNotNull())
+                   .join(parents, F.col(L.PARENT_ID) == F.col("_parent"), "left_anti")
+                   .select(SAMPLE_ID, F.lit("parent_removed").alias("reason")))
+        orphans = cached(decisions(orphans, F))
+        alive = alive.join(orphans.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
+        found.append(orphans)
+
+    # --- shards -----------------------------------------------------------------------------------
+    samples = plan.samples(alive) if plan.samples else alive.filter(F.col(L.UNIT) == kind.units[0])
+    index, num_shards = shards.assign_shards(samples, kind.name, ctx.recipe.shards.max_samples,
+                                             ctx.recipe.shards.max_bytes, plan.sample_size(F))
+    contract = kind.contract(ctx.cfg, plan.facts)
+    stats = shards.write_shards(samples.join(index, SAMPLE_ID), shards.staging_dir(ctx.out, kind.name),
+                                plan.to_sample, num_shards, contract)
+
+    # --- ledger: every item and sub-item exactly once ----------------------------------------------
+    decided = found[0]
+    for d in found[1:]:
+        decided = decided.unionByName(d)
+    parent_shard = index.select(F.col(SAMPLE_ID).alias("_p"), F.col("shard").alias("_parent_shard"))
+    quarantine = kind.quarantine_codes()
+    ledger = (
+        feats.select(SAMPLE_ID, KIND, L.UNIT, L.PARENT_ID, SOURCE, SOURCE_KEY, ERROR, ERROR_DETAIL)
+        .join(decided, SAMPLE_ID, "left")
+        .join(index, SAMPLE_ID, "left")
+        .join(parent_shard, F.col(L.PARENT_ID) == F.col("_p"), "left")
+        .select(
+            SAMPLE_ID, KIND, SOURCE, SOURCE_KEY, L.UNIT, L.PARENT_ID,
+            F.when(F.col("reason").isin(quarantine), L.QUARANTINED)
+            .when(F.col("reason").isNotNull(), L.DROPPED).otherwise(L.KEPT).alias(L.STATUS),
+            F.col("reason").alias(L.REASON),
+            F.when(F.col("reason") == F.col(ERROR), F.col(ERROR_DETAIL)).alias(L.DETAIL),
+            F.col("duplicate_of").alias(L.DUPLICATE_OF),
+            F.when(F.col("reason").isNull(), F.coalesce(F.col("shard"), F.col("_parent_shard"))).alias(L.SHARD),
+        )
+    )
+
+    # --- narrow rows for the report ----------------------------------------------------------------
+    everything = feats
+    for out in added:
+        everything = everything.join(out, SAMPLE_ID, "left")
+    report_cols = [fn(F).alias(name) for name, fn in plan.report.items()]
+    extra = [c for c in {plan.thumbnail and _media(plan.thumbnail, everything.columns), plan.text} if c]
+    rows = everything.select(SAMPLE_ID, *report_cols, *extra)
+    return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions,
+                  thumbnail=plan.thumbnail and _media(plan.thumbnail, everything.columns), text=plan.text,
+                  report_columns=tuple(plan.report), stages_run=tuple(s.name for s in plan.steps))
+
+
+def _media(column: str, columns: list[str]) -> str:
+    from filters.media import ref_column
+
+    return column if column in columns else ref_column(column)

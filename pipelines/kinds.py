@@ -1,0 +1,33 @@
+"""The registry of corpus kinds: the one place a kind is plugged in.
+
+Each entry is a `pipelines.kind.Kind` declared in its own module. The recipe gets a section per
+registered kind, `--input KIND=URI` accepts its name, and the spine (build, gates, report, writer)
+iterates over what is registered without naming any kind.
+"""
+from __future__ import annotations
+
+from pipelines import image_text
+from pipelines.kind import Kind
+
+# every kind GLM-4.1V's data has; those not registered yet are refused by name, with a clear error
+PLANNED = ("image_text", "interleaved", "ocr", "grounding", "gui", "video")
+REGISTRY: dict[str, Kind] = {}
+
+
+def register(kind: Kind) -> Kind:
+    """Plug a kind in (the built-in ones below; tests and extensions add their own)."""
+    REGISTRY[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    REGISTRY.pop(name, None)
+
+
+def get(name: str) -> Kind:
+    if name not in REGISTRY:
+        raise KeyError(f"no corpus kind {name!r} is registered (registered: {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[name]
+
+
+register(image_text.KIND)
