@@ -3,7 +3,8 @@
 Reads `image`; writes `image` (JPEG bytes: the original file when it is already a plain RGB/greyscale
 JPEG with no EXIF rotation, else a re-encode after EXIF orientation, mode conversion and alpha
 flattening), `width`, `height`, `content_sha` (sha256 of the input bytes), `source_bytes` (their length), `phash` (64-bit DCT
-perceptual hash, as a signed int64) and `pixel_std` (grey-level standard deviation of a 64x64
+perceptual hash, as a signed int64), `phash256` (256-bit difference hash of the same grey image, 32 bytes:
+dedup's second tier) and `pixel_std` (grey-level standard deviation of a 64x64
 thumbnail). Items that cannot be decoded get `error` set and are quarantined downstream.
 A JPEG that is passed through is decoded in libjpeg's reduced-size draft mode (every block is still
 read, so truncation and corrupt streams are caught) to at least 64x64 luma: the features need no more.
@@ -89,6 +90,7 @@ class Decode(Stage):
             pa.field(S.CONTENT_SHA, pa.string()),
             pa.field(S.SOURCE_BYTES, pa.int64()),
             pa.field(S.PHASH, pa.int64()),
+            pa.field(S.PHASH256, pa.binary()),
             pa.field(S.PIXEL_STD, pa.float32()),
             pa.field(ERROR, pa.string()),
             pa.field(ERROR_DETAIL, pa.string()),
@@ -140,6 +142,7 @@ class Decode(Stage):
             rgb.save(buf, format="JPEG", quality=self.jpeg_quality)
             out = buf.getvalue()
         phash = int(str(imagehash.phash(gray)), 16)
+        phash256 = np.packbits(imagehash.dhash(gray, hash_size=16).hash.ravel()).tobytes()
         std = float(np.asarray(gray.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32).std())
         return {
             S.IMAGE: out,
@@ -148,6 +151,7 @@ class Decode(Stage):
             S.CONTENT_SHA: hashlib.sha256(data).hexdigest(),
             S.SOURCE_BYTES: len(data),
             S.PHASH: phash - (1 << 64) if phash >= (1 << 63) else phash,
+            S.PHASH256: phash256,
             S.PIXEL_STD: std,
         }
 
