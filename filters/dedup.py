@@ -1,27 +1,63 @@
-"""Image dedup across the whole run: exact (content hash) then near (perceptual hash).
+"""Image dedup across the whole run: exact (content hash) then near (two perceptual hashes).
 
-Reads `sample_id`, `content_sha`, `phash`, `width`, `height` (and `source_bytes`) of the rows still in play; returns one
-row per dropped item: (`sample_id`, `reason`, `duplicate_of`).
+Reads `sample_id`, `content_sha`, `phash`, `phash256`, `width`, `height` (and `source_bytes`) of the rows
+still in play; returns one row per dropped item: (`sample_id`, `reason`, `duplicate_of`).
+`find_duplicates_with_stats` returns the same rows and a `DedupStats` (`skipped`: items left undecided,
+kept, never dropped; surface it in summary.json and gate on it being 0).
 
-Near duplicates are found without an all-pairs loop: the 64-bit pHash is cut into `bands` bands;
-two hashes within Hamming distance r < bands share at least one band exactly (pigeonhole), so
-candidate pairs come from an equi-join on (band, value); each candidate is then checked with the
-exact Hamming distance. Pairs within `hamming_radius` are edges; their connected components are the
-duplicate groups: found with a union-find on the driver when there are at most
-`driver_components_max_edges` edges (one small collect instead of a Spark job per round), else on
-DataFrames with alternating large-star / small-star rounds (Kiveris et al. 2014; one Spark job and a
-local checkpoint per round, at most `max_iterations`), which need O(log n) rounds in practice
-(O(log^2 n) proven) even on long chains, where min-label propagation needs as many rounds as the chain
-is long (2,000 nodes: 11 rounds instead of 2,000). With hamming_radius >= bands, pairs at
-distance >= bands are found only when one band happens to match (probable, not certain).
+Near duplicates: a pair is an edge when its 64-bit pHash is within `hamming_radius` (tier 1) AND its
+256-bit dHash (`phash256`, same grey image, gradients instead of DCT) is within `second_radius` (tier 2).
+
+Why two tiers. Two unrelated 64-bit hashes fall within 10 bits with p = 9.5e-9: at 1e9 items that is
+~4.8e9 chance pairs, all of which one tier alone would drop. A chance pair must also be within 64 of
+256 dHash bits: p = 2.4e-16 for independent bits, so ~1e-6 chance edges at 1e9 items (README). On the
+real-photo transforms (tests/filters/test_dedup.py) copies that pass tier 1 measured <= 43 dHash bits
+(all copies <= 49), distinct photos >= 84; dHash separated copies from distinct photos with a wider
+margin than phash(hash_size=16) (copies <= 74, distinct >= 106, relative to its spread) or whash.
+
+Candidate generation, exact at any scale (no bucket cap). The floor: for exact recall at radius r=10
+with key bits k, an item needs >= C(64,10)/C(64-k,10) keys (a covering bound; 60 at k=20, 1,150 at
+k=30), and Spark rows cost ~1 us each here, so the keys must not be Spark rows. The brief's
+multi-index hashing (4 substrings of 16 bits, probe radius 2) is exact but quadratic: a random pair
+is a candidate with p = 4*137/2^16 = 8.4e-3, i.e. 8,400 candidates per item at 1M and 8.4e6 at 1B;
+6 substrings/radius 1 (66 probes, 11-bit buckets) and 11 substrings/radius 0 are worse still. So:
+
+1. Spark, pigeonhole shards: the 64 bits are cut into r+1 = 11 blocks (5-6 bits); a pair within r
+   bits agrees exactly on at least one block. Each item is emitted once per block (11 rows) and
+   grouped by (block, value): about 700 shards of n/64 items. A pair is reported only by the first
+   block it agrees on, so no pair is reported twice.
+2. numpy, inside each shard (`pairs_within`): covering masks (Pagh, "LSH without false negatives",
+   SODA 2016). The 64 bits are cut into p parts; some part holds <= r//p of the differing bits. Map
+   that part's bit positions to vectors of GF(2)^t, t = r//p + 1; for every non-zero v keep the
+   positions whose vector has odd inner product with v. Any <= t-1 differing positions span < t
+   dimensions, so some v is orthogonal to all of them and that mask keeps none of them: the pair has
+   equal masked keys. Exact, no false negatives. p=2 (63 masks per half, 16 bits kept) for shards up
+   to ~1M items, p=1 (2,047 masks, >= 20 of 64 bits kept) above; tiny shards brute force. Equal keys
+   are found by sorting (numpy), every candidate is checked for both tiers.
+Cost per item: 11 Spark rows + 11 x (126 sorted keys + ~B/520 candidates) of numpy work at shard size B
+= n/64: linear in n until shards reach ~1M items (n ~ 64M), then 11 x 2,047 sorted keys per item
+(~1 ms/item, about what decoding the image costs) with < 1 chance candidate per item up to 1e9.
+
+No chaining: keeper-centred greedy in rank order (`_keepers`). In rank order (keeper rule below), an
+item that no better-ranked keeper is an edge away from becomes a keeper; the others are dropped with
+`duplicate_of` = the best-ranked keeper they share an edge with, so every dropped item is within both
+radii of its keeper (connected components chained overlapping crops: 594 dropped for 200 copies).
+This is the lexicographically-first maximal independent set, done in Spark rounds on the edge list:
+a round makes keepers of undecided items whose better neighbours are all dropped and drops undecided
+items with a keeper among their better neighbours. Rounds = the longest path of edges along which
+rank strictly improves, halved: 1-2 for copies of one image; a chain of k crops ranked along the
+chain needs k/2. After `max_rounds` the still-undecided items are kept and counted in `skipped`.
 
 Keeper rule, for both kinds of group: the member with the most pixels; then the one with the most
-input bytes (the least compressed copy); then the smallest sample_id. Every other member is dropped with `duplicate_of` = the keeper.
+input bytes (the least compressed copy); then the smallest sample_id.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+
+import numpy as np
 
 from schemas import image_text as S
 from schemas.common import SAMPLE_ID
@@ -33,11 +69,17 @@ log = logging.getLogger(__name__)
 class Dedup:
     exact: bool = True
     near: bool = True
-    hamming_radius: int = 10  # of 64 pHash bits; transformed copies measured 0-10, different photos >20
-    bands: int = 8  # LSH bands of 64/bands bits; every pair within bands-1 bits is a candidate
-    max_bucket: int = 5000  # band buckets larger than this are skipped (logged): they are noise, not copies
-    max_iterations: int = 30  # distributed connected-components rounds (large-star + small-star each)
-    driver_components_max_edges: int = 1_000_000  # up to this many edges: union-find on the driver; 0: never
+    hamming_radius: int = 10  # tier 1, of the 64 pHash bits: transformed copies measured 0-10, distinct photos >= 20
+    second_tier: bool = True  # confirm tier-1 pairs with phash256 (256-bit dHash); false only for data without it
+    second_radius: int = 64  # tier 2, of the 256 dHash bits: copies measured <= 49, distinct photos >= 84
+    max_rounds: int = 50  # keeper-selection rounds; items still undecided after them are kept, counted as skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class DedupStats:
+    skipped: int = 0  # near-duplicate candidates left undecided (kept, not dropped) when max_rounds ran out
+    edges: int = 0  # pairs within both tiers
+    rounds: int = 0  # keeper-selection rounds run
 
 
 def _rank_key(F, columns):
@@ -51,13 +93,23 @@ def _rank_key(F, columns):
 
 def find_duplicates(df, cfg: Dedup):
     """DataFrame of (sample_id, reason, duplicate_of) for every exact or near duplicate in `df`."""
+    return find_duplicates_with_stats(df, cfg)[0]
+
+
+def find_duplicates_with_stats(df, cfg: Dedup):
+    """(drops, DedupStats). Runs the near-duplicate keeper rounds eagerly (Spark jobs) to count them."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
+    if cfg.near and cfg.second_tier and S.PHASH256 not in df.columns:
+        raise ValueError(f"dedup: column {S.PHASH256!r} (computed by filters.decode.Decode) is missing; "
+                         "set image_text.dedup.second_tier=false only for data that cannot have it")
     spark = df.sparkSession
-    items = df.select(SAMPLE_ID, S.CONTENT_SHA, S.PHASH, _rank_key(F, df.columns).alias("rank_key"))
-    empty = spark.createDataFrame([], "sample_id string, reason string, duplicate_of string")
-    drops = empty
+    sig = F.col(S.PHASH256) if cfg.second_tier else F.lit(None).cast("binary")
+    items = df.select(SAMPLE_ID, S.CONTENT_SHA, S.PHASH, sig.alias(S.PHASH256),
+                      _rank_key(F, df.columns).alias("rank_key"))
+    drops = spark.createDataFrame([], "sample_id string, reason string, duplicate_of string")
+    stats = DedupStats()
     if cfg.exact:
         w = Window.partitionBy(S.CONTENT_SHA).orderBy("rank_key")
         ranked = items.withColumn("keeper", F.first(SAMPLE_ID).over(w))
@@ -65,143 +117,226 @@ def find_duplicates(df, cfg: Dedup):
             SAMPLE_ID, F.lit("exact_duplicate").alias("reason"), F.col("keeper").alias("duplicate_of"))
         items = ranked.filter(F.col("keeper") == F.col(SAMPLE_ID)).drop("keeper")
     if cfg.near:
-        drops = drops.unionByName(_near_duplicates(items, cfg))
-    return drops
+        near, stats = _near_duplicates(items, cfg)
+        drops = drops.unionByName(near)
+    return drops, stats
+
+
+# --- candidate generation ------------------------------------------------------------------------
+
+def blocks(radius: int) -> list[tuple[int, int]]:
+    """(shift, width) of radius+1 blocks covering the 64 bits: a pair within `radius` bits agrees on one."""
+    m = radius + 1
+    if m > 64:
+        raise ValueError(f"dedup.hamming_radius {radius} must be < 64")
+    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+    return [(sum(widths[:i]), w) for i, w in enumerate(widths)]
+
+
+def _mask(shift: int, width: int) -> int:
+    return ((1 << width) - 1) << shift
+
+
+@functools.lru_cache(maxsize=None)
+def covering_masks(radius: int, parts: int) -> np.ndarray:
+    """uint64 masks such that any two hashes within `radius` bits are equal under at least one mask.
+
+    The bits are cut into `parts` contiguous parts; some part holds <= radius//parts differing bits
+    (pigeonhole). Within a part, bit positions get vectors of GF(2)^t, t = radius//parts + 1, taken as
+    the columns of a t x width matrix; the mask of a non-zero v keeps the positions whose vector has an
+    odd inner product with v. Any <= t-1 positions span < t dimensions, so some v is orthogonal to all
+    of them and its mask drops them all (Pagh 2016). The matrix is the best of a few seeded random ones
+    (largest minimum number of kept bits), so that no mask keeps only a few bits."""
+    t = radius // parts + 1
+    out = []
+    for shift, width in blocks(parts - 1):
+        if t == 1:
+            out.append(_mask(shift, width))
+            continue
+        rng = np.random.default_rng(12345 + width * 131 + t)
+        vs = np.arange(1, 1 << t, dtype=np.int64)
+        best, best_kept = None, -1
+        for _ in range(64):
+            cols = rng.integers(1, 1 << t, size=width)  # non-zero vector per bit position
+            parity = np.bitwise_count(vs[:, None] & cols[None, :]) & 1  # (masks, width)
+            kept = parity.sum(axis=1).min()
+            if kept > best_kept:
+                best, best_kept = parity, kept
+        weights = np.left_shift(np.uint64(1), np.arange(shift, shift + width, dtype=np.uint64))
+        out.extend(int((row.astype(np.uint64) * weights).sum()) for row in best)
+    return np.array(out, dtype=np.uint64)
+
+
+def _choose_parts(n: int, radius: int) -> int:
+    """Parts for the covering masks of n hashes. Measured at radius 10 (local, numpy 2.4): 2 parts (126
+    masks of >= 12 bits, ~16 on average) cost 0.09 s at 15.6k hashes and 0.8 s at 62.5k, 3 or 4 parts
+    (45/28 masks of 9-11 bits) more, from their chance candidates. 1 part (2,047 masks of >= 21 bits)
+    wins once the 2-part candidates (n^2/2 * 126/2^16) outgrow 2,047 sorts: near 2M hashes."""
+    return 2 if n < 2_000_000 or radius < 2 else 1
+
+
+_MULT = np.uint64(0x9E3779B97F4A7C15)  # odd: multiply-shift hashing
+
+
+def pairs_within(h: np.ndarray, radius: int, parts: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) of every two hashes in `h` (uint64) within `radius` bits; exact."""
+    n = len(h)
+    empty = np.empty(0, np.int64)
+    if n < 2:
+        return empty, empty
+    if n <= 2048 and not parts:  # brute force, in row chunks
+        ii, jj = [], []
+        for start in range(0, n - 1, 256):
+            rows = np.arange(start, min(start + 256, n - 1))
+            d = np.bitwise_count(h[rows, None] ^ h[None, :])
+            i, j = np.nonzero((d <= radius) & (np.arange(n)[None, :] > rows[:, None]))
+            ii.append(rows[i])
+            jj.append(j)
+        return np.concatenate(ii).astype(np.int64), np.concatenate(jj).astype(np.int64)
+    # each mask's keys are sorted as one uint64 array: a multiply-shift hash of the masked key in the
+    # high bits, the row index in the low bits (a chance equal hash only adds a candidate, checked below)
+    idx_bits = max(1, int(n - 1).bit_length())
+    index = np.arange(n, dtype=np.uint64)
+    low = np.uint64((1 << idx_bits) - 1)
+    codes = []
+    for mask in covering_masks(radius, parts if parts else _choose_parts(n, radius)):
+        sorted_codes = np.sort((((h & mask) * _MULT) >> np.uint64(idx_bits) << np.uint64(idx_bits)) | index)
+        ks, order = sorted_codes >> np.uint64(idx_bits), (sorted_codes & low).astype(np.int64)
+        d = 1
+        while d < n:  # equal keys are contiguous: compare each with the one d places further on
+            eq = ks[:-d] == ks[d:]
+            if not eq.any():
+                break
+            a, b = order[:-d][eq], order[d:][eq]
+            near = np.bitwise_count(h[a] ^ h[b]) <= radius
+            a, b = a[near], b[near]
+            codes.append(np.minimum(a, b) * n + np.maximum(a, b))
+            d += 1
+    if not codes:
+        return empty, empty
+    code = np.unique(np.concatenate(codes))
+    return code // n, code % n
+
+
+def _signatures(column, n: int) -> np.ndarray | None:
+    """(n, 4) uint64 words of 32-byte signatures; rows that are null or not 32 bytes are all-ones
+    with a flag in the returned validity (as None when the column is entirely null)."""
+    values = column.to_pylist()
+    if all(v is None for v in values):
+        return None
+    raw = b"".join(v if v is not None and len(v) == 32 else b"\0" * 32 for v in values)
+    return np.frombuffer(raw, dtype=np.uint64).reshape(n, 4)
+
+
+def _shard_edges(radius: int, second_radius: int | None, table):
+    """One pigeonhole shard (rows agreeing on one block): its pairs within both tiers, each oriented
+    (better rank_key, worse rank_key). Pairs that also agree on an earlier block are left to that
+    block's shard."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    h = table.column(S.PHASH).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
+    block = table.column("block")[0].as_py() if n else 0
+    a, b = pairs_within(h, radius)
+    x = h[a] ^ h[b]
+    first = np.ones(len(a), dtype=bool)
+    for shift, width in blocks(radius)[:block]:
+        first &= (x & np.uint64(_mask(shift, width))) != 0
+    a, b, x = a[first], b[first], x[first]
+    d1 = np.bitwise_count(x).astype(np.int32)
+    d2 = np.zeros(len(a), dtype=np.int32)
+    if second_radius is not None and len(a):
+        sig_col = table.column(S.PHASH256)
+        sig = _signatures(sig_col, n)
+        valid = pc.fill_null(pc.equal(pc.binary_length(sig_col), 32), False).to_numpy(zero_copy_only=False)
+        if sig is None:
+            keep = np.zeros(len(a), dtype=bool)
+        else:
+            d2 = np.bitwise_count(sig[a] ^ sig[b]).sum(axis=1).astype(np.int32)
+            keep = (d2 <= second_radius) & valid[a] & valid[b]  # no signature: the pair is not confirmed
+        a, b, d1, d2 = a[keep], b[keep], d1[keep], d2[keep]
+    keys = table.column("rank_key")
+    ka, kb = keys.take(pa.array(a)), keys.take(pa.array(b))
+    a_first = pc.less(ka, kb)
+    return pa.table({"src": pc.if_else(a_first, ka, kb), "dst": pc.if_else(a_first, kb, ka),
+                     "d1": pa.array(d1, pa.int32()), "d2": pa.array(d2, pa.int32())})
+
+
+def near_edges(items, cfg: Dedup):
+    """(src, dst, d1, d2): every pair of `items` (rank_key, phash, phash256) within both tiers, src the
+    better-ranked. Exact: no pair within the radii is missed, whatever the bucket sizes."""
+    from pyspark.sql import functions as F
+
+    radius = cfg.hamming_radius
+    second = cfg.second_radius if cfg.second_tier else None
+    keyed = items.filter(F.col(S.PHASH).isNotNull()).select(
+        "rank_key", S.PHASH, S.PHASH256,
+        F.explode(F.array(*[
+            F.struct(F.lit(i).alias("block"),
+                     F.shiftrightunsigned(F.col(S.PHASH), shift).bitwiseAND((1 << width) - 1).alias("value"))
+            for i, (shift, width) in enumerate(blocks(radius))])).alias("b"),
+    ).select("rank_key", S.PHASH, S.PHASH256, "b.block", "b.value")
+
+    def shard(table):
+        return _shard_edges(radius, second, table)
+
+    return keyed.groupBy("block", "value").applyInArrow(shard, "src string, dst string, d1 int, d2 int")
+
+
+# --- keeper-centred grouping ---------------------------------------------------------------------
+
+UNDECIDED, KEEPER, DROPPED = 0, 1, 2
 
 
 def _near_duplicates(items, cfg: Dedup):
     from pyspark.sql import functions as F
 
-    width = 64 // cfg.bands
-    mask = (1 << width) - 1
-    bands = F.array(*[
-        F.struct(F.lit(b).alias("band"), F.shiftrightunsigned(F.col(S.PHASH), b * width).bitwiseAND(mask).alias("value"))
-        for b in range(cfg.bands)
-    ])
-    banded = items.select("rank_key", S.PHASH, F.explode(bands).alias("b")).select(
-        "rank_key", S.PHASH, "b.band", "b.value")
-    sizes = banded.groupBy("band", "value").count()
-    big = sizes.filter(F.col("count") > cfg.max_bucket)
-    banded = banded.join(big.select("band", "value"), ["band", "value"], "left_anti")
-    a, b = banded.alias("a"), banded.alias("b")
-    edges = (
-        a.join(b, (F.col("a.band") == F.col("b.band")) & (F.col("a.value") == F.col("b.value"))
-               & (F.col("a.rank_key") < F.col("b.rank_key")))
-        .select(F.col("a.rank_key").alias("src"), F.col("b.rank_key").alias("dst"),
-                F.bit_count(F.col(f"a.{S.PHASH}").bitwiseXOR(F.col(f"b.{S.PHASH}"))).alias("distance"))
-        .filter(F.col("distance") <= cfg.hamming_radius)
-        .select("src", "dst")
-        .distinct()
-    ).localCheckpoint()
-    labels = components(edges, cfg.max_iterations, cfg.driver_components_max_edges)
-    return labels.filter(F.col("label") != F.col("node")).select(
-        F.split("node", ":").getItem(2).alias(SAMPLE_ID),
+    edges = near_edges(items, cfg).select("src", "dst").localCheckpoint()
+    keepers, rounds, undecided = _keepers(edges, cfg.max_rounds)
+    n_edges = edges.count()
+    stats = DedupStats(skipped=undecided, edges=n_edges, rounds=rounds)
+    log.info("dedup: %d near pairs within both tiers, keepers chosen in %d rounds, %d undecided",
+             n_edges, rounds, undecided)
+    if undecided:
+        log.warning("dedup: %d near-duplicate candidates still undecided after max_rounds=%d: kept, not "
+                    "dropped (DedupStats.skipped)", undecided, cfg.max_rounds)
+    # every dropped item goes to the best-ranked keeper it shares an edge with
+    kept = keepers.filter(F.col("state") == KEEPER).select(F.col("node").alias("src"))
+    dropped = keepers.filter(F.col("state") == DROPPED).select(F.col("node").alias("dst"))
+    assign = edges.join(kept, "src").join(dropped, "dst").groupBy("dst").agg(F.min("src").alias("src"))
+    return assign.select(
+        F.split("dst", ":").getItem(2).alias(SAMPLE_ID),
         F.lit("near_duplicate").alias("reason"),
-        F.split("label", ":").getItem(2).alias("duplicate_of"),
-    )
+        F.split("src", ":").getItem(2).alias("duplicate_of"),
+    ), stats
 
 
-def components(edges, max_iterations: int, driver_max_edges: int = 0):
-    """Connected components of an undirected edge list (src, dst): (node, label = smallest node) for
-    every node that is in an edge. Up to `driver_max_edges` edges (0: never) on the driver, else on
-    DataFrames in at most `max_iterations` rounds."""
-    if driver_max_edges > 0 and edges.count() <= driver_max_edges:
-        return components_on_driver(edges)
-    return components_distributed(edges, max_iterations)
+def _keepers(edges, max_rounds: int):
+    """Greedy keeper selection in rank order over oriented edges (src better than dst), in rounds:
+    (node, state) for every node of an edge, and the rounds run and the nodes left undecided.
 
-
-def components_on_driver(edges):
-    """Union-find over the edge list collected with Arrow (one Spark job); the labels go back to Spark
-    as a DataFrame built from an Arrow table."""
-    import pyarrow as pa
-
-    table = edges.select("src", "dst").toArrow()
-    parent: dict[str, str] = {}
-
-    def find(x: str) -> str:
-        root = x
-        while parent[root] != root:
-            root = parent[root]
-        while parent[x] != root:  # path compression
-            parent[x], x = root, parent[x]
-        return root
-
-    for a, b in zip(table.column("src").to_pylist(), table.column("dst").to_pylist()):
-        parent.setdefault(a, a)
-        parent.setdefault(b, b)
-        ra, rb = find(a), find(b)
-        if ra != rb:  # the smaller node becomes the root, so every root is its component's minimum
-            if ra < rb:
-                parent[rb] = ra
-            else:
-                parent[ra] = rb
-    nodes = sorted(parent)
-    labels = pa.table({"node": pa.array(nodes, pa.string()),
-                       "label": pa.array([find(n) for n in nodes], pa.string())})
-    return edges.sparkSession.createDataFrame(labels, "node string, label string")
-
-
-def components_distributed(edges, max_iterations: int):
-    """Alternating large-star and small-star rounds (Kiveris et al. 2014) on DataFrames until every
-    component is a star around its smallest node: the fixed point, where a further round would change
-    nothing. A chain of n nodes takes O(log n) rounds (11 for 2,000), not n as min-label propagation.
-
-    Edges are kept oriented (src > dst) and distinct. One Spark job per round: the star test, which
-    also fills the round's local checkpoint (lineage is cut every round)."""
+    Each round: an undecided node whose better neighbours are all dropped becomes a keeper; then an
+    undecided node with a keeper among its better neighbours is dropped. The result is what the
+    sequential greedy (walk in rank order, keep an item unless a kept item is an edge away) gives."""
     from pyspark.sql import functions as F
 
-    src, dst = F.col("src"), F.col("dst")
-    current = (edges.select(F.greatest(src, dst).alias("src"), F.least(src, dst).alias("dst"))
-               .filter(src != dst).distinct().localCheckpoint())
-    rounds, converged = 0, False
-    while rounds < max_iterations and not converged:
+    nodes = edges.select(F.col("src").alias("node")).union(edges.select(F.col("dst").alias("node"))).distinct()
+    state = nodes.select("node", F.lit(UNDECIDED).alias("state")).localCheckpoint()
+    rounds, undecided = 0, state.count()
+    while undecided and rounds < max_rounds:
         rounds += 1
-        current = _small_star(_large_star(current)).localCheckpoint(eager=False)
-        converged = _not_stars(current) == 0
-    if converged:
-        log.info("dedup: connected components converged in %d rounds", rounds)
-    else:
-        log.warning("dedup: connected components did not converge in %d rounds; groups may be split",
-                    max_iterations)
-    loops = edges.filter(src == dst).select(src.alias("node"), src.alias("label"))  # nodes only in self-loops
-    leaves = current.select(src.alias("node"), dst.alias("label"))
-    centres = current.select(dst.alias("node"), dst.alias("label"))
-    return leaves.unionByName(centres).unionByName(loops).groupBy("node").agg(F.min("label").alias("label"))
-
-
-def _large_star(edges):
-    """Every node links each larger neighbour to the smallest node of its closed neighbourhood.
-    Output is oriented: (larger neighbour, that smallest node)."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    src, dst = F.col("src"), F.col("dst")
-    both = edges.unionByName(edges.select(dst.alias("src"), src.alias("dst")))
-    smallest = F.least(F.min("dst").over(Window.partitionBy("src")), src)
-    return (both.select("src", "dst", smallest.alias("m")).filter(dst > src)
-            .select(dst.alias("src"), F.col("m").alias("dst")))
-
-
-def _small_star(edges):
-    """Every node links itself and each smaller neighbour to the smallest of them. Output is oriented
-    (src > dst) and distinct."""
-    from pyspark.sql import Window
-    from pyspark.sql import functions as F
-
-    down = edges.select(F.greatest("src", "dst").alias("u"), F.least("src", "dst").alias("v"))
-    smallest = F.min("v").over(Window.partitionBy("u"))  # v < u always, so min(v) = min(N(u) + u)
-    return (down.select(F.explode(F.array("u", "v")).alias("src"), smallest.alias("dst"))
-            .filter(F.col("src") != F.col("dst")).distinct())
-
-
-def _not_stars(edges) -> int:
-    """0 when the oriented edges form stars, each around its smallest node: no node has two centres
-    (src with two dst) or is both a leaf and a centre. Otherwise 1."""
-    from pyspark.sql import functions as F
-
-    leaf, centre = F.col("leaf"), F.col("centre")
-    as_leaf = edges.select(F.col("src").alias("node"), F.lit(1).alias("leaf"), F.lit(0).alias("centre"))
-    as_centre = edges.select(F.col("dst").alias("node"), F.lit(0).alias("leaf"), F.lit(1).alias("centre"))
-    ends = as_leaf.unionByName(as_centre)
-    per_node = ends.groupBy("node").agg(F.sum("leaf").alias("leaf"), F.max("centre").alias("centre"))
-    return per_node.filter((leaf > 1) | ((leaf > 0) & (centre > 0))).limit(1).count()
+        better = edges.join(state.select(F.col("node").alias("src"), F.col("state").alias("s")), "src")
+        blocked = better.filter(F.col("s") != DROPPED).select(F.col("dst").alias("node")).distinct()
+        new_keepers = (state.filter(F.col("state") == UNDECIDED).join(blocked, "node", "left_anti")
+                       .select("node", F.lit(True).alias("new_keeper")))
+        state = (state.join(new_keepers, "node", "left")
+                 .select("node", F.when(F.col("new_keeper"), F.lit(KEEPER)).otherwise(F.col("state")).alias("state")))
+        keeper_src = state.filter(F.col("state") == KEEPER).select(F.col("node").alias("src"))
+        claimed = edges.join(keeper_src, "src").select(F.col("dst").alias("node"), F.lit(True).alias("claimed")).distinct()
+        state = (state.join(claimed, "node", "left")
+                 .select("node", F.when((F.col("state") == UNDECIDED) & F.col("claimed"), F.lit(DROPPED))
+                         .otherwise(F.col("state")).alias("state"))
+                 .localCheckpoint())
+        undecided = state.filter(F.col("state") == UNDECIDED).count()
+    return state, rounds, undecided

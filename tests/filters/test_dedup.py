@@ -1,4 +1,5 @@
-"""Dedup on Spark: recall and precision on transformed copies of real photos."""
+"""Dedup: recall and precision on transformed copies of real photos; exact candidate generation at
+bucket sizes the old LSH dropped; the second tier; keeper-centred groups that do not chain."""
 from __future__ import annotations
 
 import io
@@ -8,7 +9,7 @@ import pytest
 from PIL import ImageDraw, ImageEnhance
 
 from filters.decode import Decode
-from filters.dedup import Dedup, components, components_distributed, components_on_driver, find_duplicates
+from filters.dedup import Dedup, blocks, covering_masks, find_duplicates, find_duplicates_with_stats, pairs_within
 from jobs.make_sample import PHOTOS, load_photo
 
 
@@ -52,8 +53,8 @@ def corpus(spark):
             family[key] = name
     feats = Decode().apply(pa.RecordBatch.from_pylist(rows)).to_pylist()
     df = spark.createDataFrame(
-        [(r["sample_id"], r["content_sha"], r["phash"], r["width"], r["height"]) for r in feats],
-        "sample_id string, content_sha string, phash long, width int, height int")
+        [(r["sample_id"], r["content_sha"], r["phash"], r["phash256"], r["width"], r["height"]) for r in feats],
+        "sample_id string, content_sha string, phash long, phash256 binary, width int, height int")
     return df, family
 
 
@@ -68,7 +69,7 @@ def test_near_duplicate_recall_and_precision(corpus):
     recall = sum(1 for r in drops if family[r.sample_id] == family[r.duplicate_of]) / should_drop
     print(f"dedup precision={precision:.3f} recall={recall:.3f} on {len(family)} images")
     assert precision == 1.0, wrong
-    assert recall >= 0.95
+    assert recall >= 0.98
     # survivors: exactly one per family, and the keeper is never itself dropped
     assert all(r.duplicate_of not in dropped for r in drops)
     assert {family[k] for k in family if k not in dropped} == set(PHOTOS)
@@ -88,86 +89,129 @@ def test_keeper_is_the_largest_image(corpus):
     assert "~resized" not in drops["astronaut~resized"].duplicate_of
 
 
-def test_components_of_a_chain(spark):
-    edges = spark.createDataFrame([("a", "b"), ("b", "c"), ("c", "d"), ("x", "y")], "src string, dst string")
-    labels = {r.node: r.label for r in components(edges, 10).collect()}
-    assert labels == {"a": "a", "b": "a", "c": "a", "d": "a", "x": "x", "y": "x"}
+# --- synthetic hashes ----------------------------------------------------------------------------
+
+def _signed(x: int) -> int:
+    x &= (1 << 64) - 1
+    return x - (1 << 64) if x >= 1 << 63 else x
 
 
-def _reference_labels(pairs):
-    """Smallest node of each component, by breadth-first search in plain Python."""
-    graph: dict[str, set[str]] = {}
-    for a, b in pairs:
-        graph.setdefault(a, set()).add(b)
-        graph.setdefault(b, set()).add(a)
-    labels: dict[str, str] = {}
-    for start in graph:
-        if start in labels:
-            continue
-        seen, todo = {start}, [start]
-        while todo:
-            for nxt in graph[todo.pop()] - seen:
-                seen.add(nxt)
-                todo.append(nxt)
-        for node in seen:
-            labels[node] = min(seen)
-    return labels
+def _flip(value: int, positions) -> int:
+    for p in positions:
+        value ^= 1 << p
+    return value
 
 
-def _graphs():
+def _frame(spark, rows):
+    """rows: (sample_id, phash as unsigned int, 32-byte signature, pixels)"""
+    return spark.createDataFrame(
+        [(sid, f"sha-{sid}", _signed(h), sig, px, 1, 1000) for sid, h, sig, px in rows],
+        "sample_id string, content_sha string, phash long, phash256 binary, width int, height int, source_bytes long")
+
+
+def _drops(spark, rows, cfg=Dedup()):
+    return {r.sample_id: r.duplicate_of for r in find_duplicates(_frame(spark, rows), cfg).collect()}
+
+
+def test_covering_masks_leave_every_radius_set_out_of_some_mask():
     import random
 
-    rng = random.Random(7)
-    chain = [(f"c{i:04d}", f"c{i + 1:04d}") for i in range(200)]
-    rng.shuffle(chain)
-    star = [("s000", f"s{i:03d}") for i in range(1, 30)]
-    cycle = [(f"y{i}", f"y{(i + 1) % 12}") for i in range(12)]
-    nodes = [f"r{i:03d}" for i in range(300)]
-    rand = [tuple(rng.sample(nodes, 2)) for _ in range(260)]
-    return {"chain": chain, "mixed": star + cycle + [("p", "q"), ("q", "p")], "random": rand}
+    rng = random.Random(3)
+    for parts in (1, 2):
+        masks = [int(m) for m in covering_masks(10, parts)]
+        for _ in range(3000):
+            diff = sum(1 << p for p in rng.sample(range(64), 10))
+            assert any(m & diff == 0 for m in masks)
 
 
-@pytest.mark.parametrize("name", ["chain", "mixed", "random"])
-def test_both_component_paths_match_a_reference(spark, name, caplog):
-    pairs = _graphs()[name]
-    edges = spark.createDataFrame(pairs, "src string, dst string")
-    want = _reference_labels(pairs)
-    on_driver = {r.node: r.label for r in components(edges, 12, driver_max_edges=10_000).collect()}
-    # the chain of 201 nodes needs ~8 large-star/small-star rounds; min-label propagation needed 200
-    with caplog.at_level("INFO", logger="filters.dedup"):
-        distributed = {r.node: r.label for r in components(edges, 12, driver_max_edges=0).collect()}
-    assert on_driver == want
-    assert distributed == want
-    assert "did not converge" not in caplog.text
-    rounds = [r.args[0] for r in caplog.records if "converged in" in r.getMessage()]
-    assert len(rounds) == 1 and rounds[0] <= 12, rounds
+@pytest.mark.parametrize("parts", [0, 1, 2])
+def test_pairs_within_matches_brute_force(parts):
+    import numpy as np
+
+    rng = np.random.default_rng(parts)
+    h = rng.integers(0, 1 << 62, 3000, dtype=np.int64).view(np.uint64) << np.uint64(rng.integers(0, 3))
+    for i in range(0, 600, 2):  # planted pairs at distances 0..12
+        h[i + 1] = h[i] ^ np.uint64(sum(1 << int(p) for p in rng.choice(64, i % 13, replace=False)))
+    d = np.bitwise_count(h[:, None] ^ h[None, :])
+    want = set(zip(*np.nonzero(np.triu(d <= 10, 1))))
+    assert set(zip(*pairs_within(h, 10, parts))) == want
 
 
-def test_distributed_rounds_grow_like_log_n_on_a_chain(spark, caplog):
-    pairs = [(f"c{i:04d}", f"c{i + 1:04d}") for i in range(199)]  # 200 nodes, in chain order
-    edges = spark.createDataFrame(pairs, "src string, dst string")
-    with caplog.at_level("INFO", logger="filters.dedup"):
-        labels = {r.node: r.label for r in components_distributed(edges, max_iterations=20).collect()}
-    assert labels == {f"c{i:04d}": "c0000" for i in range(200)}
-    rounds = [r.args[0] for r in caplog.records if "converged in" in r.getMessage()]
-    assert rounds and rounds[0] <= 20, rounds  # measured: 8
+def test_a_bucket_larger_than_the_old_cap_still_finds_its_pairs(spark):
+    """6,000 hashes share their low 16 bits (the old 8-bit bands 0 and 1 held 6,000 > max_bucket 5,000
+    and were dropped); each planted pair differs in every other byte, so it shared no band at all."""
+    import random
+
+    rng = random.Random(11)
+    rows, pairs = [], {}
+    for i in range(6000):
+        h = rng.getrandbits(48) << 16
+        rows.append((f"b{i:05d}", h, rng.randbytes(32), 100))
+    for i in range(0, 40, 2):
+        sid, h, sig, _ = rows[i]
+        copy = _flip(h, [16, 24, 32, 40, 48, 56, 17, 25])  # distance 8, one flip in each of bytes 2..7
+        rows.append((f"{sid}~copy", copy, sig, 50))
+        pairs[f"{sid}~copy"] = sid
+    drops = _drops(spark, rows)
+    assert {k: drops.get(k) for k in pairs} == pairs
 
 
-def test_components_of_no_edges_and_self_loops(spark):
-    empty = spark.createDataFrame([], "src string, dst string")
-    assert components_on_driver(empty).collect() == []
-    assert components_distributed(empty, 5).collect() == []
-    loops = spark.createDataFrame([("a", "a"), ("b", "c"), ("c", "c"), ("c", "b")], "src string, dst string")
-    want = {"a": "a", "b": "b", "c": "b"}
-    assert {r.node: r.label for r in components_on_driver(loops).collect()} == want
-    assert {r.node: r.label for r in components_distributed(loops, 5).collect()} == want
+def test_a_pair_at_exactly_the_radius_is_always_found(spark):
+    import random
+
+    rng = random.Random(5)
+    rows, pairs = [], {}
+    for i in range(300):
+        rows.append((f"r{i:04d}", rng.getrandbits(64), rng.randbytes(32), 100))
+    for i in range(100):
+        sid, h, sig, _ = rows[i]
+        # the first one touches every byte (the old 8 bands all differ); the rest are random
+        flips = [0, 8, 16, 24, 32, 40, 48, 56, 1, 9] if i == 0 else rng.sample(range(64), 10)
+        rows.append((f"{sid}~d10", _flip(h, flips), sig, 50))
+        pairs[f"{sid}~d10"] = sid
+    drops = _drops(spark, rows)
+    assert {k: drops.get(k) for k in pairs} == pairs
+    assert set(drops) == set(pairs)
 
 
-def test_components_path_is_chosen_by_edge_count(spark, caplog):
-    edges = spark.createDataFrame(_graphs()["chain"], "src string, dst string")
-    with caplog.at_level("WARNING", logger="filters.dedup"):
-        few_rounds = {r.node: r.label for r in components(edges, 1, driver_max_edges=0).collect()}
-    assert "did not converge" in caplog.text  # one distributed round cannot finish a long chain
-    assert set(few_rounds.values()) != {"c0000"}
-    on_driver = {r.node: r.label for r in components(edges, 1, driver_max_edges=1000).collect()}
-    assert set(on_driver.values()) == {"c0000"}  # the driver's union-find has no rounds to run out of
+def test_unrelated_items_near_in_phash_but_far_in_the_second_tier_are_kept(spark):
+    import random
+
+    rng = random.Random(9)
+    h = rng.getrandbits(64)
+    rows = [("u1", h, b"\x00" * 32, 100), ("u2", _flip(h, [3, 30, 60]), b"\xff" * 32, 50),
+            ("c1", h ^ 0xFFFF, b"\x0f" * 32, 100), ("c2", h ^ 0xFFFE, b"\x0f" * 31 + b"\x0e", 50)]
+    assert _drops(spark, rows) == {"c2": "c1"}  # c1/c2: near in both tiers; u1/u2: pHash only
+    assert _drops(spark, rows, Dedup(second_tier=False)) == {"c2": "c1", "u2": "u1"}
+
+
+def _chain(length=7, step=6):
+    """Items a0..a6, each `step` pHash bits from the next (so 2*step = 12 > 10 from the one after
+    that), ranked along the chain (a0 has the most pixels); all share one signature."""
+    rows = []
+    for i in range(length):
+        rows.append((f"a{i}", _flip(0x0123456789ABCDEF, range(step * i)), b"\x5a" * 32, 1000 - i))
+    return rows
+
+
+def test_a_chain_of_overlapping_items_drops_only_items_within_radius_of_their_keeper(spark):
+    rows = _chain()
+    drops = _drops(spark, rows)
+    # greedy in rank order: a0 kept, a1 dropped for it; a2 (its only better neighbour dropped) kept ...
+    assert drops == {"a1": "a0", "a3": "a2", "a5": "a4"}
+    hashes = {sid: h for sid, h, _, _ in rows}
+    assert all(bin(hashes[d] ^ hashes[k]).count("1") <= 10 for d, k in drops.items())
+
+
+def test_keeper_rounds_that_run_out_are_counted_not_dropped(spark):
+    drops, stats = find_duplicates_with_stats(_frame(spark, _chain()), Dedup(max_rounds=1))
+    got = {r.sample_id: r.duplicate_of for r in drops.collect()}
+    assert got == {"a1": "a0"}  # round 1 decides a0 (kept) and a1 (dropped); a2..a6 are left undecided
+    assert stats.skipped == 5 and stats.rounds == 1
+    full = find_duplicates_with_stats(_frame(spark, _chain()), Dedup())[1]
+    assert full.skipped == 0 and full.edges == 6
+
+
+def test_blocks_cover_64_bits_with_radius_plus_one_blocks():
+    bs = blocks(10)
+    assert len(bs) == 11 and sum(w for _, w in bs) == 64 and bs[-1][0] + bs[-1][1] == 64
