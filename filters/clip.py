@@ -2,9 +2,13 @@
 
 Reads `image` (JPEG bytes) and `caption`; writes `clip_score` (cosine of the L2-normalised open_clip
 embeddings). The model loads once per Python worker, with torch limited to the task's cores.
-Weights: an open_clip pretrained tag (downloaded when online) or a local checkpoint file. When none
-can be had, `resolve_weights` on the driver says so and the stage runs with seeded random weights:
-scores are recorded but the pipeline does not apply the threshold (never drop data on noise).
+Weights: an open_clip pretrained tag (downloaded when online) or a checkpoint file on the driver.
+`resolve_weights` runs on the driver before any Spark work: it fetches and test-loads the weights and
+ships the file to every executor (`SparkContext.addFile`; `setup` reads the shipped copy where the
+path does not exist on the executor's machine). Weights that cannot be loaded fail the run with a
+`ClipConfigError` naming the recipe key, unless `allow_random_weights` is set: then, as with
+`pretrained: ""` (random weights by request), the stage runs with seeded random weights, scores are
+recorded and the pipeline does not apply the threshold (never drop data on noise).
 """
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import dataclasses
 import io
 import logging
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -22,6 +27,12 @@ from filters.media import column_bytes
 from schemas import image_text as S
 
 log = logging.getLogger(__name__)
+CHECKPOINT_SUFFIXES = (".pt", ".bin", ".safetensors", ".pth")
+
+
+class ClipConfigError(ValueError):
+    """A CLIP recipe setting that cannot be honoured (weights that cannot be loaded, an unknown model).
+    Raised on the driver before any Spark work; jobs/build_pretrain.py exits 2 with its message."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +45,9 @@ class ClipScore(Stage):
     batch_size: int = 32
     device: str = "auto"  # auto: cuda when available
     seed: int = 0  # for random initialisation when no weights are available
+    # weights that cannot be loaded: score with seeded random weights (threshold not applied) instead of
+    # failing the run. For the bundled sample and `make demo` only: a real run must not silently lose its filter
+    allow_random_weights: bool = False
 
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.CLIP_SCORE, pa.float32())]
@@ -51,7 +65,7 @@ class ClipScore(Stage):
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         torch.manual_seed(self.seed)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            self.model, pretrained=self.pretrained or None, device=device, weights_only=False)
+            self.model, pretrained=local_weights(self.pretrained) or None, device=device, weights_only=False)
         model.eval()
         return model, preprocess, open_clip.get_tokenizer(self.model), device
 
@@ -82,37 +96,110 @@ class ClipScore(Stage):
         return {S.CLIP_SCORE: scores}
 
 
-def resolve_weights(stage: ClipScore) -> tuple[ClipScore, bool, str]:
-    """On the driver, before any Spark work: can real weights be had?
+def is_checkpoint_path(pretrained: str) -> bool:
+    """A file path rather than an open_clip tag ("openai", "laion2b_s34b_b79k", ...)."""
+    return os.path.sep in pretrained or pretrained.endswith(CHECKPOINT_SUFFIXES)
 
-    Returns the stage to run (pretrained cleared when no weights can be had), whether its weights are
-    real, and a message for the log and the summary.
+
+def local_weights(pretrained: str) -> str:
+    """`pretrained` as this machine can open it: the path itself where it exists (the driver, a shared
+    mount), else the copy the driver shipped with the job (`SparkContext.addFile`, by file name)."""
+    if not pretrained or not is_checkpoint_path(pretrained) or os.path.exists(pretrained):
+        return pretrained
+    try:
+        from pyspark import SparkFiles
+
+        shipped = SparkFiles.get(os.path.basename(pretrained))
+    except Exception:  # noqa: BLE001 - no Spark here, or no file shipped: say so below
+        shipped = None
+    if shipped and os.path.isfile(shipped):
+        return shipped
+    raise FileNotFoundError(f"CLIP checkpoint {pretrained} is not on this machine and was not shipped with the job "
+                            "(resolve_weights on the driver ships it with SparkContext.addFile)")
+
+
+def resolve_weights(stage: ClipScore, key: str = "image_text.clip",
+                    ship: Callable[[str], None] | None = None) -> tuple[ClipScore, bool, str]:
+    """On the driver, before any Spark work: fetch the weights, load them once, ship them.
+
+    `key` is the stage's recipe section (for messages); `ship(path)` makes a local file readable by every
+    executor (the pipeline passes `SparkContext.addFile`). Returns the stage to run (`pretrained` a
+    local file, or "" for random weights), whether its weights are real, and a message for the log and
+    the summary. Raises `ClipConfigError`, naming `{key}.pretrained`, what was tried and why it failed,
+    when the weights cannot be loaded and `allow_random_weights` is false. `pretrained: ""` asks for
+    random weights explicitly and never fails.
     """
     import open_clip
 
     if stage.model not in open_clip.list_models():
-        raise ValueError(f"clip.model '{stage.model}' is not an open_clip model")
+        raise ClipConfigError(f"{key}.model '{stage.model}' is not an open_clip model")
+    if not stage.pretrained:
+        msg = (f"{key}.pretrained is empty: RANDOM weights by request; scores are recorded but the "
+               f"{stage.threshold} threshold is NOT applied")
+        log.warning(msg)
+        return stage, False, msg
+    tried = (f"checkpoint file {stage.pretrained}" if is_checkpoint_path(stage.pretrained)
+             else f"open_clip tag '{stage.pretrained}' for {stage.model}")
+    try:
+        path = _fetch(stage)
+        _load(stage.model, path)
+    except _Unavailable as e:
+        if not stage.allow_random_weights:
+            raise ClipConfigError(
+                f"{key}.pretrained: cannot load CLIP weights: tried {tried}: {e}. Set {key}.pretrained to an "
+                f"open_clip tag that can be downloaded (or is cached, with HF_HUB_OFFLINE=1) or to a checkpoint "
+                f"file on the driver; '{key}.pretrained=' (empty) scores with random weights and applies no "
+                f"threshold; {key}.allow_random_weights=true falls back to that instead of failing") from None
+        return _random(stage, f"{key}.pretrained: tried {tried}: {e}")
+    if ship is not None:
+        ship(path)  # executors read it with SparkFiles.get when the path is not on their machine
+    what = f"local checkpoint {path}" if path == stage.pretrained else f"{stage.model}/{stage.pretrained} from {path}"
+    return dataclasses.replace(stage, pretrained=path), True, what
+
+
+class _Unavailable(Exception):
+    """Why the configured weights cannot be had (the message says it)."""
+
+
+def _fetch(stage: ClipScore) -> str:
+    """The configured weights as a local file on the driver."""
+    import open_clip
+
     tag = stage.pretrained
-    if not tag:
-        return stage, False, "clip.pretrained is empty: random weights by request"
-    if os.path.sep in tag or tag.endswith((".pt", ".bin", ".safetensors", ".pth")):
-        if os.path.isfile(tag):
-            return stage, True, f"local checkpoint {tag}"
-        return _random(stage, f"checkpoint file {tag} does not exist")
+    if is_checkpoint_path(tag):
+        if tag.startswith(("s3://", "s3a://", "hdfs://", "http://", "https://")):
+            raise _Unavailable("only local files are read (copy the checkpoint to the driver; it is shipped "
+                               "to the executors)")
+        if not os.path.isfile(tag):
+            raise _Unavailable("the file does not exist" if not os.path.exists(tag) else "not a regular file")
+        return tag
     cfg = open_clip.get_pretrained_cfg(stage.model, tag)
     if not cfg:
-        return _random(stage, f"open_clip has no pretrained tag '{tag}' for {stage.model}")
+        known = ", ".join(open_clip.list_pretrained_tags_by_model(stage.model)) or "none"
+        raise _Unavailable(f"open_clip has no such tag for {stage.model} (known: {known})")
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     if not offline and not _reachable("huggingface.co", 443):
         # the hub client would retry with back-off for about a minute before giving up
-        return _random(stage, "offline: huggingface.co is unreachable (set HF_HUB_OFFLINE=1 to use a cached copy)")
+        raise _Unavailable("offline: huggingface.co is unreachable (set HF_HUB_OFFLINE=1 to use a cached copy)")
     try:
         path = open_clip.download_pretrained(cfg)
-        if not path:
-            return _random(stage, f"no download source for {stage.model}/{tag}")
-    except Exception as e:  # noqa: BLE001 - offline, hub refused, ...: fall back, loudly
-        return _random(stage, f"could not fetch {stage.model}/{tag}: {type(e).__name__}: {str(e)[:200]}")
-    return dataclasses.replace(stage, pretrained=path), True, f"{stage.model}/{tag} from {path}"
+    except Exception as e:  # noqa: BLE001 - offline, not cached, hub refused, ...
+        raise _Unavailable(f"download failed: {type(e).__name__}: {str(e)[:200]}") from None
+    if not path:
+        raise _Unavailable("open_clip has no download source for it")
+    return path
+
+
+def _load(model: str, path: str) -> None:
+    """Load the weights once on the driver, so a corrupt or mismatched file fails here, not in every task."""
+    import open_clip
+
+    try:
+        m = open_clip.create_model(model, pretrained=path, device="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - not a checkpoint, wrong architecture, truncated, ...
+        raise _Unavailable(f"{path} could not be loaded as {model} weights: {type(e).__name__}: "
+                           f"{str(e)[:300]}") from None
+    del m
 
 
 def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
@@ -126,7 +213,7 @@ def _reachable(host: str, port: int, timeout: float = 3.0) -> bool:
 
 
 def _random(stage: ClipScore, why: str) -> tuple[ClipScore, bool, str]:
-    msg = (f"CLIP WEIGHTS UNAVAILABLE ({why}); scoring with RANDOM weights: scores are recorded "
-           f"but the {stage.threshold} threshold is NOT applied")
+    msg = (f"CLIP WEIGHTS UNAVAILABLE ({why}); allow_random_weights is set, so scoring with RANDOM weights: "
+           f"scores are recorded but the {stage.threshold} threshold is NOT applied")
     log.warning(msg)
     return dataclasses.replace(stage, pretrained=""), False, msg

@@ -1,4 +1,5 @@
-"""CLIP scoring with real open_clip code: random weights, and a checkpoint saved by the test."""
+"""CLIP scoring with real open_clip code: random weights, a checkpoint saved by the test, weights that
+cannot be loaded (the run fails unless allow_random_weights), and the copy shipped to executors."""
 from __future__ import annotations
 
 import io
@@ -7,11 +8,21 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from filters.clip import ClipScore, resolve_weights
+from filters.clip import ClipConfigError, ClipScore, local_weights, resolve_weights
 from jobs.make_sample import load_photo
 
 # the smallest open_clip architecture keeps the test fast; the default recipe uses ViT-B-32
 MODEL = "RN50"
+
+
+def _checkpoint(path, seed=123):
+    import open_clip
+    import torch
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(MODEL, pretrained=None)
+    torch.save({"state_dict": model.state_dict()}, path)
+    return model
 
 
 def _jpeg(img):
@@ -39,16 +50,16 @@ def test_random_weights_give_deterministic_cosines(batch):
     assert a[:2] == pytest.approx(b[:2], abs=1e-4)
 
 
-def test_local_checkpoint_is_loaded_and_counts_as_real(tmp_path, batch):
+def test_local_checkpoint_is_loaded_shipped_and_counts_as_real(tmp_path, batch):
     import open_clip
     import torch
 
-    torch.manual_seed(123)
-    model = open_clip.create_model(MODEL, pretrained=None)
     ckpt = tmp_path / "clip.pt"
-    torch.save({"state_dict": model.state_dict()}, ckpt)
-    stage, real, msg = resolve_weights(ClipScore(model=MODEL, pretrained=str(ckpt)))
+    model = _checkpoint(ckpt)
+    shipped = []
+    stage, real, msg = resolve_weights(ClipScore(model=MODEL, pretrained=str(ckpt)), ship=shipped.append)
     assert real and str(ckpt) in msg and stage.pretrained == str(ckpt)
+    assert shipped == [str(ckpt)]  # handed to SparkContext.addFile by the pipeline
     loaded = stage.apply(batch).column("clip_score").to_pylist()
     random = ClipScore(model=MODEL, pretrained="").apply(batch).column("clip_score").to_pylist()
     assert loaded[:2] != pytest.approx(random[:2], abs=1e-4)  # the checkpoint's weights were used
@@ -62,12 +73,74 @@ def test_local_checkpoint_is_loaded_and_counts_as_real(tmp_path, batch):
     assert loaded[0] == pytest.approx(expect, abs=2e-3)
 
 
-def test_missing_weights_fall_back_to_random_loudly(tmp_path, caplog):
-    stage, real, msg = resolve_weights(ClipScore(model=MODEL, pretrained=str(tmp_path / "nope.pt")))
-    assert not real and stage.pretrained == "" and "RANDOM" in msg and "NOT applied" in msg
+@pytest.fixture
+def unloadable(tmp_path, monkeypatch):
+    """pretrained values whose weights cannot be had, with what the error must say was tried."""
+    from huggingface_hub import constants
+
+    # offline, with an empty cache: no network probe, no download (the hub client reads its
+    # constants at import, so they are patched too)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    return {
+        "missing file": (str(tmp_path / "nope.pt"), "does not exist"),
+        "corrupt file": (str(corrupt), "could not be loaded as RN50 weights"),
+        "unknown tag": ("laion9000", "no such tag for RN50"),
+        "tag not cached, offline": ("openai", "download failed"),
+        "object store": ("s3://bucket/clip.pt", "only local files"),
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "corrupt file", "unknown tag", "tag not cached, offline",
+                                  "object store"])
+def test_unloadable_weights_fail_naming_the_recipe_key(unloadable, case):
+    pretrained, why = unloadable[case]
+    shipped = []
+    with pytest.raises(ClipConfigError) as err:
+        resolve_weights(ClipScore(model=MODEL, pretrained=pretrained), ship=shipped.append)
+    msg = str(err.value)
+    assert msg.startswith("image_text.clip.pretrained: cannot load CLIP weights")
+    assert pretrained in msg and why in msg  # what was tried, and why it failed
+    assert "image_text.clip.allow_random_weights=true" in msg  # the way out, named
+    assert shipped == []
+
+
+def test_allow_random_weights_falls_back_loudly(unloadable, caplog):
+    for pretrained, why in unloadable.values():
+        stage, real, msg = resolve_weights(ClipScore(model=MODEL, pretrained=pretrained, allow_random_weights=True))
+        assert not real and stage.pretrained == "" and stage.allow_random_weights
+        assert "RANDOM" in msg and "NOT applied" in msg and pretrained in msg and why in msg
+        assert msg in caplog.text
+
+
+def test_empty_pretrained_is_random_by_request_without_the_flag(caplog):
+    stage, real, msg = resolve_weights(ClipScore(model=MODEL, pretrained=""))
+    assert not real and stage.pretrained == "" and "by request" in msg and "NOT applied" in msg
     assert "RANDOM" in caplog.text
 
 
+def test_executor_reads_the_copy_shipped_with_the_job(tmp_path, monkeypatch):
+    """Where the driver's path does not exist (another machine), setup opens SparkFiles.get(name), the
+    copy SparkContext.addFile put in the executor's files folder (simulated here, as a Python worker sees it)."""
+    from pyspark import SparkFiles
+
+    files = tmp_path / "executor-files"
+    files.mkdir()
+    monkeypatch.setattr(SparkFiles, "_root_directory", str(files))
+    monkeypatch.setattr(SparkFiles, "_is_running_on_worker", True)
+    on_driver = str(tmp_path / "driver-only" / "clip.pt")
+    with pytest.raises(FileNotFoundError, match="not on this machine and was not shipped"):
+        local_weights(on_driver)
+    _checkpoint(files / "clip.pt")
+    assert local_weights(on_driver) == str(files / "clip.pt")
+    assert local_weights("openai") == "openai" and local_weights("") == ""  # tags go to open_clip unchanged
+    state = ClipScore(model=MODEL, pretrained=on_driver).setup(threads=1)
+    assert state[0] is not None
+
+
 def test_unknown_model_is_a_config_error():
-    with pytest.raises(ValueError, match="not an open_clip model"):
+    with pytest.raises(ClipConfigError, match="image_text.clip.model 'ViT-Nope' is not an open_clip model"):
         resolve_weights(ClipScore(model="ViT-Nope"))
