@@ -258,7 +258,7 @@ def decided_by(r: dict, k: dict, section: dict) -> str:
 
     kind = kinds.REGISTRY.get(k.get("_kind", ""))
     if kind is not None and kind.explain is not None:
-        return kind.explain(r, section, k)
+        return kind.explain(r, section, k.get("facts") or {})
     declared = _reasons(k).get(r.get(L.REASON) or "", {})
     shows = [f"{c} {_fmt(r.get(c))}" for c in declared.get("shows", ()) if r.get(c) is not None]
     if r.get(L.DUPLICATE_OF):

@@ -9,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from schemas import ledger as L
+from schemas import image_text as S
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPARK_SUBMIT = os.path.join(os.path.dirname(sys.executable), "spark-submit")
@@ -70,9 +70,11 @@ def test_every_input_is_accounted_for(runs, sample_dir):
     assert by_key["chelsea_exact_copy"]["reason"] in ("exact_duplicate", None)
     # keeper rule: most pixels, then the largest input file
     assert by_key["astronaut_reencoded"]["duplicate_of"] == by_key["astronaut"]["sample_id"]
-    assert all(r["reason"] in L.REASONS for r in ledger if r["reason"])
+    assert all(r["reason"] in S.REASONS for r in ledger if r["reason"])
+    assert {r["unit"] for r in ledger} == {"pair"} and all(r["parent_id"] is None for r in ledger)
     assert all((r["shard"] is not None) == (r["status"] == "kept") for r in ledger)
-    assert not k["clip"]["real_weights"] and not k["clip"]["threshold_applied"]
+    assert not k["facts"]["clip"]["real_weights"] and not k["facts"]["clip"]["threshold_applied"]
+    assert k["units"]["pair"]["input"] == k["input"] and k["unit"] == "pair"
     assert set(summary["stages"]) >= {"decode", "caption", "clip", "concepts"}
 
 
@@ -122,3 +124,20 @@ def test_unknown_recipe_key_fails_before_spark(tmp_path):
     assert proc.returncode == 2
     assert "unknown recipe key 'image_text.clip.treshold'" in proc.stderr
     assert "threshold" in proc.stderr  # the known keys are listed
+
+
+def test_unloadable_clip_weights_fail_before_spark_work(sample_dir, tmp_path):
+    """A real run never silently loses its CLIP filter: a checkpoint that is not there stops the job on the
+    driver (exit 2, the recipe key named) before any Spark job, and nothing is written."""
+    missing = str(tmp_path / "no-such-dir" / "clip.pt")
+    out = tmp_path / "out"
+    proc = submit("--input", f"image_text={sample_dir}", "--output", str(out),
+                  "--set", f"image_text.clip.pretrained={missing}", check=False)
+    output = proc.stdout + proc.stderr  # spark-submit's PythonRunner merges the driver's stderr into its stdout
+    assert proc.returncode == 2, output[-4000:]
+    assert f"build_pretrain: recipe error: image_text.clip.pretrained: cannot load CLIP weights: " \
+           f"tried checkpoint file {missing}: the file does not exist" in output
+    assert "image_text.clip.allow_random_weights=true" in output
+    assert "Traceback" not in output
+    assert "Starting job" not in output and "Job 0 finished" not in output  # no Spark action ran
+    assert not out.exists() or not any(out.iterdir())

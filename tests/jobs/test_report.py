@@ -44,7 +44,7 @@ def test_run_writes_report_material_and_gate_results(run):
     assert gates["sampling"]["image_text"]["shards"]["samples_read"] == summary["kinds"]["image_text"]["kept"]
     assert set(summary["stages"]) >= {"report_material", "gates", "thumbnail"}
     material = os.path.join(reports, "material", "image_text")
-    assert {"rows.parquet", "languages.parquet", "concepts.parquet", "gallery.parquet", "material.json"} <= set(
+    assert {"rows.parquet", "bars-language.parquet", "bars-concepts.parquet", "gallery.parquet", "material.json"} <= set(
         os.listdir(material))
     assert not os.path.exists(os.path.join(run, "_work"))  # the material outlived the stage checkpoints
     assert os.path.isfile(os.path.join(reports, gates["data_docs"]))

@@ -12,21 +12,29 @@ import sys
 import pandas as pd
 import pytest
 
-from pipelines import gates
-from pipelines.recipe import Recipe
+from pipelines import gates, kinds
+from pipelines.recipe import load
 from tests.util import read_bytes, read_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KIND = "image_text"
+SPEC = kinds.get(KIND)
 
 
 def ledger_frame(rows: list[tuple]) -> pd.DataFrame:
     """(sample_id, status, reason, duplicate_of, shard) -> a ledger table with keeper_status."""
     df = pd.DataFrame(rows, columns=["sample_id", "status", "reason", "duplicate_of", "shard"])
     df.insert(1, "kind", KIND)
+    df.insert(2, "unit", "pair")
+    df.insert(3, "parent_id", None)
     status = dict(zip(df.sample_id, df.status))
     df["keeper_status"] = [("none" if d is None else status.get(d, "missing")) for d in df.duplicate_of]
+    df["parent_status"] = "none"
     return df
+
+
+def contract(clip: dict):
+    return SPEC.contract(load().image_text, {"clip": clip})
 
 
 CLEAN = [
@@ -46,7 +54,7 @@ def run_suite(tmp_path, name: str, table: pd.DataFrame, checks: list) -> dict:
 
 
 def test_clean_ledger_passes_and_data_docs_are_built(tmp_path):
-    res = run_suite(tmp_path, f"{KIND}.ledger", ledger_frame(CLEAN), gates.ledger_checks(KIND))
+    res = run_suite(tmp_path, f"{KIND}.ledger", ledger_frame(CLEAN), gates.ledger_checks(SPEC))
     assert res["failed_critical"] == []
     assert res["suites"][f"{KIND}.ledger"]["success"]
     assert os.path.isfile(tmp_path / gates.GX_DOCS)
@@ -60,7 +68,7 @@ def test_planted_violations_fail_by_name(tmp_path):
         ("00000000000000d1", "dropped", "blurry", None, None),  # a reason nobody declared
         ("00000000000000d2", "dropped", "exact_duplicate", "ffffffffffffffff", None),  # keeper not in the ledger
     ]
-    res = run_suite(tmp_path, f"{KIND}.ledger", ledger_frame(rows), gates.ledger_checks(KIND))
+    res = run_suite(tmp_path, f"{KIND}.ledger", ledger_frame(rows), gates.ledger_checks(SPEC))
     p = f"{KIND}.ledger."
     assert set(res["failed_critical"]) == {p + "sample_id_unique", p + "reason_known", p + "dropped_reason",
                                            p + "duplicate_keeper_exists"}
@@ -74,10 +82,12 @@ def test_planted_violations_fail_by_name(tmp_path):
 
 def test_warnings_are_recorded_but_do_not_fail(tmp_path):
     totals = pd.DataFrame([{"input": 1000, "kept": 1, "dropped": 400, "quarantined": 599, "accounted": 1000,
-                            "distinct_ids": 1000, "rows_with_shard": 1, "shard_samples": 1,
-                            "kept_fraction": 0.001, "quarantined_fraction": 0.599, "clip_real_weights": False,
-                                "clip_invalid": 0}])
-    res = run_suite(tmp_path, f"{KIND}.totals", totals, gates.totals_checks(KIND))
+                            "distinct_ids": 1000, "input_all_units": 1000, "kept_all_units": 1,
+                            "rows_with_shard": 1, "shard_samples": 1, "kept_fraction": 0.001,
+                            "quarantined_fraction": 0.599, "assert_clip_real_weights": False,
+                            "fatal_clip_score_invalid": 0}])
+    assertions = [{"name": "clip_real_weights", "severity": "warning", "ok": False, "description": "real weights"}]
+    res = run_suite(tmp_path, f"{KIND}.totals", totals, gates.totals_checks(SPEC, assertions))
     assert res["failed_critical"] == []
     warned = {c["name"] for c in gates.failed(res, gates.WARNING)}
     assert warned == {f"{KIND}.totals.kept_fraction", f"{KIND}.totals.quarantined_fraction",
@@ -85,8 +95,12 @@ def test_warnings_are_recorded_but_do_not_fail(tmp_path):
     gates.enforce(res)
 
     bad = totals.assign(accounted=999)  # counts that do not add up are critical
-    res = run_suite(tmp_path, f"{KIND}.totals", bad, gates.totals_checks(KIND))
+    res = run_suite(tmp_path, f"{KIND}.totals", bad, gates.totals_checks(SPEC, assertions))
     assert res["failed_critical"] == [f"{KIND}.totals.counts_add_up"]
+
+    bad = totals.assign(fatal_clip_score_invalid=3)  # a reason the kind declares fatal fails the run
+    res = run_suite(tmp_path, f"{KIND}.totals", bad, gates.totals_checks(SPEC, assertions))
+    assert res["failed_critical"] == [f"{KIND}.totals.no_clip_score_invalid"]
 
 
 def _write_shard(path, docs: list[dict]) -> None:
@@ -115,31 +129,38 @@ def test_shard_metadata_checks_threshold_and_contract(tmp_path):
     docs = [_doc("00000000000000a1", 0.35), _doc("00000000000000a2", 0.12),  # below 0.3: slipped through
             _doc("00000000000000a3", 0.40, width=100)]  # shorter side below rules.min_side
     _write_shard(tmp_path / shard, docs)
-    table = gates.read_shard_metadata(str(tmp_path), [shard])
-    assert list(table["key"]) == [d["sample_id"] for d in docs] and table["jpg_is_jpeg"].all()
-    _write_shard(tmp_path / "twice.tar", [docs[0], docs[0]])  # one key twice in a tar: two rows, not one
-    assert list(gates.read_shard_metadata(str(tmp_path), ["twice.tar"])["sample_id"]) == [docs[0]["sample_id"]] * 2
-    table["ledger_shard"] = shard
     clip = {"enabled": True, "real_weights": True, "threshold_applied": True, "threshold": 0.3}
-    checks = gates.shard_checks(KIND, Recipe(), clip, expected_rows=3)
+    table = gates.read_shard_metadata(str(tmp_path), [shard], contract(clip))
+    assert list(table["key"]) == [d["sample_id"] for d in docs]
+    assert list(table["contract_ok"]) == [True, False, False]
+    assert "clip_score" in table["contract_problems"][1] and "short_side" in table["contract_problems"][2]
+    _write_shard(tmp_path / "twice.tar", [docs[0], docs[0]])  # one key twice in a tar: two rows, not one
+    assert list(gates.read_shard_metadata(str(tmp_path), ["twice.tar"], contract(clip))["sample_id"]) == \
+        [docs[0]["sample_id"]] * 2
+    table["ledger_shard"] = shard
+    checks = gates.shard_checks(contract(clip), expected_rows=3)
     res = run_suite(tmp_path / "gx", f"{KIND}.shards", table, checks)
-    assert set(res["failed_critical"]) == {f"{KIND}.shards.clip_score_above_threshold", f"{KIND}.shards.short_side"}
+    assert set(res["failed_critical"]) == {f"{KIND}.shards.clip_score_range", f"{KIND}.shards.short_side_range",
+                                           f"{KIND}.shards.contract"}
 
     # with random weights the threshold is not applied, so it is not checked either
     clip = dict(clip, real_weights=False, threshold_applied=False)
+    table = gates.read_shard_metadata(str(tmp_path), [shard], contract(clip))
+    table["ledger_shard"] = shard
     res = run_suite(tmp_path / "gx", f"{KIND}.shards", table.drop(columns=["recaption"]),
-                    gates.shard_checks(KIND, Recipe(), clip, expected_rows=3))
-    assert set(res["failed_critical"]) == {f"{KIND}.shards.required_fields", f"{KIND}.shards.short_side"}
+                    gates.shard_checks(contract(clip), expected_rows=3))
+    assert set(res["failed_critical"]) == {f"{KIND}.shards.required_fields", f"{KIND}.shards.short_side_range",
+                                           f"{KIND}.shards.contract"}
     required = next(c for c in res["suites"][f"{KIND}.shards"]["expectations"]
                     if c["name"] == f"{KIND}.shards.required_fields")
     assert required["details"]["mismatched"]["missing"] == ["recaption"]
 
 
 def test_no_kept_samples_is_not_a_failure(tmp_path):
-    table = gates.read_shard_metadata(str(tmp_path), [])
-    table["ledger_shard"] = pd.Series(dtype=object)
     clip = {"enabled": True, "real_weights": True, "threshold_applied": True, "threshold": 0.3}
-    res = run_suite(tmp_path, f"{KIND}.shards", table, gates.shard_checks(KIND, Recipe(), clip, expected_rows=0))
+    table = gates.read_shard_metadata(str(tmp_path), [], contract(clip))
+    table["ledger_shard"] = pd.Series(dtype=object)
+    res = run_suite(tmp_path, f"{KIND}.shards", table, gates.shard_checks(contract(clip), expected_rows=0))
     assert res["failed_critical"] == []
 
 
@@ -187,13 +208,13 @@ def test_failed_gate_exits_3_and_names_the_expectation(failed_run):
     output = proc.stdout + proc.stderr
     assert proc.returncode == 3, output[-4000:]
     assert "quality gate failed; shards NOT published. Failed critical expectation(s): " \
-           "image_text.totals.clip_scores_finite" in output
+           "image_text.totals.no_clip_score_invalid" in output
     summary = read_json(os.path.join(out, "reports", "summary.json"))
     assert summary["gates"]["passed"] is False
-    assert summary["gates"]["failed_critical"] == ["image_text.totals.clip_scores_finite"]
+    assert summary["gates"]["failed_critical"] == ["image_text.totals.no_clip_score_invalid"]
     assert summary["kinds"]["image_text"]["kept"] == 0  # NaN scores never pass the threshold
     assert summary["kinds"]["image_text"]["quarantined"]["clip_score_invalid"] > 0
-    assert summary["kinds"]["image_text"]["clip"]["real_weights"]
+    assert summary["kinds"]["image_text"]["facts"]["clip"]["real_weights"]
 
 
 def test_failed_run_publishes_no_shards(failed_run):
@@ -205,5 +226,5 @@ def test_failed_run_publishes_no_shards(failed_run):
     assert "index.json" not in staged and "sizes.json" not in staged
     # the report is still written, so a person can see why
     page = read_bytes(os.path.join(out, "reports", "index.html")).decode("utf-8")
-    assert "Quality gates FAILED" in page and "image_text.totals.clip_scores_finite" in page
+    assert "Quality gates FAILED" in page and "image_text.totals.no_clip_score_invalid" in page
     assert "not published" in page

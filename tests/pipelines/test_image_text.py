@@ -114,3 +114,27 @@ def test_urls_opt_outs_and_recaptions(spark, server, tmp_path):
         assert any(meta["caption_original"] in p for p in prompts)
     assert all(c["messages"][0]["content"][0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
                for c in Handler.chats)
+    contract_is_what_the_trainer_reads(shard_dir, len(kept))
+
+
+def contract_is_what_the_trainer_reads(shard_dir: str, n: int) -> None:
+    """image_text's contract test: the shards the writer produced hold the contract, and the trainer's
+    formatter (which finds its members through the same contract) turns every sample into tokens."""
+    from schemas import image_text as S
+    from trainer import formatters, shards
+    from trainer.formatters import FormatContext
+    from trainer.images import ImageConfig
+    from trainer.tokenizer import train_bpe
+
+    found = shards.find_kinds(shard_dir, ["image_text"])["image_text"]
+    samples = list(shards.iter_raw_samples([s.url for s in found]))
+    assert len(samples) == n
+    contract = S.contract()
+    assert all(contract.violations(s) == [] for s in samples), [contract.violations(s) for s in samples]
+    fmt = formatters.get("image_text")
+    tok = train_bpe([t for s in samples for t in fmt.texts(s)] * 10, vocab_size=300, min_frequency=1)
+    ctx = FormatContext(tok, ImageConfig(min_pixels=4 * 784, max_pixels=16 * 784), max_len=512)
+    for s in samples:
+        f = fmt.format(s, ctx)
+        assert len(f.images) == 1 and f.key == s["__key__"]
+        assert tok.decode(f.ids).endswith(s["txt"].decode().strip() + "<|endoftext|>")

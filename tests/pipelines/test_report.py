@@ -12,13 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import report
-from pipelines.image_text import Result
-from pipelines.recipe import Recipe
+from pipelines import image_text, kinds, report
+from pipelines.kind import Result
+from pipelines.recipe import load
 from pipelines.report import material as M
 from pipelines.report import page as R
 
 KIND = "image_text"
+SPEC = kinds.get(KIND)
+CFG = load().image_text
+CLIP = {"real_weights": True, "threshold": 0.3, "threshold_applied": True, "enabled": True,
+        "model": "ViT-B-32", "pretrained": "x.pt", "message": "local checkpoint x.pt"}
 
 
 def read_json(path: str):
@@ -49,44 +53,47 @@ ITEMS = [
 
 @pytest.fixture(scope="module")
 def result(spark):
+    from pyspark.sql import functions as F
+
     from schemas import ledger as L
     from schemas.common import spark_type
 
-    feats, ledger, scores, concepts = [], [], [], []
+    feats, ledger = [], []
     for sid, status, reason, dup, img, caption, score, cons in ITEMS:
         decodable = img.startswith(b"\xff\xd8")
         w, h = Image.open(io.BytesIO(img)).size if decodable else (None, None)
-        feats.append((sid, KIND, "src", f"key_{sid[-2:]}", img, caption, w, h, len(caption), len(caption.split()),
-                      "en", 0.9, 30.0, 0x0F0F0F0F0F0F0F0F if sid in ("000000000000000a", "000000000000000c") else int(sid, 16)))
-        ledger.append({"sample_id": sid, "kind": KIND, "source": "src", "source_key": f"key_{sid[-2:]}", "status": status,
+        scored = reason not in ("near_duplicate", "image_too_small", "image_undecodable")
+        feats.append((sid, img, caption, w, h, len(caption), len(caption.split()), "en", 0.9, 30.0,
+                      0x0F0F0F0F0F0F0F0F if sid in ("000000000000000a", "000000000000000c") else int(sid, 16),
+                      score if scored else None, cons if scored else None))
+        ledger.append({"sample_id": sid, "kind": KIND, "source": "src", "source_key": f"key_{sid[-2:]}", "unit": "pair",
+                       "parent_id": None, "status": status,
                        "reason": reason, "detail": "cannot identify image" if status == "quarantined" else None,
                        "duplicate_of": dup, "shard": "image_text-000000.tar" if status == "kept" else None})
-        if reason not in ("near_duplicate", "image_too_small", "image_undecodable"):
-            scores.append((sid, score))
-            concepts.append((sid, cons))
-    feats_df = spark.createDataFrame(feats, "sample_id string, kind string, source string, source_key string, "
-                                     "image binary, caption string, width int, height int, caption_chars int, "
-                                     "caption_words int, language string, language_score float, pixel_std float, "
-                                     "phash long")
+    feats_df = spark.createDataFrame(feats, "sample_id string, image binary, caption string, width int, height int, "
+                                     "caption_chars int, caption_words int, language string, language_score float, "
+                                     "pixel_std float, phash long, clip_score float, concepts array<string>")
+    cols = image_text.report_columns(CFG)
+    rows = feats_df.select("sample_id", *[fn(F).alias(n) for n, fn in cols.items()], "image", "caption")
     ledger_df = spark.createDataFrame(ledger, spark_type(L.SCHEMA))
-    res = Result(ledger=ledger_df, shards=[{"shard": "image_text-000000.tar", "nsamples": 2, "bytes": 10240}],
-                 clip={"real_weights": True, "threshold": 0.3, "threshold_applied": True, "enabled": True,
-                       "model": "ViT-B-32", "pretrained": "x.pt", "message": "local checkpoint x.pt"},
-                 features=feats_df, scores=spark.createDataFrame(scores, "sample_id string, clip_score float"),
-                 concepts=spark.createDataFrame(concepts, "sample_id string, concepts array<string>"))
-    return res
+    return Result(ledger=ledger_df, shards=[{"shard": "image_text-000000.tar", "nsamples": 2, "bytes": 10240}],
+                  rows=rows, facts={"clip": CLIP}, assertions=[], thumbnail="image", text="caption",
+                  report_columns=tuple(cols), stages_run=("rules", "dedup", "clip", "balance"))
 
 
 def write_summary(out: str, res: Result) -> dict:
+    counts = {"input": 7, "kept": 2,
+              "dropped": {"clip_low_similarity": 1, "concept_balance": 1, "image_too_small": 1, "near_duplicate": 1},
+              "quarantined": {"image_undecodable": 1}}
     summary = {
-        "kinds": {KIND: {"input": 7, "kept": 2,
-                         "dropped": {"clip_low_similarity": 1, "concept_balance": 1, "image_too_small": 1,
-                                     "near_duplicate": 1},
-                         "quarantined": {"image_undecodable": 1},
-                         "shards": {"count": 1, "samples": 2, "bytes": 10240, "files": res.shards}, "clip": res.clip}},
+        "kinds": {KIND: {**counts, "unit": "pair", "units": {"pair": counts},
+                         "shards": {"count": 1, "samples": 2, "bytes": 10240, "files": res.shards},
+                         "facts": res.facts, "assertions": [], "stages_run": list(res.stages_run),
+                         "reasons": {c: {"status": r.status, "stage": r.stage, "text": r.text, "fatal": r.fatal,
+                                         "shows": list(r.shows)} for c, r in SPEC.reasons.items()}}},
         "output": out, "started_at": "2026-01-01T00:00:00+00:00", "elapsed_seconds": 1.0,
         "stages": {"decode": {"task_seconds": 1.0, "wall_seconds": None}}, "versions": {"python": "3"},
-        "recipe": Recipe().to_dict(),
+        "recipe": load().to_dict(),
         "gates": {"passed": True, "failed_critical": [], "failed_warnings": [], "data_docs": "gx/x.html", "suites": {}},
     }
     os.makedirs(os.path.join(out, "reports"), exist_ok=True)
@@ -98,7 +105,7 @@ def write_summary(out: str, res: Result) -> dict:
 @pytest.fixture(scope="module")
 def out(result, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("report"))
-    meta = report.collect_material(KIND, result, result.ledger, out)
+    meta = report.collect_material(SPEC, result, result.ledger, out, None, CFG)
     write_summary(out, result)
     return out, meta
 
@@ -115,11 +122,11 @@ def test_material_tables(out):
     mdir = M.material_dir(out, KIND)
     assert meta["rows"] == meta["rows_in_material"] == 7 and not meta["sampled"]
     assert meta["duplicates"] == {"groups": 1, "dropped": 1, "sizes": {"2": 1}}
-    assert meta["concepts"]["reached_balance"] == 3 and meta["concepts"]["matched"] == 2
+    assert meta["bars"]["concepts"] == {"rows": 3, "with_values": 2, "distinct": 1, "list": True}
     rows = pq.read_table(os.path.join(mdir, "rows.parquet")).to_pylist()
     assert [r["sample_id"] for r in rows] == sorted(i[0] for i in ITEMS)
-    concepts = pq.read_table(os.path.join(mdir, "concepts.parquet")).to_pylist()
-    assert concepts == [{"concept": "tabby cat", "before": 2, "after": 1}]
+    concepts = pq.read_table(os.path.join(mdir, "bars-concepts.parquet")).to_pylist()
+    assert concepts == [{"value": "tabby cat", "status": "dropped", "n": 1}, {"value": "tabby cat", "status": "kept", "n": 1}]
     gallery = pq.read_table(os.path.join(mdir, "gallery.parquet")).to_pylist()
     sections = {r["section"] for r in gallery}
     assert sections == {"kept", "near_duplicate", "image_too_small", "image_undecodable", "clip_low_similarity",
@@ -131,14 +138,15 @@ def test_material_tables(out):
             assert r["thumb"] is None and r["detail"] == "cannot identify image"
         else:
             assert max(Image.open(io.BytesIO(r["thumb"])).size) <= 160
-    assert R.hamming(dup[0]["phash"], dup[1]["phash"]) == 0
+    copy = next(r for r in dup if r["sample_id"] == "000000000000000c")
+    assert image_text.hamming(copy["phash"], copy["keeper_phash"]) == 0
 
 
 def test_rows_are_a_hash_sample_above_the_cap(result, tmp_path, monkeypatch):
     monkeypatch.setattr(M, "ROW_CAP", 3)
     monkeypatch.setattr(M, "GALLERY_KEPT", 1)
     monkeypatch.setattr(M, "OVERSAMPLE", 1)  # the kept section is thinned by a hash before ranking
-    meta = report.collect_material(KIND, result, result.ledger, str(tmp_path))
+    meta = report.collect_material(SPEC, result, result.ledger, str(tmp_path), None, CFG)
     mdir = M.material_dir(str(tmp_path), KIND)
     assert meta["sampled"] and 0 < meta["rows_in_material"] < 7 and meta["rows"] == 7
     ids = pq.read_table(os.path.join(mdir, "rows.parquet")).column("sample_id").to_pylist()
@@ -146,7 +154,7 @@ def test_rows_are_a_hash_sample_above_the_cap(result, tmp_path, monkeypatch):
     gallery = pq.read_table(os.path.join(mdir, "gallery.parquet")).to_pylist()
     assert len([r for r in gallery if r["section"] == "kept"]) <= 1
     # language counts stay exact
-    langs = pq.read_table(os.path.join(mdir, "languages.parquet")).to_pylist()
+    langs = pq.read_table(os.path.join(mdir, "bars-language.parquet")).to_pylist()
     assert sum(r["n"] for r in langs) == 7
 
 
@@ -154,10 +162,10 @@ def test_render_is_deterministic_and_complete(out):
     out, _ = out
     page = R.render(out, in_run=True)
     assert page == R.render(out, in_run=True)
-    for anchor in ("funnel-image_text", "distributions-image_text", "galleries-image_text", "duplicates-image_text",
+    for anchor in ("funnel-image_text", "units-image_text", "distributions-image_text", "galleries-image_text", "duplicates-image_text",
                    "shards-image_text", "gates", "run"):
         assert f"id='{anchor}'" in page or f"id={anchor}" in page, anchor
-    for plot in ("resolution", "aspect", "caption", "clip", "language", "concepts"):
+    for plot in ("short_side", "aspect_ratio", "caption_chars", "clip_score", "language", "concepts"):
         assert f"id='plot-{plot}'" in page
     assert page.count("data:image/jpeg;base64,") >= 6
     assert "CLIP 0.050 &lt; 0.3" in page  # the score that decided, beside the threshold
@@ -184,12 +192,12 @@ def test_rebuild_checks_that_the_shards_were_published(out):
 
 
 def test_decided_by_names_the_value_and_the_threshold():
-    recipe = Recipe().to_dict()
-    clip = {"threshold": 0.3, "threshold_applied": True}
-    assert R.decided_by({"status": "dropped", "reason": "image_too_small", "width": 150, "height": 400}, recipe, clip) \
+    recipe = load().to_dict()[KIND]
+    k = {"_kind": KIND, "facts": {"clip": {"threshold": 0.3, "threshold_applied": True}}}
+    assert R.decided_by({"status": "dropped", "reason": "image_too_small", "width": 150, "height": 400}, k, recipe) \
         == "150×400: shorter side 150 < 200"
-    assert R.decided_by({"status": "dropped", "reason": "aspect_ratio", "width": 1000, "height": 250}, recipe, clip) \
+    assert R.decided_by({"status": "dropped", "reason": "aspect_ratio", "width": 1000, "height": 250}, k, recipe) \
         == "1000×250: ratio 4.00 > 3.0"
-    assert R.decided_by({"status": "kept", "clip_score": 0.31234}, recipe, clip) == "CLIP 0.312 ≥ 0.3"
-    assert R.decided_by({"status": "quarantined", "reason": "image_truncated", "detail": "ends early"}, recipe, clip) \
+    assert R.decided_by({"status": "kept", "clip_score": 0.31234}, k, recipe) == "CLIP 0.312 ≥ 0.3"
+    assert R.decided_by({"status": "quarantined", "reason": "image_truncated", "detail": "ends early"}, k, recipe) \
         == "ends early"
