@@ -8,9 +8,9 @@ kept, never dropped; surface it in summary.json and gate on it being 0).
 Near duplicates: a pair is an edge when its 64-bit pHash is within `hamming_radius` (tier 1) AND its
 256-bit dHash (`phash256`, same grey image, gradients instead of DCT) is within `second_radius` (tier 2).
 
-Why two tiers. Two unrelated 64-bit hashes fall within 10 bits with p = 9.5e-9: at 1e9 items that is
-~4.8e9 chance pairs, all of which one tier alone would drop. A chance pair must also be within 64 of
-256 dHash bits: p = 2.4e-16 for independent bits, so ~1e-6 chance edges at 1e9 items (README). On the
+Why two tiers. Two unrelated 64-bit hashes fall within 10 bits with p = 1.0e-8: at 1e9 items that is
+~5.0e9 chance pairs, all of which one tier alone would drop. A chance pair must also be within 64 of
+256 dHash bits: p = 2.4e-16 for independent bits, so ~1.2e-6 chance edges at 1e9 items (README). On the
 real-photo transforms (tests/filters/test_dedup.py) copies that pass tier 1 measured <= 43 dHash bits
 (all copies <= 49), distinct photos >= 84; dHash separated copies from distinct photos with a wider
 margin than phash(hash_size=16) (copies <= 74, distinct >= 106, relative to its spread) or whash.

@@ -1,0 +1,142 @@
+"""Near-dedup at scale: recall, precision, time and memory of `filters.dedup` on synthetic hashes.
+
+Each size n holds n background items with a random 64-bit pHash and an independent random 256-bit
+second-tier signature, plus `--planted` near copies of the first background items: a copy is
+d1 = 0..hamming_radius pHash bits and d2 = 0..second_radius signature bits from its original (both
+spread evenly over the range, the bits chosen at random). Everything is generated inside Spark
+(spark.range + xxhash64 expressions), nothing on the driver.
+
+Recall: planted pairs with a drop between them / planted pairs. Precision: drops between a planted
+pair / all drops (background pairs that fall within the radii by chance count as false). skipped:
+`DedupStats.skipped`. seconds: `find_duplicates_with_stats` plus collecting the drops, data generated
+and checkpointed before. peak_mib: largest resident memory of this process and its children (JVM,
+Python workers) during that time.
+
+    python -m benchmarks.dedup_scale --sizes 1000000,4000000
+writes benchmarks/results/dedup_scale.json: a list of {n, recall, precision, seconds, peak_mib, skipped}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dedup_scale.json")
+
+
+def _positions(g: str, count: str, bits: int, salt: str) -> str:
+    """SQL: `count` distinct random bit positions in [0, bits), a function of g (sorted by a hash)."""
+    return (f"slice(transform(array_sort(transform(sequence(0, {bits - 1}), "
+            f"p -> named_struct('k', xxhash64({g}, p, '{salt}'), 'p', p))), x -> x.p), 1, {count})")
+
+
+def _bits(positions: str, word: int = 0) -> str:
+    """SQL: 64-bit mask of the positions that fall in word `word` (bits 64*word .. 64*word+63)."""
+    return f"aggregate(filter({positions}, q -> q div 64 = {word}), 0L, (acc, q) -> acc | shiftleft(1L, q % 64))"
+
+
+def synthetic(spark, n: int, planted: int, radius: int, second_radius: int):
+    from pyspark.sql import functions as F
+
+    def frame(ids, sample_id, phash, words):
+        return ids.select(
+            sample_id.alias("sample_id"), F.concat(F.lit("sha-"), sample_id).alias("content_sha"),
+            phash.alias("phash"), F.concat(*[F.unhex(F.lpad(F.hex(w), 16, "0")) for w in words]).alias("phash256"),
+            F.lit(256).alias("width"), F.lit(256).alias("height"), F.lit(1000).cast("long").alias("source_bytes"))
+
+    bg = spark.range(n)
+    background = frame(bg, F.concat(F.lit("s"), F.col("id").cast("string")), F.xxhash64("id", F.lit(0)),
+                       [F.xxhash64("id", F.lit(w + 1)) for w in range(4)])
+    g = F.col("id")
+    pos1 = _positions("id", f"cast(id % {radius + 1} as int)", 64, "t1")
+    pos2 = _positions("id", f"cast((id * 7 + 3) % {second_radius + 1} as int)", 256, "t2")
+    copies = frame(spark.range(min(planted, n)), F.concat(F.lit("p"), g.cast("string")),
+                   F.xxhash64(g, F.lit(0)).bitwiseXOR(F.expr(_bits(pos1))),
+                   [F.xxhash64(g, F.lit(w + 1)).bitwiseXOR(F.expr(_bits(pos2, w))) for w in range(4)])
+    return background.unionByName(copies)
+
+
+class PeakRss:
+    """Largest summed RSS of this process and its descendants, sampled every 0.5 s."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+    def _sample(self):
+        import psutil
+
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak = max(self.peak, total)
+
+    def __enter__(self):
+        def run():
+            while not self._stop.wait(0.5):
+                self._sample()
+        self._sample()
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+
+
+def measure(spark, n: int, planted: int) -> dict:
+    from filters.dedup import Dedup, find_duplicates_with_stats
+
+    cfg = Dedup()
+    df = synthetic(spark, n, planted, cfg.hamming_radius, cfg.second_radius).localCheckpoint()
+    total = df.count()
+    with PeakRss() as mem:
+        t0 = time.perf_counter()
+        drops, stats = find_duplicates_with_stats(df, cfg)
+        rows = drops.collect()
+        seconds = time.perf_counter() - t0
+    truth = {(f"p{g}", f"s{g}") for g in range(min(planted, n))}
+    true = [r for r in rows if (r.sample_id, r.duplicate_of) in truth or (r.duplicate_of, r.sample_id) in truth]
+    found = {tuple(sorted((r.sample_id, r.duplicate_of))) for r in true}
+    out = {"n": total, "recall": round(len(found) / max(1, len(truth)), 5),
+           "precision": round(len(true) / max(1, len(rows)), 5), "seconds": round(seconds, 1),
+           "peak_mib": round(mem.peak / 2**20), "skipped": stats.skipped,
+           "planted": len(truth), "drops": len(rows), "edges": stats.edges, "rounds": stats.rounds}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="1000000,4000000", help="comma-separated background sizes")
+    p.add_argument("--planted", type=int, default=2000, help="planted near copies per size")
+    p.add_argument("--cores", type=int, default=2, help="local[N]")
+    p.add_argument("--driver-memory", default="12g", help="spark.driver.memory (local mode: all of Spark)")
+    p.add_argument("--out", default=OUT, help="JSON list of results")
+    a = p.parse_args(argv)
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from pyspark.sql import SparkSession
+
+    spark = (SparkSession.builder.master(f"local[{a.cores}]").appName("vlcurate-dedup-scale")
+             .config("spark.driver.memory", a.driver_memory).config("spark.sql.shuffle.partitions", "64")
+             .config("spark.ui.enabled", "false").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    results = [measure(spark, int(s), a.planted) for s in a.sizes.split(",")]
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=1)
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
