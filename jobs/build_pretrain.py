@@ -21,6 +21,7 @@ from pipelines.recipe import RecipeError, load  # noqa: E402
 
 log = logging.getLogger("build_pretrain")
 SAMPLE_DIR = os.path.join("data", "sample")
+ALLOW_RANDOM = "image_text.clip.allow_random_weights"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +56,13 @@ def main(argv: list[str] | None = None) -> int:
             make_sample(SAMPLE_DIR)
         inputs = {"image_text": [SAMPLE_DIR]}
         log.info("no --input given: using the bundled sample corpus in %s", SAMPLE_DIR)
+        # the demo must run offline, where no CLIP weights can be had; a --set on the command line still wins
+        recipe = load(args.recipe, [f"{ALLOW_RANDOM}=true", *args.set], args.input, args.output)
+        if recipe.section("image_text").clip.allow_random_weights:
+            log.warning("bundled sample: %s=true: if the CLIP weights cannot be loaded, CLIP scores with RANDOM "
+                        "weights and its threshold is NOT applied (a run with --input fails instead)", ALLOW_RANDOM)
 
+    from filters.clip import ClipConfigError
     from pipelines.build import run_build
     from pipelines.gates import GateFailed
     from pipelines.io import storage
@@ -74,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {line}", file=sys.stderr)
         print(f"report: {storage.join(out, 'reports', 'index.html')}", file=sys.stderr)
         return 3
+    except ClipConfigError as e:  # raised on the driver before any Spark work
+        print(f"build_pretrain: recipe error: {e}", file=sys.stderr)
+        return 2
     finally:
         spark.stop()
     for kind, k in summary["kinds"].items():
