@@ -36,8 +36,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	@echo "demo: image_text.clip.allow_random_weights=true: with no CLIP weights to be had (offline), random ones score and the threshold is NOT applied"
 	$(VENV)/bin/spark-submit --properties-file spark-defaults.conf jobs/build_pretrain.py \
-	  --output $(OUT) --set shards.max_samples=8
+	  --output $(OUT) --set shards.max_samples=8 --set image_text.clip.allow_random_weights=true
 	$(PY) -m trainer --shards $(OUT)/shards --out $(OUT)/train --steps 20 --warmup 4 --log-every 5
 
 test: setup
