@@ -134,7 +134,8 @@ def final_dir(out: str, kind: str) -> str:
 
 def staging_dir(out: str, kind: str) -> str:
     """Local output: shards are written here and the folder is renamed at publish time. S3 has no
-    folder rename: shards go to their final keys and the manifests, written last, publish them."""
+    folder rename: shards go to their final keys and the manifests, written last, publish them.
+    `out` is the run's own folder (pipelines/io/runs.py), never seen by readers before it is published."""
     return final_dir(out, kind) if storage.is_s3(out) else storage.join(out, "shards", f".staging-{kind}")
 
 
@@ -189,17 +190,49 @@ def _exchange(a: str, b: str) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def write_index(out_dir: str, stats: list[dict]) -> None:
-    """sizes.json and the wids index.json; written last, after every shard is in place."""
+def write_index(out_dir: str, stats: list[dict], base: str | None = None) -> None:
+    """sizes.json and the wids index.json; written last, after every shard is in place. Shard urls are
+    relative to out_dir, or absolute under `base` (the S3 manifests at OUT/shards/<kind>/ that point
+    into the published run's prefix)."""
     stats = sorted(stats, key=lambda s: s["shard"])
-    sizes = {s["shard"]: int(s["nsamples"]) for s in stats}
+
+    def url(name: str) -> str:
+        return storage.join(base, name) if base else name
+
+    sizes = {url(s["shard"]): int(s["nsamples"]) for s in stats}
     index = {
         "__kind__": "wids-shard-index-v1",
         "wids_version": 1,
-        "shardlist": [{"url": s["shard"], "nsamples": int(s["nsamples"]), "filesize": int(s["bytes"])} for s in stats],
+        "shardlist": [{"url": url(s["shard"]), "nsamples": int(s["nsamples"]), "filesize": int(s["bytes"])}
+                      for s in stats],
     }
     storage.write_bytes(storage.join(out_dir, "sizes.json"), json.dumps(sizes, indent=1).encode())
     storage.write_bytes(storage.join(out_dir, "index.json"), json.dumps(index, indent=1).encode())
+
+
+def one_shard_per_partition(kept, num_shards: int):
+    """`kept` (with a `shard` column named `<kind>-NNNNNN.tar`) in num_shards partitions, shard i in
+    partition i: one task writes exactly one shard. Hash partitioning on the name put several shards in
+    one task and left others empty (5 shards: tasks of 3, 1, 1, 0, 0); range partitioning samples the
+    whole lineage once more for its bounds and does not cut exactly either. So each shard index i gets
+    a routing key k_i with pmod(murmur3(k_i), n) == i, found by hashing a few candidates per shard in one
+    tiny job (Spark's own hash(), the function hash partitioning uses), and the rows are hash-partitioned
+    on that key: an exact, JVM-only shuffle."""
+    from pyspark.sql import functions as F
+
+    spark = kept.sparkSession
+    for per in (32, 256):  # a shard without a candidate among 32 has odds of about e^-32
+        keys = (spark.range(0, num_shards * per)
+                .select(F.expr(f"pmod(hash(id), {num_shards})").alias("_index"), F.col("id").alias("_key"))
+                .groupBy("_index").agg(F.min("_key").alias("_key")))
+        keys = cached(keys)
+        if keys.count() == num_shards:
+            break
+    else:
+        raise RuntimeError(f"no routing key found for some of {num_shards} shards")
+    index = F.regexp_extract("shard", r"-(\d+)\.tar$", 1).cast("long")
+    routed = kept.join(F.broadcast(keys), index == F.col("_index")).drop("_index")
+    return routed.repartition(num_shards, "_key").drop("_key")
 
 
 def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shards: int,
@@ -211,9 +244,7 @@ def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shar
         storage.remove_tree(out_dir)  # leftovers of an earlier, failed run must not be published
     if num_shards == 0:
         return []
-    # hash partitioning needs no sampling pass over the rows (range partitioning would run the whole
-    # lineage once more to find its bounds); a task may get several whole shards, never part of one
-    parts = kept.repartition(num_shards, "shard").sortWithinPartitions("shard", SAMPLE_ID)
+    parts = one_shard_per_partition(kept, num_shards).sortWithinPartitions("shard", SAMPLE_ID)
     fault = FaultPlan.from_env("shards")  # None outside fault-injection tests
     stats = parts.mapInArrow(lambda it: write_partition(it, out_dir, to_sample, contract, fault), spark_type(SHARD_STATS))
     # sorted here, not with orderBy: its range-partitioning sample would run the writer a second time

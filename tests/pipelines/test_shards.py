@@ -72,3 +72,63 @@ def test_publish_renames_staging_and_writes_manifests_last(tmp_path):
     assert sorted(os.listdir(os.path.join(out, "shards"))) == ["k"]
     index = json.load(open(os.path.join(final, "index.json")))
     assert index["shardlist"] == [{"url": "k-000000.tar", "nsamples": 1, "filesize": 10}]
+
+
+def _sample_with_task(row):
+    """The sample plus the Spark partition that wrote it (read back by the test below)."""
+    from pyspark import TaskContext
+
+    doc = {"id": row["sample_id"], "task": TaskContext.get().partitionId()}
+    return {"__key__": row["sample_id"], "txt": row["text"].encode(), "json": json.dumps(doc).encode()}
+
+
+def _read_tars(folder):
+    import tarfile
+
+    out = {}
+    for name in sorted(os.listdir(folder)):
+        with tarfile.open(os.path.join(folder, name)) as tf:
+            out[name] = [json.loads(tf.extractfile(m).read()) for m in tf.getmembers() if m.name.endswith(".json")]
+    return out
+
+
+@pytest.mark.parametrize("num_shards", [5, 8])
+def test_each_shard_is_written_by_a_task_of_its_own(spark, tmp_path, num_shards):
+    """Shard i goes to task i: no task writes two shards and none is left empty (hashing the shard
+    names gave, for 5 shards, tasks of 3, 1 and 1 shards and two idle ones)."""
+    from pyspark.sql import functions as F
+
+    df = spark.createDataFrame([(f"{i:05d}", f"caption {i}") for i in range(num_shards * 4)],
+                               "sample_id string, text string")
+    index, n = shards.assign_shards(df, "k", max_samples=4, max_bytes=10**9, size_col=F.length("text"))
+    assert n == num_shards
+    shards.write_shards(df.join(index, "sample_id"), str(tmp_path / "s"), _sample_with_task, n)
+    tars = _read_tars(tmp_path / "s")
+    assert len(tars) == n
+    tasks = {name: {d["task"] for d in docs} for name, docs in tars.items()}
+    assert tasks == {shards.shard_name("k", i): {i} for i in range(n)}
+
+
+def test_write_shards_gives_the_bytes_of_one_pass_per_shard(spark, tmp_path):
+    """The exact partitioning changes who writes a shard, not its bytes: the same as writing each
+    shard's rows, sorted by sample_id, in one write_partition pass."""
+    from pyspark.sql import functions as F
+
+    df = spark.createDataFrame([(f"{i * 7919 % 1000:05d}", f"caption {i}") for i in range(37)],
+                               "sample_id string, text string")
+    index, n = shards.assign_shards(df, "k", max_samples=6, max_bytes=10**9, size_col=F.length("text"))
+    rows = sorted((r.asDict() for r in df.join(index, "sample_id").collect()), key=lambda r: (r["shard"], r["sample_id"]))
+    list(shards.write_partition(iter(_batches(rows)), str(tmp_path / "reference"), _sample))
+    stats = shards.write_shards(df.join(index, "sample_id"), str(tmp_path / "spark"), _sample, n)
+    assert [s["shard"] for s in stats] == sorted(os.listdir(tmp_path / "reference"))
+    for name in os.listdir(tmp_path / "reference"):
+        assert (tmp_path / "spark" / name).read_bytes() == (tmp_path / "reference" / name).read_bytes(), name
+
+
+def test_index_with_a_base_names_shards_by_absolute_url(tmp_path):
+    """The S3 manifests at OUT/shards/<kind>/ point into the published run's prefix."""
+    shards.write_index(str(tmp_path), [{"shard": "k-000000.tar", "nsamples": 2, "bytes": 9}],
+                       base="s3://b/out/.runs/r1/shards/k")
+    index = json.load(open(tmp_path / "index.json"))
+    assert index["shardlist"] == [{"url": "s3://b/out/.runs/r1/shards/k/k-000000.tar", "nsamples": 2, "filesize": 9}]
+    assert json.load(open(tmp_path / "sizes.json")) == {"s3://b/out/.runs/r1/shards/k/k-000000.tar": 2}
