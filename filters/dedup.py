@@ -32,11 +32,13 @@ is a candidate with p = 4*137/2^16 = 8.4e-3, i.e. 8,400 candidates per item at 1
    positions whose vector has odd inner product with v. Any <= t-1 differing positions span < t
    dimensions, so some v is orthogonal to all of them and that mask keeps none of them: the pair has
    equal masked keys. Exact, no false negatives. p=2 (63 masks per half, 16 bits kept) for shards up
-   to ~1M items, p=1 (2,047 masks, >= 20 of 64 bits kept) above; tiny shards brute force. Equal keys
+   to ~2M items, p=1 (2,047 masks, >= 20 of 64 bits kept) above; tiny shards brute force. Equal keys
    are found by sorting (numpy), every candidate is checked for both tiers.
-Cost per item: 11 Spark rows + 11 x (126 sorted keys + ~B/520 candidates) of numpy work at shard size B
-= n/64: linear in n until shards reach ~1M items (n ~ 64M), then 11 x 2,047 sorted keys per item
-(~1 ms/item, about what decoding the image costs) with < 1 chance candidate per item up to 1e9.
+Cost per item: 11 Spark rows + 11 x (126 sorted keys + ~B/520 chance candidates) of numpy work at
+shard size B = n/64 (measured 0.09 s per 15.6k-item shard, 0.8 s per 62.5k: n log n plus the
+candidate term, so a bit above linear); from B ~ 2M (n ~ 128M) 11 x 2,047 sorted keys per item with
+< 1 chance candidate per item up to n ~ 1e9: ~2 ms of one core per item at 1e9, the order of
+decoding the image, and shards of ~15M items (~1.4 GB each in one Python worker).
 
 No chaining: keeper-centred greedy in rank order (`_keepers`). In rank order (keeper rule below), an
 item that no better-ranked keeper is an edge away from becomes a keeper; the others are dropped with
@@ -219,8 +221,8 @@ def pairs_within(h: np.ndarray, radius: int, parts: int = 0) -> tuple[np.ndarray
 
 
 def _signatures(column, n: int) -> np.ndarray | None:
-    """(n, 4) uint64 words of 32-byte signatures; rows that are null or not 32 bytes are all-ones
-    with a flag in the returned validity (as None when the column is entirely null)."""
+    """(n, 4) uint64 words of the 32-byte signatures (zeros where null or malformed: the caller masks
+    those rows out); None when the column is entirely null."""
     values = column.to_pylist()
     if all(v is None for v in values):
         return None
