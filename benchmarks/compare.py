@@ -27,6 +27,7 @@ noisy, rerun on a quiet one. Writes benchmarks/results/compare.json and compare.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -867,9 +868,15 @@ def main(argv=None) -> int:
     p.add_argument("--originals", type=int, default=100, help="originals that get planted copies for the dedup quality")
     p.add_argument("--work", help="work folder (default: a fresh temp folder, removed at the end)")
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (logs, outputs)")
+    p.add_argument("--parts", default="download,local,quality",
+                   help="what to measure: download (URL path), local (local tars: plain script and ours), quality (dedup)")
+    p.add_argument("--results", default=None, help="folder for compare.json/.md (default: benchmarks/results)")
     p.add_argument("--render", metavar="JSON", help="measure nothing: rewrite the notes and compare.md from a compare.json")
     a = p.parse_args(argv)
     argv = sys.argv[1:] if argv is None else argv
+    parts = set(a.parts.split(","))
+    global RESULTS
+    RESULTS = a.results or RESULTS
     if a.render:
         write_outputs(_read_json(a.render))
         return 0
@@ -889,9 +896,10 @@ def main(argv=None) -> int:
                        "input_tars": len(c["tars"])}
         print(f"corpus: {r['corpus']}", flush=True)
         r["download"] = {}
-        with ImageServer(c["www"]) as server:
-            write_url_tables(c["rows"], c["tables"], server.url)
-            for cores in [int(x) for x in a.download_cores.split(",")]:
+        with ImageServer(c["www"]) if "download" in parts else contextlib.nullcontext() as server:
+            if server:
+                write_url_tables(c["rows"], c["tables"], server.url)
+            for cores in [int(x) for x in a.download_cores.split(",")] if server else []:
                 runs = r["download"][str(cores)] = {}
                 if exe:
                     runs["img2dataset"] = run_img2dataset(exe, c["tables"], os.path.join(work, f"i2d-{cores}"), cores,
@@ -904,23 +912,26 @@ def main(argv=None) -> int:
                     runs[name] = run_ours(c["tables"], os.path.join(work, f"{name}-{cores}"), cores,
                                           OURS_COMMON + loopback + extra, os.path.join(logs, f"{name}-{cores}.log"))
                     print(f"{name} {cores}: { {k: v for k, v in runs[name].items() if k != 'command'} }", flush=True)
-            r["server_requests"] = server.requests
-        r["local"] = {"plain_script": run_plain(c["tars"], os.path.join(work, "plain"), os.path.join(logs, "plain.log"))}
-        print(f"plain: {r['local']['plain_script']}", flush=True)
-        r["local"]["ours"] = []
-        for cores in [int(x) for x in a.cores.split(",")]:
+            r["server_requests"] = server.requests if server else None
+        r["local"] = {"ours": []}
+        if "local" in parts:
+            r["local"]["plain_script"] = run_plain(c["tars"], os.path.join(work, "plain"), os.path.join(logs, "plain.log"))
+            print(f"plain: {r['local']['plain_script']}", flush=True)
+        for cores in [int(x) for x in a.cores.split(",")] if "local" in parts else []:
             x = run_ours(os.path.dirname(c["tars"][0]), os.path.join(work, f"local-{cores}"), cores, OURS_COMMON,
                          os.path.join(logs, f"local-{cores}.log"))
             r["local"]["ours"].append(x)
             print(f"ours local[{cores}]: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
-        before = load_avg()
-        spark = quality_session(2)
-        try:
-            r["dedup_quality"] = dedup_quality(spark, c["tars"], c["truth"], a.originals, os.path.join(work, "quality"))
-        finally:
-            spark.stop()
-        r["dedup_quality"].update({"load_before": before, "load_after": load_avg()})
-        print(f"dedup quality: {r['dedup_quality']}", flush=True)
+        if "quality" in parts:
+            before = load_avg()
+            spark = quality_session(2)
+            try:
+                r["dedup_quality"] = dedup_quality(spark, c["tars"], c["truth"], a.originals,
+                                                   os.path.join(work, "quality"))
+            finally:
+                spark.stop()
+            r["dedup_quality"].update({"load_before": before, "load_after": load_avg()})
+            print(f"dedup quality: {r['dedup_quality']}", flush=True)
     finally:
         if not (a.keep_work or a.work):
             shutil.rmtree(work, ignore_errors=True)
@@ -936,6 +947,9 @@ def write_outputs(r: dict) -> None:
     path = os.path.join(RESULTS, "compare.json")
     with open(path, "w") as f:
         json.dump(r, f, indent=1, default=str)
+    if not (r.get("download") and r.get("dedup_quality") and r.get("local", {}).get("plain_script")):
+        print(json.dumps(r.get("local"), indent=1, default=str))  # a partial run (--parts): the table needs all
+        return
     r["notes"] = notes(r)
     with open(path, "w") as f:
         json.dump(r, f, indent=1, default=str)

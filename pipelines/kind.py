@@ -118,10 +118,12 @@ def decisions(df, F):
     return df.select(SAMPLE_ID, F.col("reason").cast("string"), dup.cast("string").alias("duplicate_of"))
 
 
-def run_kind(kind: Kind, ctx: Context) -> Result:
+def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
+    """Run a kind's plan (made here when not given; pipelines.build makes every kind's plan first, so
+    all driver-side checks pass before any Spark work)."""
     from pyspark.sql import functions as F
 
-    plan = kind.plan(ctx)
+    plan = plan or kind.plan(ctx)
     feats = plan.features()
     for col, default in ((L.UNIT, F.lit(kind.units[0])), (L.PARENT_ID, F.lit(None).cast("string"))):
         if col not in feats.columns:
