@@ -26,11 +26,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipelines.io import storage
+    from pipelines.io import runs, storage
     from pipelines.report import write_report
 
     args = parse_args(argv)
-    out = storage.normalize(args.out)
+    out = runs.root_for_reading(storage.normalize(args.out))  # s3://: the published run's prefix (OUT/_LATEST)
     summary = storage.join(out, "reports", "summary.json")
     if not storage.exists(summary):
         print(f"jobs.report: {summary} not found: is {out} the output of a run?", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""One run: every kind's pipeline, then the ledger, the summary and the clean-up of stage checkpoints."""
+"""One run: every kind's pipeline, then the ledger, the summary, the all-or-nothing publish and the clean-up of
+what the run left in its work dir."""
 from __future__ import annotations
 
 import datetime as dt
@@ -12,7 +13,7 @@ from importlib import metadata
 
 from filters.base import StageTimer
 from pipelines import checkpoint, kinds
-from pipelines.io import shards, storage
+from pipelines.io import runs, storage
 from pipelines.kind import Context, run_kind
 from pipelines.recipe import Recipe
 from schemas import ledger as L
@@ -140,6 +141,10 @@ def check_accounting(ledger, results: dict) -> None:
         raise AccountingError(f"{orphans} ledger rows name a parent_id that is not an item of their kind")
 
 
+class WorkDirError(ValueError):
+    """The work dir cannot serve this run (checked on the driver before any Spark work)."""
+
+
 def default_work_dir(recipe: Recipe, out: str) -> str:
     """Stage checkpoints: recipe.work_dir, else OUT/_work for local output, else a folder under the
     system temp dir named after OUT (stable, so a restarted run finds it)."""
@@ -150,15 +155,34 @@ def default_work_dir(recipe: Recipe, out: str) -> str:
     return os.path.join(tempfile.gettempdir(), "vlcurate-work", checkpoint.fingerprint(out))
 
 
+def check_work_dir(recipe: Recipe, out: str, master: str) -> None:
+    """Spooled media are read with os.pread by every executor, so the work dir must be a POSIX path all
+    of them share: no s3:// or hdfs:// (for now), and, off a local master, not the driver's temp dir
+    (the default for s3:// output)."""
+    work = recipe.work_dir
+    if "://" in work and not work.startswith("file://"):
+        raise WorkDirError(f"work_dir={work}: stage checkpoints and spooled media need a POSIX path every executor "
+                           f"can read (a shared mount, e.g. --set work_dir=/mnt/shared/vlcurate-work); "
+                           f"{work.split('://')[0]}:// work dirs are not supported")
+    if storage.is_s3(out) and not work and not master.startswith("local"):
+        raise WorkDirError(f"output {out} on master {master}: the default work dir "
+                           f"{default_work_dir(recipe, out)} is on the driver's local disk, which the executors do not "
+                           f"share; give a shared mount with --set work_dir=/mnt/shared/vlcurate-work")
+
+
 def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, started: float | None = None) -> dict:
-    """Run every kind's pipeline; write OUT/ledger and OUT/reports/summary.json; return the summary."""
+    """Run every kind's pipeline into a run folder of its own, check it, and publish it all at once
+    (pipelines/io/runs.py): OUT's ledger, reports/summary.json, report and shards; return the summary."""
     started = started or time.time()
+    check_work_dir(recipe, out, spark.sparkContext.master)
     timer = StageTimer(spark)
     work_dir = default_work_dir(recipe, out)
+    work = checkpoint.begin(spark, work_dir, owner=checkpoint.fingerprint(out), ours=not recipe.work_dir)
+    root = runs.new_root(out)  # everything of this run goes here; OUT shows it once it is published
     results = {}
     for kind, uris in inputs.items():
         log.info("%s: %d input URI(s)", kind, len(uris))
-        ctx = Context(spark=spark, recipe=recipe, cfg=recipe.section(kind), uris=uris, out=out, work_dir=work_dir,
+        ctx = Context(spark=spark, recipe=recipe, cfg=recipe.section(kind), uris=uris, out=root, work_dir=work_dir,
                       timer=timer)
         results[kind] = run_kind(kinds.get(kind), ctx)
     ledgers = [r.ledger for r in results.values()]
@@ -168,22 +192,22 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     ledger = ledger.localCheckpoint()
     check_accounting(ledger, results)
     t0 = time.perf_counter()
-    write_parquet(ledger.select([f.name for f in L.SCHEMA]).orderBy(SAMPLE_ID), storage.join(out, "ledger"))
+    write_parquet(ledger.select([f.name for f in L.SCHEMA]).orderBy(SAMPLE_ID), storage.join(root, "ledger"))
     timer.add_wall("ledger", time.perf_counter() - t0)
     summary = summarize(ledger, results, recipe, timer, started, out)
     # the curation itself (shards staged, ledger written), apart from the report and gates that follow
     summary["curated_seconds"] = summary["elapsed_seconds"]
-    storage.write_bytes(storage.join(out, "reports", "summary.json"),
+    storage.write_bytes(storage.join(root, "reports", "summary.json"),
                         json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
     # --- report material and quality gates, while the DataFrames and checkpoints still exist ---------
     from pipelines import gates, report
 
     t0 = time.perf_counter()
-    material = {kind: report.collect_material(kinds.get(kind), res, ledger, out, timer, recipe.section(kind))
+    material = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind))
                 for kind, res in results.items()}
     timer.add_wall("report_material", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    summary["gates"] = gates.run_gates(results, ledger, summary, recipe, out)
+    summary["gates"] = gates.run_gates(results, ledger, summary, recipe, root)
     timer.add_wall("gates", time.perf_counter() - t0)
     for kind, m in material.items():
         summary["kinds"][kind]["report_material"] = {k: m[k] for k in ("rows", "rows_in_material", "sampled")}
@@ -191,20 +215,25 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     summary["report"] = {"html": "index.html", "material": "material/", "data_docs": summary["gates"]["data_docs"]}
     summary["stages"] = timer.report()
     summary["elapsed_seconds"] = round(time.time() - started, 2)
-    storage.write_bytes(storage.join(out, "reports", "summary.json"),
+    storage.write_bytes(storage.join(root, "reports", "summary.json"),
                         json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
     try:
-        report.write_report(out, in_run=True)
+        report.write_report(root, in_run=True)
     except Exception:
         log.exception("could not render %s; `python -m jobs.report OUT` retries from the material",
-                      storage.join(out, "reports", "index.html"))
-    gates.enforce(summary["gates"])  # raises GateFailed: nothing below runs, the shards stay unpublished
-    # publishing comes last: a consumer never sees the shards of a run that did not finish
-    for kind, res in results.items():
-        shards.publish(out, kind, res.shards)
+                      storage.join(root, "reports", "index.html"))
+    try:
+        gates.enforce(summary["gates"])
+    except gates.GateFailed as e:  # nothing of this run replaces a good run; its folder stays to be read
+        if not runs.holds_good_run(out):  # a first run: its ledger and report (no shards) show why
+            runs.publish(out, root, None)
+        else:
+            e.details.append(f"OUT still shows the previous run; this run's report: "
+                             f"{storage.join(root, 'reports', 'index.html')}")
+        raise
+    # publishing comes last and in one step: a reader never sees part of a run, or a run that failed
+    runs.publish(out, root, {kind: res.shards for kind, res in results.items()})
     if not recipe.keep_work:
-        checkpoint.remove(spark, work_dir)
+        work.remove()  # only what this run made or reused, and only where no other run holds a lease
     spark.catalog.clearCache()  # the small tables pipelines cached (checkpoint.cached)
     return summary
-
-

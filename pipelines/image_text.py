@@ -20,7 +20,7 @@ from filters.download import DOWNLOAD_STATUS, Download
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.recaption import RECAPTION_ERROR, Recaption, train_on_recaption
 from filters.rules import Rules
-from pipelines.checkpoint import fingerprint
+from pipelines.checkpoint import fingerprint, own
 from pipelines.io import readers, storage
 from pipelines.kind import Context, Kind, Plan, Step
 from schemas import image_text as S
@@ -99,7 +99,7 @@ def plan(ctx: Context) -> Plan:
 
     inputs = [storage.normalize(u) for u in ctx.uris]
     key = fingerprint(inputs, recipe.read, cfg.download, cfg.decode, cfg.caption)
-    spool = Spool(directory=f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}", columns=(S.IMAGE,))
+    spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE,))
 
     def features():
         return readers.read_image_text(ctx.spark, inputs, recipe.read.files_per_task, recipe.read.max_member_bytes,

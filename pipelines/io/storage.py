@@ -166,6 +166,20 @@ def remove_tree(uri: str) -> None:
     shutil.rmtree(uri, ignore_errors=True)
 
 
+def remove_files(uris: list[str]) -> None:
+    """Delete files / objects (S3: up to 1,000 per request); a missing one is no error."""
+    by_bucket: dict[str, list[str]] = {}
+    for uri in uris:
+        if is_s3(uri):
+            bucket, key = split_s3(uri)
+            by_bucket.setdefault(bucket, []).append(key)
+        elif os.path.lexists(uri):
+            os.remove(uri)
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):
+            s3_client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i:i + 1000]]})
+
+
 def staging_dir(uri: str) -> str:
     """Where a task writes a file before publishing it: beside the target locally, a temp dir for s3."""
     if is_s3(uri):

@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from filters.base import FAULT_RATE_ENV, FAULT_SEED_ENV, FAULT_SITES_ENV, FaultPlan
 from pipelines.io import shards
 from tests.jobs.conftest import ARGS, assert_same_output
@@ -141,3 +143,150 @@ def test_a_killed_run_restarts_to_the_clean_output(clean_run, sample_dir, tmp_pa
     assert summary["stages"]["decode"]["task_seconds"] == 0  # decoding was not redone
     assert summary["stages"]["image_text-clip"]["reused"] is clip_finished
     assert_same_output(out, clean_run)  # byte-identical shards, same ledger, no temp files, _work removed
+
+
+# --- runs never damage what users already have ----------------------------------------------------------
+
+
+def test_a_run_removes_only_what_it_used_in_the_work_dir(spark, tmp_path):
+    """A user's work dir keeps everything the run did not make; a checkpoint another run uses (same
+    inputs and recipe, so the same name) stays until that run is done with it too."""
+    from pipelines import checkpoint
+
+    scratch = tmp_path / "scratch"
+    (scratch / "someone-elses").mkdir(parents=True)
+    (scratch / "notes.txt").write_text("mine")
+    df = spark.range(3)
+    first = checkpoint.begin(spark, str(scratch), owner="run-a")
+    checkpoint.checkpoint(df, str(scratch), "k-features", "f1")
+    media = checkpoint.own(str(scratch / "media" / "k-f1"))
+    (scratch / "media" / "k-f1" / "part-0.bin").write_bytes(b"img")
+    second = checkpoint.begin(spark, str(scratch), owner="run-b")  # a concurrent run with the same inputs
+    assert checkpoint.checkpoint(df, str(scratch), "k-features", "f1").count() == 3  # reused, not rewritten
+    checkpoint.own(media)
+    assert first.remove() == sorted([str(scratch / "k-features-f1"), media])  # kept for run-b
+    assert checkpoint.checkpoint(df, str(scratch), "k-features", "f1").count() == 3  # still whole
+    assert second.remove() == []
+    assert sorted(os.listdir(scratch)) == ["notes.txt", "someone-elses"]
+    fresh = tmp_path / "fresh"  # a work dir the run created itself goes too, once empty
+    run = checkpoint.begin(spark, str(fresh), owner="run-c")
+    checkpoint.checkpoint(df, str(fresh), "k-features", "f1")
+    run.remove()
+    assert not fresh.exists()
+
+
+def test_work_dir_executors_cannot_share_is_refused_before_spark_work(tmp_path):
+    from pipelines.build import WorkDirError, run_build
+    from pipelines.recipe import load
+
+    class Driver:  # no Spark at all: the check must come first
+        class sparkContext:
+            master = "spark://head:7077"
+
+    s3 = load(None, [], ["image_text=s3://raw/x"], "s3://curated/out")
+    with pytest.raises(WorkDirError, match="driver's local disk.*--set work_dir="):
+        run_build(Driver, s3, s3.inputs, "s3://curated/out")
+    for work in ("s3://bucket/work", "hdfs://nn/work"):
+        recipe = load(None, [f"work_dir={work}"], ["image_text=/data"], str(tmp_path))
+        with pytest.raises(WorkDirError, match="POSIX path every executor"):
+            run_build(Driver, recipe, recipe.inputs, str(tmp_path))
+    Driver.sparkContext.master = "local[2]"
+    with pytest.raises(WorkDirError, match="POSIX"):  # spooled media: not even locally
+        run_build(Driver, recipe, recipe.inputs, str(tmp_path))
+
+
+def _published(out: str) -> dict[str, bytes]:
+    """Everything a reader sees: OUT/ledger, OUT/reports and OUT/shards, through whatever links."""
+    seen = {}
+    for entry in ("ledger", "reports", "shards"):
+        for dirpath, dirnames, files in os.walk(os.path.join(out, entry), followlinks=True):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for f in files:
+                path = os.path.join(dirpath, f)
+                with open(path, "rb") as fh:
+                    seen[os.path.relpath(path, out)] = fh.read()
+    return seen
+
+
+def test_publish_swaps_whole_runs_and_replaces_the_earlier_layout(tmp_path):
+    """Local output: OUT/ledger, reports and shards go through one _LATEST link, so a reader sees one run;
+    folders of the earlier layout (and its larger run's extra shards) are gone after the first publish."""
+    from pipelines.io import runs
+
+    out = str(tmp_path)
+    for rel in ("ledger/part-0.parquet", "reports/summary.json", "shards/k/k-000007.tar", "shards/k/index.json"):
+        os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
+        (tmp_path / rel).write_bytes(b"earlier")
+    assert runs.holds_good_run(out) and runs.current(out) is None
+    for n in (1, 2):
+        root = runs.new_root(out)
+        for rel in ("ledger/part-0.parquet", "reports/summary.json", "shards/.staging-k/k-000000.tar"):
+            os.makedirs(os.path.dirname(os.path.join(root, rel)), exist_ok=True)
+            with open(os.path.join(root, rel), "wb") as fh:
+                fh.write(f"run{n}".encode())
+        runs.publish(out, root, {"k": [{"shard": "k-000000.tar", "nsamples": 1, "bytes": 4}]})
+        seen = _published(out)
+        assert sorted(seen) == ["ledger/part-0.parquet", "reports/summary.json", "shards/k/index.json",
+                                "shards/k/k-000000.tar", "shards/k/sizes.json"]
+        assert {seen[r] for r in ("ledger/part-0.parquet", "reports/summary.json", "shards/k/k-000000.tar")} == {
+            f"run{n}".encode()}
+        assert runs.current(out) == root and os.listdir(os.path.join(out, runs.RUNS)) == [os.path.basename(root)]
+    assert sorted(os.listdir(out)) == [".runs", "_LATEST", "ledger", "reports", "shards"]
+
+
+def _recipe(sample_dir: str, out: str, *sets: str):
+    import dataclasses
+
+    from filters.clip import ClipScore
+    from pipelines.recipe import load
+
+    extra = ["image_text.clip.allow_random_weights=true"] if "allow_random_weights" in {
+        f.name for f in dataclasses.fields(ClipScore)} else []
+    return load(None, ["image_text.clip.pretrained=", *extra, *sets], [f"image_text={sample_dir}"], out)
+
+
+def test_publishing_is_all_or_nothing(spark, sample_dir, tmp_path, monkeypatch):
+    """A run that fails (a quality gate, any exception) leaves the published run as it was, byte for
+    byte; a later good run with fewer shards shows only its own; the user's work dir keeps its files."""
+    from pipelines import build, gates
+    from pipelines.io import runs
+
+    out, scratch = str(tmp_path / "out"), tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "notes.txt").write_text("mine")
+    work = f"work_dir={scratch}"
+    # keep_work: the later runs reuse the checkpoints (same inputs); the last one removes them
+    first = build.run_build(spark, _recipe(sample_dir, out, work, "shards.max_samples=8", "keep_work=true"),
+                            {"image_text": [sample_dir]}, out)
+    good = _published(out)
+    assert len(first["kinds"]["image_text"]["shards"]["files"]) == 3
+
+    def gate_fails(summary_gates):
+        raise gates.GateFailed(["image_text.totals.planted"])
+
+    monkeypatch.setattr(gates, "enforce", gate_fails)
+    with pytest.raises(gates.GateFailed) as failed:
+        build.run_build(spark, _recipe(sample_dir, out, work, "shards.max_samples=4"), {"image_text": [sample_dir]}, out)
+    assert _published(out) == good
+    (report,) = [d for d in failed.value.details if "this run's report" in d]
+    assert os.path.isfile(report.rsplit(" ", 1)[1])  # the failed run's own report, to read why
+    monkeypatch.undo()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("executor lost for good")
+
+    monkeypatch.setattr(gates, "run_gates", crash)
+    with pytest.raises(RuntimeError, match="executor lost"):
+        build.run_build(spark, _recipe(sample_dir, out, work, "shards.max_samples=4"), {"image_text": [sample_dir]}, out)
+    assert _published(out) == good
+    monkeypatch.undo()
+
+    last = build.run_build(spark, _recipe(sample_dir, out, work, "shards.max_samples=16"), {"image_text": [sample_dir]}, out)
+    names = sorted(f["shard"] for f in last["kinds"]["image_text"]["shards"]["files"])
+    assert len(names) == 2
+    assert sorted(os.listdir(os.path.join(out, "shards", "image_text"))) == sorted(names + ["index.json", "sizes.json"])
+    with open(os.path.join(out, "reports", "summary.json")) as fh:
+        summary = json.load(fh)
+    assert summary["started_at"] == last["started_at"] and summary["gates"]["passed"]
+    assert os.listdir(os.path.join(out, runs.RUNS)) == [os.path.basename(runs.current(out))]  # failed runs' folders gone
+    assert sorted(os.listdir(scratch)) == ["notes.txt"]  # the run's checkpoints and media went, not the folder
