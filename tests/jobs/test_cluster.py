@@ -12,9 +12,15 @@ Two workers, on 127.0.0.1 and 127.0.0.2 (both loopback), because Spark launches 
 only on a host where the task has not run yet. The test-only fault hook stalls and then fails the first
 attempt of some decode and shard-writer tasks, so speculation has stragglers to copy; a copy that wins
 gets its original killed mid-shard, and that attempt's temporary file must not reach the output.
+
+CLIP weights reach every executor: a checkpoint given as a path only the driver can open (relative to the
+driver's working directory; executors run in their own work folders) is shipped with the job
+(SparkContext.addFile) and scored with on both workers.
 """
 from __future__ import annotations
 
+import glob
+import io
 import json
 import os
 import re
@@ -22,6 +28,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import time
 import urllib.request
 import zipfile
@@ -35,6 +42,15 @@ from tests.jobs.test_reliability import FAULT_RATE, SPECULATION, fault_seed
 
 SPARK_CLASS = os.path.join(os.path.dirname(sys.executable), "spark-class")
 HOSTS = ("127.0.0.1", "127.0.0.2")
+
+
+class Cluster(str):
+    """The master URL, with the workers' work folders (executors run in work/APP/ID/)."""
+
+    def __new__(cls, url: str, work: list[str]):
+        self = super().__new__(cls, url)
+        self.work = work
+        return self
 
 
 def _free_port(host: str = "127.0.0.1") -> int:
@@ -51,9 +67,11 @@ def _daemon(args: list[str], host: str, log_path: str) -> subprocess.Popen:
         return subprocess.Popen([SPARK_CLASS, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-@pytest.fixture
-def cluster(tmp_path):
-    """spark://127.0.0.1:PORT with two 1-core workers; both daemons are stopped afterwards."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """spark://127.0.0.1:PORT with two 1-core workers (the tests of this module share them); both daemons
+    are stopped afterwards. Each worker's --work-dir is `cluster.work[i]`."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
     port, ui = _free_port(), _free_port()
     procs = [_daemon(["org.apache.spark.deploy.master.Master", "--host", HOSTS[0], "--port", str(port),
                       "--webui-port", str(ui)], HOSTS[0], str(tmp_path / "master.log"))]
@@ -76,7 +94,7 @@ def cluster(tmp_path):
             except OSError:
                 pass
             time.sleep(1)
-        yield url
+        yield Cluster(url, [str(tmp_path / f"worker{i}") for i in range(len(HOSTS))])
     finally:
         for p in reversed(procs):  # workers first: they stop their executors
             p.terminate()
@@ -130,3 +148,62 @@ def test_cluster_run_equals_the_local_run(cluster, clean_run, sample_dir, tmp_pa
     won = re.findall(r"Killing attempt 0 for .* as the attempt 1 succeeded", proc.stderr)
     assert won, "no speculative copy beat a stalled original"
     assert_same_output(out, clean_run)  # same shards (bytes), same ledger, no temporary files
+
+
+def test_a_driver_only_clip_checkpoint_is_shipped_to_every_executor(cluster, sample_dir, tmp_path):
+    import open_clip
+    import torch
+    from PIL import Image
+
+    model_name = "ViT-S-32"  # open_clip's smallest text+vision pair
+    torch.manual_seed(7)
+    model = open_clip.create_model(model_name, pretrained=None).eval()
+    ckpt = tmp_path / "driver-only" / "clip-shipped-by-the-job.pt"
+    ckpt.parent.mkdir()
+    torch.save(model.state_dict(), ckpt)
+    # relative to the driver's working directory (submit runs in ROOT): no executor can open this path
+    pretrained = os.path.relpath(ckpt, ROOT)
+    python = _executor_python(str(tmp_path / "python"))
+    src = _source_zip(str(tmp_path / "vlcurate-src.zip"))
+    out = tmp_path / "out"
+    proc = submit("--input", f"image_text={os.path.join(sample_dir, 'folder')}", "--output", str(out),
+                  "--set", "shards.max_samples=8", "--set", "image_text.balance.enabled=false",
+                  "--set", f"image_text.clip.model={model_name}", "--set", f"image_text.clip.pretrained={pretrained}",
+                  "--set", "image_text.clip.threshold=-1",  # keep every scored pair, to read its score back
+                  master=cluster, spark_args=["--py-files", src, "--conf", f"spark.pyspark.python={python}",
+                                              "--conf", f"spark.pyspark.driver.python={sys.executable}"])
+    (tmp_path / "driver.log").write_text(proc.stderr)
+    assert set(re.findall(r"Granted executor ID \S+ on hostPort (127\.0\.0\.\d+)", proc.stderr)) == set(HOSTS)
+    executor_dirs = [d for w in cluster.work for d in glob.glob(os.path.join(w, "*", "*")) if os.path.isdir(d)]
+    shipped = [d for d in executor_dirs if os.path.isfile(os.path.join(d, ckpt.name))]
+    assert shipped, f"no executor received {ckpt.name}: {executor_dirs}"
+    assert not any(os.path.exists(os.path.join(d, pretrained)) for d in executor_dirs)  # only the shipped copy
+
+    with open(out / "reports" / "summary.json") as f:
+        k = json.load(f)["kinds"]["image_text"]
+    clip = (k.get("facts") or k)["clip"]
+    assert clip["real_weights"] and clip["threshold_applied"], clip
+    samples = _shard_samples(str(out / "shards" / "image_text"))
+    assert samples and all(s["json"]["clip_score"] is not None for s in samples)
+    # the executors scored with the checkpoint's weights: one pair, recomputed here
+    pre = open_clip.create_model_and_transforms(model_name, pretrained=None)[2]
+    first = samples[0]
+    img = Image.open(io.BytesIO(first["jpg"]))
+    img.draft("RGB", (448, 448))
+    with torch.inference_mode():
+        i = model.encode_image(pre(img.convert("RGB")).unsqueeze(0))
+        t = model.encode_text(open_clip.get_tokenizer(model_name)([first["json"]["caption"]]))
+        expect = float((i / i.norm() * (t / t.norm())).sum())
+    assert first["json"]["clip_score"] == pytest.approx(expect, abs=2e-3)
+
+
+def _shard_samples(folder: str) -> list[dict]:
+    """jpg bytes and parsed json of every sample in the folder's tars."""
+    samples: dict[str, dict] = {}
+    for name in sorted(glob.glob(os.path.join(folder, "*.tar"))):
+        with tarfile.open(name) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.rsplit(".", 1)
+                data = tar.extractfile(member).read()
+                samples.setdefault(key, {})[ext] = json.loads(data) if ext == "json" else data
+    return [samples[k] for k in sorted(samples)]
