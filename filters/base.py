@@ -139,6 +139,7 @@ FAULT_RATE_ENV = "VLCURATE_FAULT_RATE"
 FAULT_SEED_ENV = "VLCURATE_FAULT_SEED"
 FAULT_STALL_ENV = "VLCURATE_FAULT_STALL_S"
 FAULT_SITES_ENV = "VLCURATE_FAULT_SITES"
+FAULT_DROP_ENV = "VLCURATE_FAULT_DROP_ROWS"  # test only: stage names after which rows silently vanish
 
 
 class InjectedFault(RuntimeError):
@@ -207,14 +208,17 @@ def apply_stages(df, stages: list[Stage], timer: StageTimer | None = None):
         out_schema = stage.output_schema(out_schema)
     accs = [timer.accumulator(s.name) if timer is not None else None for s in stages]
     faults = [FaultPlan.from_env(s.name) for s in stages]  # all None outside fault-injection tests
+    losing = [s.name in (os.environ.get(FAULT_DROP_ENV) or "").split(",") for s in stages]  # tests only
 
     def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
         threads = task_threads()
         spent = [[0.0] for _ in stages]
-        for stage, fault, t in zip(stages, faults, spent):
+        for stage, fault, t, lose in zip(stages, faults, spent, losing):
             batches = stage.run(batches, threads, t)
             if fault is not None:
                 batches = _strike_after_first(batches, fault)
+            if lose:
+                batches = (b.slice(1) for b in batches)  # a bug that loses a row per batch, silently
         yield from batches
         for acc, t in zip(accs, spent):
             if acc is not None:

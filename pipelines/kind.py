@@ -27,11 +27,16 @@ from filters.base import Stage, StageTimer, apply_stage
 from pipelines.checkpoint import cached, checkpoint, fingerprint
 from pipelines.io import shards
 from schemas import ledger as L
-from schemas.common import ERROR, ERROR_DETAIL, KIND, SAMPLE_ID, SOURCE, SOURCE_KEY
+from schemas.common import ERROR, ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY
 from schemas.contract import Contract
 
 log = logging.getLogger(__name__)
 DECISIONS = "sample_id string, reason string, duplicate_of string"
+READ_COUNTS = "_read_counts.json"  # beside a features checkpoint's parts (Spark skips names starting with _)
+
+
+class AccountingError(RuntimeError):
+    """The ledger does not account for every item exactly once: a bug, never a data problem."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Plan:
     text: str = ""  # column the report shows on a card
     facts: dict = dataclasses.field(default_factory=dict)  # summary.json and the report show these
     assertions: list[dict] = dataclasses.field(default_factory=list)  # run-level checks -> gates (see gates)
+    read_counts: Callable[[], dict[str, int]] | None = None  # after features(): items the reader read per unit
 
 
 @dataclasses.dataclass
@@ -92,6 +98,7 @@ class Result:
     text: str = ""
     report_columns: tuple[str, ...] = ()
     stages_run: tuple[str, ...] = ()
+    read: dict | None = None  # read units and items counted by the reader, reconciled with the ledger
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,6 +136,7 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
         if col not in feats.columns:
             feats = feats.withColumn(col, default)
     feats = checkpoint(feats, ctx.work_dir, f"{kind.name}-features", plan.key, ctx.timer)
+    counts = _read_counts(kind, ctx, plan)
 
     # --- decisions, in order, on the rows still in play -------------------------------------------
     error = plan.error_reason(F) if plan.error_reason else F.col(ERROR)
@@ -200,9 +208,45 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     report_cols = [fn(F).alias(name) for name, fn in plan.report.items()]
     extra = [c for c in {plan.thumbnail and _media(plan.thumbnail, everything.columns), plan.text} if c]
     rows = everything.select(SAMPLE_ID, *report_cols, *extra)
-    return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions,
+    read = None
+    if counts is not None:
+        reconcile(kind.name, ledger, feats, counts)
+        read = {"units": len(counts), "items": sum(counts.values())}
+    return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
                   thumbnail=plan.thumbnail and _media(plan.thumbnail, everything.columns), text=plan.text,
                   report_columns=tuple(plan.report), stages_run=tuple(s.name for s in plan.steps))
+
+
+def _read_counts(kind: Kind, ctx: Context, plan: Plan) -> dict[str, int] | None:
+    """Items per read unit as the reader counted them; kept beside the features checkpoint, so a
+    rerun that reuses the checkpoint (and reads nothing) still reconciles."""
+    import json
+    import os
+
+    if plan.read_counts is None:
+        return None
+    path = os.path.join(f"{ctx.work_dir.rstrip('/')}/{kind.name}-features-{plan.key}", READ_COUNTS)
+    if ctx.timer.reused.get(f"{kind.name}-features") and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    counts = plan.read_counts()
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(counts, f, sort_keys=True)
+    return counts
+
+
+def reconcile(kind: str, ledger, feats, counts: dict[str, int]) -> None:
+    """Every read unit's items, as the reader counted them, are in the ledger exactly once: an item lost
+    on the way (a stage, a join) fails the run naming its unit, before anything is published."""
+    from pyspark.sql import functions as F
+
+    items = ledger.filter(F.col(L.PARENT_ID).isNull()).join(feats.select(SAMPLE_ID, READ_UNIT), SAMPLE_ID, "left")
+    found = {r[READ_UNIT]: r["n"] for r in items.groupBy(READ_UNIT).agg(F.count("*").alias("n")).collect()}
+    bad = sorted((u, n, found.get(u, 0)) for u, n in counts.items() if found.get(u, 0) != n)
+    bad += sorted((u, 0, n) for u, n in found.items() if u not in counts)
+    if bad:
+        shown = "; ".join(f"read unit {u!r}: the reader read {n} items, the ledger holds {m}" for u, n, m in bad[:5])
+        raise AccountingError(f"{kind}: {len(bad)} read unit(s) do not reconcile with the ledger: {shown}")
 
 
 def _media(column: str, columns: list[str]) -> str:

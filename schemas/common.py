@@ -15,6 +15,9 @@ SOURCE_KEY = "source_key"
 # free-text detail. A non-null ERROR means the item is quarantined.
 ERROR = "error"
 ERROR_DETAIL = "error_detail"
+# The read unit an item came from (a tar, a table or its part, a folder's loose files): the reader
+# counts the items of every unit as it reads them, and the ledger is reconciled with those counts.
+READ_UNIT = "read_unit"
 
 IDENTITY_FIELDS = [
     pa.field(SAMPLE_ID, pa.string(), nullable=False),

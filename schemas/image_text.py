@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from schemas import ledger as L
-from schemas.common import ERROR_FIELDS, IDENTITY_FIELDS, SAMPLE_ID_REGEX
+from schemas.common import ERROR_FIELDS, IDENTITY_FIELDS, READ_UNIT, SAMPLE_ID_REGEX
 from schemas.contract import Check, Contract, Field, Member
 
 KIND = "image_text"
@@ -24,6 +24,7 @@ RAW = pa.schema(
         pa.field(IMAGE, pa.binary()),
         pa.field(CAPTION, pa.string()),
         pa.field(META, pa.string()),
+        pa.field(READ_UNIT, pa.string()),
     ]
     + ERROR_FIELDS
 )

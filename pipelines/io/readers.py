@@ -31,11 +31,13 @@ from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import pyarrow as pa
+from pyspark.accumulators import AccumulatorParam
 
 from filters.base import Stage, apply_stages
 from pipelines.io import storage
 from schemas import image_text as S
 from schemas.common import (
+    READ_UNIT,
     ERROR,
     ERROR_DETAIL,
     KIND,
@@ -729,11 +731,25 @@ def read_unit(unit: dict, max_member_bytes: int) -> Iterator[dict]:
         yield read_file_item(unit, max_member_bytes)
 
 
-def read_units(units: Iterable[dict], max_member_bytes: int) -> Iterator[pa.RecordBatch]:
-    """Arrow batches of RAW rows for a stream of read units, bounded in rows and bytes."""
+def unit_id(unit: dict) -> str:
+    """The read unit an item is counted under: a tar, a table (and its part), or the folder of a loose file."""
+    if unit["format"] == "file":
+        return "files:" + unit["uri"].rsplit("/", 1)[0]
+    return unit["uri"] + (f"#{unit['part']}" if unit.get("part") else "")
+
+
+def read_units(units: Iterable[dict], max_member_bytes: int,
+               counts: dict[str, int] | None = None) -> Iterator[pa.RecordBatch]:
+    """Arrow batches of RAW rows for a stream of read units, bounded in rows and bytes. `counts`: the
+    items read per unit, counted here, as they leave the reader (before any stage can lose one)."""
     rows, size = [], 0
+    counts = {} if counts is None else counts
     for unit in units:
+        uid = unit_id(unit)
+        counts.setdefault(uid, 0)
         for row in read_unit(unit, max_member_bytes):
+            row[READ_UNIT] = uid
+            counts[uid] += 1
             rows.append(row)
             size += len(row[S.IMAGE] or b"")
             if len(rows) >= ROWS_PER_BATCH or size >= BYTES_PER_BATCH:
@@ -743,28 +759,58 @@ def read_units(units: Iterable[dict], max_member_bytes: int) -> Iterator[pa.Reco
         yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
 
 
+class ReadCounts(AccumulatorParam):
+    """Items read per (task, read unit): a retried or speculative attempt of a task reports the same
+    counts under the same keys, so merging is a union, never a sum."""
+
+    def zero(self, value: dict) -> dict:
+        return {}
+
+    def addInPlace(self, a: dict, b: dict) -> dict:  # noqa: N802 - pyspark's name
+        a.update(b)
+        return a
+
+
+def per_unit(counts: dict[str, int]) -> dict[str, int]:
+    """(task, unit) counts -> counts per read unit (a folder's loose files span several tasks)."""
+    out: dict[str, int] = {}
+    for key, n in counts.items():
+        uid = key.split("|", 1)[1]
+        out[uid] = out.get(uid, 0) + n
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class ReadUnits(Stage):
     """The reader as the first stage of a fused chain (filters.base.apply_stages): read-unit rows in,
-    RAW rows out, so reading and the row-wise stages after it share one Python worker pass."""
+    RAW rows out, so reading and the row-wise stages after it share one Python worker pass. With a
+    `counter` (a ReadCounts accumulator), the items read per unit are reported to the driver."""
 
     name: ClassVar[str] = "read"
     max_member_bytes: int = 1 << 30
+    counter: Any = dataclasses.field(default=None, compare=False, hash=False)
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         return S.RAW
 
     def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
             timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
-        out = read_units((u for b in batches for u in b.to_pylist()), self.max_member_bytes)
+        counts: dict[str, int] = {}
+        out = read_units((u for b in batches for u in b.to_pylist()), self.max_member_bytes, counts)
         while True:
             t0 = time.perf_counter()
             batch = next(out, None)
             if timing is not None:
                 timing[0] += time.perf_counter() - t0
             if batch is None:
-                return
+                break
             yield batch
+        if self.counter is not None:
+            from pyspark import TaskContext
+
+            ctx = TaskContext.get()
+            task = ctx.partitionId() if ctx is not None else 0
+            self.counter.add({f"{task}|{uid}": n for uid, n in counts.items()})
 
 
 def _split_keys(item: tuple[int, str, str]) -> Iterator[tuple[int, int, str | None, bool]]:
@@ -857,7 +903,9 @@ def read_plan(spark, uris: list[str], files_per_task: int, rows_per_unit: int = 
             .toDF(spark_type(UNIT)))
 
 
-def read_image_text(spark, uris: list[str], files_per_task: int, max_member_bytes: int, stages=(), timer=None):
+def read_image_text(spark, uris: list[str], files_per_task: int, max_member_bytes: int, stages=(), timer=None,
+                    counter=None):
     """DataFrame of RAW rows, one per input item (or per unreadable container), with the row-wise
-    `stages` applied in the same pass."""
-    return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(max_member_bytes), *stages], timer)
+    `stages` applied in the same pass. `counter`: a ReadCounts accumulator the reader reports to."""
+    return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(max_member_bytes, counter), *stages],
+                        timer)
