@@ -14,7 +14,7 @@ from importlib import metadata
 from filters.base import StageTimer
 from pipelines import checkpoint, kinds
 from pipelines.io import runs, storage
-from pipelines.kind import Context, run_kind
+from pipelines.kind import AccountingError, Context, run_kind
 from pipelines.recipe import Recipe
 from schemas import ledger as L
 from schemas.common import SAMPLE_ID
@@ -24,8 +24,6 @@ VERSIONED = ["pyspark", "pyarrow", "pillow", "imagehash", "open-clip-torch", "to
              "webdataset", "pyahocorasick", "numpy", "boto3"]
 
 
-class AccountingError(RuntimeError):
-    """The ledger does not hold exactly one row per input item: a bug, never a data problem."""
 
 
 def versions() -> dict[str, str | None]:
@@ -105,6 +103,7 @@ def summarize(ledger, results: dict, recipe: Recipe, timer: StageTimer, started:
         k["facts"] = res.facts
         k["assertions"] = res.assertions
         k["stages_run"] = list(res.stages_run)
+        k["read"] = res.read  # read units and items counted by the reader (reconciled with the ledger)
         k["reasons"] = {c: {"status": r.status, "stage": r.stage, "text": r.text, "fatal": r.fatal,
                             "shows": list(r.shows)} for c, r in decl.reasons.items()}
         kinds_out[kind] = k
@@ -179,12 +178,13 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     work_dir = default_work_dir(recipe, out)
     work = checkpoint.begin(spark, work_dir, owner=checkpoint.fingerprint(out), ours=not recipe.work_dir)
     root = runs.new_root(out)  # everything of this run goes here; OUT shows it once it is published
-    results = {}
-    for kind, uris in inputs.items():
+    planned = {}
+    for kind, uris in inputs.items():  # every kind's driver-side checks (models, weights) before any Spark work
         log.info("%s: %d input URI(s)", kind, len(uris))
         ctx = Context(spark=spark, recipe=recipe, cfg=recipe.section(kind), uris=uris, out=root, work_dir=work_dir,
                       timer=timer)
-        results[kind] = run_kind(kinds.get(kind), ctx)
+        planned[kind] = (ctx, kinds.get(kind).plan(ctx))
+    results = {kind: run_kind(kinds.get(kind), ctx, plan) for kind, (ctx, plan) in planned.items()}
     ledgers = [r.ledger for r in results.values()]
     ledger = ledgers[0]
     for other in ledgers[1:]:

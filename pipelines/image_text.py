@@ -101,9 +101,11 @@ def plan(ctx: Context) -> Plan:
     key = fingerprint(inputs, recipe.read, cfg.download, cfg.decode, cfg.caption)
     spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE,))
 
+    counter = ctx.spark.sparkContext.accumulator({}, readers.ReadCounts())
+
     def features():
         return readers.read_image_text(ctx.spark, inputs, recipe.read.files_per_task, recipe.read.max_member_bytes,
-                                       [cfg.download, cfg.decode, cfg.caption, spool], ctx.timer)
+                                       [cfg.download, cfg.decode, cfg.caption, spool], ctx.timer, counter)
 
     def dedup(alive):
         return find_duplicates(alive, cfg.dedup)
@@ -153,6 +155,7 @@ def plan(ctx: Context) -> Plan:
         features=features, key=key, steps=steps, to_sample=to_sample(cfg, recipe.seed), sample_size=sample_size,
         error_reason=opted_out_first, samples=samples, report=report_columns(cfg), thumbnail=S.IMAGE,
         text=S.CAPTION, facts={"clip": clip}, assertions=assertions,
+        read_counts=lambda: readers.per_unit(counter.value),
     )
 
 
