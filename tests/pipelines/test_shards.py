@@ -129,6 +129,6 @@ def test_index_with_a_base_names_shards_by_absolute_url(tmp_path):
     """The S3 manifests at OUT/shards/<kind>/ point into the published run's prefix."""
     shards.write_index(str(tmp_path), [{"shard": "k-000000.tar", "nsamples": 2, "bytes": 9}],
                        base="s3://b/out/.runs/r1/shards/k")
-    index = json.load(open(tmp_path / "index.json"))
+    index = json.loads((tmp_path / "index.json").read_text())
     assert index["shardlist"] == [{"url": "s3://b/out/.runs/r1/shards/k/k-000000.tar", "nsamples": 2, "filesize": 9}]
-    assert json.load(open(tmp_path / "sizes.json")) == {"s3://b/out/.runs/r1/shards/k/k-000000.tar": 2}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {"s3://b/out/.runs/r1/shards/k/k-000000.tar": 2}
