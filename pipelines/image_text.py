@@ -105,7 +105,8 @@ def plan(ctx: Context) -> Plan:
 
     def features():
         return readers.read_image_text(ctx.spark, inputs, recipe.read.files_per_task, recipe.read.max_member_bytes,
-                                       [cfg.download, cfg.decode, cfg.caption, spool], ctx.timer, counter)
+                                       [cfg.download, cfg.decode, cfg.caption, spool], ctx.timer, counter,
+                                       recipe.read.dataset)
 
     def dedup(alive):
         return find_duplicates(alive, cfg.dedup)

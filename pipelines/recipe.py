@@ -27,6 +27,7 @@ class RecipeError(ValueError):
 class Read:
     files_per_task: int = 256  # loose image files (with side-cars) read by one task
     max_member_bytes: int = 64_000_000  # larger tar members / files are quarantined unread
+    dataset: str = ""  # part of every item id (with the path relative to the input root); "" = the input folder's name
 
 
 @dataclasses.dataclass(frozen=True)

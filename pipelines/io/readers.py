@@ -76,6 +76,7 @@ KEY_COLUMNS = ("key", "id", "sample_id", "__key__", "uid")
 UNIT = pa.schema([
     pa.field("format", pa.string()), pa.field("uri", pa.string()),
     pa.field("caption_uri", pa.string()), pa.field("meta_uri", pa.string()), pa.field("part", pa.string()),
+    pa.field("root", pa.string()),
 ])
 ROWS_PER_BATCH = 64
 BYTES_PER_BATCH = 64 << 20
@@ -188,12 +189,15 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
     loose files it references by path; a large table is split into several units (split_table)."""
     listed: list[str] = []
     seen: set[str] = set()
+    roots: dict[str, str] = {}
     for uri in uris:
+        root = input_root(uri)
         for f in storage.list_files(uri):
             f = _valid_text(f, name=True)  # undecodable bytes in a name: '\\udcXX', see _local_path
             if f not in seen:  # overlapping inputs (a folder and a file inside it): one item, not two
                 seen.add(f)
                 listed.append(f)
+                roots[f] = root
     tar_stems = {f[: -len(".tar")] for f in listed if f.lower().endswith(".tar")}
     pq_stems = {f[: -len(".parquet")] for f in listed if f.lower().endswith(".parquet")}
     tars, tables, loose = [], [], {}
@@ -233,7 +237,23 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
                            g.get("meta") if "image" in g or "caption" in g else None))
     chunks = [items[i : i + files_per_task] for i in range(0, len(items), files_per_task)]
     tables = [[u] for t in tables for u in (split_table(t, rows_per_unit, bytes_per_unit) if isinstance(t, str) else t)]
-    return tars + tables + chunks
+    tasks = tars + tables + chunks
+    for task in tasks:  # ids are made from paths relative to the input root (see item_id)
+        for u in task:
+            u["root"] = roots.get(u["uri"]) or roots.get(u.get("caption_uri")) or roots.get(u.get("meta_uri")) or ""
+    return tasks
+
+
+def input_root(uri: str) -> str:
+    """The folder an input URI names: itself for a folder or prefix, the folder of a file, the part of a
+    glob before its first wildcard. Item ids use paths relative to it, so a moved corpus keeps its ids."""
+    uri = uri.rstrip("/")
+    if any(c in uri for c in storage.GLOB_CHARS):
+        uri = uri[: min(uri.index(c) for c in storage.GLOB_CHARS if c in uri)]
+        return uri.rsplit("/", 1)[0]
+    if storage.is_s3(uri) or os.path.isdir(uri):
+        return uri
+    return uri.rsplit("/", 1)[0]
 
 
 def _resolve(base: str, path: str) -> str:
@@ -339,10 +359,22 @@ def _valid_text(text: str | None, name: bool = False) -> str | None:
         return _SURROGATE.sub("\ufffd", text)
 
 
+_ID_BASE = {"root": "", "dataset": ""}  # per worker, set by read_unit: what item ids are relative to
+
+
+def item_id(source: str, key: str) -> str:
+    """An item's sample_id: from the dataset name (recipe `read.dataset`, else the input folder's name)
+    and the source's path relative to the input root, so moving a corpus does not change its ids."""
+    root = _ID_BASE["root"]
+    rel = source[len(root):].lstrip("/") if root and source.startswith(root.rstrip("/") + "/") else source
+    dataset = _ID_BASE["dataset"] or posixpath.basename(root.rstrip("/"))
+    return make_sample_id(S.KIND, f"{dataset}/{rel}", key)
+
+
 def _row(source: str, key: str, *, url=None, image=None, caption=None, meta=None, error=None, detail=None) -> dict:
     source, key = _valid_text(source, name=True), _valid_text(key, name=True)
     return {
-        SAMPLE_ID: make_sample_id(S.KIND, source, key), KIND: S.KIND, SOURCE: source, SOURCE_KEY: key,
+        SAMPLE_ID: item_id(source, key), KIND: S.KIND, SOURCE: source, SOURCE_KEY: key,
         S.URL: _valid_text(url, name=True), S.IMAGE: image, S.CAPTION: _valid_text(caption),
         S.META: _valid_text(meta), ERROR: error,
         ERROR_DETAIL: None if detail is None else _valid_text(str(detail)[:500]),
@@ -722,7 +754,8 @@ def read_file_item(unit: dict, max_member_bytes: int) -> dict:
     return _group_row(uri, key, parts)
 
 
-def read_unit(unit: dict, max_member_bytes: int) -> Iterator[dict]:
+def read_unit(unit: dict, max_member_bytes: int, dataset: str = "") -> Iterator[dict]:
+    _ID_BASE.update(root=unit.get("root") or "", dataset=dataset)
     if unit["format"] == "tar":
         yield from read_tar(unit["uri"], max_member_bytes)
     elif unit["format"] == "table":
@@ -738,8 +771,8 @@ def unit_id(unit: dict) -> str:
     return unit["uri"] + (f"#{unit['part']}" if unit.get("part") else "")
 
 
-def read_units(units: Iterable[dict], max_member_bytes: int,
-               counts: dict[str, int] | None = None) -> Iterator[pa.RecordBatch]:
+def read_units(units: Iterable[dict], max_member_bytes: int, counts: dict[str, int] | None = None,
+               dataset: str = "") -> Iterator[pa.RecordBatch]:
     """Arrow batches of RAW rows for a stream of read units, bounded in rows and bytes. `counts`: the
     items read per unit, counted here, as they leave the reader (before any stage can lose one)."""
     rows, size = [], 0
@@ -747,7 +780,7 @@ def read_units(units: Iterable[dict], max_member_bytes: int,
     for unit in units:
         uid = unit_id(unit)
         counts.setdefault(uid, 0)
-        for row in read_unit(unit, max_member_bytes):
+        for row in read_unit(unit, max_member_bytes, dataset):
             row[READ_UNIT] = uid
             counts[uid] += 1
             rows.append(row)
@@ -789,6 +822,7 @@ class ReadUnits(Stage):
     name: ClassVar[str] = "read"
     max_member_bytes: int = 1 << 30
     counter: Any = dataclasses.field(default=None, compare=False, hash=False)
+    dataset: str = ""
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         return S.RAW
@@ -796,7 +830,7 @@ class ReadUnits(Stage):
     def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
             timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
         counts: dict[str, int] = {}
-        out = read_units((u for b in batches for u in b.to_pylist()), self.max_member_bytes, counts)
+        out = read_units((u for b in batches for u in b.to_pylist()), self.max_member_bytes, counts, self.dataset)
         while True:
             t0 = time.perf_counter()
             batch = next(out, None)
@@ -898,14 +932,15 @@ def read_plan(spark, uris: list[str], files_per_task: int, rows_per_unit: int = 
         raise FileNotFoundError(f"no input files under {uris}")
     # one element per partition: each read unit list becomes exactly one task
     return (spark.sparkContext.parallelize(tasks, len(tasks))
-            .flatMap(lambda task: [(u["format"], u["uri"], u["caption_uri"], u["meta_uri"], u.get("part"))
+            .flatMap(lambda task: [(u["format"], u["uri"], u["caption_uri"], u["meta_uri"], u.get("part"),
+                                    u.get("root"))
                                    for u in task])
             .toDF(spark_type(UNIT)))
 
 
 def read_image_text(spark, uris: list[str], files_per_task: int, max_member_bytes: int, stages=(), timer=None,
-                    counter=None):
+                    counter=None, dataset: str = ""):
     """DataFrame of RAW rows, one per input item (or per unreadable container), with the row-wise
     `stages` applied in the same pass. `counter`: a ReadCounts accumulator the reader reports to."""
-    return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(max_member_bytes, counter), *stages],
+    return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(max_member_bytes, counter, dataset), *stages],
                         timer)

@@ -38,11 +38,11 @@ def contract(clip: dict):
 
 
 CLEAN = [
-    ("00000000000000a1", "kept", None, None, "image_text-000000.tar"),
-    ("00000000000000a2", "kept", None, None, "image_text-000000.tar"),
-    ("00000000000000b1", "dropped", "near_duplicate", "00000000000000a1", None),
-    ("00000000000000b2", "dropped", "image_too_small", None, None),
-    ("00000000000000c1", "quarantined", "image_empty", None, None),
+    ("000000000000000000000000000000a1", "kept", None, None, "image_text-000000.tar"),
+    ("000000000000000000000000000000a2", "kept", None, None, "image_text-000000.tar"),
+    ("000000000000000000000000000000b1", "dropped", "near_duplicate", "000000000000000000000000000000a1", None),
+    ("000000000000000000000000000000b2", "dropped", "image_too_small", None, None),
+    ("000000000000000000000000000000c1", "quarantined", "image_empty", None, None),
 ]
 
 
@@ -65,8 +65,8 @@ def test_clean_ledger_passes_and_data_docs_are_built(tmp_path):
 def test_planted_violations_fail_by_name(tmp_path):
     rows = CLEAN + [
         CLEAN[0],  # the same sample_id twice
-        ("00000000000000d1", "dropped", "blurry", None, None),  # a reason nobody declared
-        ("00000000000000d2", "dropped", "exact_duplicate", "ffffffffffffffff", None),  # keeper not in the ledger
+        ("000000000000000000000000000000d1", "dropped", "blurry", None, None),  # a reason nobody declared
+        ("000000000000000000000000000000d2", "dropped", "exact_duplicate", "ffffffffffffffffffffffffffffffff", None),  # keeper not in the ledger
     ]
     res = run_suite(tmp_path, f"{KIND}.ledger", ledger_frame(rows), gates.ledger_checks(SPEC))
     p = f"{KIND}.ledger."
@@ -126,8 +126,8 @@ def _doc(sid: str, score: float, **kw) -> dict:
 
 def test_shard_metadata_checks_threshold_and_contract(tmp_path):
     shard = "image_text-000000.tar"
-    docs = [_doc("00000000000000a1", 0.35), _doc("00000000000000a2", 0.12),  # below 0.3: slipped through
-            _doc("00000000000000a3", 0.40, width=100)]  # shorter side below rules.min_side
+    docs = [_doc("000000000000000000000000000000a1", 0.35), _doc("000000000000000000000000000000a2", 0.12),  # below 0.3: slipped through
+            _doc("000000000000000000000000000000a3", 0.40, width=100)]  # shorter side below rules.min_side
     _write_shard(tmp_path / shard, docs)
     clip = {"enabled": True, "real_weights": True, "threshold_applied": True, "threshold": 0.3}
     table = gates.read_shard_metadata(str(tmp_path), [shard], contract(clip))

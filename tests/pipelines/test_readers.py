@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 
 import pyarrow as pa
@@ -433,3 +434,30 @@ def test_split_tables_on_s3_are_read_by_ranges(tmp_path, s3_server):
             first += count
             u["part"] = json.dumps(part)
     assert keys(units) == local
+
+
+def test_ids_are_128_bits_and_do_not_change_when_the_corpus_moves(tmp_path):
+    import shutil
+
+    from schemas.common import SAMPLE_ID_REGEX
+
+    a = tmp_path / "store-a" / "corpus"
+    a.mkdir(parents=True)
+    _tar(a / "00000.tar", [("k1.jpg", b"\xff\xd8\xff1"), ("k1.txt", b"one"), ("k2.jpg", b"\xff\xd8\xff2")])
+    (a / "loose.jpg").write_bytes(b"\xff\xd8\xff3")
+    (a / "loose.txt").write_text("three")
+    b = tmp_path / "elsewhere" / "deeper" / "corpus"
+    shutil.copytree(a, b)
+
+    def ids(root, dataset=""):
+        units = [u for task in readers.plan_units([str(root)], 16) for u in task]
+        rows = [r for u in units for r in readers.read_unit(u, 1 << 20, dataset)]
+        return {r["source_key"]: r["sample_id"] for r in rows}
+
+    moved, here = ids(b), ids(a)
+    assert here == moved and len(here) == 3
+    assert all(re.fullmatch(SAMPLE_ID_REGEX, i) for i in here.values())
+    assert ids(a, "laion-subset") != here  # the recipe's dataset name is part of the id
+    renamed = tmp_path / "store-a" / "other-name"
+    shutil.copytree(a, renamed)
+    assert ids(renamed) != here and ids(renamed, "corpus") == here  # default dataset: the input folder's name
