@@ -870,6 +870,8 @@ def main(argv=None) -> int:
     p.add_argument("--keep-work", action="store_true", help="keep the work folder (logs, outputs)")
     p.add_argument("--parts", default="download,local,quality",
                    help="what to measure: download (URL path), local (local tars: plain script and ours), quality (dedup)")
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra recipe overrides for our local-tars runs (e.g. image_text.dedup.near=false)")
     p.add_argument("--results", default=None, help="folder for compare.json/.md (default: benchmarks/results)")
     p.add_argument("--render", metavar="JSON", help="measure nothing: rewrite the notes and compare.md from a compare.json")
     a = p.parse_args(argv)
@@ -918,8 +920,8 @@ def main(argv=None) -> int:
             r["local"]["plain_script"] = run_plain(c["tars"], os.path.join(work, "plain"), os.path.join(logs, "plain.log"))
             print(f"plain: {r['local']['plain_script']}", flush=True)
         for cores in [int(x) for x in a.cores.split(",")] if "local" in parts else []:
-            x = run_ours(os.path.dirname(c["tars"][0]), os.path.join(work, f"local-{cores}"), cores, OURS_COMMON,
-                         os.path.join(logs, f"local-{cores}.log"))
+            x = run_ours(os.path.dirname(c["tars"][0]), os.path.join(work, f"local-{cores}"), cores,
+                         OURS_COMMON + a.ours_set, os.path.join(logs, f"local-{cores}.log"))
             r["local"]["ours"].append(x)
             print(f"ours local[{cores}]: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
         if "quality" in parts:
