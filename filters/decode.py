@@ -73,6 +73,7 @@ class Decode(Stage):
     max_pixels: int = 178_956_970  # 2x Pillow's bomb limit; above it nothing is decoded
     jpeg_quality: int = 95
     keep_original_jpeg: bool = True  # pass plain JPEGs through byte for byte (no generation loss)
+    keep_metadata: bool = False  # passed-through JPEGs keep EXIF/XMP/IPTC/comments (GPS, serials): off by default
     formats: tuple[str, ...] = FORMATS  # Pillow format names that may be opened; empty: any Pillow knows
 
     def __post_init__(self) -> None:
@@ -129,7 +130,7 @@ class Decode(Stage):
             # several times cheaper than a full-size RGB decode
             img.draft("L", (FEATURE_SIZE, FEATURE_SIZE))
             img.load()
-            out, gray = data, img.convert("L")
+            out, gray = data if self.keep_metadata else strip_metadata(data), img.convert("L")
         else:
             img.load()
             rotated = ImageOps.exif_transpose(img) if orientation not in (1, None) else img
@@ -137,7 +138,10 @@ class Decode(Stage):
             w, h = rgb.size
             if w == 0 or h == 0:
                 raise DecodeError("image_empty", "zero-sized image")
+            # the features are taken at the scale a JPEG draft would give (1/2, 1/4 or 1/8 by box
+            # averaging, as the DCT scaling does), so they do not depend on which path a file took
             gray = rgb.convert("L")
+            gray = gray.reduce(draft_factor(w, h)) if draft_factor(w, h) > 1 else gray
             buf = io.BytesIO()
             rgb.save(buf, format="JPEG", quality=self.jpeg_quality)
             out = buf.getvalue()
@@ -170,6 +174,46 @@ class Decode(Stage):
             for name in cols:
                 cols[name].append(row.get(name))
         return cols
+
+
+def draft_factor(w: int, h: int) -> int:
+    """The scale libjpeg's draft mode picks for FEATURE_SIZE: the largest of 1, 2, 4, 8 that keeps both
+    sides at least FEATURE_SIZE."""
+    k = 8
+    while k > 1 and (w // k < FEATURE_SIZE or h // k < FEATURE_SIZE):
+        k //= 2
+    return k
+
+
+# JPEG segments that carry metadata and no pixels or colour: APP1 (EXIF, XMP), APP3-APP12, APP13
+# (IPTC/Photoshop), APP15, COM. Kept: APP0 (JFIF), APP2 (ICC profile), APP14 (Adobe colour transform).
+_METADATA_MARKERS = {0xE1, *range(0xE3, 0xED), 0xED, 0xEF, 0xFE}
+
+
+def strip_metadata(data: bytes) -> bytes:
+    """A JPEG without its metadata segments, the entropy-coded data untouched (no re-encode): the
+    same pixels. EXIF orientation need not survive, as only JPEGs without a rotation pass through.
+    Anything that does not parse as a plain segment list is returned as it is."""
+    if data[:2] != b"\xff\xd8":
+        return data
+    out, i, n = [data[:2]], 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return data
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0xDA or not (0xC0 <= marker <= 0xFE):  # start of scan: the rest is image data
+            out.append(data[i:])
+            return b"".join(out)
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if length < 2 or i + 2 + length > n:
+            return data
+        if marker not in _METADATA_MARKERS:
+            out.append(data[i:i + 2 + length])
+        i += 2 + length
+    return data
 
 
 def phash_hex(value: int | None) -> str | None:

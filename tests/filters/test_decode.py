@@ -163,3 +163,48 @@ def test_declared_dimensions_are_checked_before_any_pixel():
                                            png_declaring(12_000, 12_000, tiny)])
     assert huge_png["error"] == huge_jpeg["error"] == "image_too_many_pixels"
     assert big_png["error"] == "image_truncated"  # under the cap: decoded, and found to end early
+
+
+def _jpeg_with_exif_and_icc() -> bytes:
+    from PIL import ImageCms
+
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (300, 400, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x8825] = {2: (52.0, 31.0, 12.0)}  # GPSInfo: latitude
+    exif[0x0131] = "CameraMaker 3000 serial 123456"  # Software
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90, exif=exif.tobytes(), icc_profile=icc, comment=b"shot at home")
+    return buf.getvalue()
+
+
+def test_passed_through_jpegs_lose_their_metadata_but_not_a_pixel():
+    from filters.decode import Decode
+
+    data = _jpeg_with_exif_and_icc()
+    assert b"Exif" in data and b"serial 123456" in data
+    out = Decode().decode_one(data)["image"]
+    assert b"Exif" not in out and b"serial 123456" not in out and b"shot at home" not in out
+    with Image.open(io.BytesIO(out)) as a, Image.open(io.BytesIO(data)) as b:
+        assert a.info.get("icc_profile") == b.info.get("icc_profile") is not None  # colour kept
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # not re-encoded: the same pixels
+    assert Decode(keep_metadata=True).decode_one(data)["image"] == data  # the recipe knob keeps it all
+
+
+def test_features_do_not_depend_on_the_decode_path():
+    """A low-contrast pattern (full-resolution luma std about 4) measures the same whether the file is
+    a passed-through JPEG (features from the libjpeg draft at 1/8 scale) or a PNG (full decode, then
+    reduced the same way). Before, the PNG was measured from full pixels: 0.77 against the JPEG's 0.63."""
+    from filters.decode import Decode
+
+    yy, xx = np.mgrid[0:600, 0:800]
+    pattern = (128 + 4 * np.sign(np.sin(2 * np.pi * xx / 24) * np.sin(2 * np.pi * yy / 24 + 0.3))).astype(np.uint8)
+    img = Image.fromarray(np.stack([pattern] * 3, axis=-1))
+    as_png, as_jpeg = io.BytesIO(), io.BytesIO()
+    img.save(as_png, format="PNG")
+    img.save(as_jpeg, format="JPEG", quality=98, subsampling=0)
+    a, b = Decode().decode_one(as_jpeg.getvalue()), Decode().decode_one(as_png.getvalue())
+    assert a["image"] == as_jpeg.getvalue()  # the JPEG took the pass-through path
+    assert abs(a["pixel_std"] - b["pixel_std"]) < 0.05, (a["pixel_std"], b["pixel_std"])
+    assert a["phash"] == b["phash"]
+    assert (a["pixel_std"] < 2.0) == (b["pixel_std"] < 2.0)  # the same solid_color verdict both ways
