@@ -613,7 +613,8 @@ def dedup_quality(spark, tars: list[str], truth: dict, originals: int, work: str
     raw = readers.read_image_text(spark, [*tars, distinct_tar, planted_tar], recipe.read.files_per_task,
                                   recipe.read.max_member_bytes)
     feats = apply_stage(raw, recipe.image_text.decode).filter(F.col("error").isNull()).select(
-        "sample_id", F.col("source_key").alias("key"), S.CONTENT_SHA, S.PHASH, S.WIDTH, S.HEIGHT, S.SOURCE_BYTES,
+        "sample_id", F.col("source_key").alias("key"), S.CONTENT_SHA, S.PHASH, S.PHASH256, S.WIDTH, S.HEIGHT,
+        S.SOURCE_BYTES,
         F.when(F.col("source_key").startswith("t"), "planted").otherwise("corpus").alias("set")).localCheckpoint()
     out = {"dedup_config": dataclasses.asdict(recipe.image_text.dedup)}
     for name in ("planted", "corpus"):
