@@ -139,7 +139,7 @@ def _mask(shift: int, width: int) -> int:
     return ((1 << width) - 1) << shift
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def covering_masks(radius: int, parts: int) -> np.ndarray:
     """uint64 masks such that any two hashes within `radius` bits are equal under at least one mask.
 

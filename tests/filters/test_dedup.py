@@ -9,7 +9,14 @@ import pytest
 from PIL import ImageDraw, ImageEnhance
 
 from filters.decode import Decode
-from filters.dedup import Dedup, blocks, covering_masks, find_duplicates, find_duplicates_with_stats, pairs_within
+from filters.dedup import (
+    Dedup,
+    blocks,
+    covering_masks,
+    find_duplicates,
+    find_duplicates_with_stats,
+    pairs_within,
+)
 from jobs.make_sample import PHOTOS, load_photo
 
 
@@ -109,7 +116,8 @@ def _frame(spark, rows):
         "sample_id string, content_sha string, phash long, phash256 binary, width int, height int, source_bytes long")
 
 
-def _drops(spark, rows, cfg=Dedup()):
+def _drops(spark, rows, cfg=None):
+    cfg = cfg or Dedup()
     return {r.sample_id: r.duplicate_of for r in find_duplicates(_frame(spark, rows), cfg).collect()}
 
 
@@ -200,7 +208,7 @@ def test_a_chain_of_overlapping_items_drops_only_items_within_radius_of_their_ke
     # greedy in rank order: a0 kept, a1 dropped for it; a2 (its only better neighbour dropped) kept ...
     assert drops == {"a1": "a0", "a3": "a2", "a5": "a4"}
     hashes = {sid: h for sid, h, _, _ in rows}
-    assert all(bin(hashes[d] ^ hashes[k]).count("1") <= 10 for d, k in drops.items())
+    assert all((hashes[d] ^ hashes[k]).bit_count() <= 10 for d, k in drops.items())
 
 
 def test_keeper_rounds_that_run_out_are_counted_not_dropped(spark):
