@@ -144,14 +144,13 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     found = [decisions(quarantined, F)]
     alive = feats.filter(error.isNull())
     added = []  # narrow tables the stages produced (sample_id + columns), for the report
-    key, depends = plan.key, []
+    keys = stage_keys(plan)
     for step in plan.steps:
         if step.stage is not None:
             cols = [f.name for f in step.stage.adds()]
             out = apply_stage(alive.select(SAMPLE_ID, *step.reads), step.stage, ctx.timer).select(SAMPLE_ID, *cols)
             if step.store == "checkpoint":
-                out = checkpoint(out, ctx.work_dir, f"{kind.name}-{step.name}",
-                                 fingerprint(key, depends, step.stage.cache_key()), ctx.timer)
+                out = checkpoint(out, ctx.work_dir, f"{kind.name}-{step.name}", keys[step.name], ctx.timer)
             else:
                 out = cached(out)
             alive = alive.join(out, SAMPLE_ID, "left")
@@ -160,7 +159,6 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
             drops = cached(decisions(step.decide(alive), F))
             alive = alive.join(drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
             found.append(drops)
-            depends.append(step.depends)
     # a sub-item goes with its parent
     if len(kind.units) > 1:
         parents = alive.select(F.col(SAMPLE_ID).alias("_parent"))
@@ -215,6 +213,19 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
                   thumbnail=plan.thumbnail and _media(plan.thumbnail, everything.columns), text=plan.text,
                   report_columns=tuple(plan.report), stages_run=tuple(s.name for s in plan.steps))
+
+
+def stage_keys(plan: Plan) -> dict[str, str]:
+    """The checkpoint key of every checkpointed stage: exactly what its output depends on: the
+    features, what every decision before it reads (so it never reuses results computed for another
+    set of rows), and the stage's own `cache_key()` (not knobs applied later, such as a threshold)."""
+    keys, depends = {}, []
+    for step in plan.steps:
+        if step.stage is not None and step.store == "checkpoint":
+            keys[step.name] = fingerprint(plan.key, depends, step.stage.cache_key())
+        if step.decide is not None:
+            depends.append(step.depends)
+    return keys
 
 
 def _read_counts(kind: Kind, ctx: Context, plan: Plan) -> dict[str, int] | None:
