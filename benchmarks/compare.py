@@ -736,8 +736,8 @@ def markdown(r: dict) -> str:
           "4 % per side, two lines of watermark text. Two items are predicted duplicates when a method puts them "
           "in one group. Per copy kind: recall = copies grouped with their original; precision = share of the "
           "predicted pairs involving such a copy that are true. Ours: `filters.dedup.find_duplicates` at recipe "
-          f"defaults (hamming_radius {q['dedup_config']['hamming_radius']}, {q['dedup_config']['bands']} LSH bands, "
-          "connected components) on local[2]. Exact pHash equality: equal sha256 or equal 64-bit pHash, the same "
+          f"defaults (hamming_radius {q['dedup_config']['hamming_radius']}, second tier within {q['dedup_config']['second_radius']} of 256 dHash bits, "
+          "keeper-centred groups) on local[2]. Exact pHash equality: equal sha256 or equal 64-bit pHash, the same "
           "pHash values."), "",
           "| copies | n | recall: ours | recall: exact pHash | precision: ours | precision: exact pHash |",
           "|---|---|---|---|---|---|"]

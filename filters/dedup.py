@@ -75,6 +75,7 @@ class Dedup:
     second_tier: bool = True  # confirm tier-1 pairs with phash256 (256-bit dHash); false only for data without it
     second_radius: int = 64  # tier 2, of the 256 dHash bits: copies measured <= 49, distinct photos >= 84
     max_rounds: int = 50  # keeper-selection rounds; items still undecided after them are kept, counted as skipped
+    max_skipped: int = 0  # the run's quality gate fails when more candidates than this were left undecided
 
 
 @dataclasses.dataclass(frozen=True)

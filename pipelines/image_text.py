@@ -15,7 +15,7 @@ from filters.balance import Balance, balance_drops
 from filters.caption import CaptionLanguage
 from filters.clip import ClipScore, resolve_weights
 from filters.decode import Decode, phash_hex
-from filters.dedup import Dedup, find_duplicates
+from filters.dedup import Dedup, find_duplicates_with_stats
 from filters.download import DOWNLOAD_STATUS, Download
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.recaption import RECAPTION_ERROR, Recaption, train_on_recaption
@@ -108,8 +108,16 @@ def plan(ctx: Context) -> Plan:
                                        [cfg.download, cfg.decode, cfg.caption, spool], ctx.timer, counter,
                                        recipe.read.dataset)
 
+    dedup_facts = {"skipped": 0, "edges": 0, "rounds": 0, "max_skipped": cfg.dedup.max_skipped}
+    dedup_check = {"name": "dedup_skipped", "severity": "critical", "ok": True,
+                   "description": f"near-duplicate candidates left undecided <= dedup.max_skipped "
+                                  f"({cfg.dedup.max_skipped}); raise dedup.max_rounds"}
+
     def dedup(alive):
-        return find_duplicates(alive, cfg.dedup)
+        drops, stats = find_duplicates_with_stats(alive, cfg.dedup)
+        dedup_facts.update(skipped=stats.skipped, edges=stats.edges, rounds=stats.rounds)
+        dedup_check["ok"] = stats.skipped <= cfg.dedup.max_skipped
+        return drops
 
     steps = [
         Step("rules", decide=lambda alive: alive.select(SAMPLE_ID, cfg.rules.reason().alias("reason"))
@@ -147,7 +155,7 @@ def plan(ctx: Context) -> Plan:
     clip = {"real_weights": clip_real, "message": clip_msg, "model": clip_stage.model,
             "pretrained": clip_stage.pretrained, "threshold": clip_stage.threshold,
             "threshold_applied": clip_real and clip_stage.enabled, "enabled": clip_stage.enabled}
-    assertions = [{
+    assertions = [dedup_check, {
         "name": "clip_real_weights", "severity": "warning", "ok": bool(clip_real),
         "description": "CLIP scored with real weights (random weights: scores are noise and no threshold was applied)",
         "message": clip_msg,
@@ -155,7 +163,7 @@ def plan(ctx: Context) -> Plan:
     return Plan(
         features=features, key=key, steps=steps, to_sample=to_sample(cfg, recipe.seed), sample_size=sample_size,
         error_reason=opted_out_first, samples=samples, report=report_columns(cfg), thumbnail=S.IMAGE,
-        text=S.CAPTION, facts={"clip": clip}, assertions=assertions,
+        text=S.CAPTION, facts={"clip": clip, "dedup": dedup_facts}, assertions=assertions,
         read_counts=lambda: readers.per_unit(counter.value),
     )
 

@@ -98,6 +98,12 @@ def test_warnings_are_recorded_but_do_not_fail(tmp_path):
     res = run_suite(tmp_path, f"{KIND}.totals", bad, gates.totals_checks(SPEC, assertions))
     assert res["failed_critical"] == [f"{KIND}.totals.counts_add_up"]
 
+    # a critical run assertion of the plan (dedup left candidates undecided) fails the run
+    skipped = [*assertions, {"name": "dedup_skipped", "severity": "critical", "ok": False, "description": "d"}]
+    res = run_suite(tmp_path, f"{KIND}.totals", totals.assign(assert_dedup_skipped=False),
+                    gates.totals_checks(SPEC, skipped))
+    assert res["failed_critical"] == [f"{KIND}.totals.dedup_skipped"]
+
     bad = totals.assign(fatal_clip_score_invalid=3)  # a reason the kind declares fatal fails the run
     res = run_suite(tmp_path, f"{KIND}.totals", bad, gates.totals_checks(SPEC, assertions))
     assert res["failed_critical"] == [f"{KIND}.totals.no_clip_score_invalid"]
