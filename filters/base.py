@@ -65,17 +65,28 @@ class Stage:
         """Apply the stage to every batch; `timing[0]` accumulates the seconds spent in this stage only
         (set-up included), not in producing the input batches."""
         t0 = time.perf_counter()
-        state = self.state(threads)
+        state = self.task_state(threads)
         if timing is not None:
             timing[0] += time.perf_counter() - t0
-        for batch in batches:
-            if batch.num_rows == 0:
-                continue
-            t0 = time.perf_counter()
-            out = self.apply(batch, state)
-            if timing is not None:
-                timing[0] += time.perf_counter() - t0
-            yield out
+        try:
+            for batch in batches:
+                if batch.num_rows == 0:
+                    continue
+                t0 = time.perf_counter()
+                out = self.apply(batch, state)
+                if timing is not None:
+                    timing[0] += time.perf_counter() - t0
+                yield out
+        finally:
+            self.end_task(state)
+
+    def task_state(self, threads: int) -> Any:
+        """The state one task's batches share: by default the worker's (a model stays loaded). A stage
+        that keeps something per task (an open file) returns a fresh one and closes it in end_task."""
+        return self.state(threads)
+
+    def end_task(self, state: Any) -> None:
+        """Called once a task's batches are done (or failed)."""
 
     def apply(self, batch: pa.RecordBatch, state: Any = None) -> pa.RecordBatch:
         state = self.state() if state is None else state

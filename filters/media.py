@@ -19,7 +19,6 @@ import dataclasses
 import os
 import threading
 import uuid
-from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -115,23 +114,12 @@ class Spool(Stage):
     def drops(self) -> list[str]:
         return list(self.columns)
 
-    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
-            timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
-        import time
+    def task_state(self, threads: int) -> dict[str, Any]:
+        return {"file": None, "path": None, "offset": 0}  # this task attempt's own spool file, opened lazily
 
-        state: dict[str, Any] = {"file": None, "path": None, "offset": 0}
-        try:
-            for batch in batches:
-                if batch.num_rows == 0:
-                    continue
-                t0 = time.perf_counter()
-                out = self.apply(batch, state)
-                if timing is not None:
-                    timing[0] += time.perf_counter() - t0
-                yield out
-        finally:
-            if state["file"] is not None:
-                state["file"].close()
+    def end_task(self, state: dict[str, Any]) -> None:
+        if state["file"] is not None:
+            state["file"].close()
 
     def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
         out: dict[str, list] = {}
