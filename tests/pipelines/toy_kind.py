@@ -20,6 +20,7 @@ import pyarrow as pa
 from filters.base import Stage, apply_stages
 from filters.decode import Decode
 from filters.media import Spool, read_ref, ref_column, size_column
+from filters.rules import first_reason, image_checks
 from pipelines.checkpoint import fingerprint
 from pipelines.kind import Context, Kind, Plan, Step
 from schemas import ledger as L
@@ -140,8 +141,8 @@ def plan(ctx: Context) -> Plan:
         from pyspark.sql import functions as F
 
         no_colour = (F.col(L.UNIT) == "card") & ~F.lower(F.col("caption")).rlike(r"\b(" + "|".join(COLOURS) + r")\b")
-        reason = (F.when(F.col("pixel_std") < cfg.min_pixel_std, "solid_color")
-                  .when(no_colour, "no_colour_word"))
+        # the shared image rules (size, aspect, solid colour) on cards and crops alike, then the kind's own
+        reason = first_reason([*image_checks(1, 100.0, cfg.min_pixel_std), (no_colour, F.lit("no_colour_word"))])
         return alive.select(SAMPLE_ID, reason.alias("reason")).filter("reason IS NOT NULL")
 
     def samples(alive):
