@@ -40,6 +40,8 @@ from tests.jobs.conftest import ARGS, assert_same_output
 from tests.jobs.test_build_pretrain import ROOT, submit
 from tests.jobs.test_reliability import FAULT_RATE, SPECULATION, fault_seed
 
+pytestmark = pytest.mark.slow  # whole-job runs: `pytest -m "not slow"` for a quick pass
+
 SPARK_CLASS = os.path.join(os.path.dirname(sys.executable), "spark-class")
 HOSTS = ("127.0.0.1", "127.0.0.2")
 

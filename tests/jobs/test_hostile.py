@@ -16,6 +16,8 @@ from schemas import ledger as L
 from tests import hostile
 from tests.jobs.test_build_pretrain import ROOT, submit
 
+pytestmark = pytest.mark.slow  # whole-job runs: `pytest -m "not slow"` for a quick pass
+
 Q, D, K = "quarantined", "dropped", "kept"
 EXPECT = {
     # hostile.tar: bytes that are not a usable image

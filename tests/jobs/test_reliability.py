@@ -26,6 +26,8 @@ from pipelines.io import shards
 from tests.jobs.conftest import ARGS, assert_same_output
 from tests.jobs.test_build_pretrain import ROOT, SPARK_SUBMIT, submit
 
+pytestmark = pytest.mark.slow  # whole-job runs: `pytest -m "not slow"` for a quick pass
+
 SPECULATION = ("--conf", "spark.speculation=true", "--conf", "spark.speculation.multiplier=1",
                "--conf", "spark.speculation.quantile=0.1", "--conf", "spark.speculation.minTaskRuntime=0")
 FAULT_RATE = 0.3

@@ -13,6 +13,8 @@ import pytest
 
 from tests.util import read_bytes, read_json
 
+pytestmark = pytest.mark.slow  # whole-job runs: `pytest -m "not slow"` for a quick pass
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

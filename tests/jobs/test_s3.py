@@ -8,8 +8,11 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.jobs.test_build_pretrain import ROOT, submit
+
+pytestmark = pytest.mark.slow  # whole-job runs: `pytest -m "not slow"` for a quick pass
 
 
 def test_s3_in_and_out(s3_server, sample_dir):

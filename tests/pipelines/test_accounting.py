@@ -15,6 +15,8 @@ from pipelines.build import run_build
 from pipelines.kind import AccountingError
 from pipelines.recipe import load
 
+pytestmark = pytest.mark.slow  # whole-job runs: `pytest -m "not slow"` for a quick pass
+
 NAMES = list(PHOTOS)[:6]
 
 
