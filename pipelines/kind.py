@@ -135,6 +135,8 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     for col, default in ((L.UNIT, F.lit(kind.units[0])), (L.PARENT_ID, F.lit(None).cast("string"))):
         if col not in feats.columns:
             feats = feats.withColumn(col, default)
+    if plan.read_counts is not None:
+        _forget_features_without_counts(kind, ctx, plan)
     feats = checkpoint(feats, ctx.work_dir, f"{kind.name}-features", plan.key, ctx.timer)
     counts = _read_counts(kind, ctx, plan)
 
@@ -228,6 +230,21 @@ def stage_keys(plan: Plan) -> dict[str, str]:
     return keys
 
 
+def _features_dir(kind: Kind, ctx: Context, plan: Plan) -> str:
+    return f"{ctx.work_dir.rstrip('/')}/{kind.name}-features-{plan.key}"  # as pipelines.checkpoint names it
+
+
+def _forget_features_without_counts(kind: Kind, ctx: Context, plan: Plan) -> None:
+    """A finished features checkpoint whose read counts were never saved (the run was killed in
+    between) cannot be reconciled: mark it unfinished, so it is recomputed rather than trusted."""
+    import os
+
+    folder = _features_dir(kind, ctx, plan)
+    if os.path.exists(os.path.join(folder, "_SUCCESS")) and not os.path.exists(os.path.join(folder, READ_COUNTS)):
+        log.warning("%s has no read counts (a run was killed before saving them): recomputing it", folder)
+        os.remove(os.path.join(folder, "_SUCCESS"))
+
+
 def _read_counts(kind: Kind, ctx: Context, plan: Plan) -> dict[str, int] | None:
     """Items per read unit as the reader counted them; kept beside the features checkpoint, so a
     rerun that reuses the checkpoint (and reads nothing) still reconciles."""
@@ -236,13 +253,14 @@ def _read_counts(kind: Kind, ctx: Context, plan: Plan) -> dict[str, int] | None:
 
     if plan.read_counts is None:
         return None
-    path = os.path.join(f"{ctx.work_dir.rstrip('/')}/{kind.name}-features-{plan.key}", READ_COUNTS)
+    path = os.path.join(_features_dir(kind, ctx, plan), READ_COUNTS)
     if ctx.timer.reused.get(f"{kind.name}-features") and os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     counts = plan.read_counts()
-    with open(path, "w", encoding="utf-8") as f:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(counts, f, sort_keys=True)
+    os.replace(path + ".tmp", path)  # whole or absent
     return counts
 
 

@@ -101,7 +101,8 @@ def test_a_killed_run_restarts_to_the_clean_output(clean_run, sample_dir, tmp_pa
            "SPARK_LOCAL_IP": "127.0.0.1"}
     cmd = [SPARK_SUBMIT, "--master", "local[2]", "--properties-file", os.path.join(ROOT, "spark-defaults.conf"),
            "--conf", "spark.ui.enabled=false", os.path.join(ROOT, "jobs", "build_pretrain.py"), *args]
-    finished = os.path.join(out, "_work", "image_text-features-*", "_SUCCESS")
+    # the features stage is finished when its read counts sit beside the checkpoint (written after _SUCCESS)
+    finished = os.path.join(out, "_work", "image_text-features-*", "_read_counts.json")
     with open(tmp_path / "killed.log", "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         spawned = []
