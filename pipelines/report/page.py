@@ -121,11 +121,12 @@ def publish_state(out: str, kind: str, summary: dict, in_run: bool) -> tuple[str
     that index.json is there and lists the same shards as summary.json."""
     gates = summary.get("gates") or {}
     final = shard_io.final_dir(out, kind)
+    shown = shard_io.final_dir(summary.get("output") or out, kind)  # where readers look (OUT), the same in a rebuild
     if gates and not gates.get("passed", True):
         why = (f"a critical quality gate failed: the shards stay in {shard_io.staging_dir(out, kind)}/ and no "
                "index.json or sizes.json was written, so no reader sees them")
         return ("bad", "not published", why)
-    ok = ("ok", "published", f"{final}/ with index.json and sizes.json, written after the gates passed")
+    ok = ("ok", "published", f"{shown}/ with index.json and sizes.json, written after the gates passed")
     if in_run:
         return ok
     expect = sorted((s["shard"], int(s["nsamples"]), int(s["bytes"])) for s in summary["kinds"][kind]["shards"]["files"])
@@ -136,7 +137,7 @@ def publish_state(out: str, kind: str, summary: dict, in_run: bool) -> tuple[str
     found = sorted((s["url"], int(s["nsamples"]), int(s["filesize"])) for s in index.get("shardlist", []))
     if found != expect:
         return ("warn", "index.json differs",
-                f"{final}/index.json lists other shards than this run's summary.json: a later run replaced them")
+                f"{shown}/index.json lists other shards than this run's summary.json: a later run replaced them")
     return ok
 
 
