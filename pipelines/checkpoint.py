@@ -110,9 +110,14 @@ def own(path: str) -> str:
     return path
 
 
+def checkpoint_path(work_dir: str, name: str, key: str) -> str:
+    """Where `checkpoint(df, work_dir, name, key)` materialises its DataFrame."""
+    return f"{work_dir.rstrip('/')}/{name}-{key}"
+
+
 def checkpoint(df, work_dir: str, name: str, key: str, timer=None):
     """Materialise df at work_dir/name-key, or reuse what a previous attempt finished there."""
-    path = f"{work_dir.rstrip('/')}/{name}-{key}"
+    path = checkpoint_path(work_dir, name, key)
     spark = df.sparkSession
     if exists(spark, f"{path}/_SUCCESS"):
         own(path)  # the lease first, then the check: a run that is removing it either sees the lease or

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from filters.base import Stage, StageTimer, apply_stage
-from pipelines.checkpoint import cached, checkpoint, fingerprint
+from pipelines.checkpoint import cached, checkpoint, checkpoint_path, fingerprint
 from pipelines.io import shards
 from schemas import ledger as L
 from schemas.common import ERROR, ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY
@@ -206,14 +206,14 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     for out in added:
         everything = everything.join(out, SAMPLE_ID, "left")
     report_cols = [fn(F).alias(name) for name, fn in plan.report.items()]
-    extra = [c for c in {plan.thumbnail and _media(plan.thumbnail, everything.columns), plan.text} if c]
-    rows = everything.select(SAMPLE_ID, *report_cols, *extra)
+    thumbnail = plan.thumbnail and _media(plan.thumbnail, everything.columns)
+    rows = everything.select(SAMPLE_ID, *report_cols, *[c for c in {thumbnail, plan.text} if c])
     read = None
     if counts is not None:
         reconcile(kind.name, ledger, feats, counts)
         read = {"units": len(counts), "items": sum(counts.values())}
     return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
-                  thumbnail=plan.thumbnail and _media(plan.thumbnail, everything.columns), text=plan.text,
+                  thumbnail=thumbnail, text=plan.text,
                   report_columns=tuple(plan.report), stages_run=tuple(s.name for s in plan.steps))
 
 
@@ -231,7 +231,7 @@ def stage_keys(plan: Plan) -> dict[str, str]:
 
 
 def _features_dir(kind: Kind, ctx: Context, plan: Plan) -> str:
-    return f"{ctx.work_dir.rstrip('/')}/{kind.name}-features-{plan.key}"  # as pipelines.checkpoint names it
+    return checkpoint_path(ctx.work_dir, f"{kind.name}-features", plan.key)
 
 
 def _forget_features_without_counts(kind: Kind, ctx: Context, plan: Plan) -> None:
