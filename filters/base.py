@@ -113,11 +113,14 @@ def task_threads() -> int:
 
 
 class StageTimer:
-    """Task-seconds per stage, summed across executors with Spark accumulators."""
+    """Task-seconds and rows per stage, summed across executors with Spark accumulators (they reach the
+    driver as tasks end)."""
 
     def __init__(self, spark):
         self.spark = spark
         self.accumulators: dict[str, Any] = {}
+        self.row_accumulators: dict[str, Any] = {}
+        self.passes = spark.sparkContext.accumulator(0)  # rows out of every row-wise pass, counted once
         self.wall: dict[str, float] = {}
         self.reused: dict[str, bool] = {}  # checkpoint name -> True when a finished one was read back
 
@@ -125,6 +128,15 @@ class StageTimer:
         if name not in self.accumulators:
             self.accumulators[name] = self.spark.sparkContext.accumulator(0.0)
         return self.accumulators[name]
+
+    def rows_accumulator(self, name: str):
+        if name not in self.row_accumulators:
+            self.row_accumulators[name] = self.spark.sparkContext.accumulator(0)
+        return self.row_accumulators[name]
+
+    def rows_done(self) -> int:
+        """Rows that finished a row-wise pass so far (the progress line's items)."""
+        return self.passes.value
 
     def add_wall(self, name: str, seconds: float) -> None:
         self.wall[name] = self.wall.get(name, 0.0) + seconds
@@ -136,10 +148,16 @@ class StageTimer:
         names = sorted(set(self.accumulators) | set(self.wall) | set(self.reused))
         out: dict[str, dict[str, Any]] = {}
         for n in names:
+            task_s = self.accumulators[n].value if n in self.accumulators else None
             out[n] = {
-                "task_seconds": round(self.accumulators[n].value, 3) if n in self.accumulators else None,
+                "task_seconds": None if task_s is None else round(task_s, 3),
                 "wall_seconds": round(self.wall[n], 3) if n in self.wall else None,
             }
+            if n in self.row_accumulators:
+                rows = self.row_accumulators[n].value
+                out[n]["rows"] = rows
+                # the stage's own rate, per core: rows over the task-seconds spent in it
+                out[n]["rows_per_task_second"] = round(rows / task_s, 1) if task_s else None
             if n in self.reused:
                 out[n]["reused"] = self.reused[n]
         return out
@@ -218,6 +236,8 @@ def apply_stages(df, stages: list[Stage], timer: StageTimer | None = None):
     for stage in stages:
         out_schema = stage.output_schema(out_schema)
     accs = [timer.accumulator(s.name) if timer is not None else None for s in stages]
+    row_accs = [timer.rows_accumulator(s.name) if timer is not None else None for s in stages]
+    passes = timer.passes if timer is not None else None
     faults = [FaultPlan.from_env(s.name) for s in stages]  # all None outside fault-injection tests
     losing = [s.name in (os.environ.get(FAULT_DROP_ENV) or "").split(",") for s in stages]  # tests only
 
@@ -230,10 +250,18 @@ def apply_stages(df, stages: list[Stage], timer: StageTimer | None = None):
                 batches = _strike_after_first(batches, fault)
             if lose:
                 batches = (b.slice(1) for b in batches)  # a bug that loses a row per batch, silently
-        yield from batches
+        rows = 0
+        for b in batches:
+            rows += b.num_rows
+            yield b
         for acc, t in zip(accs, spent):
             if acc is not None:
                 acc.add(t[0])
+        for acc in row_accs:
+            if acc is not None:
+                acc.add(rows)
+        if passes is not None:
+            passes.add(rows)
 
     return df.mapInArrow(run_partition, from_arrow_schema(out_schema))
 

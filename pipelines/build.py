@@ -12,7 +12,7 @@ import time
 from importlib import metadata
 
 from filters.base import StageTimer
-from pipelines import checkpoint, kinds
+from pipelines import checkpoint, kinds, progress
 from pipelines.io import runs, storage
 from pipelines.kind import AccountingError, Context, run_kind
 from pipelines.recipe import Recipe
@@ -184,17 +184,26 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
         ctx = Context(spark=spark, recipe=recipe, cfg=recipe.section(kind), uris=uris, out=root, work_dir=work_dir,
                       timer=timer)
         planned[kind] = (ctx, kinds.get(kind).plan(ctx))
+    with progress.Progress(spark, timer, interval=recipe.progress_seconds) as shown:
+        summary, results, ledger = _curate(spark, recipe, planned, timer, started, out, root)
+        summary["phases"] = shown.report()
+    return _check_and_publish(spark, recipe, out, root, work, summary, results, ledger, timer, started)
+
+
+def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: float, out: str, root: str):
+    """Every kind's pipeline, the ledger and summary.json, then the report material and the gates."""
     results = {kind: run_kind(kinds.get(kind), ctx, plan) for kind, (ctx, plan) in planned.items()}
     ledgers = [r.ledger for r in results.values()]
     ledger = ledgers[0]
     for other in ledgers[1:]:
         ledger = ledger.unionByName(other)
-    ledger = ledger.localCheckpoint()
-    check_accounting(ledger, results)
-    t0 = time.perf_counter()
-    write_parquet(ledger.select([f.name for f in L.SCHEMA]).orderBy(SAMPLE_ID), storage.join(root, "ledger"))
-    timer.add_wall("ledger", time.perf_counter() - t0)
-    summary = summarize(ledger, results, recipe, timer, started, out)
+    with progress.phase(spark, "ledger"):
+        ledger = ledger.localCheckpoint()
+        check_accounting(ledger, results)
+        t0 = time.perf_counter()
+        write_parquet(ledger.select([f.name for f in L.SCHEMA]).orderBy(SAMPLE_ID), storage.join(root, "ledger"))
+        timer.add_wall("ledger", time.perf_counter() - t0)
+        summary = summarize(ledger, results, recipe, timer, started, out)
     # the curation itself (shards staged, ledger written), apart from the report and gates that follow
     summary["curated_seconds"] = summary["elapsed_seconds"]
     storage.write_bytes(storage.join(root, "reports", "summary.json"),
@@ -203,14 +212,24 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     from pipelines import gates, report
 
     t0 = time.perf_counter()
-    material = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind))
-                for kind, res in results.items()}
+    with progress.phase(spark, "report"):
+        material = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind))
+                    for kind, res in results.items()}
     timer.add_wall("report_material", time.perf_counter() - t0)
     t0 = time.perf_counter()
-    summary["gates"] = gates.run_gates(results, ledger, summary, recipe, root)
+    with progress.phase(spark, "gates"):
+        summary["gates"] = gates.run_gates(results, ledger, summary, recipe, root)
     timer.add_wall("gates", time.perf_counter() - t0)
     for kind, m in material.items():
         summary["kinds"][kind]["report_material"] = {k: m[k] for k in ("rows", "rows_in_material", "sampled")}
+    return summary, results, ledger
+
+
+def _check_and_publish(spark, recipe: Recipe, out: str, root: str, work, summary: dict, results: dict, ledger,
+                       timer: StageTimer, started: float) -> dict:
+    """summary.json final, the report page, the gates enforced, then the one-step publish and clean-up."""
+    from pipelines import gates, report
+
     summary["versions"].update(gates.tool_versions())
     summary["report"] = {"html": "index.html", "material": "material/", "data_docs": summary["gates"]["data_docs"]}
     summary["stages"] = timer.report()

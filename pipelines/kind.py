@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from filters.base import Stage, StageTimer, apply_stage
+from pipelines import progress
 from pipelines.checkpoint import cached, checkpoint, checkpoint_path, fingerprint
 from pipelines.io import shards
 from schemas import ledger as L
@@ -105,12 +106,19 @@ class Result:
 class Kind:
     name: str
     config: type  # the recipe section (a frozen dataclass of the stages' own configs)
-    units: tuple[str, ...]  # units[0]: the item a sample is made of; the rest: sub-items
+    units: tuple[str, ...]  # units[0]: the input item; the rest: sub-items
     reasons: Mapping[str, L.Reason]
     contract: Callable[[Any, dict], Contract]  # (recipe section, run facts) -> the shard contract, bounds filled in
     plan: Callable[[Context], Plan]
     layouts: tuple[str, ...] = ()  # the input layouts it reads (for --help and the README)
     explain: Callable[[dict, dict, dict], str] | None = None  # (report row, recipe section, facts) -> words
+    # the unit written as a sample: units[0] (default), or a sub-item unit (a video's clips); an item
+    # whose sub-items are the samples names the first shard holding one of them in the ledger
+    sample_unit: str = ""
+
+    @property
+    def samples_unit(self) -> str:
+        return self.sample_unit or self.units[0]
 
     def quarantine_codes(self) -> list[str]:
         return sorted(c for c, r in self.reasons.items() if r.status == L.QUARANTINED)
@@ -125,6 +133,27 @@ def decisions(df, F):
     return df.select(SAMPLE_ID, F.col("reason").cast("string"), dup.cast("string").alias("duplicate_of"))
 
 
+def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: list, found: list):
+    """One step on the rows still in play: its stage's columns joined on, its drops taken out. Returns
+    the rows still in play; appends the stage's narrow table to `added` and its decisions to `found`."""
+    from pyspark.sql import functions as F
+
+    if step.stage is not None:
+        cols = [f.name for f in step.stage.adds()]
+        out = apply_stage(alive.select(SAMPLE_ID, *step.reads), step.stage, ctx.timer).select(SAMPLE_ID, *cols)
+        if step.store == "checkpoint":
+            out = checkpoint(out, ctx.work_dir, f"{kind.name}-{step.name}", keys[step.name], ctx.timer)
+        else:
+            out = cached(out)
+        alive = alive.join(out, SAMPLE_ID, "left")
+        added.append(out)
+    if step.decide is not None:
+        drops = cached(decisions(step.decide(alive), F))
+        alive = alive.join(drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
+        found.append(drops)
+    return alive
+
+
 def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     """Run a kind's plan (made here when not given; pipelines.build makes every kind's plan first, so
     all driver-side checks pass before any Spark work)."""
@@ -137,7 +166,8 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
             feats = feats.withColumn(col, default)
     if plan.read_counts is not None:
         _forget_features_without_counts(kind, ctx, plan)
-    feats = checkpoint(feats, ctx.work_dir, f"{kind.name}-features", plan.key, ctx.timer)
+    with progress.phase(ctx.spark, f"{kind.name} features"):
+        feats = checkpoint(feats, ctx.work_dir, f"{kind.name}-features", plan.key, ctx.timer)
     counts = _read_counts(kind, ctx, plan)
 
     # --- decisions, in order, on the rows still in play -------------------------------------------
@@ -148,19 +178,8 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     added = []  # narrow tables the stages produced (sample_id + columns), for the report
     keys = stage_keys(plan)
     for step in plan.steps:
-        if step.stage is not None:
-            cols = [f.name for f in step.stage.adds()]
-            out = apply_stage(alive.select(SAMPLE_ID, *step.reads), step.stage, ctx.timer).select(SAMPLE_ID, *cols)
-            if step.store == "checkpoint":
-                out = checkpoint(out, ctx.work_dir, f"{kind.name}-{step.name}", keys[step.name], ctx.timer)
-            else:
-                out = cached(out)
-            alive = alive.join(out, SAMPLE_ID, "left")
-            added.append(out)
-        if step.decide is not None:
-            drops = cached(decisions(step.decide(alive), F))
-            alive = alive.join(drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
-            found.append(drops)
+        with progress.phase(ctx.spark, f"{kind.name} {step.name}"):
+            alive = _run_step(kind, ctx, step, keys, alive, added, found)
     # a sub-item goes with its parent
     if len(kind.units) > 1:
         parents = alive.select(F.col(SAMPLE_ID).alias("_parent"))
@@ -172,12 +191,13 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
         found.append(orphans)
 
     # --- shards -----------------------------------------------------------------------------------
-    samples = plan.samples(alive) if plan.samples else alive.filter(F.col(L.UNIT) == kind.units[0])
-    index, num_shards = shards.assign_shards(samples, kind.name, ctx.recipe.shards.max_samples,
-                                             ctx.recipe.shards.max_bytes, plan.sample_size(F))
-    contract = kind.contract(ctx.cfg, plan.facts)
-    stats = shards.write_shards(samples.join(index, SAMPLE_ID), shards.staging_dir(ctx.out, kind.name),
-                                plan.to_sample, num_shards, contract)
+    samples = plan.samples(alive) if plan.samples else alive.filter(F.col(L.UNIT) == kind.samples_unit)
+    with progress.phase(ctx.spark, f"{kind.name} shards"):
+        index, num_shards = shards.assign_shards(samples, kind.name, ctx.recipe.shards.max_samples,
+                                                 ctx.recipe.shards.max_bytes, plan.sample_size(F))
+        contract = kind.contract(ctx.cfg, plan.facts)
+        stats = shards.write_shards(samples.join(index, SAMPLE_ID), shards.staging_dir(ctx.out, kind.name),
+                                    plan.to_sample, num_shards, contract)
 
     # --- ledger: every item and sub-item exactly once ----------------------------------------------
     decided = found[0]
@@ -185,19 +205,26 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
         decided = decided.unionByName(d)
     parent_shard = index.select(F.col(SAMPLE_ID).alias("_p"), F.col("shard").alias("_parent_shard"))
     quarantine = kind.quarantine_codes()
+    rows = (feats.select(SAMPLE_ID, KIND, L.UNIT, L.PARENT_ID, SOURCE, SOURCE_KEY, ERROR, ERROR_DETAIL)
+            .join(decided, SAMPLE_ID, "left")
+            .join(index, SAMPLE_ID, "left")
+            .join(parent_shard, F.col(L.PARENT_ID) == F.col("_p"), "left"))
+    if kind.samples_unit != kind.units[0]:  # the samples are sub-items: an item names the first shard holding one
+        child_shard = (index.join(feats.select(SAMPLE_ID, F.col(L.PARENT_ID).alias("_c")), SAMPLE_ID)
+                       .groupBy("_c").agg(F.min("shard").alias("_child_shard")))
+        rows = rows.join(child_shard, F.col(SAMPLE_ID) == F.col("_c"), "left")
+    else:
+        rows = rows.withColumn("_child_shard", F.lit(None).cast("string"))
     ledger = (
-        feats.select(SAMPLE_ID, KIND, L.UNIT, L.PARENT_ID, SOURCE, SOURCE_KEY, ERROR, ERROR_DETAIL)
-        .join(decided, SAMPLE_ID, "left")
-        .join(index, SAMPLE_ID, "left")
-        .join(parent_shard, F.col(L.PARENT_ID) == F.col("_p"), "left")
-        .select(
+        rows.select(
             SAMPLE_ID, KIND, SOURCE, SOURCE_KEY, L.UNIT, L.PARENT_ID,
             F.when(F.col("reason").isin(quarantine), L.QUARANTINED)
             .when(F.col("reason").isNotNull(), L.DROPPED).otherwise(L.KEPT).alias(L.STATUS),
             F.col("reason").alias(L.REASON),
             F.when(F.col("reason") == F.col(ERROR), F.col(ERROR_DETAIL)).alias(L.DETAIL),
             F.col("duplicate_of").alias(L.DUPLICATE_OF),
-            F.when(F.col("reason").isNull(), F.coalesce(F.col("shard"), F.col("_parent_shard"))).alias(L.SHARD),
+            F.when(F.col("reason").isNull(),
+                   F.coalesce(F.col("shard"), F.col("_parent_shard"), F.col("_child_shard"))).alias(L.SHARD),
         )
     )
 
@@ -210,7 +237,8 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     rows = everything.select(SAMPLE_ID, *report_cols, *[c for c in {thumbnail, plan.text} if c])
     read = None
     if counts is not None:
-        reconcile(kind.name, ledger, feats, counts)
+        with progress.phase(ctx.spark, f"{kind.name} accounting"):
+            reconcile(kind.name, ledger, feats, counts)
         read = {"units": len(counts), "items": sum(counts.values())}
     return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
                   thumbnail=thumbnail, text=plan.text,

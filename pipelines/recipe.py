@@ -43,6 +43,7 @@ class Recipe:
     seed: int = 0
     keep_work: bool = False  # keep the stage checkpoints after a successful run
     work_dir: str = ""  # stage checkpoints; default OUT/_work (./_work for s3 output). Shared storage on a cluster.
+    progress_seconds: float = 5.0  # how often a terminal gets the progress line (pipelines/progress.py)
     read: Read = Read()
     shards: Shards = Shards()
     sections: dict = dataclasses.field(default_factory=dict)  # kind -> its section (filled in by `load`)
