@@ -12,13 +12,21 @@ pair / all drops (background pairs that fall within the radii by chance count as
 and checkpointed before. peak_mib: largest resident memory of this process and its children (JVM,
 Python workers) during that time.
 
+Floors, measured in the same run on the same rows, so the scaling has a reference:
+`scan_seconds` reads every item once (an aggregate over all rows: what any dedup must at least do),
+`shuffle_seconds` emits the 11 block rows per item and groups them by (block, value) with a count
+(the Spark part of the candidate generation, without the numpy work inside each group). Any method
+that looks at every item grows at least linearly, 2x per doubling of n, once fixed costs are paid.
+
     python -m benchmarks.dedup_scale --sizes 1000000,4000000
 writes benchmarks/results/dedup_scale.json: a list of {n, recall, precision, seconds, peak_mib, skipped}.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
 import sys
 import threading
@@ -93,12 +101,32 @@ class PeakRss:
         self._sample()
 
 
+def floors(df, radius: int) -> dict:
+    """Seconds of a full scan and of the bare block shuffle of `df` (see the module docstring)."""
+    from pyspark.sql import functions as F
+
+    from filters.dedup import blocks
+
+    t0 = time.perf_counter()
+    df.agg(F.sum(F.length("sample_id") + F.length("phash256")), F.max("phash")).collect()
+    scan = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    exploded = df.select("sample_id", "phash", "phash256", F.explode(F.array(*[
+        F.struct(F.lit(i).alias("block"),
+                 F.shiftrightunsigned(F.col("phash"), shift).bitwiseAND((1 << width) - 1).alias("value"))
+        for i, (shift, width) in enumerate(blocks(radius))])).alias("b")).select("sample_id", "phash256", "b.*")
+    exploded.groupBy("block", "value").agg(F.count("*").alias("c"), F.max(F.length("sample_id"))) \
+        .agg(F.max("c")).collect()
+    return {"scan_seconds": round(scan, 1), "shuffle_seconds": round(time.perf_counter() - t0, 1)}
+
+
 def measure(spark, n: int, planted: int) -> dict:
     from filters.dedup import Dedup, find_duplicates_with_stats
 
     cfg = Dedup()
     df = synthetic(spark, n, planted, cfg.hamming_radius, cfg.second_radius).localCheckpoint()
     total = df.count()
+    floor = floors(df, cfg.hamming_radius)
     with PeakRss() as mem:
         t0 = time.perf_counter()
         drops, stats = find_duplicates_with_stats(df, cfg)
@@ -110,7 +138,8 @@ def measure(spark, n: int, planted: int) -> dict:
     out = {"n": total, "recall": round(len(found) / max(1, len(truth)), 5),
            "precision": round(len(true) / max(1, len(rows)), 5), "seconds": round(seconds, 1),
            "peak_mib": round(mem.peak / 2**20), "skipped": stats.skipped,
-           "planted": len(truth), "drops": len(rows), "edges": stats.edges, "rounds": stats.rounds}
+           "planted": len(truth), "drops": len(rows), "edges": stats.edges, "rounds": stats.rounds, **floor,
+           "load_avg": round(os.getloadavg()[0], 1)}
     print(json.dumps(out), flush=True)
     return out
 
@@ -132,6 +161,11 @@ def main(argv=None) -> None:
              .config("spark.ui.enabled", "false").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     results = [measure(spark, int(s), a.planted) for s in a.sizes.split(",")]
+    for prev, cur in itertools.pairwise(results):  # growth per doubling of n, ours and the floors
+        doublings = max(1e-9, math.log2(cur["n"] / prev["n"]))
+        cur["per_doubling"] = {k: round((cur[k] / max(prev[k], 1e-9)) ** (1 / doublings), 2)
+                               for k in ("seconds", "scan_seconds", "shuffle_seconds")}
+        print(json.dumps({"n": cur["n"], "per_doubling": cur["per_doubling"]}), flush=True)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(results, f, indent=1)
