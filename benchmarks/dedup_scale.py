@@ -14,8 +14,9 @@ Python workers) during that time.
 
 Floors, measured in the same run on the same rows, so the scaling has a reference:
 `scan_seconds` reads every item once (an aggregate over all rows: what any dedup must at least do),
-`shuffle_seconds` emits the 11 block rows per item and groups them by (block, value) with a count
-(the Spark part of the candidate generation, without the numpy work inside each group). Any method
+`shuffle_seconds` emits the 11 block rows per item and hands each (block, value) group to a Python
+worker that only counts it (the Spark part of the candidate generation, without the numpy work inside
+each group). Any method
 that looks at every item grows at least linearly, 2x per doubling of n, once fixed costs are paid.
 
     python -m benchmarks.dedup_scale --sizes 1000000,4000000
@@ -103,6 +104,7 @@ class PeakRss:
 
 def floors(df, radius: int) -> dict:
     """Seconds of a full scan and of the bare block shuffle of `df` (see the module docstring)."""
+    import pyarrow as pa
     from pyspark.sql import functions as F
 
     from filters.dedup import blocks
@@ -115,8 +117,11 @@ def floors(df, radius: int) -> dict:
         F.struct(F.lit(i).alias("block"),
                  F.shiftrightunsigned(F.col("phash"), shift).bitwiseAND((1 << width) - 1).alias("value"))
         for i, (shift, width) in enumerate(blocks(radius))])).alias("b")).select("sample_id", "phash256", "b.*")
-    exploded.groupBy("block", "value").agg(F.count("*").alias("c"), F.max(F.length("sample_id"))) \
-        .agg(F.max("c")).collect()
+    # every row shipped to its group's Python worker, as the candidate generation does (an aggregate
+    # would be combined map-side and move nothing)
+    exploded.groupBy("block", "value").applyInArrow(
+        lambda t: pa.table({"c": [t.num_rows], "b": [sum(len(v or b"") for v in t.column("phash256").to_pylist())]}),
+        "c long, b long").agg(F.max("c"), F.sum("b")).collect()
     return {"scan_seconds": round(scan, 1), "shuffle_seconds": round(time.perf_counter() - t0, 1)}
 
 
