@@ -13,12 +13,14 @@ formatters; no Spark, no torch.
   positive area, at least `min_side` pixels on each side, and at least one grid unit once quantised.
 - `to_grid(box, width, height)` -> the four 0-999 integers; `merge(boxes, iou)` -> which boxes
   duplicate an earlier (better) one.
+- `pieces(text)`: a text holding box blocks back into pieces (the gui kind's QA pairs).
 - `render(caption, phrases)` -> the pieces of the training text: caption text with each grounded
   phrase followed by its box block; `render_text` joins them into the `.txt` string.
 """
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 BEGIN_BOX, END_BOX = "<|begin_of_box|>", "<|end_of_box|>"
@@ -81,7 +83,9 @@ def check(box: Iterable, width: int, height: int, min_side: float = 1.0) -> tupl
 
 
 def _q(v: float, size: int) -> int:
-    return min(GRID - 1, max(0, int(v * GRID / size)))
+    # the epsilon keeps a corner that is exactly on a grid line (0.8 * 451 px of 451) from flooring to
+    # the unit below through float rounding
+    return min(GRID - 1, max(0, int(v * GRID / size + 1e-6)))
 
 
 def to_grid(box: Sequence[float], width: int, height: int) -> list[int]:
@@ -156,6 +160,40 @@ def render_text(caption: str, phrases: Sequence[dict]) -> str:
     """The `.txt` of a grounding sample: the caption with `<|begin_of_box|>[[...]]<|end_of_box|>` after
     each grounded phrase."""
     return "".join(s if k == "text" else BEGIN_BOX + s + END_BOX for k, s in render(caption, phrases))
+
+
+_BLOCK = re.compile(re.escape(BEGIN_BOX) + r"(.*?)" + re.escape(END_BOX), re.S)
+_BOX = re.compile(r"\[(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})\]")
+
+
+def parse_block(block: str) -> list[list[int]]:
+    """`[[x1,y1,x2,y2];[...]]` -> its boxes; raises ValueError on anything else or a box off the grid."""
+    if not (block.startswith("[") and block.endswith("]")):
+        raise ValueError(f"box block {block!r}: want [[x1,y1,x2,y2];...]")
+    out = []
+    for part in block[1:-1].split(";"):
+        m = _BOX.fullmatch(part)
+        if m is None:
+            raise ValueError(f"box {part!r}: want [x1,y1,x2,y2] with integer corners")
+        out.append([int(v) for v in m.groups()])
+    box_block(out)  # the grid rules
+    return out
+
+
+def pieces(text: str) -> list[tuple[str, str]]:
+    """A text that already holds box blocks (a QA pair, a rendered caption) -> ("text", s) and ("box",
+    "[[...]]") pieces, as `render` gives them; every block is checked (parse_block)."""
+    out: list[tuple[str, str]] = []
+    at = 0
+    for m in _BLOCK.finditer(text):
+        if m.start() > at:
+            out.append(("text", text[at:m.start()]))
+        parse_block(m.group(1))
+        out.append(("box", m.group(1)))
+        at = m.end()
+    if at < len(text):
+        out.append(("text", text[at:]))
+    return out
 
 
 def count_boxes(phrases: Sequence[dict]) -> int:

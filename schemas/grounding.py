@@ -70,7 +70,7 @@ REASONS = L.reasons(
     L.READ, L.DOWNLOAD, L.IMAGE, BOX_REASONS,
     (L.Reason("too_few_boxes", L.DROPPED, "boxes", "fewer than grounding.min_boxes valid boxes (the paper keeps "
               "samples with at least two)", shows=("valid_boxes",)),),
-    L.STRUCTURE,
+    L.DEDUP, L.STRUCTURE,
 )
 
 

@@ -12,8 +12,10 @@ image_text layouts below are provisional, until their kinds land on the spine:
 
 - interleaved: `.json` {"texts": [str | null, ...]}; the image at position i is the member `img{i}.jpg`.
 - ocr: `.jpg` + `.txt` (the OCR text).
-- grounding, gui: `.jpg` + `.txt` (caption) + `.json` {"boxes": [{"phrase", "box": [x1,y1,x2,y2]}]},
-  box corners as integers 0-999 (x / width * 1000).
+- grounding: `.jpg` + `.txt` + `.json` {"caption", "phrases": [{"text", "span", "boxes"}]} as
+  `schemas/grounding.py` declares; the caption is rendered by `schemas/boxes.py` (each phrase followed
+  by `<|begin_of_box|>[[x1,y1,x2,y2];...]<|end_of_box|>`, corners 0-999), box markers as special ids.
+- gui: provisional, the grounding layout.
 - video: frames `frame{i}.jpg` + `.json` {"timestamps": [seconds per frame]} (+ optional `.txt`).
   Two frames form one temporal patch; each pair is followed by its integer-second timestamp.
 """
@@ -29,6 +31,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from PIL import Image
 
+from schemas import boxes
+from schemas import grounding as grounding_schema
 from schemas import image_text as image_text_schema
 from trainer.images import ImageConfig, decode_resized, image_patches, merged_tokens, smart_resize, to_patches
 
@@ -99,16 +103,6 @@ def image_block(ctx: FormatContext, grid: tuple[int, int, int]) -> list[int]:
     return [t.begin_image_id] + [t.image_id] * merged_tokens(grid, ctx.image) + [t.end_image_id]
 
 
-def box_text(box) -> str:
-    """[x1,y1,x2,y2] with integer corners 0-999, as the model writes boxes; raises on anything else."""
-    if len(box) != 4 or not all(isinstance(v, int) and not isinstance(v, bool) for v in box):
-        raise ValueError(f"box {box!r}: want four integers")
-    x1, y1, x2, y2 = box
-    if not all(0 <= v <= 999 for v in box) or x1 > x2 or y1 > y2:
-        raise ValueError(f"box {box!r}: corners must be 0-999 with x1<=x2, y1<=y2")
-    return f"[{x1},{y1},{x2},{y2}]"
-
-
 def fit(ids: list[int], images: list[ImageInput], ctx: FormatContext) -> tuple[list[int], list[ImageInput]]:
     """Cut a sequence longer than max_len, never inside an image block (images after the cut are dropped).
 
@@ -142,6 +136,7 @@ def _finish(ids: list[int], images: list[ImageInput], ctx: FormatContext, sample
 # --- the kinds -----------------------------------------------------------------------------------------
 
 _IMAGE_TEXT = image_text_schema.contract()  # the layout the pipeline writes (schemas/image_text.py)
+_GROUNDING = grounding_schema.contract()
 
 
 @register("image_text")
@@ -174,27 +169,28 @@ class Ocr(ImageText):
 
 @register("grounding")
 class Grounding:
-    """`<image>`, the caption, then each phrase followed by `<|begin_of_box|>[x1,y1,x2,y2]<|end_of_box|>`."""
+    """`<image>`, then the caption with each grounded phrase followed by its box block: the pieces
+    `schemas.boxes.render` makes from the json's caption and phrases (the `.txt` member is the same text;
+    the contract checks it), box markers as the special ids."""
 
     kind = "grounding"
+    image = _GROUNDING.thumbnail.ext
 
     def format(self, sample: dict, ctx: FormatContext) -> Formatted:
         tok = ctx.tokenizer
-        boxes = _json(sample).get("boxes") or []
-        caption = _text(sample, required=False)
-        if not boxes and not caption:
-            raise ValueError("neither boxes nor caption")
-        patches, grid = image_patches(sample["jpg"], ctx.image)
-        ids = image_block(ctx, grid) + tok.encode(caption)
-        for i, b in enumerate(boxes):
-            sep = "\n" if i == 0 and caption else ("; " if i else "")
-            ids += tok.encode(sep + str(b["phrase"]).strip())
-            ids += [tok.begin_box_id] + tok.encode(box_text(b["box"])) + [tok.end_box_id]
+        doc = _json(sample)
+        pieces = boxes.render(doc["caption"], doc["phrases"])
+        if not boxes.count_boxes(doc["phrases"]):
+            raise ValueError("no boxes")
+        patches, grid = image_patches(sample[self.image], ctx.image)
+        ids = image_block(ctx, grid)
+        for what, text in pieces:
+            ids += tok.encode(text) if what == "text" else [tok.begin_box_id] + tok.encode(text) + [tok.end_box_id]
         return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
 
     def texts(self, sample: dict) -> list[str]:
-        boxes = _json(sample).get("boxes") or []
-        return [_text(sample, required=False)] + [f"{b.get('phrase', '')}{b.get('box', '')}" for b in boxes]
+        doc = _json(sample)
+        return [boxes.render_text(doc["caption"], doc["phrases"])]
 
 
 @register("gui")

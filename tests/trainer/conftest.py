@@ -92,11 +92,17 @@ def image_text_sample(i: int) -> dict:
 
 
 def grounding_sample(i: int) -> dict:
-    data, caption, _ = picture(i + 100)
-    shape = caption.split()[2]
-    meta = {"boxes": [{"phrase": f"the {shape}", "box": [250, 250, 750, 750]},
-                      {"phrase": "the background", "box": [0, 0, 999, 999]}]}
-    return {"__key__": f"g{i:015x}", "jpg": data, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+    """The layout schemas/grounding.py declares: caption + phrases with spans and 0-999 boxes."""
+    from schemas import boxes
+
+    data, _, (w, h) = picture(i + 100)
+    caption = f"the shape {i} on the background"
+    phrases = [{"text": f"the shape {i}", "span": [0, len(f"the shape {i}")], "boxes": [[250, 250, 750, 750]]},
+               {"text": "the background", "span": [len(caption) - 14, len(caption)], "boxes": [[0, 0, 999, 999]]}]
+    meta = {"sample_id": f"{i:032x}", "source": "test", "source_key": f"g{i}", "url": None,
+            "source_format": "coco", "split": None, "width": w, "height": h, "caption": caption, "phrases": phrases}
+    return {"__key__": f"g{i:015x}", "jpg": data, "txt": boxes.render_text(caption, phrases).encode(),
+            "json": json.dumps(meta).encode()}
 
 
 @pytest.fixture(scope="session")

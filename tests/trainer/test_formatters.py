@@ -57,19 +57,24 @@ def test_ocr_is_image_then_its_text(ctx, tok, corpus):
 
 
 def test_grounding_writes_boxes_between_box_tokens(ctx, tok, corpus):
+    from schemas import grounding
+
     s = corpus.grounding(0)
+    assert grounding.contract().violations(s) == []  # the conftest sample has the pipeline's layout
     f = formatters.get("grounding").format(s, ctx)
     text = tok.decode(f.ids)
-    assert "<|begin_of_box|>[250,250,750,750]<|end_of_box|>" in text
-    assert "the background<|begin_of_box|>[0,0,999,999]<|end_of_box|>" in text
+    assert "the shape 0<|begin_of_box|>[[250,250,750,750]]<|end_of_box|>" in text
+    assert "the background<|begin_of_box|>[[0,0,999,999]]<|end_of_box|><|endoftext|>" in text
     assert f.ids.count(tok.begin_box_id) == 2 and f.ids.count(tok.end_box_id) == 2
-    assert formatters.get("gui").format(s, ctx).ids == f.ids
+    assert text.split("<|end_of_image|>", 1)[1] == s["txt"].decode() + "<|endoftext|>"
 
 
 @pytest.mark.parametrize("box", [[0, 0, 1000, 10], [5, 5, 1, 1], [0.5, 0, 1, 1], [1, 2, 3]])
 def test_grounding_rejects_boxes_off_the_0_999_grid(ctx, box, corpus):
     s = corpus.grounding(0)
-    s["json"] = json.dumps({"boxes": [{"phrase": "x", "box": box}]}).encode()
+    doc = json.loads(s["json"])
+    doc["phrases"][0]["boxes"] = [box]
+    s["json"] = json.dumps(doc).encode()
     with pytest.raises(ValueError):
         formatters.get("grounding").format(s, ctx)
 
