@@ -48,14 +48,24 @@ class ClipScore(Stage):
     # weights that cannot be loaded: score with seeded random weights (threshold not applied) instead of
     # failing the run. For the bundled sample and `make demo` only: a real run must not silently lose its filter
     allow_random_weights: bool = False
+    # torch | onnx | onnx_int8 (filters/clip_onnx.py: the model in use exported to ONNX Runtime at first
+    # need, cached by a fingerprint of its weights in onnx_cache, default ~/.cache/vlcurate/clip-onnx)
+    backend: str = "torch"
+    onnx_cache: str = ""
+
+    def __post_init__(self) -> None:
+        from filters.clip_onnx import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise ValueError(f"clip.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.CLIP_SCORE, pa.float32())]
 
     def cache_key(self) -> Any:
-        # the scores depend on the weights only: the threshold is applied later, batch size and
-        # device do not change them
-        return (self.model, self.pretrained, self.seed)
+        # the scores depend on the weights and the backend (int8 moves them a little) only: the threshold
+        # is applied later, batch size and device do not change them
+        return (self.model, self.pretrained, self.seed) + ((self.backend,) if self.backend != "torch" else ())
 
     def setup(self, threads: int) -> Any:
         import open_clip
@@ -64,16 +74,24 @@ class ClipScore(Stage):
         torch.set_num_threads(threads)
         device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" else self.device
         torch.manual_seed(self.seed)
+        weights = local_weights(self.pretrained)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            self.model, pretrained=local_weights(self.pretrained) or None, device=device, weights_only=False)
+            self.model, pretrained=weights or None, device="cpu" if self.backend != "torch" else device,
+            weights_only=False)
         model.eval()
-        return model, preprocess, open_clip.get_tokenizer(self.model), device
+        tokenizer = open_clip.get_tokenizer(self.model)
+        if self.backend == "torch":
+            return _TorchClip(model, device), preprocess, tokenizer
+        from filters import clip_onnx
+
+        return clip_onnx.load(model, self.model, weights, self.seed, self.backend, threads, self.onnx_cache,
+                              device), preprocess, tokenizer
 
     def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
         import torch
         from PIL import Image
 
-        model, preprocess, tokenizer, device = state
+        encoder, preprocess, tokenizer = state
         images = column_bytes(batch, S.IMAGE)
         captions = batch.column(S.CAPTION).to_pylist()
         scores: list[float | None] = [None] * len(images)
@@ -86,14 +104,35 @@ class ClipScore(Stage):
                 img.draft("RGB", (448, 448))  # JPEG DCT scaling: decode near the model's size, not full size
                 pixels.append(preprocess(img.convert("RGB")))
             with torch.inference_mode():
-                img_emb = model.encode_image(torch.stack(pixels).to(device))
-                txt_emb = model.encode_text(tokenizer([captions[i] for i in idx]).to(device))
-                img_emb = img_emb / img_emb.norm(dim=-1, keepdim=True)
-                txt_emb = txt_emb / txt_emb.norm(dim=-1, keepdim=True)
-                sims = (img_emb * txt_emb).sum(-1).float().cpu().numpy()
-            for i, s in zip(idx, sims):
+                img_emb = normalise(encoder.encode_image(torch.stack(pixels).numpy()))
+                txt_emb = normalise(encoder.encode_text(tokenizer([captions[i] for i in idx]).numpy()))
+            for i, s in zip(idx, (img_emb * txt_emb).sum(-1)):
                 scores[i] = float(np.round(s, 6))
         return {S.CLIP_SCORE: scores}
+
+
+def normalise(emb: np.ndarray) -> np.ndarray:
+    emb = emb.astype(np.float32)
+    return emb / np.linalg.norm(emb, axis=-1, keepdims=True)
+
+
+class _TorchClip:
+    """The open_clip model behind the same numpy-in, numpy-out interface as filters.clip_onnx.OnnxClip."""
+
+    def __init__(self, model, device: str):
+        self.model, self.device = model, device
+
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.encode_image(torch.from_numpy(pixels).to(self.device)).float().cpu().numpy()
+
+    def encode_text(self, tokens: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.model.encode_text(torch.from_numpy(tokens).to(self.device)).float().cpu().numpy()
 
 
 def is_checkpoint_path(pretrained: str) -> bool:
