@@ -6,7 +6,8 @@ viewport, viewport x device scale pixels), `elements` (JSON: every visible eleme
 accessible name, text, trimmed attributes, a trimmed HTML snippet and its box 0-999), `qa` (referring
 expression pairs, see `qa_pairs`), `element_count`, `final_url`, the image features dedup and the
 rules read (`width`, `height`, `content_sha`, `source_bytes`, `phash`, `phash256`, `pixel_std`), and
-`error` (`render_timeout`, `render_failed`) for a render that fails.
+`error` (`render_timeout`, `render_failed`, `download_http_error` for a URL answered >= 400) for a
+render that fails; it removes `html` (a WARC page's body).
 
 One browser per Python worker (launched in `setup`, Debian's /usr/bin/chromium; Playwright never
 downloads one), a pool of `pages` pages rendering concurrently within a batch. Visible means: not
@@ -193,6 +194,9 @@ class RenderPage(Stage):
     def cache_key(self) -> Any:
         return dataclasses.replace(self, pages=0)
 
+    def drops(self) -> list[str]:
+        return [S.HTML]  # a WARC page's body: not needed once rendered
+
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.SCREENSHOT, pa.binary()), pa.field(S.ELEMENTS, pa.string()), pa.field(S.QA, pa.string()),
                 pa.field(S.ELEMENT_COUNT, pa.int32()), pa.field(S.FINAL_URL, pa.string()),
@@ -237,9 +241,11 @@ class RenderPage(Stage):
 
             await page.route("**/*", route)
             try:
-                await page.goto(target, wait_until="load", timeout=self.load_timeout_s * 1000)
+                resp = await page.goto(target, wait_until="load", timeout=self.load_timeout_s * 1000)
             except PlaywrightTimeout as e:
                 return {ERROR: "render_timeout", ERROR_DETAIL: str(e).splitlines()[0][:300]}
+            if resp is not None and resp.status >= 400:
+                return {ERROR: "download_http_error", ERROR_DETAIL: f"HTTP {resp.status} for {target[:200]}"}
             try:
                 await page.wait_for_load_state("networkidle", timeout=self.settle_s * 1000)
             except PlaywrightTimeout:

@@ -15,7 +15,8 @@ image_text layouts below are provisional, until their kinds land on the spine:
 - grounding: `.jpg` + `.txt` + `.json` {"caption", "phrases": [{"text", "span", "boxes"}]} as
   `schemas/grounding.py` declares; the caption is rendered by `schemas/boxes.py` (each phrase followed
   by `<|begin_of_box|>[[x1,y1,x2,y2];...]<|end_of_box|>`, corners 0-999), box markers as special ids.
-- gui: provisional, the grounding layout.
+- gui: `.png` (screenshot) + `.txt` (QA pairs with box blocks) + `.json` (url, viewport, device scale,
+  elements with 0-999 boxes, QA pairs) as `schemas/gui.py` declares.
 - video: frames `frame{i}.jpg` + `.json` {"timestamps": [seconds per frame]} (+ optional `.txt`).
   Two frames form one temporal patch; each pair is followed by its integer-second timestamp.
 """
@@ -33,6 +34,7 @@ from PIL import Image
 
 from schemas import boxes
 from schemas import grounding as grounding_schema
+from schemas import gui as gui_schema
 from schemas import image_text as image_text_schema
 from trainer.images import ImageConfig, decode_resized, image_patches, merged_tokens, smart_resize, to_patches
 
@@ -137,6 +139,7 @@ def _finish(ids: list[int], images: list[ImageInput], ctx: FormatContext, sample
 
 _IMAGE_TEXT = image_text_schema.contract()  # the layout the pipeline writes (schemas/image_text.py)
 _GROUNDING = grounding_schema.contract()
+_GUI = gui_schema.contract()  # schemas/gui.py
 
 
 @register("image_text")
@@ -194,10 +197,27 @@ class Grounding:
 
 
 @register("gui")
-class Gui(Grounding):
-    """GUI screenshots with element boxes: the grounding layout."""
+class Gui:
+    """`<image>` (the screenshot), then the referring-expression QA pairs of the `.txt` member
+    (schemas/gui.py), each box block between the box tokens (`schemas.boxes.pieces`)."""
 
     kind = "gui"
+    image = _GUI.thumbnail.ext
+    text = next(m.ext for m in _GUI.members if m.media == "text")
+
+    def format(self, sample: dict, ctx: FormatContext) -> Formatted:
+        tok = ctx.tokenizer
+        pieces = boxes.pieces(_text(sample, self.text))
+        if not any(what == "box" for what, _ in pieces):
+            raise ValueError("no boxes in the QA pairs")
+        patches, grid = image_patches(sample[self.image], ctx.image)
+        ids = image_block(ctx, grid)
+        for what, text in pieces:
+            ids += tok.encode(text) if what == "text" else [tok.begin_box_id] + tok.encode(text) + [tok.end_box_id]
+        return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
+
+    def texts(self, sample: dict) -> list[str]:
+        return [_text(sample, self.text, required=False)]
 
 
 @register("interleaved")
