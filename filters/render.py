@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from filters.augment import Augment, augment
 from filters.base import Stage
-from filters.ocr import norm_box, normalize_text
+from filters.ocr import compact, norm_box, normalize_text
 from schemas import ocr as S
 from schemas.common import ERROR, ERROR_DETAIL, SAMPLE_ID
 
@@ -89,6 +89,11 @@ def list_backgrounds(folder: str) -> tuple[str, ...]:
 @functools.cache
 def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
     return ImageFont.truetype(path, size, index=CJK_INDEX if path.endswith(".ttc") else 0)
+
+
+def text_key(text: str) -> str:
+    """What two items share when they hold the same text, whitespace and its layout aside."""
+    return hashlib.sha1(compact(text).encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def render_seed(seed: int, sample_id: str) -> int:
@@ -305,7 +310,7 @@ class RenderText(Stage):
 
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.IMAGE, pa.binary()), pa.field(S.TEXT, pa.string()), pa.field(S.LINES, pa.string()),
-                pa.field(S.RENDER, pa.string()), pa.field(S.AUGMENTATION, pa.string()),
+                pa.field(S.RENDER, pa.string()), pa.field(S.AUGMENTATION, pa.string()), pa.field(S.TEXT_KEY, pa.string()),
                 pa.field(ERROR, pa.string()), pa.field(ERROR_DETAIL, pa.string())]
 
     def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
@@ -319,6 +324,7 @@ class RenderText(Stage):
                 out[ERROR][i], out[ERROR_DETAIL][i] = "text_missing", "no text left after normalisation"
                 out[S.TEXT][i] = None
                 continue
+            out[S.TEXT_KEY][i] = text_key(text)
             r = render(text, render_seed(self.seed, sid), self.synthetic, self.augment)
             buf = io.BytesIO()
             r["image"].save(buf, format="PNG")

@@ -333,13 +333,15 @@ def _no_text(F):
 
 
 def text_duplicates(alive, min_chars: int):
-    """Items whose whitespace-free text (already NFKC-normalised) equals a smaller sample_id's."""
+    """Items whose whitespace-free text (already NFKC-normalised) equals a smaller sample_id's; for a
+    synthetic item its source text (`text_key`), as two renders of one text may cut it differently."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    key = F.regexp_replace(F.col(S.TEXT), r"\s+", "")
-    rows = alive.select(SAMPLE_ID, key.alias("_t")).filter(F.length("_t") >= min_chars)
-    w = Window.partitionBy(F.sha2("_t", 256)).orderBy(SAMPLE_ID)
+    compact = F.regexp_replace(F.col(S.TEXT), r"\s+", "")
+    rows = (alive.select(SAMPLE_ID, F.coalesce(S.TEXT_KEY, F.sha1(compact)).alias("_k"), compact.alias("_t"))
+            .filter(F.length("_t") >= min_chars))
+    w = Window.partitionBy("_k").orderBy(SAMPLE_ID)
     ranked = rows.withColumn("_keeper", F.first(SAMPLE_ID).over(w))
     return ranked.filter(F.col("_keeper") != F.col(SAMPLE_ID)).select(
         SAMPLE_ID, F.lit("duplicate_text").alias("reason"), F.col("_keeper").alias("duplicate_of"))

@@ -31,6 +31,7 @@ TEXT_SOURCE = "text_source"
 RENDER = "render"  # JSON text: how a synthetic sample was drawn (seed, font, size, layout, ...); else null
 AUGMENTATION = "augmentation"  # JSON text: {"seed", "ops": [...]}; null when none was applied
 PAGE = "page"  # academic: 1-based page number; else null
+TEXT_KEY = "text_key"  # synthetic: sha1 of the source text (whitespace-free), for text dedup; else null
 # filters/ocr.py: the PP-OCR read of a rendered image, against its ground truth
 OCR_TEXT, CER = "ocr_text", "cer"
 BOXED = "boxed"  # a small JPEG with the lines' boxes drawn: the report's thumbnail
@@ -47,6 +48,7 @@ RAW = pa.schema(
         pa.field(RENDER, pa.string()),
         pa.field(AUGMENTATION, pa.string()),
         pa.field(PAGE, pa.int32()),
+        pa.field(TEXT_KEY, pa.string()),
         pa.field(READ_UNIT, pa.string()),
     ]
     + ERROR_FIELDS
@@ -67,7 +69,8 @@ REASONS = L.reasons(
     L.DEDUP,
     (
         L.Reason("duplicate_text", L.DROPPED, "dedup",
-                 "the same normalised text as another kept item (duplicate_of names it)"),
+                 "the same text as another item, whitespace ignored (synthetic: the same source text, however "
+                 "it was rendered), at least text_dedup.min_chars long (duplicate_of names it)"),
         L.Reason("illegible_render", L.DROPPED, "legibility",
                  "character error rate of a PP-OCR read against the ground truth above legibility.max_cer",
                  shows=("cer",)),
