@@ -18,7 +18,7 @@ from schemas.common import ERROR_FIELDS, IDENTITY_FIELDS, READ_UNIT, SAMPLE_ID_R
 from schemas.contract import Check, Contract, Field, Member
 
 KIND = "grounding"
-FORMATS = ("coco", "refcoco", "grit")
+FORMATS = ("coco", "refcoco", "grit", "captions")  # captions: boxed by the served detector
 
 # --- columns ----------------------------------------------------------------------------------------
 URL, IMAGE, PATH = "url", "image", "path"  # the image: by URL (filters.download), bytes, or a file path
@@ -67,7 +67,10 @@ BOX_REASONS = (
              "(evaluation data stays out of training)"),
 )
 REASONS = L.reasons(
-    L.READ, L.DOWNLOAD, L.IMAGE, BOX_REASONS,
+    L.READ, L.DOWNLOAD, L.IMAGE,
+    (L.Reason("detector_failed", L.QUARANTINED, "detect", "the detector at grounding.detector.endpoint did not "
+              "answer (after retries) or answered something malformed"),),
+    BOX_REASONS,
     (L.Reason("too_few_boxes", L.DROPPED, "boxes", "fewer than grounding.min_boxes valid boxes (the paper keeps "
               "samples with at least two)", shows=("valid_boxes",)),),
     L.DEDUP, L.STRUCTURE,

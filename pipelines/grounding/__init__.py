@@ -2,7 +2,8 @@
 image rules + box verdicts + the two-box rule -> dedup -> shards + ledger.
 
 Inputs (`--input grounding=URI`): COCO detection JSON with its image folder, RefCOCO refs with their
-instances.json, GRIT-style Parquet (0-1 boxes over caption spans; images as bytes or URLs). Box
+instances.json, GRIT-style Parquet (0-1 boxes over caption spans; images as bytes or URLs), and caption
+Parquet without spans, whose phrases a detector served over HTTP boxes (`grounding.detector.endpoint`). Box
 conventions: `schemas/boxes.py`; rows, reasons and the shard contract: `schemas/grounding.py`.
 """
 from __future__ import annotations
@@ -14,6 +15,7 @@ from filters.decode import Decode
 from filters.dedup import Dedup, find_duplicates_with_stats
 from filters.download import DOWNLOAD_STATUS, Download
 from filters.grounding_boxes import ExplodeBoxes, GroundBoxes, LoadImage
+from filters.grounding_detect import Detector
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.rules import first_reason, image_checks
 from pipelines.checkpoint import fingerprint, own
@@ -40,6 +42,7 @@ class Grounding:
     download: Download = Download()
     decode: Decode = Decode()
     boxes: GroundBoxes = GroundBoxes()
+    detector: Detector = Detector()  # boxes the phrases of caption tables without GRIT spans
     dedup: Dedup = Dedup()
     dedup_enabled: bool = True
 
@@ -64,8 +67,13 @@ def plan(ctx: Context) -> Plan:
     units = R.plan_units(inputs)
     if not units:
         raise FileNotFoundError(f"grounding: no COCO/RefCOCO JSON or GRIT Parquet under {inputs}")
+    if not cfg.detector.endpoint:  # a caption table without spans cannot be grounded without a detector
+        bare = [u["uri"] for u in units if u["format"] == "grit" and cfg.grit_phrases not in R.span_columns(u["uri"])]
+        if bare:
+            raise ValueError(f"grounding: {bare[0]} has captions but no {cfg.grit_phrases} column; set "
+                             "grounding.detector.endpoint to a served open-vocabulary detector to box its phrases")
     key = fingerprint("grounding", inputs, recipe.read, cfg.image_root, cfg.grit_phrases, cfg.refcoco_splits,
-                      cfg.download, cfg.decode, cfg.boxes)
+                      cfg.download, cfg.decode, cfg.detector.cache_key(), cfg.boxes)
     spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE,))
     counter = ctx.spark.sparkContext.accumulator({}, readers.ReadCounts())
 
@@ -78,8 +86,8 @@ def plan(ctx: Context) -> Plan:
         raw = apply_stages(plan_df, [R.ReadGrounding(cfg, recipe.read.dataset, counter)], ctx.timer)
         parts = max(len(units), sc.defaultParallelism)
         return apply_stages(raw.repartition(parts, SAMPLE_ID),
-                            [LoadImage(recipe.read.max_member_bytes), cfg.download, cfg.decode, cfg.boxes, spool,
-                             ExplodeBoxes()], ctx.timer)
+                            [LoadImage(recipe.read.max_member_bytes), cfg.download, cfg.decode, cfg.detector,
+                             cfg.boxes, spool, ExplodeBoxes()], ctx.timer)
 
     def boxes(alive):
         from pyspark.sql import functions as F

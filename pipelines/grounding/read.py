@@ -260,17 +260,29 @@ def read_grit(unit: dict, cfg: Any, dataset: str) -> Iterator[dict]:
                 if isinstance(image, dict):  # Hugging Face datasets' Image feature
                     image = image.get("bytes")
                 url = r.get("url")
-                cands = _chunks(r.get(which), caption, which)
+                # a caption table without span columns: its phrases are boxed by the detector (filters.grounding_detect)
+                cands = _chunks(r.get(which), caption, which) if which in r else None
+                fmt = "grit" if which in r else "captions"
                 bad = image is not None and not isinstance(image, bytes)
-                yield image_row(uri, ident, key, "grit", uri, caption=caption,
+                yield image_row(uri, ident, key, fmt, uri, caption=caption,
                                 image=image if isinstance(image, bytes) else None,
-                                url=str(url) if url and image is None else None, candidates=json.dumps(cands),
+                                url=str(url) if url and image is None else None,
+                                candidates=None if cands is None else json.dumps(cands),
                                 error="read_error" if bad else None if image is not None or url else "image_missing",
                                 error_detail=(f"image column holds {type(image).__name__}" if bad else
                                               None if image is not None or url else "no image bytes or url"))
 
 
 READERS = {"coco": read_coco, "refcoco": read_refcoco, "grit": read_grit}
+
+
+def span_columns(uri: str) -> list[str]:
+    """Driver side: the GRIT span columns a Parquet file has (from its schema only)."""
+    import pyarrow.parquet as pq
+
+    with storage.open_read(uri) if not storage.is_s3(uri) else io.BytesIO(storage.read_bytes(uri)) as f:
+        names = pq.ParquetFile(f).schema_arrow.names
+    return [c for c in ("noun_chunks", "ref_exps") if c in names]
 
 
 def read_unit(unit: dict, cfg: Any, dataset: str) -> Iterator[dict]:

@@ -220,3 +220,14 @@ def test_shards_hold_the_box_text_and_the_formatter_reads_them(grounding_run):
     texts = formatters.get("grounding").texts(samples["1"])
     assert texts == [samples["1"]["txt"].decode()]
     assert B.BEGIN_BOX in texts[0]
+
+
+def test_caption_table_without_spans_needs_a_detector(spark, tmp_path):
+    kinds.register(grounding.KIND)
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    pq.write_table(pa.table({"caption": ["a cat on a table"], "url": ["http://example.invalid/a.jpg"]}),
+                   str(folder / "c.parquet"))
+    recipe = load(None, [], [f"grounding={folder}"], str(tmp_path / "out"))
+    with pytest.raises(ValueError, match="grounding.detector.endpoint"):
+        run_build(spark, recipe, dict(recipe.inputs), str(tmp_path / "out"))
