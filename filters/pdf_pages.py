@@ -136,3 +136,62 @@ def _page(pdf, i: int, cfg: Academic) -> dict:
               "box": norm_box(ln["left"], ph - ln["top"], ln["right"], ph - ln["bottom"], pw, ph)} for ln in merged]
     return {"page": i + 1, "image": buf.getvalue(), "text": "\n".join(ln["text"] for ln in merged), "lines": lines,
             "markup": markup(merged, cfg.heading_ratio), "text_source": "text_layer", "error": None, "detail": None}
+
+
+# --- LaTeX source beside the PDF (Nougat's markup) ------------------------------------------------------
+
+PANDOC_TO = "markdown-raw_html-raw_tex-native_divs-native_spans-simple_tables-multiline_tables-grid_tables-fenced_divs-bracketed_spans-header_attributes-link_attributes"
+_WORD = re.compile(r"[^\W\d_]{3,}|[\u4e00-\u9fff]", re.UNICODE)
+
+
+def latex_markup(tex: bytes, timeout: float = 60.0) -> str:
+    """LaTeX -> light markup with pandoc (Debian's pandoc; no network, no TeX engine): markdown headings,
+    lists, pipe tables, formulas kept as TeX between $ / $$. Raises on a pandoc failure."""
+    import subprocess
+
+    proc = subprocess.run(["pandoc", "-f", "latex", "-t", PANDOC_TO, "--wrap=none"], input=tex,
+                          capture_output=True, timeout=timeout, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"pandoc exited {proc.returncode}: {proc.stderr.decode('utf-8', 'replace')[:300]}")
+    return proc.stdout.decode("utf-8").strip()
+
+
+def _words(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text)}
+
+
+def split_at_pages(markup_text: str, pages: list[str | None]) -> list[str]:
+    """The markup's blocks (blank-line separated) assigned to the PDF's pages, in order, as Nougat does:
+    each block goes to the page whose text layer holds most of its words, subject to pages never going
+    back (a dynamic programme over blocks x pages). Blocks without words (a display formula) follow the
+    page that maximises the whole assignment, i.e. their neighbours'. Returns one markup per page."""
+    blocks = [b.strip() for b in markup_text.split("\n\n") if b.strip()]
+    n, m = len(blocks), len(pages)
+    if m == 0:
+        return []
+    if n == 0:
+        return [""] * m
+    page_words = [_words(p or "") for p in pages]
+    score = []
+    for b in blocks:
+        w = _words(b)
+        score.append([len(w & pw) / len(w) if w else 0.0 for pw in page_words])
+    best = [[0.0] * m for _ in range(n)]
+    back = [[0] * m for _ in range(n)]
+    for j in range(m):
+        best[0][j] = score[0][j]
+    for i in range(1, n):
+        run, arg = best[i - 1][0], 0
+        for j in range(m):
+            if best[i - 1][j] > run:
+                run, arg = best[i - 1][j], j
+            best[i][j], back[i][j] = run + score[i][j], arg
+    j = max(range(m), key=lambda k: (best[n - 1][k], -k))
+    assign = [0] * n
+    for i in range(n - 1, -1, -1):
+        assign[i] = j
+        j = back[i][j]
+    out: list[list[str]] = [[] for _ in range(m)]
+    for b, p in zip(blocks, assign):
+        out[p].append(b)
+    return ["\n\n".join(x) for x in out]

@@ -33,7 +33,7 @@ from filters.decode import Decode, phash_hex
 from filters.dedup import Dedup, find_duplicates_with_stats
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.ocr import Boxed, Legibility, PpOcr, check_models
-from filters.pdf_pages import Academic, pdf_pages
+from filters.pdf_pages import Academic, latex_markup, pdf_pages, split_at_pages
 from filters.render import RenderText, Synthetic
 from filters.rules import first_reason, image_checks
 from pipelines.checkpoint import fingerprint, own
@@ -137,9 +137,11 @@ def classify(uri: str, branch: str) -> dict[str, list[str]]:
         low = f.lower()
         if low.endswith(".pdf"):
             out["academic"].append(f)
-        elif low.endswith(TEXT_EXTS) and os.path.splitext(f)[0] not in stems or low.endswith(JSONL_EXTS) and not _jsonl_has_images(f):
+        elif ((low.endswith(TEXT_EXTS) and os.path.splitext(f)[0] not in stems)
+              or (low.endswith(JSONL_EXTS) and not _jsonl_has_images(f))):
             out["synthetic"].append(f)
-        else:
+        elif (low.endswith((".tar", ".parquet", *JSONL_EXTS)) or os.path.splitext(low)[1][1:] in readers.IMAGE_EXTS
+              or os.path.splitext(f)[0] in stems):  # what the image readers read, and the images' side-cars
             scene.append(f)
     if scene:
         out["scene"] = [uri] if len(scene) == len(files) else scene
@@ -194,11 +196,15 @@ def read_ocr_unit(unit: dict, max_bytes: int, cfg: Ocr, dataset: str) -> Iterato
             yield _raw(**base, key="@error", branch="academic", error="pdf_unreadable",
                        error_detail=f"{type(e).__name__}: {e}"[:500])
             return
-        for p in pages:
+        latex, latex_error = _latex_beside(uri, [p.get("text") for p in pages], max_bytes)
+        for p, tex in zip(pages, latex or [None] * len(pages)):
+            text_layer = p.get("text_source") == "text_layer"
+            source = None if not text_layer else "latex" if tex else "text_layer"
             yield _raw(**base, key=f"page{p['page']:05d}", branch="academic", image=p.get("image"),
                        text=p.get("text"), lines=None if p.get("lines") is None else S.lines_json(p["lines"]),
-                       markup=p.get("markup"), text_source=p.get("text_source") or "ocr", page=p["page"],
-                       error=p.get("error"), error_detail=p.get("detail"))
+                       markup=(tex or p.get("markup")) if text_layer else None, markup_source=source,
+                       text_source=p.get("text_source") or "ocr", page=p["page"],
+                       error=p.get("error"), error_detail=p.get("detail") or latex_error)
         return
     try:
         text = data.decode("utf-8")
@@ -227,6 +233,21 @@ def read_ocr_unit(unit: dict, max_bytes: int, cfg: Ocr, dataset: str) -> Iterato
         yield _raw(**base, key=key, branch="synthetic", text=None if body is None else str(body), text_source="render",
                    error="duplicate_member" if again else None,
                    error_detail="the key appeared earlier in this file" if again else None)
+
+
+def _latex_beside(uri: str, page_texts: list[str | None], max_bytes: int) -> tuple[list[str] | None, str | None]:
+    """The LaTeX source `<name>.tex` beside `<name>.pdf`, as markup split at the PDF's pages (Nougat);
+    (None, None) without one, (None, why) when pandoc cannot convert it (the text layer's markup is kept)."""
+    tex_uri = uri[: -len(".pdf")] + ".tex"
+    if not uri.lower().endswith(".pdf") or not storage.exists(tex_uri):
+        return None, None
+    try:
+        markup_text = latex_markup(storage.read_bytes(tex_uri, max_bytes))
+    except Exception as e:
+        if readers.is_transient(e):
+            raise
+        return None, f"LaTeX source not used: {type(e).__name__}: {e}"[:300]
+    return split_at_pages(markup_text, page_texts), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,7 +339,8 @@ def to_sample(row: dict) -> dict:
     doc = {
         "sample_id": row[SAMPLE_ID], "source": row[SOURCE], "source_key": row[SOURCE_KEY],
         "branch": row[S.BRANCH], "text_source": row[S.TEXT_SOURCE], "width": row[IT.WIDTH], "height": row[IT.HEIGHT],
-        "text": row[S.TEXT], "lines": parsed(row[S.LINES]) or [], "markup": row[S.MARKUP], "page": row[S.PAGE],
+        "text": row[S.TEXT], "lines": parsed(row[S.LINES]) or [], "markup": row[S.MARKUP],
+        "markup_source": row[S.MARKUP_SOURCE], "page": row[S.PAGE],
         "render": parsed(row[S.RENDER]), "augmentation": parsed(row[S.AUGMENTATION]),
         "ocr_text": row.get(S.OCR_TEXT), "cer": None if cer is None else round(float(cer), 4),
         "phash": phash_hex(row[IT.PHASH]),
@@ -442,6 +464,7 @@ def plan(ctx: Context) -> Plan:
 
     report = {
         "branch": lambda F: F.col(S.BRANCH), "text_source": lambda F: F.col(S.TEXT_SOURCE),
+        "markup_source": lambda F: F.col(S.MARKUP_SOURCE),
         "line_count": lambda F: F.json_array_length(S.LINES), "text_chars": lambda F: F.length(S.TEXT),
         "cer": (lambda F: F.col(S.CER)) if cfg.legibility.enabled else (lambda F: F.lit(None).cast("float")),
         "width": lambda F: F.col(IT.WIDTH), "height": lambda F: F.col(IT.HEIGHT),

@@ -27,6 +27,8 @@ BRANCH = "branch"
 TEXT = "text"  # the text to read out, in reading order (lines joined by newlines)
 LINES = "lines"  # JSON text: [{"text", "score", "box": [x1, y1, x2, y2]}] in reading order, boxes 0-999
 MARKUP = "markup"  # academic pages: light markup (markdown headings, lists, paragraphs); else null
+MARKUP_SOURCE = "markup_source"  # "latex" (pandoc on the .tex beside the PDF, split at pages) | "text_layer"
+MARKUP_SOURCES = ("latex", "text_layer")
 TEXT_SOURCE = "text_source"
 RENDER = "render"  # JSON text: how a synthetic sample was drawn (seed, font, size, layout, ...); else null
 AUGMENTATION = "augmentation"  # JSON text: {"seed", "ops": [...]}; null when none was applied
@@ -44,6 +46,7 @@ RAW = pa.schema(
         pa.field(TEXT, pa.string()),
         pa.field(LINES, pa.string()),
         pa.field(MARKUP, pa.string()),
+        pa.field(MARKUP_SOURCE, pa.string()),
         pa.field(TEXT_SOURCE, pa.string()),
         pa.field(RENDER, pa.string()),
         pa.field(AUGMENTATION, pa.string()),
@@ -98,7 +101,8 @@ def _txt_is_text(members: dict, doc: dict) -> bool:
 
 
 def _markup_only_academic(members: dict, doc: dict) -> bool:
-    return (doc.get("markup") is not None) == (doc["branch"] == "academic" and doc["text_source"] == "text_layer")
+    with_markup = doc["branch"] == "academic" and doc["text_source"] == "text_layer"
+    return (doc.get("markup") is not None) == with_markup == (doc.get("markup_source") is not None)
 
 
 def contract(cfg=None, facts: dict | None = None) -> Contract:
@@ -124,6 +128,8 @@ def contract(cfg=None, facts: dict | None = None) -> Contract:
             Field("text", "str", False),
             Field("lines", "list", False, items=line),
             Field("markup", "str"),
+            Field("markup_source", "str", True, values=MARKUP_SOURCES, plot="bars",
+                  description="academic pages: where the markup comes from"),
             Field("page", "int", True, 1, None),
             Field("render", "dict"),
             Field("augmentation", "dict"),

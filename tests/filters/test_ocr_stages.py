@@ -246,3 +246,50 @@ def test_markup_headings_lists_and_paragraphs():
              line("- first point", 640), line("continued here", 628, left=84.0), line("New paragraph.", 600)]
     assert markup(lines) == ("# Results\n\nWe measured the example twice.\n\n- first point continued here"
                              "\n\nNew paragraph.")
+
+
+def test_latex_beside_the_pdf_becomes_markup_split_at_its_pages(tmp_path):
+    """A PDF with its LaTeX source beside it (the PDF drawn by matplotlib with the source's words, as a
+    TeX engine would lay them out over two pages): pandoc's markup keeps the formulas' TeX and the table,
+    and each page gets the blocks whose words its text layer holds (Nougat's split)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_pdf import PdfPages
+
+    from pipelines.ocr import Ocr, read_ocr_unit
+
+    (tmp_path / "paper.tex").write_text(r"""\documentclass{article}
+\begin{document}
+\section{Introduction}
+We study the energy relation $E=mc^2$ in detail.
+\begin{itemize}\item first observation \item second observation\end{itemize}
+\[ \int_0^1 x\,dx = \frac{1}{2} \]
+\section{Results}
+Our measurements agree with theory.
+\begin{tabular}{ll} alpha & beta \\ gamma & delta \end{tabular}
+\end{document}
+""", encoding="utf-8")
+    pages = [["Introduction", "We study the energy relation E=mc2 in detail.", "first observation",
+              "second observation", "1/2"], ["Results", "Our measurements agree with theory.", "alpha beta",
+                                             "gamma delta"]]
+    with plt.rc_context({"pdf.fonttype": 42}), PdfPages(tmp_path / "paper.pdf") as pdf:
+        for lines in pages:
+            fig = plt.figure(figsize=(6, 4))
+            for k, text in enumerate(lines):
+                fig.text(0.1, 0.85 - k * 0.12, text, fontsize=12)
+            pdf.savefig(fig)
+            plt.close(fig)
+    unit = {"format": "pdf", "uri": str(tmp_path / "paper.pdf"), "root": str(tmp_path)}
+    rows = list(read_ocr_unit(unit, 1 << 30, Ocr(), ""))
+    assert [r["markup_source"] for r in rows] == ["latex", "latex"] and all(r["error"] is None for r in rows)
+    first, second = rows[0]["markup"], rows[1]["markup"]
+    assert first.startswith("# Introduction") and "$E=mc^2$" in first and "observation" in first
+    assert r"$$\int_0^1 x\,dx = \frac{1}{2}$$" in first  # the display formula stays with its page
+    assert second.startswith("# Results") and "| alpha | beta  |\n| gamma | delta |" in second  # a pipe table
+    assert "Introduction" not in second and "Results" not in first
+    (tmp_path / "paper.tex").write_bytes(b"\\begin{document}\\section{x")  # pandoc fails: the text layer stands
+    rows = list(read_ocr_unit(unit, 1 << 30, Ocr(), ""))
+    assert [r["markup_source"] for r in rows] == ["text_layer", "text_layer"]
+    assert rows[0]["markup"].endswith("1/2") and "LaTeX source not used" in rows[0]["error_detail"]
