@@ -10,7 +10,8 @@ kind's shard contract declares (`schemas/<kind>.py`, importable without Spark); 
 contract test in which its formatter reads samples the pipeline's writer produced. The non
 image_text layouts below are provisional, until their kinds land on the spine:
 
-- interleaved: `.json` {"texts": [str | null, ...]}; the image at position i is the member `img{i}.jpg`.
+- interleaved: `.json` {"texts": [str | null, ...], "images": [{"member": "0003.jpg", ...} | null, ...]}
+  (aligned, one of the two per position), the images as members `{key}.0003.jpg` (schemas/interleaved.py).
 - ocr: `.jpg` + `.txt` (the OCR text).
 - grounding: `.jpg` + `.txt` + `.json` {"caption", "phrases": [{"text", "span", "boxes"}]} as
   `schemas/grounding.py` declares; the caption is rendered by `schemas/boxes.py` (each phrase followed
@@ -36,6 +37,7 @@ from schemas import boxes
 from schemas import grounding as grounding_schema
 from schemas import gui as gui_schema
 from schemas import image_text as image_text_schema
+from schemas import interleaved as interleaved_schema
 from trainer.images import ImageConfig, decode_resized, image_patches, merged_tokens, smart_resize, to_patches
 
 if TYPE_CHECKING:  # a type only: tokenizer.py reads formatters to find training text, not the other way round
@@ -220,25 +222,33 @@ class Gui:
         return [_text(sample, self.text, required=False)]
 
 
+_INTERLEAVED = interleaved_schema.contract()  # the layout the pipeline writes (schemas/interleaved.py)
+
+
 @register("interleaved")
 class Interleaved:
-    """Texts and images in document order; consecutive texts are joined by a blank line."""
+    """Texts and images in document order (`.json` `texts`/`images`, aligned as OBELICS has them: at each
+    position exactly one is non-null; an image entry names its member, e.g. `0003.jpg`). Consecutive
+    texts are joined by a blank line."""
 
     kind = "interleaved"
 
     def format(self, sample: dict, ctx: FormatContext) -> Formatted:
         tok = ctx.tokenizer
-        texts = _json(sample).get("texts")
-        if not texts:
-            raise ValueError("no texts")
+        doc = _json(sample)
+        texts, entries = doc.get("texts"), doc.get("images")
+        if not texts or entries is None or len(texts) != len(entries):
+            raise ValueError("texts and images must be non-empty lists of the same length")
         ids: list[int] = []
         images: list[ImageInput] = []
         prev_text = False
-        for i, t in enumerate(texts):
-            if t is None:
-                data = sample.get(f"img{i}.jpg")
-                if data is None:
-                    raise KeyError(f"position {i} is an image but img{i}.jpg is missing")
+        for t, im in zip(texts, entries):
+            if (t is None) == (im is None):
+                raise ValueError("exactly one of texts[i] and images[i] must be set")
+            if im is not None:
+                data = sample.get(im["member"])
+                if data is None or not _INTERLEAVED.member(im["member"]):
+                    raise KeyError(f"image member {im['member']} is missing")
                 patches, grid = image_patches(data, ctx.image)
                 ids += image_block(ctx, grid)
                 images.append((patches, grid))

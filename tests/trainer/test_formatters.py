@@ -79,10 +79,18 @@ def test_grounding_rejects_boxes_off_the_0_999_grid(ctx, box, corpus):
         formatters.get("grounding").format(s, ctx)
 
 
+def interleaved_sample(key: str, items: list, **images: bytes) -> dict:
+    """A sample in the interleaved layout (schemas/interleaved.py): items are texts, or None where an
+    image sits; images by member name (e.g. `m0001=...` for `0001.jpg`)."""
+    entries = [None if t is not None else {"member": f"{i:04d}.jpg"} for i, t in enumerate(items)]
+    return {"__key__": key, "json": json.dumps({"texts": items, "images": entries}).encode(),
+            **{k.removeprefix("m") + ".jpg": v for k, v in images.items()}}
+
+
 def test_interleaved_keeps_document_order(ctx, tok, corpus):
     a, b = corpus.picture(1)[0], corpus.picture(2)[0]
     texts = ["First paragraph.", None, "Second.", "Third.", None]
-    s = {"__key__": "doc", "json": json.dumps({"texts": texts}).encode(), "img1.jpg": a, "img4.jpg": b}
+    s = interleaved_sample("doc", texts, m0001=a, m0004=b)
     f = formatters.get("interleaved").format(s, ctx)
     bl = blocks(f.ids, tok)
     assert len(bl) == 2 and len(f.images) == 2
@@ -93,8 +101,11 @@ def test_interleaved_keeps_document_order(ctx, tok, corpus):
 
 
 def test_interleaved_missing_image_is_an_error(ctx):
-    s = {"__key__": "doc", "json": json.dumps({"texts": ["a", None]}).encode()}
+    s = interleaved_sample("doc", ["a", None])
     with pytest.raises(KeyError):
+        formatters.get("interleaved").format(s, ctx)
+    s = {"__key__": "doc", "json": json.dumps({"texts": ["a", None], "images": [None, None]}).encode()}
+    with pytest.raises(ValueError):  # neither text nor image at position 1
         formatters.get("interleaved").format(s, ctx)
 
 
@@ -116,14 +127,13 @@ def test_video_frame_pairs_each_followed_by_whole_seconds(ctx, tok, corpus):
 def test_too_long_sequences_are_cut_outside_image_blocks(tok, corpus):
     a = corpus.picture(1)[0]
     long_text = "word " * 200
-    s = {"__key__": "doc", "json": json.dumps({"texts": ["intro", None, long_text, None]}).encode(),
-         "img1.jpg": a, "img3.jpg": a}
+    s = interleaved_sample("doc", ["intro", None, long_text, None], m0001=a, m0003=a)
     ctx = FormatContext(tok, IMG, max_len=120)
     f = formatters.get("interleaved").format(s, ctx)
     assert len(f.ids) == 120 and len(f.images) == 1
     assert f.ids.count(tok.begin_image_id) == 1 and f.ids.count(tok.end_image_id) == 1
     # cut right before an image that does not fit whole: the image is dropped, the text kept
-    s2 = {"__key__": "doc2", "json": json.dumps({"texts": ["intro words", None]}).encode(), "img1.jpg": a}
+    s2 = interleaved_sample("doc2", ["intro words", None], m0001=a)
     n_img = len(formatters.get("interleaved").format(s2, FormatContext(tok, IMG, 256)).ids)
     f2 = formatters.get("interleaved").format(s2, FormatContext(tok, IMG, n_img - 3))
     assert f2.images == [] and tok.begin_image_id not in f2.ids
