@@ -7,6 +7,7 @@ iterates over what is registered without naming any kind.
 from __future__ import annotations
 
 from pipelines import grounding, gui, image_text
+from pipelines import interleaved
 from pipelines.kind import Kind
 
 # every kind GLM-4.1V's data has; those not registered yet are refused by name, with a clear error
@@ -33,3 +34,4 @@ def get(name: str) -> Kind:
 register(image_text.KIND)
 register(grounding.KIND)
 register(gui.KIND)
+register(interleaved.KIND)
