@@ -19,7 +19,9 @@ trimmed as Pix2Struct and CogAgent trim HTML: an allowlist (no class, style, dat
 values cut short.
 
 Network: a page may fetch only from its own origin (for a local file: its own folder); anything else is
-aborted unless `allow_external`. A page that does not load within `load_timeout_s` is `render_timeout`;
+aborted unless `allow_external`. http(s) hosts that resolve to private, link-local or reserved addresses
+(and loopback unless `allow_loopback`) are refused with the download stage's policy; a page whose own
+URL is refused is `download_blocked_address`. A page that does not load within `load_timeout_s` is `render_timeout`;
 scripts that never settle are cut: after `load`, the render waits at most `settle_s` for the network to
 go quiet, then takes the screenshot anyway.
 
@@ -188,6 +190,8 @@ class RenderPage(Stage):
     min_box_side: float = 4.0  # element boxes smaller than this (screenshot pixels) are left out
     qa_per_render: int = 8
     allow_external: bool = False  # fetch from other origins than the page's own
+    block_private: bool = True  # http(s) hosts resolving to private, link-local, reserved addresses are refused
+    allow_loopback: bool = False  # 127/8 and ::1 (tests and local mirrors)
     javascript: bool = True
     seed: int = 0
 
@@ -230,12 +234,19 @@ class RenderPage(Stage):
                                         java_script_enabled=self.javascript, service_workers="block")
         try:
             page = await ctx.new_page()
+            refused: dict[str, str] = {}
 
             async def route(r):
-                if body is not None and r.request.url.split("#")[0] == target.split("#")[0]:
+                url = r.request.url
+                if body is not None and url.split("#")[0] == target.split("#")[0]:
                     await r.fulfill(status=200, body=body, headers={"content-type": "text/html"})
-                elif body is None and allowed(r.request.url, target, self.allow_external):
-                    await r.continue_()
+                elif body is None and allowed(url, target, self.allow_external):
+                    why = await self._address_refusal(url)
+                    if why is None:
+                        await r.continue_()
+                    else:
+                        refused[url] = why
+                        await r.abort("addressunreachable")
                 else:
                     await r.abort()
 
@@ -244,6 +255,10 @@ class RenderPage(Stage):
                 resp = await page.goto(target, wait_until="load", timeout=self.load_timeout_s * 1000)
             except PlaywrightTimeout as e:
                 return {ERROR: "render_timeout", ERROR_DETAIL: str(e).splitlines()[0][:300]}
+            except Exception as e:
+                if target in refused:
+                    return {ERROR: "download_blocked_address", ERROR_DETAIL: f"{target[:200]}: {refused[target]}"}
+                raise e
             if resp is not None and resp.status >= 400:
                 return {ERROR: "download_http_error", ERROR_DETAIL: f"HTTP {resp.status} for {target[:200]}"}
             try:
@@ -255,10 +270,30 @@ class RenderPage(Stage):
             return {"png": png, "raw": raw, S.FINAL_URL: page.url}
         except PlaywrightTimeout as e:
             return {ERROR: "render_timeout", ERROR_DETAIL: str(e).splitlines()[0][:300]}
-        except Exception as e:  # a page that crashes the tab, a bad URL: this render's problem
+        except Exception as e:  # noqa: BLE001 - a page that crashes the tab, a bad URL: this render's problem
             return {ERROR: "render_failed", ERROR_DETAIL: f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
         finally:
             await ctx.close()
+
+    async def _address_refusal(self, url: str) -> str | None:
+        """Why an http(s) request may not go out (the download stage's address policy), else None. The
+        host is resolved here and again by Chromium: a guard against plain private targets, not against
+        DNS rebinding (the download stage pins its checked address; a browser cannot)."""
+        from filters.download import AddressPolicy
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            return None
+        policy = AddressPolicy(self.block_private, self.allow_loopback)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(parts.hostname, parts.port or 80)
+        except OSError:
+            return None  # Chromium reports the DNS failure itself
+        for info in infos:
+            why = policy.refusal(info[4][0])
+            if why is not None:
+                return f"{parts.hostname} resolves to a {why} address"
+        return None
 
     async def _render_all(self, browser, rows: list[dict]) -> list[dict]:
         sem = asyncio.Semaphore(max(1, self.pages))
@@ -307,8 +342,8 @@ class RenderPage(Stage):
                 except Exception as e:  # noqa: BLE001 - a screenshot Pillow cannot read
                     res = {ERROR: "render_failed", ERROR_DETAIL: f"{type(e).__name__}: {e}"[:300]}
             res = res or {ERROR: r[ERROR], ERROR_DETAIL: r[ERROR_DETAIL]}
-            for name in out:
-                out[name].append(res.get(name))
+            for name, values in out.items():
+                values.append(res.get(name))
         return out
 
 

@@ -162,7 +162,7 @@ def render_text(caption: str, phrases: Sequence[dict]) -> str:
     return "".join(s if k == "text" else BEGIN_BOX + s + END_BOX for k, s in render(caption, phrases))
 
 
-_BLOCK = re.compile(re.escape(BEGIN_BOX) + r"(.*?)" + re.escape(END_BOX), re.S)
+_BLOCK = re.compile(re.escape(BEGIN_BOX) + r"(.*?)" + re.escape(END_BOX), re.DOTALL)
 _BOX = re.compile(r"\[(\d{1,3}),(\d{1,3}),(\d{1,3}),(\d{1,3})\]")
 
 

@@ -14,7 +14,7 @@ import json
 from filters.decode import Decode
 from filters.dedup import Dedup, find_duplicates_with_stats
 from filters.download import DOWNLOAD_STATUS, Download
-from filters.grounding_boxes import ExplodeBoxes, GroundBoxes, LoadImage
+from filters.grounding_boxes import DrawBoxes, ExplodeBoxes, GroundBoxes, LoadImage
 from filters.grounding_detect import Detector
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.rules import first_reason, image_checks
@@ -26,6 +26,8 @@ from schemas import boxes as B
 from schemas import grounding as S
 from schemas import ledger as L
 from schemas.common import SAMPLE_ID, spark_type
+
+BOXED = "boxed"  # the report's thumbnail: the image with the sample's boxes drawn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +76,7 @@ def plan(ctx: Context) -> Plan:
                              "grounding.detector.endpoint to a served open-vocabulary detector to box its phrases")
     key = fingerprint("grounding", inputs, recipe.read, cfg.image_root, cfg.grit_phrases, cfg.refcoco_splits,
                       cfg.download, cfg.decode, cfg.detector.cache_key(), cfg.boxes)
-    spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE,))
+    spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE, BOXED))
     counter = ctx.spark.sparkContext.accumulator({}, readers.ReadCounts())
 
     def features():
@@ -87,7 +89,7 @@ def plan(ctx: Context) -> Plan:
         parts = max(len(units), sc.defaultParallelism)
         return apply_stages(raw.repartition(parts, SAMPLE_ID),
                             [LoadImage(recipe.read.max_member_bytes), cfg.download, cfg.decode, cfg.detector,
-                             cfg.boxes, spool, ExplodeBoxes()], ctx.timer)
+                             cfg.boxes, DrawBoxes(S.IMAGE, S.PHRASES, BOXED), spool, ExplodeBoxes()], ctx.timer)
 
     def boxes(alive):
         from pyspark.sql import functions as F
@@ -136,7 +138,7 @@ def plan(ctx: Context) -> Plan:
 
     return Plan(
         features=features, key=key, steps=steps, to_sample=to_sample, sample_size=sample_size,
-        error_reason=opted_out_first, report=report, thumbnail=S.IMAGE, text=S.CAPTION,
+        error_reason=opted_out_first, report=report, thumbnail=BOXED, text=S.CAPTION,
         facts={"grounding": {"units": len(units), "formats": sorted({u["format"] for u in units}),
                              "min_boxes": cfg.min_boxes}, "dedup": dedup_facts},
         read_counts=lambda: readers.per_unit(counter.value),

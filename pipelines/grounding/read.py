@@ -126,7 +126,7 @@ def read_coco(unit: dict, cfg: Any, dataset: str) -> Iterator[dict]:
     ident = id_source(uri, unit["root"], dataset)
     doc = json.loads(storage.read_bytes(uri))
     if not isinstance(doc, dict) or not isinstance(doc.get("images"), list) or not isinstance(doc.get("annotations"), list):
-        raise ValueError("not a COCO detection file (want a mapping with 'images' and 'annotations' lists)")
+        raise TypeError("not a COCO detection file (want a mapping with 'images' and 'annotations' lists)")
     cats = {c.get("id"): str(c.get("name")) for c in doc.get("categories") or [] if isinstance(c, dict)}
     images = doc["images"]
     root = _image_root(uri, images, getattr(cfg, "image_root", ""))
@@ -176,7 +176,7 @@ def read_refcoco(unit: dict, cfg: Any, dataset: str) -> Iterator[dict]:
     refs = load_refs(storage.read_bytes(uri), uri)
     inst = json.loads(storage.read_bytes(inst_uri))
     if not isinstance(refs, list) or not isinstance(inst, dict):
-        raise ValueError("want a list of refs and an instances mapping")
+        raise TypeError("want a list of refs and an instances mapping")
     anns = {a.get("id"): a for a in inst.get("annotations") or [] if isinstance(a, dict)}
     images = {i.get("id"): i for i in inst.get("images") or [] if isinstance(i, dict)}
     root = _image_root(inst_uri, list(images.values()), getattr(cfg, "image_root", ""))

@@ -12,6 +12,7 @@ import dataclasses
 import json
 
 from filters.dedup import Dedup, find_duplicates_with_stats
+from filters.grounding_boxes import DrawBoxes
 from filters.gui_render import OcrAgreement, RenderPage
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.rules import first_reason
@@ -23,6 +24,7 @@ from schemas import gui as S
 from schemas import ledger as L
 from schemas.common import SAMPLE_ID
 
+BOXED = "boxed"  # the report's thumbnail: the screenshot with the element boxes drawn
 DEFAULT_VIEWPORTS = tuple(f"{d}:{w}x{h}@{s:g}" for d, w, h, s in S.VIEWPORTS)
 
 
@@ -82,7 +84,7 @@ def plan(ctx: Context) -> Plan:
     render = dataclasses.replace(cfg.render, seed=recipe.seed)
     key = fingerprint("gui", inputs, recipe.read, cfg.viewports, cfg.renders_per_page, cfg.files_per_task,
                       render.cache_key(), cfg.ocr, recipe.seed)
-    spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.SCREENSHOT,))
+    spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.SCREENSHOT, BOXED))
     counter = ctx.spark.sparkContext.accumulator({}, readers.ReadCounts())
 
     def features():
@@ -96,7 +98,7 @@ def plan(ctx: Context) -> Plan:
                            recipe.read.max_member_bytes, counter)
         raw = apply_stages(plan_df, [reader], ctx.timer)
         parts = max(len(units), sc.defaultParallelism)
-        stages = [render, spool]
+        stages = [render, DrawBoxes(S.SCREENSHOT, S.ELEMENTS, BOXED), spool]
         if cfg.ocr.enabled:
             stages.append(OcrAgreement(elements=cfg.ocr.elements, seed=recipe.seed))
         return apply_stages(raw.repartition(parts, SAMPLE_ID), stages, ctx.timer)
@@ -145,7 +147,7 @@ def plan(ctx: Context) -> Plan:
     return Plan(
         features=features, key=key, steps=steps, to_sample=to_sample,
         sample_size=lambda F: F.col(size_column(S.SCREENSHOT)) + F.length(S.ELEMENTS) + F.length(S.QA) * 2 + 800,
-        report=report, thumbnail=S.SCREENSHOT, text=S.URL,
+        report=report, thumbnail=BOXED, text=S.URL,
         facts={"gui": {"units": len(units), "viewports": list(cfg.viewports), "renders_per_page": cfg.renders_per_page,
                        "ocr": dataclasses.asdict(cfg.ocr)}, "dedup": dedup_facts},
         read_counts=lambda: readers.per_unit(counter.value),

@@ -26,7 +26,7 @@ from pipelines.io import storage
 from pipelines.io.readers import input_root, is_transient
 from schemas import gui as S
 from schemas import ledger as L
-from schemas.common import ERROR, ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY, make_sample_id
+from schemas.common import ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY, make_sample_id
 
 HTML_EXTS = (".html", ".htm", ".xhtml")
 WARC_EXTS = (".warc", ".warc.gz")

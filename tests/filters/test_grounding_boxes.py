@@ -157,3 +157,16 @@ def test_explode_gives_every_box_a_row():
     assert out[2][S.BOX_DUPLICATE_OF] == out[1]["sample_id"] == box_id("img", "1")
     assert [r["source_key"] for r in out[1:]] == ["k#box:1", "k#box:2", "k#box:3"]
     assert len({r["sample_id"] for r in out}) == 4
+
+
+def test_draw_boxes_thumbnail():
+    from filters.grounding_boxes import DrawBoxes
+
+    phrases = json.dumps([{"text": "a", "span": [0, 1], "boxes": [[0, 0, 499, 499]]}])
+    batch = pa.RecordBatch.from_pylist([{"image": _jpeg(640, 480), "phrases": phrases},
+                                        {"image": None, "phrases": None}])
+    out = DrawBoxes(size=160).apply(batch).to_pylist()
+    img = Image.open(io.BytesIO(out[0]["boxed"]))
+    assert img.size == (160, 120) and out[1]["boxed"] is None
+    r, g, _ = img.getpixel((40, 0))  # on the box's top edge: the first colour, not the image's
+    assert r > 150 and g < 90

@@ -7,6 +7,7 @@ import http.server
 import io
 import json
 import threading
+from typing import ClassVar
 
 import pyarrow as pa
 import pytest
@@ -19,12 +20,12 @@ from schemas import grounding as S
 
 
 class FakeDetector(http.server.BaseHTTPRequestHandler):
-    calls: list[dict] = []
+    calls: ClassVar[list[dict]] = []
 
     def log_message(self, *args):
         pass
 
-    def do_POST(self):  # noqa: N802 - http.server's name
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         FakeDetector.calls.append({k: body[k] for k in ("caption", "width", "height")})
         if "broken" in body["caption"]:

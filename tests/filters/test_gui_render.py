@@ -131,3 +131,26 @@ def test_qa_pairs_use_unique_descriptions():
     assert len(qa) == 1 and qa[0]["task"] == "reg"
     assert qa[0] == {"task": "reg", "question": "What element is at <|begin_of_box|>[[1,2,3,4]]<|end_of_box|>?",
                      "answer": 'the button "OK": <button>OK</button>'}
+
+
+def test_private_addresses_are_refused_unless_allowed(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    (tmp_path / "p.html").write_text("<html><body><h1>Served page</h1><button>Press</button></body></html>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/p.html"
+        row = {"url": url, "source_type": "url", "device": "desktop", "viewport_width": 640, "viewport_height": 480,
+               "device_scale": 1.0}
+        blocked = RenderPage(settle_s=0.2).apply(_rows([row]), RenderPage(settle_s=0.2).state()).to_pylist()[0]
+        assert blocked["error"] == "download_blocked_address" and "loopback" in blocked["error_detail"]
+        ok_stage = RenderPage(settle_s=0.2, allow_loopback=True)
+        ok = ok_stage.apply(_rows([row]), ok_stage.state()).to_pylist()[0]
+        assert ok["error"] is None and ok[S.FINAL_URL] == url and ok[S.ELEMENT_COUNT] == 2
+    finally:
+        httpd.shutdown()

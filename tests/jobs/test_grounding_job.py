@@ -14,6 +14,7 @@ import pytest
 from tests.filters.test_grounding_detect import FakeDetector
 from tests.jobs.test_build_pretrain import submit
 from tests.pipelines.test_grounding import _jpeg, _photo, make_corpus
+from tests.util import read_json
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def test_grounding_job_end_to_end(tmp_path, detector):
     submit("--input", f"grounding={corpus['coco']}", "--input", f"grounding={corpus['grit']}",
            "--input", f"grounding={captions}", "--output", out, "--set", f"grounding.detector.endpoint={detector}",
            "--set", "grounding.dedup_enabled=false", "--set", "grounding.boxes.min_score=0.3")
-    summary = json.load(open(os.path.join(out, "reports", "summary.json")))
+    summary = read_json(os.path.join(out, "reports", "summary.json"))
     k = summary["kinds"]["grounding"]
     assert k["input"] == 6 + 5 + 1 and k["kept"] == 6  # COCO 1, 4, 5; GRIT g0, g4; the detector's c0
     assert summary["gates"]["passed"]
@@ -55,5 +56,6 @@ def test_grounding_job_end_to_end(tmp_path, detector):
     for s in samples:
         text = formatters.get("grounding").texts(s)[0]
         assert text == s["txt"].decode() and text.count("<|begin_of_box|>") >= 2
-    page = open(os.path.join(out, "reports", "index.html"), encoding="utf-8").read()
+    with open(os.path.join(out, "reports", "index.html"), encoding="utf-8") as f:
+        page = f.read()
     assert "too_few_boxes" in page and "box_invalid" in page

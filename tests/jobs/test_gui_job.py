@@ -2,7 +2,6 @@
 read the published shards back with the trainer's formatter and check the report names the reasons."""
 from __future__ import annotations
 
-import json
 import os
 
 import pyarrow.parquet as pq
@@ -10,6 +9,7 @@ import pytest
 
 from tests.jobs.test_build_pretrain import submit
 from tests.pipelines.test_gui import HANDBOOK, make_corpus
+from tests.util import read_json
 
 pytestmark = pytest.mark.slow
 
@@ -23,7 +23,7 @@ def test_gui_job_end_to_end(tmp_path):
     submit("--input", f"gui={HANDBOOK}", "--input", f"gui={corpus['pages']}", "--input", f"gui={corpus['warc']}",
            "--output", out, "--set", "gui.viewports=['desktop:1024x768@1', 'phone:390x844@2']",
            "--set", "gui.renders_per_page=1", "--set", "gui.render.load_timeout_s=3", "--set", "gui.ocr.elements=2")
-    summary = json.load(open(os.path.join(out, "reports", "summary.json")))
+    summary = read_json(os.path.join(out, "reports", "summary.json"))
     k = summary["kinds"]["gui"]
     assert summary["gates"]["passed"]
     assert k["units"]["page"]["input"] == 1 + 5 + 1 and k["units"]["render"]["input"] == 7
@@ -35,5 +35,6 @@ def test_gui_job_end_to_end(tmp_path):
     assert 3 <= len(samples) <= 4  # handbook, shop, form (its copy: a duplicate when drawn the same viewport)
     for s in samples:
         assert formatters.get("gui").texts(s) == [s["txt"].decode()] and "<|begin_of_box|>" in s["txt"].decode()
-    page = open(os.path.join(out, "reports", "index.html"), encoding="utf-8").read()
+    with open(os.path.join(out, "reports", "index.html"), encoding="utf-8") as f:
+        page = f.read()
     assert "render_timeout" in page and "too_few_elements" in page

@@ -90,7 +90,7 @@ def gui_run(spark, tmp_path_factory, server):
     os.replace(os.path.join(corpus["served"], "other.html"), os.path.join(folder, "other.html"))
     out = str(tmp / "out")
     settings = [*VIEWPORTS, "shards.max_samples=3", "gui.render.load_timeout_s=3", "gui.render.settle_s=0.5",
-                "gui.ocr.elements=2"]
+                "gui.ocr.elements=2", "gui.render.allow_loopback=true"]  # the local server
     inputs = [f"gui={HANDBOOK}", f"gui={corpus['pages']}", f"gui={corpus['lists']}", f"gui={corpus['warc']}"]
     recipe = load(None, settings, inputs, out)
     summary = run_build(spark, recipe, dict(recipe.inputs), out)
