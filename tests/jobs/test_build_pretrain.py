@@ -78,6 +78,11 @@ def test_every_input_is_accounted_for(runs, sample_dir):
     assert not k["facts"]["clip"]["real_weights"] and not k["facts"]["clip"]["threshold_applied"]
     assert k["units"]["pair"]["input"] == k["input"] and k["unit"] == "pair"
     assert set(summary["stages"]) >= {"decode", "caption", "clip", "concepts"}
+    # the progress reporter's phases: every item went through the read pass once, each phase timed
+    phases = summary["phases"]
+    assert phases["image_text features"]["items"] == 40 and phases["image_text features"]["tasks"] >= 1
+    assert {"image_text dedup", "image_text shards", "ledger", "report", "gates"} <= set(phases)
+    assert summary["stages"]["decode"]["rows"] == 40 and summary["stages"]["decode"]["rows_per_task_second"] > 0
 
 
 def test_shards_read_back_with_webdataset(runs):
