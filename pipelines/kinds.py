@@ -6,7 +6,7 @@ iterates over what is registered without naming any kind.
 """
 from __future__ import annotations
 
-from pipelines import grounding, gui, image_text
+from pipelines import grounding, gui, image_text, ocr
 from pipelines import interleaved
 from pipelines.kind import Kind
 
@@ -35,3 +35,4 @@ register(image_text.KIND)
 register(grounding.KIND)
 register(gui.KIND)
 register(interleaved.KIND)
+register(ocr.KIND)

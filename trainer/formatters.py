@@ -12,7 +12,8 @@ image_text layouts below are provisional, until their kinds land on the spine:
 
 - interleaved: `.json` {"texts": [str | null, ...], "images": [{"member": "0003.jpg", ...} | null, ...]}
   (aligned, one of the two per position), the images as members `{key}.0003.jpg` (schemas/interleaved.py).
-- ocr: `.jpg` + `.txt` (the OCR text).
+- ocr: `.jpg` + `.txt` (the text in reading order) + `.json` (schemas/ocr.py: branch, lines with boxes
+  0-999, `markup` for academic pages, used as the target where present).
 - grounding: `.jpg` + `.txt` + `.json` {"caption", "phrases": [{"text", "span", "boxes"}]} as
   `schemas/grounding.py` declares; the caption is rendered by `schemas/boxes.py` (each phrase followed
   by `<|begin_of_box|>[[x1,y1,x2,y2];...]<|end_of_box|>`, corners 0-999), box markers as special ids.
@@ -38,6 +39,7 @@ from schemas import grounding as grounding_schema
 from schemas import gui as gui_schema
 from schemas import image_text as image_text_schema
 from schemas import interleaved as interleaved_schema
+from schemas import ocr as ocr_schema
 from trainer.images import ImageConfig, decode_resized, image_patches, merged_tokens, smart_resize, to_patches
 
 if TYPE_CHECKING:  # a type only: tokenizer.py reads formatters to find training text, not the other way round
@@ -140,6 +142,7 @@ def _finish(ids: list[int], images: list[ImageInput], ctx: FormatContext, sample
 # --- the kinds -----------------------------------------------------------------------------------------
 
 _IMAGE_TEXT = image_text_schema.contract()  # the layout the pipeline writes (schemas/image_text.py)
+_OCR = ocr_schema.contract()  # schemas/ocr.py
 _GROUNDING = grounding_schema.contract()
 _GUI = gui_schema.contract()  # schemas/gui.py
 
@@ -167,9 +170,27 @@ class ImageText:
 
 @register("ocr")
 class Ocr(ImageText):
-    """`<image>` then the text read from it: the same layout as image_text."""
+    """`<image>` then the text to read out of it (schemas/ocr.py): the `.txt` member (lines in reading
+    order), or for an academic page read from its text layer the json's light `markup` (Nougat's target)."""
 
     kind = "ocr"
+    image = _OCR.thumbnail.ext
+    text = next(m.ext for m in _OCR.members if m.media == "text")
+
+    def _target(self, sample: dict) -> str:
+        markup = json.loads(sample["json"]).get("markup") if "json" in sample else None
+        return markup.strip() if markup and markup.strip() else _text(sample, self.text)
+
+    def format(self, sample: dict, ctx: FormatContext) -> Formatted:
+        text = self._target(sample)
+        if not text:
+            raise ValueError("empty OCR text")
+        patches, grid = image_patches(sample[self.image], ctx.image)
+        ids = image_block(ctx, grid) + ctx.tokenizer.encode(text)
+        return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
+
+    def texts(self, sample: dict) -> list[str]:
+        return [self._target(sample)]
 
 
 @register("grounding")
