@@ -126,12 +126,13 @@ def check_accounting(ledger, results: dict) -> None:
     row = ledger.agg(F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids")).first()
     if row["n"] != row["ids"]:
         raise AccountingError(f"ledger has {row['n']} rows but {row['ids']} distinct sample ids")
-    kept = {r["kind"]: r["n"] for r in ledger.filter((F.col(L.STATUS) == L.KEPT) & F.col(L.PARENT_ID).isNull())
-            .groupBy("kind").agg(F.count("*").alias("n")).collect()}
+    kept = {(r["kind"], r[L.UNIT]): r["n"] for r in ledger.filter(F.col(L.STATUS) == L.KEPT)
+            .groupBy("kind", L.UNIT).agg(F.count("*").alias("n")).collect()}
     for kind, res in results.items():
         in_shards = sum(s["nsamples"] for s in res.shards)
-        if kept.get(kind, 0) != in_shards:
-            raise AccountingError(f"{kind}: ledger says {kept.get(kind, 0)} kept, shards hold {in_shards}")
+        n = kept.get((kind, kinds.get(kind).samples_unit), 0)
+        if n != in_shards:
+            raise AccountingError(f"{kind}: ledger says {n} kept, shards hold {in_shards}")
     ids = ledger.select(F.col(SAMPLE_ID).alias("_parent"), F.col("kind").alias("_parent_kind"))
     orphans = (ledger.filter(F.col(L.PARENT_ID).isNotNull())
                .join(ids, (F.col(L.PARENT_ID) == F.col("_parent")) & (F.col("kind") == F.col("_parent_kind")),

@@ -154,8 +154,9 @@ def totals_checks(kind: Kind, assertions: list[dict]) -> list:
                 column_A="input", column_B="accounted"),
         _expect(pair, f"{p}.ids_unique", "distinct sample ids = ledger rows (every unit)", column_A="input_all_units",
                 column_B="distinct_ids"),
-        _expect(pair, f"{p}.kept_equals_shard_samples", f"kept {kind.units[0]} rows = samples written to shards",
-                column_A="kept", column_B="shard_samples"),
+        _expect(pair, f"{p}.kept_equals_shard_samples", f"kept {kind.samples_unit} rows = samples written to shards",
+                column_A="kept" if kind.samples_unit == kind.units[0] else f"{kind.samples_unit}_kept",
+                column_B="shard_samples"),
         _expect(pair, f"{p}.kept_rows_name_shards", "kept rows = ledger rows naming a shard",
                 column_A="kept_all_units", column_B="rows_with_shard"),
     ]
@@ -263,6 +264,8 @@ def totals_table(ledger, kind: Kind, summary_kind: dict, assertions: list[dict])
         accounted = u["kept"] + sum(u["dropped"].values()) + sum(u["quarantined"].values())
         prefix = "" if i == 0 else f"{unit}_"
         row.update({f"{prefix}input": u["input"], f"{prefix}accounted": accounted})
+        if i > 0 and unit == kind.samples_unit:  # samples are sub-items (a video's clips)
+            row[f"{unit}_kept"] = u["kept"]
         if i == 0:
             n = u["input"]
             row.update(kept=u["kept"], dropped=sum(u["dropped"].values()), quarantined=sum(u["quarantined"].values()),
@@ -328,15 +331,17 @@ def read_shard_metadata(shard_dir: str, names: list[str], contract: Contract):
     return table
 
 
-def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contract, cap: int = SHARD_SAMPLE_CAP):
+def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contract, cap: int = SHARD_SAMPLE_CAP,
+                unit: str = ""):
     """(pandas samples of the shards read, with the ledger's shard for each sample; the number of
-    samples the ledger puts in those shards; info)."""
+    samples the ledger puts in those shards; info). `unit`: the kind's sample unit (default: its items)."""
     from pyspark.sql import functions as F
 
     picked = pick_shards(stats, cap)
     names = [s["shard"] for s in picked]
     table = read_shard_metadata(shard_io.staging_dir(out, kind), names, contract)
-    in_ledger = (ledger.filter((F.col("kind") == kind) & F.col(L.SHARD).isin(names) & F.col(L.PARENT_ID).isNull())
+    is_sample = (F.col(L.UNIT) == unit) if unit else F.col(L.PARENT_ID).isNull()
+    in_ledger = (ledger.filter((F.col("kind") == kind) & F.col(L.SHARD).isin(names) & is_sample)
                  .select(F.col(SAMPLE_ID).alias("key"), F.col(L.SHARD).alias("ledger_shard")).toArrow().to_pandas())
     table = table.merge(in_ledger, on="key", how="left")
     info = {"shards": len(stats), "shards_read": len(names), "samples_read": len(table),
@@ -464,7 +469,8 @@ def run_gates(results: dict, ledger, summary: dict, recipe, out: str) -> dict:
         suites[f"{name}.ledger"] = ledger_checks(kind)
         tables[f"{name}.totals"] = totals_table(ledger, kind, summary["kinds"][name], res.assertions)
         suites[f"{name}.totals"] = totals_checks(kind, res.assertions)
-        tables[f"{name}.shards"], expected, shard_info = shard_table(ledger, name, out, res.shards, contract)
+        tables[f"{name}.shards"], expected, shard_info = shard_table(ledger, name, out, res.shards, contract,
+                                                                         unit=kind.samples_unit)
         suites[f"{name}.shards"] = shard_checks(contract, expected)
         sampling[name] = {"ledger": led_info, "shards": shard_info}
     reports = storage.join(out, "reports")

@@ -213,7 +213,7 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
                        "sizes": {str(k): sizes[k] for k in sorted(sizes)}},
         "bars": bars,
         "columns": report,
-        "unit": kind.units[0],
+        "unit": kind.samples_unit,  # the unit the contract's plotted fields describe
         "plots": [{"name": f.name, "plot": f.plot, "description": f.description,
                    "marks": [[float(v), str(label)] for v, label in f.marks]}
                   for f in contract.fields if f.plot and f.name in report],
