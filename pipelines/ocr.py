@@ -18,6 +18,7 @@ name), and the readers' per-unit counts are reconciled with the ledger as for ev
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import posixpath
@@ -190,14 +191,19 @@ def read_ocr_unit(unit: dict, max_bytes: int, cfg: Ocr, dataset: str) -> Iterato
                    error="read_error", error_detail=f"{type(e).__name__}: {e}"[:500])
         return
     if fmt == "pdf":
+        stream = pdf_pages(data, cfg.academic)
         try:
-            pages = list(pdf_pages(data, cfg.academic))
+            first = next(stream, None)  # the document is opened here
         except Exception as e:  # noqa: BLE001 - pypdfium2 raises PdfiumError on anything it cannot open
             yield _raw(**base, key="@error", branch="academic", error="pdf_unreadable",
                        error_detail=f"{type(e).__name__}: {e}"[:500])
             return
-        latex, latex_error = _latex_beside(uri, [p.get("text") for p in pages], max_bytes)
-        for p, tex in zip(pages, latex or [None] * len(pages)):
+        pages = itertools.chain([] if first is None else [first], stream)
+        latex, latex_error = None, None
+        if storage.exists(uri[: -len(".pdf")] + ".tex"):  # only then are all pages held at once
+            pages = list(pages)
+            latex, latex_error = _latex_beside(uri, [p.get("text") for p in pages], max_bytes)
+        for p, tex in zip(pages, latex or itertools.repeat(None)):
             text_layer = p.get("text_source") == "text_layer"
             source = None if not text_layer else "latex" if tex else "text_layer"
             yield _raw(**base, key=f"page{p['page']:05d}", branch="academic", image=p.get("image"),

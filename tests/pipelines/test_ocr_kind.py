@@ -1,6 +1,10 @@
 """The ocr kind on the spark fixture, all three branches in one run: scene photos (real ones, with and
 without text), a text corpus rendered (Latin and Chinese), PDFs (a text layer and a scan); ledger,
-accounting, gates, report, and the trainer's formatter reading the shards the writer produced."""
+accounting, gates, report, and the trainer's formatter reading the shards the writer produced.
+
+Marked slow: one whole in-process run (13 items, ~11 PP-OCR reads, the spine's gates and report) takes
+minutes on the shared 2-core machine; the stages themselves are covered on Arrow batches in
+tests/filters/test_ocr_stages.py."""
 from __future__ import annotations
 
 import io
@@ -18,6 +22,8 @@ from pipelines import kinds, ocr
 from pipelines.build import run_build
 from pipelines.recipe import load
 from schemas import ocr as S
+
+pytestmark = pytest.mark.slow
 
 SKIMAGE = os.path.join(os.path.dirname(__import__("skimage").__file__), "data")
 DEJAVU_BOLD = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
