@@ -202,16 +202,18 @@ class PpOcr(Stage):
 
 @dataclasses.dataclass(frozen=True)
 class Legibility(Stage):
-    """Reads `image_ref`, `text`, `text_source`; writes `ocr_text` and `cer` on rows with a ground
-    truth (text_source render or text_layer), null elsewhere. The threshold is applied later."""
+    """Reads `image_ref`, `text`, `text_source`, `branch`; writes `ocr_text` and `cer` on rows with a
+    ground truth (text_source render or text_layer) of `branches`, null elsewhere. The threshold is
+    applied later."""
 
     name: ClassVar[str] = "legibility"
     enabled: bool = True
     max_cer: float = 0.5  # above it a render is illegible (applied by the kind's decision, not here)
     max_side: int = 1600  # the read is made at most this large (PP-OCR's own limit is 2000)
+    branches: tuple[str, ...] = ("synthetic", "academic")  # a full page's read costs ~20x a rendered line's
 
     def cache_key(self) -> Any:
-        return (self.enabled, self.max_side)
+        return (self.enabled, self.max_side, self.branches)
 
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.OCR_TEXT, pa.string()), pa.field(S.CER, pa.float32())]
@@ -221,10 +223,11 @@ class Legibility(Stage):
 
     def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
         texts, sources = batch.column(S.TEXT).to_pylist(), batch.column(S.TEXT_SOURCE).to_pylist()
+        branches = batch.column(S.BRANCH).to_pylist()
         images = column_bytes(batch, S.IMAGE)
         read, rates = [], []
-        for text, src, data in zip(texts, sources, images):
-            if src not in ("render", "text_layer") or not data:
+        for text, src, branch, data in zip(texts, sources, branches, images):
+            if src not in ("render", "text_layer") or branch not in self.branches or not data:
                 read.append(None)
                 rates.append(None)
                 continue

@@ -454,7 +454,7 @@ def plan(ctx: Context) -> Plan:
             return alive.filter(F.col(S.CER) > cfg.legibility.max_cer).select(
                 SAMPLE_ID, F.lit("illegible_render").alias("reason"))
 
-        steps.append(Step("legibility", stage=cfg.legibility, reads=(ref_column(S.IMAGE), S.TEXT, S.TEXT_SOURCE),
+        steps.append(Step("legibility", stage=cfg.legibility, reads=(ref_column(S.IMAGE), S.TEXT, S.TEXT_SOURCE, S.BRANCH),
                           store="checkpoint", decide=illegible, depends=cfg.legibility.max_cer))
 
     def samples(alive):
