@@ -125,8 +125,8 @@ class ProbeVideo(Stage):
                     out.update({ERROR: e.reason, ERROR_DETAIL: e.detail})
                 except OSError as e:
                     out.update({ERROR: "read_error", ERROR_DETAIL: f"{type(e).__name__}: {e}"[:300]})
-            for name in cols:
-                cols[name].append(out.get(name))
+            for name, values in cols.items():
+                values.append(out.get(name))
         return cols
 
 

@@ -13,6 +13,7 @@ clips here and dropped by the pipeline's rule (`clip_too_short`), so the ledger 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from fractions import Fraction
 from typing import Any, ClassVar
@@ -28,7 +29,7 @@ def split_long(start: int, end: int, max_frames: int) -> list[tuple[int, int]]:
     """[start, end) cut into the fewest equal parts of at most max_frames frames."""
     n = max(1, math.ceil((end - start) / max_frames))
     bounds = [start + (end - start) * k // n for k in range(n + 1)]
-    return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +84,6 @@ class DetectScenes(Stage):
                     out.update(self.scenes(r[S.PATH], Fraction(r[S.FPS_NUM], r[S.FPS_DEN]), r[S.NUM_FRAMES], spans))
                 except Exception as e:  # noqa: BLE001 - PyAV/PySceneDetect raise many kinds on damaged streams
                     out.update({ERROR: "video_broken", ERROR_DETAIL: f"{type(e).__name__}: {e}"[:300]})
-            for name in cols:
-                cols[name].append(out.get(name))
+            for name, values in cols.items():
+                values.append(out.get(name))
         return cols

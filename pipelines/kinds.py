@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pipelines import grounding, gui, image_text, ocr
 from pipelines import interleaved
+from pipelines import video
 from pipelines.kind import Kind
 
 # every kind GLM-4.1V's data has; those not registered yet are refused by name, with a clear error
@@ -36,3 +37,4 @@ register(grounding.KIND)
 register(gui.KIND)
 register(interleaved.KIND)
 register(ocr.KIND)
+register(video.KIND)

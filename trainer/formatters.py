@@ -19,8 +19,9 @@ image_text layouts below are provisional, until their kinds land on the spine:
   by `<|begin_of_box|>[[x1,y1,x2,y2];...]<|end_of_box|>`, corners 0-999), box markers as special ids.
 - gui: `.png` (screenshot) + `.txt` (QA pairs with box blocks) + `.json` (url, viewport, device scale,
   elements with 0-999 boxes, QA pairs) as `schemas/gui.py` declares.
-- video: frames `frame{i}.jpg` + `.json` {"timestamps": [seconds per frame]} (+ optional `.txt`).
-  Two frames form one temporal patch; each pair is followed by its integer-second timestamp.
+- video: one clip per sample (schemas/video.py): frames `{key}.0000.jpg`, `{key}.0001.jpg`, ... (an even
+  count) + `.json` {"frame_indices", "timestamps": [whole seconds, one per frame pair], ...} (+ `.txt`,
+  the caption). Two frames form one temporal patch; each pair is followed by its timestamp.
 """
 from __future__ import annotations
 
@@ -283,15 +284,16 @@ class Interleaved:
         return [t for t in (_json(sample).get("texts") or []) if t]
 
 
-_FRAME = re.compile(r"^frame(\d+)\.jpg$")
+_FRAME = re.compile(r"^(\d{4})\.jpg$")
 
 
 @register("video")
 class Video:
     """`<|begin_of_video|>`, each frame pair as an image then its integer second, `<|end_of_video|>`, caption.
 
-    Frames are decoded from `frame{i}.jpg` members (decoding `.mp4` is future work). All frames take the
-    size smart_resize gives the first one, so the pairs stack into temporal patches.
+    Reads what `schemas/video.py` declares: frames `NNNN.jpg` in order, `timestamps` (one per pair) in the
+    json. All frames take the size smart_resize gives the first one, so the pairs stack into temporal
+    patches.
     """
 
     kind = "video"
@@ -300,18 +302,18 @@ class Video:
         tok = ctx.tokenizer
         names = sorted((int(m.group(1)), k) for k in sample if (m := _FRAME.match(k)))
         if not names:
-            raise KeyError("no frame{i}.jpg members")
+            raise KeyError("no NNNN.jpg frame members")
+        tp = ctx.image.temporal_patch_size
         stamps = _json(sample).get("timestamps") or []
-        if len(stamps) != len(names):
-            raise ValueError(f"{len(names)} frames but {len(stamps)} timestamps")
+        if len(stamps) != -(-len(names) // tp):
+            raise ValueError(f"{len(names)} frames but {len(stamps)} timestamps (one per {tp} frames)")
         with Image.open(io.BytesIO(sample[names[0][1]])) as first:  # the header is enough for the size
             size = smart_resize(first.height, first.width, ctx.image)
         frames = [decode_resized(sample[k], size, ctx.image) for _, k in names]
-        tp = ctx.image.temporal_patch_size
         ids, images = [tok.begin_video_id], []
-        for start in range(0, len(frames), tp):
+        for pair, start in enumerate(range(0, len(frames), tp)):
             patches, grid = to_patches(frames[start:start + tp], ctx.image)
-            ids += image_block(ctx, grid) + tok.encode(str(int(stamps[start])))
+            ids += image_block(ctx, grid) + tok.encode(str(int(stamps[pair])))
             images.append((patches, grid))
         ids.append(tok.end_video_id)
         caption = _text(sample, required=False)

@@ -156,3 +156,22 @@ def test_sample_frames_writes_even_jpegs_and_quarantines_what_does_not_decode(me
     assert Image.open(io.BytesIO(first[S.STRIP])).height == 72
     assert out[1][S.FRAME_INDICES] == [0, 0] and out[1]["error"] is None  # 0.32 s: one frame, twice
     assert out[2]["error"] == "clip_decode_failed" and out[2][S.FRAMES] is None
+
+
+def test_clip_embedding_is_the_normalised_mean_of_frame_embeddings(media):
+    import torch
+
+    from filters.clip import ClipScore
+    from filters.video_embed import TEXT_EMBEDDING, VIDEO_EMBEDDING, ClipEmbed
+
+    rows = {S.PATH: [media["carphone"]], S.CLIP_START: [0], S.CLIP_END: [120], S.FPS_NUM: [30000],
+            S.FPS_DEN: [1001], "error": [None], "error_detail": [None], "unit": ["clip"]}
+    framed = SampleFrames(max_side=96).apply(pa.RecordBatch.from_pydict(rows))
+    framed = framed.append_column(S.CAPTION, pa.array(["a man on a phone"]))
+    stage = ClipEmbed(clip=ClipScore(model="RN50", pretrained=""), max_frames=3)  # seeded random weights
+    out = stage.apply(framed).to_pylist()[0]
+    video, text = torch.tensor(out[VIDEO_EMBEDDING]), torch.tensor(out[TEXT_EMBEDDING])
+    assert video.shape == text.shape == (1024,)
+    assert abs(float(video.norm()) - 1) < 1e-4 and abs(float(text.norm()) - 1) < 1e-4
+    # the same clip embeds the same (the dedup tier compares runs' and clips' embeddings)
+    assert stage.apply(framed).to_pylist()[0][VIDEO_EMBEDDING] == out[VIDEO_EMBEDDING]

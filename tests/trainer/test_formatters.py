@@ -110,8 +110,8 @@ def test_interleaved_missing_image_is_an_error(ctx):
 
 
 def test_video_frame_pairs_each_followed_by_whole_seconds(ctx, tok, corpus):
-    frames = {f"frame{i}.jpg": corpus.picture(0)[0] for i in range(3)}
-    stamps = json.dumps({"timestamps": [0.0, 0.5, 2.7]}).encode()
+    frames = {f"{i:04d}.jpg": corpus.picture(0)[0] for i in range(3)}
+    stamps = json.dumps({"timestamps": [0, 2]}).encode()  # one per pair (schemas/video.py)
     s = {"__key__": "vid", "json": stamps, "txt": b"a clip", **frames}
     f = formatters.get("video").format(s, ctx)
     assert f.ids[0] == tok.begin_video_id
@@ -122,6 +122,8 @@ def test_video_frame_pairs_each_followed_by_whole_seconds(ctx, tok, corpus):
     second_end = bl[1][0] + bl[1][1] + 1
     assert f.ids[second_end + 1:second_end + 3] == tok.encode("2") + [tok.end_video_id]
     assert tok.decode(f.ids).endswith("<|end_of_video|>a clip<|endoftext|>")
+    with pytest.raises(ValueError, match="timestamps"):  # one timestamp per frame is the wrong layout
+        formatters.get("video").format({**s, "json": json.dumps({"timestamps": [0, 1, 2]}).encode()}, ctx)
 
 
 def test_too_long_sequences_are_cut_outside_image_blocks(tok, corpus):
