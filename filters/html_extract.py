@@ -162,8 +162,12 @@ def read_data_uri(uri: str) -> bytes:
 
 # --- the reader stage ---------------------------------------------------------------------------------
 
-PAGES = pa.schema([pa.field("uri", pa.string()), pa.field("root", pa.string()), pa.field(READ_UNIT, pa.string()),
-                   pa.field("dataset", pa.string())])
+# one row per read unit: an HTML page, a WARC file, or a table (OBELICS-style rows, MMC4 documents)
+UNITS = pa.schema([pa.field("format", pa.string()), pa.field("uri", pa.string()), pa.field("root", pa.string()),
+                   pa.field(READ_UNIT, pa.string()), pa.field("dataset", pa.string())])
+HTML, WARC, OBELICS, MMC4 = "html", "warc", "obelics", "mmc4"
+WARC_EXTS = (".warc", ".warc.gz", ".warc.zst", ".warc.lz4")
+TABLE_EXTS = (".parquet", ".jsonl", ".jsonl.gz", ".json")
 
 
 def relative(uri: str, root: str) -> str:
@@ -178,14 +182,40 @@ def image_key(page_key: str, src: str | None, seen: dict[str, int]) -> str:
     return key if seen[key] == 1 else f"{key}#{seen[key]}"
 
 
+def _detail(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"[:300]
+
+
+def _missing(e: BaseException) -> bool:
+    return isinstance(e, FileNotFoundError) or "NoSuchKey" in type(e).__name__ + str(e)[:200]
+
+
+@dataclasses.dataclass
+class _Doc:
+    """What a reader hands to `ReadDocuments.rows`: one document, its images by position."""
+
+    key: str
+    title: str | None = None
+    segments: list[dict] = dataclasses.field(default_factory=list)
+    images: list[PageImage] = dataclasses.field(default_factory=list)
+    page_url: str | None = None
+    error: tuple[str, str] | None = None
+    sources: dict[int, tuple[str, Any]] = dataclasses.field(default_factory=dict)  # position -> (how, where)
+    extra: dict[int, dict] = dataclasses.field(default_factory=dict)  # position -> more image columns
+    by_position: bool = False  # image keys are `doc::position` (table rows), not `doc::src` (pages)
+
+
 @dataclasses.dataclass(frozen=True)
-class ReadPages(Stage):
-    """Page rows (PAGES) in; document and image rows (schemas.interleaved.RAW) out. A page that cannot be
-    read or parsed is one document row with `error`; its images are unknown (none listed)."""
+class ReadDocuments(Stage):
+    """Read-unit rows (UNITS) in; document and image rows (schemas.interleaved.RAW) out: one document row
+    per page (a file, a WARC response, a table row) and one image row per image it names. A document that
+    cannot be read or parsed is one row with `error`; its images are then unknown (none listed). The
+    reader counts the documents of every read unit (`counter`: a readers.ReadCounts accumulator)."""
 
     name: ClassVar[str] = "read"
     max_member_bytes: int = 64_000_000
     skip_elements: tuple[str, ...] = ()
+    fetch_remote: bool = True  # an image only reachable by http(s) URL goes to the download stage
     counter: Any = dataclasses.field(default=None, compare=False, hash=False)
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
@@ -198,64 +228,117 @@ class ReadPages(Stage):
         counts: dict[str, int] = {}
         task = _task_id()
         for batch in batches:
-            t0 = time.perf_counter()
-            rows: list[dict] = []
-            for page in batch.to_pylist():
-                rows += self.read_page(page["uri"], page["root"], page["dataset"], page[READ_UNIT])
-                counts[page[READ_UNIT]] = counts.get(page[READ_UNIT], 0) + 1
-            if timing is not None:
-                timing[0] += time.perf_counter() - t0
-            if rows:
-                yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
+            for unit in batch.to_pylist():
+                t0 = time.perf_counter()
+                rows: list[dict] = []
+                for doc_rows in self.read_unit(unit):
+                    counts[unit[READ_UNIT]] = counts.get(unit[READ_UNIT], 0) + 1
+                    rows += doc_rows
+                    if len(rows) >= 256:
+                        yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
+                        rows = []
+                if rows:
+                    yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
+                if timing is not None:
+                    timing[0] += time.perf_counter() - t0
         if self.counter is not None:
             self.counter.add({f"{task}|{u}": n for u, n in counts.items()})
 
+    def read_unit(self, unit: dict) -> Iterator[list[dict]]:
+        """The rows of each document of one read unit, a document at a time."""
+        fmt, uri, root = unit["format"], unit["uri"], unit["root"]
+        base = f"{unit['dataset'] or posixpath.basename(root.rstrip('/'))}/{relative(uri, root)}"
+        if fmt == HTML:
+            yield self.read_page(uri, root, unit["dataset"], unit[READ_UNIT])
+        elif fmt == WARC:
+            from filters.interleaved_sources import warc_documents
+
+            for doc in warc_documents(uri, root, self):
+                yield self.rows(doc, uri, base, unit[READ_UNIT])
+        else:
+            from filters.interleaved_sources import table_documents
+
+            for doc in table_documents(uri, root, fmt, self):
+                yield self.rows(doc, uri, base, unit[READ_UNIT])
+
     def read_page(self, uri: str, root: str, dataset: str, read_unit: str) -> list[dict]:
+        """The rows of one HTML page file: its images come from files relative to it (or data: URIs, or
+        http(s) URLs for the download stage)."""
         key = relative(uri, root)
-        base = f"{dataset or posixpath.basename(root.rstrip('/'))}/"
-        doc_id = make_sample_id(S.KIND, base + key, key)
-        doc = _row(doc_id, uri, key, S.DOCUMENT, None, read_unit)
+        base = f"{dataset or posixpath.basename(root.rstrip('/'))}/{key}"
+        doc = _Doc(key)
         try:
             html = decode_html(storage.read_bytes(uri, self.max_member_bytes))
         except Exception as e:  # noqa: BLE001 - a page that cannot be read is that page's problem
-            return [doc | {ERROR: "read_error", ERROR_DETAIL: f"{type(e).__name__}: {e}"[:300]}]
+            doc.error = ("read_error", _detail(e))
+            return self.rows(doc, uri, base, read_unit)
+        self.parse_into(doc, html)
+        for im in doc.images:
+            doc.sources[im.position] = resolve_src(uri, root, im.src)
+        return self.rows(doc, uri, base, read_unit)
+
+    def parse_into(self, doc: _Doc, html: str) -> None:
         try:
             page = extract_page(html, self.skip_elements)
         except Exception as e:  # noqa: BLE001
-            return [doc | {ERROR: "html_unparsable", ERROR_DETAIL: f"{type(e).__name__}: {e}"[:300]}]
-        doc |= {S.TITLE: page.title, S.SEGMENTS: S.segments_json(page.segments)}
-        if not any("text" in s for s in page.segments):
-            doc |= {ERROR: "no_main_content", ERROR_DETAIL: "main-content extraction left no text"}
-        rows = [doc]
+            doc.error = ("html_unparsable", _detail(e))
+            return
+        doc.title, doc.segments, doc.images = page.title, page.segments, page.images
+
+    def rows(self, doc: _Doc, source: str, base: str, read_unit: str) -> list[dict]:
+        """The document row and one row per image; ids from (dataset/source relative to the root, key)."""
+        doc_id = make_sample_id(S.KIND, base, doc.key)
+        row = _row(doc_id, source, doc.key, S.DOCUMENT, None, read_unit) | {S.PAGE_URL: doc.page_url}
+        if doc.error is not None:
+            return [row | {ERROR: doc.error[0], ERROR_DETAIL: doc.error[1]}]
+        row |= {S.TITLE: doc.title, S.SEGMENTS: S.segments_json(doc.segments)}
+        if not any("text" in s for s in doc.segments):
+            row |= {ERROR: "no_main_content", ERROR_DETAIL: "no text (after main-content extraction)"}
+        rows = [row]
         seen: dict[str, int] = {}
-        last_text = max((k for k, s in enumerate(page.segments) if "text" in s), default=-1)
-        after = {s["image"] for s in page.segments[last_text + 1:] if "image" in s}
-        host = urllib.parse.urlsplit(uri).hostname or "" if "://" in uri and not storage.is_s3(uri) else ""
-        for im in page.images:
-            ikey = image_key(key, im.src, seen)
-            row = _row(make_sample_id(S.KIND, base + key, ikey), uri, ikey, S.IMAGE_UNIT, doc_id, read_unit) | {
+        last_text = max((k for k, s in enumerate(doc.segments) if "text" in s), default=-1)
+        after = {s["image"] for s in doc.segments[last_text + 1:] if "image" in s}
+        host = (urllib.parse.urlsplit(doc.page_url).hostname or "") if doc.page_url else ""
+        for im in doc.images:
+            label = str(im.position) if doc.by_position or im.src is None else im.src
+            ikey = image_key(doc.key, label, seen)
+            irow = _row(make_sample_id(S.KIND, base, ikey), source, ikey, S.IMAGE_UNIT, doc_id, read_unit) | {
                 S.POSITION: im.position, S.SRC: im.src, S.ALT: im.alt, S.LINK: im.link,
                 S.DECLARED_WIDTH: im.declared_width, S.DECLARED_HEIGHT: im.declared_height,
-                S.IS_LAST: im.position in after, S.PAGE_HOST: host}
+                S.IS_LAST: im.position in after, S.PAGE_HOST: host} | doc.extra.get(im.position, {})
             if not im.in_main:
-                rows.append(row | {ERROR: "image_boilerplate", ERROR_DETAIL: "removed with the boilerplate"})
+                rows.append(irow | {ERROR: "image_boilerplate", ERROR_DETAIL: "removed with the boilerplate"})
                 continue
-            row[S.CAPTION] = image_context(page.segments, im.position, im.alt)
-            how, where = resolve_src(uri, root, im.src)
-            if how.startswith("error:"):
-                row |= {ERROR: how.split(":", 1)[1], ERROR_DETAIL: where}
-            elif how == "url":
-                row[S.URL] = where
-            else:
-                try:
-                    row[S.IMAGE] = (read_data_uri(where) if how == "data"
-                                    else storage.read_bytes(where, self.max_member_bytes))
-                except Exception as e:  # noqa: BLE001 - an unreadable image removes that image only
-                    missing = isinstance(e, FileNotFoundError) or "NoSuchKey" in type(e).__name__ + str(e)[:200]
-                    row |= ({ERROR: "image_missing", ERROR_DETAIL: f"no file {relative(where, root)}"} if missing
-                            else {ERROR: "read_error", ERROR_DETAIL: f"{type(e).__name__}: {e}"[:300]})
-            rows.append(row)
+            irow[S.CAPTION] = image_context(doc.segments, im.position, im.alt)
+            rows.append(irow | self.fetch(*doc.sources.get(im.position, ("error:image_missing", "no source"))))
         return rows
+
+    def fetch(self, how: str, where: Any) -> dict:
+        """The image columns for one source: bytes, a URL for the download stage, or an error."""
+        if how.startswith("error:"):
+            return {ERROR: how.split(":", 1)[1], ERROR_DETAIL: str(where)}
+        if how == "url":
+            if self.fetch_remote:
+                return {S.URL: where}
+            return {ERROR: "image_missing", ERROR_DETAIL: f"only a remote URL ({where[:100]}), and fetch_remote is off"}
+        try:
+            if how == "bytes":
+                data = where
+            elif how == "data":
+                data = read_data_uri(where)
+            elif how == "warc":
+                from filters.interleaved_sources import read_warc_record
+
+                data = read_warc_record(*where)
+            else:
+                data = storage.read_bytes(where, self.max_member_bytes)
+        except Exception as e:  # noqa: BLE001 - an unreadable image removes that image only
+            if _missing(e):
+                return {ERROR: "image_missing", ERROR_DETAIL: f"no file {str(where)[-200:]}"}
+            return {ERROR: "read_error", ERROR_DETAIL: _detail(e)}
+        if data is not None and len(data) > self.max_member_bytes:
+            return {ERROR: "read_error", ERROR_DETAIL: f"{len(data)} bytes > read.max_member_bytes"}
+        return {S.IMAGE: data}
 
 
 def _row(sample_id: str, source: str, key: str, unit: str, parent: str | None, read_unit: str) -> dict:

@@ -28,7 +28,8 @@ from filters.doc_dedup import (
 )
 from filters.doc_text import DocText, OnUnit, normalise, words_of
 from filters.download import Download
-from filters.html_extract import PAGE_EXTS, PAGES, ReadPages
+from filters.html_extract import HTML, PAGE_EXTS, TABLE_EXTS, UNITS, WARC, WARC_EXTS, ReadDocuments
+from filters.interleaved_sources import detect_table
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.qr import BARCODE, Barcodes
 from filters.rules import first_reason, image_checks
@@ -46,6 +47,8 @@ _CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-
 @dataclasses.dataclass(frozen=True)
 class Extract:
     skip_elements: tuple[str, ...] = ()  # extra CSS selectors removed before main-content extraction
+    fetch_remote: bool = True  # images only reachable by http(s) URL go to the download stage
+    use_matched_sim: bool = False  # MMC4: an image's matched_sim below clip.threshold removes it (clip_low_similarity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,21 +142,34 @@ class Interleaved:
 
 # --- reading ---------------------------------------------------------------------------------------------
 
-def list_pages(uris: list[str]) -> list[tuple[str, str]]:
-    """(page uri, input root) of every HTML page under the inputs, sorted."""
-    out = []
+def list_units(uris: list[str]) -> list[tuple[str, str, str]]:
+    """(format, uri, input root) of every read unit under the inputs, sorted: HTML pages, WARC files, and
+    tables whose columns are OBELICS's or MMC4's. Other files (the pages' images, notes) are not items."""
+    out = set()
     for uri in uris:
         root = readers.input_root(uri)
-        out += [(f, root) for f in storage.list_files(uri) if f.lower().endswith(PAGE_EXTS)]
-    return sorted(set(out))
+        for f in storage.list_files(uri):
+            low = f.lower()
+            if low.endswith(PAGE_EXTS):
+                out.add((HTML, f, root))
+            elif low.endswith(WARC_EXTS):
+                out.add((WARC, f, root))
+            elif low.endswith(TABLE_EXTS) and (fmt := detect_table(f)):
+                out.add((fmt, f, root))
+    return sorted(out, key=lambda u: (u[1], u[0]))
 
 
-def page_table(spark, pages: list[tuple[str, str]], files_per_task: int, dataset: str):
+def unit_table(spark, units: list[tuple[str, str, str]], files_per_task: int, dataset: str):
+    """One row per read unit; HTML pages `files_per_task` to a task, every WARC or table a task of its own."""
     from schemas.common import spark_type
 
-    rows = [(uri, root, "pages:" + uri.rsplit("/", 1)[0], dataset) for uri, root in pages]
-    tasks = max(1, -(-len(rows) // max(1, files_per_task)))
-    return spark.sparkContext.parallelize(rows, tasks).toDF(spark_type(PAGES))
+    pages = [u for u in units if u[0] == HTML]
+    tasks = [pages[i:i + max(1, files_per_task)] for i in range(0, len(pages), max(1, files_per_task))]
+    tasks += [[u] for u in units if u[0] != HTML]
+    rows = [[(fmt, uri, root, ("pages:" + uri.rsplit("/", 1)[0]) if fmt == HTML else uri, dataset)
+             for fmt, uri, root in task] for task in tasks]
+    return (spark.sparkContext.parallelize(rows, max(1, len(rows))).flatMap(lambda task: task)
+            .toDF(spark_type(UNITS)))
 
 
 # --- tokens ----------------------------------------------------------------------------------------------
@@ -205,7 +221,7 @@ def build_document(row: dict, cfg: Interleaved, clip_real: bool) -> tuple[dict, 
         elif seg["image"] in images:
             im = images[seg["image"]]
             entry = S.image_entry(len(texts), im[S.WIDTH], im[S.HEIGHT], im[S.ALT], im[S.SRC], im.get(S.CLIP_SCORE),
-                                  im["source_key"])
+                                  im["source_key"], im.get(S.MATCHED_SIM))
             members[entry["member"]] = read_ref(im[ref_column(S.IMAGE)])
             texts.append(None)
             entries.append(entry)
@@ -216,7 +232,7 @@ def build_document(row: dict, cfg: Interleaved, clip_real: bool) -> tuple[dict, 
                                                  for e in entries if e is not None)
     doc = {
         "sample_id": row[SAMPLE_ID], "source": row["source"], "source_key": row["source_key"],
-        "url": row.get(S.URL), "title": row.get(S.TITLE), "language": row[S.LANGUAGE],
+        "url": row.get(S.PAGE_URL), "title": row.get(S.TITLE), "language": row[S.LANGUAGE],
         "language_score": None if row[S.LANGUAGE_SCORE] is None else round(float(row[S.LANGUAGE_SCORE]), 4),
         "texts": texts, "images": entries, "words": len(words_of(body)), "tokens": tokens,
         "long_context": tokens > cfg.tokens.long_context, "clip_real_weights": clip_real,
@@ -263,16 +279,18 @@ def plan(ctx: Context) -> Plan:
     else:
         clip_stage, clip_real, clip_msg = cfg.clip, False, "CLIP scoring disabled by the recipe (clip.enabled: false)"
     inputs = [storage.normalize(u) for u in ctx.uris]
-    pages = list_pages(inputs)
-    if not pages:
-        raise FileNotFoundError(f"interleaved: no HTML pages ({', '.join(PAGE_EXTS)}) under {inputs}")
-    key = fingerprint(S.KIND, inputs, pages, recipe.read, cfg.extract, cfg.download, cfg.decode, cfg.doc_text)
+    units = list_units(inputs)
+    if not units:
+        raise FileNotFoundError(f"interleaved: no HTML pages ({', '.join(PAGE_EXTS)}), WARC files or OBELICS/MMC4 "
+                                f"tables under {inputs}")
+    key = fingerprint(S.KIND, inputs, units, recipe.read, cfg.extract, cfg.download, cfg.decode, cfg.doc_text)
     spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE,))
     counter = ctx.spark.sparkContext.accumulator({}, readers.ReadCounts())
 
     def features():
-        table = page_table(ctx.spark, pages, recipe.read.files_per_task, recipe.read.dataset)
-        read = ReadPages(recipe.read.max_member_bytes, tuple(cfg.extract.skip_elements), counter)
+        table = unit_table(ctx.spark, units, recipe.read.files_per_task, recipe.read.dataset)
+        read = ReadDocuments(recipe.read.max_member_bytes, tuple(cfg.extract.skip_elements), cfg.extract.fetch_remote,
+                             counter)
         return apply_stages(table, [read, cfg.download, OnUnit(cfg.decode), cfg.doc_text, spool], ctx.timer)
 
     from pyspark.sql import functions as F
@@ -308,6 +326,8 @@ def plan(ctx: Context) -> Plan:
         checks = [(F.col("_doc").isNull(), F.lit("parent_removed")), (F.col("_rep"), F.lit("image_repeated"))]
         if cfg.ads.enabled:
             checks.append((cfg.ads.condition(), F.lit("ad_image")))
+        if cfg.extract.use_matched_sim:  # MMC4's own CLIP similarity stands in for ours
+            checks.append((F.col(S.MATCHED_SIM) < cfg.clip.threshold, F.lit("clip_low_similarity")))
         return images.select(SAMPLE_ID, first_reason(checks).alias("reason")).filter("reason IS NOT NULL")
 
     def dedup(alive):
@@ -336,7 +356,7 @@ def plan(ctx: Context) -> Plan:
 
     def kept_images(alive):
         cols = [S.POSITION, ref_column(S.IMAGE), size_column(S.IMAGE), S.WIDTH, S.HEIGHT, S.ALT, S.SRC, "source_key",
-                S.CLIP_SCORE]
+                S.CLIP_SCORE, S.MATCHED_SIM]
         images = alive.filter(is_image)
         if S.CLIP_SCORE not in images.columns:
             images = images.withColumn(S.CLIP_SCORE, F.lit(None).cast("float"))

@@ -38,7 +38,9 @@ ALT = "alt"  # image: its alt text
 LINK = "link"  # image: href of the <a> around it (ads)
 DECLARED_WIDTH, DECLARED_HEIGHT = "declared_width", "declared_height"  # image: width/height attributes
 IS_LAST = "is_last"  # image: placed after the document's last text
-PAGE_HOST = "page_host"  # host of the page's URL ("" for a local file)
+PAGE_HOST = "page_host"  # image: host of its page's URL ("" for a local file)
+PAGE_URL = "page_url"  # document: the page's URL (WARC target URI, a table's url); null for a local file
+MATCHED_SIM = "matched_sim"  # image: a similarity the input gives (MMC4's CLIP ViT-L/14 matched_sim)
 
 RAW = pa.schema(
     IDENTITY_FIELDS
@@ -48,7 +50,8 @@ RAW = pa.schema(
         pa.field(TITLE, pa.string()), pa.field(SEGMENTS, pa.string()),
         pa.field(POSITION, pa.int32()), pa.field(SRC, pa.string()), pa.field(ALT, pa.string()),
         pa.field(LINK, pa.string()), pa.field(DECLARED_WIDTH, pa.int32()), pa.field(DECLARED_HEIGHT, pa.int32()),
-        pa.field(IS_LAST, pa.bool_()), pa.field(PAGE_HOST, pa.string()),
+        pa.field(IS_LAST, pa.bool_()), pa.field(PAGE_HOST, pa.string()), pa.field(PAGE_URL, pa.string()),
+        pa.field(MATCHED_SIM, pa.float32()),
     ]
     + ERROR_FIELDS
 )
@@ -61,6 +64,8 @@ EXTRACT = (
     _d("image_boilerplate", "extract", "the <img> sits in boilerplate (navigation, header, footer) that main-content "
        "extraction removed"),
     _q("image_outside_input", "read", "the src names a file outside the input root, or a scheme we do not fetch"),
+    _q("row_invalid", "read", "a table row is not a document: texts/images of different lengths, a position with "
+       "both a text and an image, or a field of the wrong type"),
 )
 TEXT = (
     _d("language", "rules", "fastText language not in text.languages or below text.min_language_score",
@@ -176,12 +181,13 @@ def contract(cfg=None, facts: dict | None = None) -> Contract:
 
 
 def image_entry(position: int, width: int, height: int, alt: str | None, src: str | None,
-                clip_score: float | None, source_key: str) -> dict:
+                clip_score: float | None, source_key: str, matched_sim: float | None = None) -> dict:
     """An `images` entry of the sample json."""
     if src and src[:5].lower() == "data:" and len(src) > 64:  # the ledger's source_key keeps it whole
         src = src[:64] + "..."
     return {"member": member_name(position), "width": width, "height": height, "alt": alt, "src": src,
-            "clip_score": None if clip_score is None else round(float(clip_score), 4), "source_key": source_key}
+            "clip_score": None if clip_score is None else round(float(clip_score), 4), "source_key": source_key,
+            "matched_sim": None if matched_sim is None else round(float(matched_sim), 4)}
 
 
 def segments_json(segments: list[dict]) -> str:

@@ -24,7 +24,7 @@ from filters.doc_text import (
     shingles,
     words_of,
 )
-from filters.html_extract import ReadPages, document_text, extract_page, resolve_src
+from filters.html_extract import ReadDocuments, document_text, extract_page, resolve_src
 from filters.qr import find_barcodes
 from schemas import interleaved as S
 
@@ -120,7 +120,7 @@ def test_reader_rows_account_for_every_img(tmp_path):
     root = str(tmp_path)
     page = copy_page("en-US", PAGE, os.path.join(root, "en"))
     os.remove(os.path.join(root, "en", "images", "kmail.png"))
-    rows = ReadPages().read_page(page, root, "hb", "pages:x")
+    rows = ReadDocuments().read_page(page, root, "hb", "pages:x")
     doc, images = rows[0], rows[1:]
     assert doc["unit"] == "document" and doc["source_key"] == f"en/{PAGE}" and doc.get("error") is None
     assert [r["source_key"] for r in images] == [f"en/{PAGE}::{s}" for s in (
@@ -136,7 +136,7 @@ def test_reader_rows_account_for_every_img(tmp_path):
 def test_decode_runs_on_image_rows_only(tmp_path):
     root = str(tmp_path)
     page = copy_page("en-US", PAGE, os.path.join(root, "en"))
-    batch = pa.RecordBatch.from_pylist(ReadPages().read_page(page, root, "hb", "u"), schema=S.RAW)
+    batch = pa.RecordBatch.from_pylist(ReadDocuments().read_page(page, root, "hb", "u"), schema=S.RAW)
     out = OnUnit(Decode()).apply(batch)
     rows = out.to_pylist()
     assert rows[0]["error"] is None and rows[0]["width"] is None  # the document is not an image
@@ -147,7 +147,7 @@ def test_decode_runs_on_image_rows_only(tmp_path):
 def test_doc_text_language_and_gopher_statistics():
     rows = []
     for lang in ("en-US", "zh-CN", "de-DE"):
-        rows += ReadPages().read_page(os.path.join(HANDBOOK, lang, PAGE), HANDBOOK, "hb", "u")[:1]
+        rows += ReadDocuments().read_page(os.path.join(HANDBOOK, lang, PAGE), HANDBOOK, "hb", "u")[:1]
     junk = "\n".join(["# buy now ..."] * 30)
     rows.append(rows[0] | {"sample_id": "f" * 32, S.SEGMENTS: json.dumps([{"text": junk}])})
     batch = pa.RecordBatch.from_pylist(rows, schema=S.RAW)
@@ -223,5 +223,96 @@ def test_data_uri_images_are_read(tmp_path, src):
             f"base64,{base64.b64encode(png).decode()}' alt='inline'><p>" + "And more words. " * 10 +
             "</p></article></body></html>")
     (tmp_path / "p.html").write_text(html)
-    rows = ReadPages().read_page(str(tmp_path / "p.html"), str(tmp_path), "d", "u")
+    rows = ReadDocuments().read_page(str(tmp_path / "p.html"), str(tmp_path), "d", "u")
     assert rows[1]["image"] == png and rows[1]["source_key"].startswith("p.html::data:image/png;base64,")
+
+
+# --- WARC and tables ----------------------------------------------------------------------------------------
+
+def make_warc(site: str, dest: str, pages: list[str], name: str = "crawl") -> str:
+    """A real WARC: `python -m http.server` serves `site`, `wget -p --warc-file` crawls the pages (with
+    their images) into dest/<name>.warc.gz, and leaves its mirror beside it."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=site,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.05)
+        os.makedirs(dest, exist_ok=True)
+        urls = [f"http://127.0.0.1:{port}/{p}" for p in pages]
+        subprocess.run(["wget", "-q", "-p", "-e", "robots=off", f"--warc-file={name}", "-P", ".", *urls], cwd=dest,
+                       check=False, timeout=120)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    return os.path.join(dest, f"{name}.warc.gz")
+
+
+def test_warc_pages_get_their_images_from_the_same_warc(tmp_path):
+    site = str(tmp_path / "site")
+    copy_page("en-US", PAGE, site)
+    os.remove(os.path.join(site, "images", "kmail.png"))  # the crawl gets a 404 for it
+    warc = make_warc(site, str(tmp_path / "crawl"), [PAGE])
+    # the mirror wget leaves beside the WARC would also serve the images: remove it, to read the WARC alone
+    shutil.rmtree(next(p for p in (tmp_path / "crawl").iterdir() if p.is_dir()))
+    unit = {"format": "warc", "uri": warc, "root": str(tmp_path), "read_unit": warc, "dataset": "d"}
+    docs = list(ReadDocuments(fetch_remote=False).read_unit(unit))
+    assert len(docs) == 1  # the page; the 404s (css, the missing image) and the images are not documents
+    rows = docs[0]
+    doc, images = rows[0], {r["source_key"].split("::", 1)[1]: r for r in rows[1:]}
+    assert doc["source_key"].startswith("crawl/crawl.warc.gz#http://127.0.0.1:")
+    assert doc["page_url"].endswith("/" + PAGE) and doc.get("error") is None
+    assert images["images/evolution.png"]["image"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert images["images/kmail.png"]["error"] == "image_missing"  # not in the WARC (404), not beside it
+    assert images["images/thunderbird.png"]["page_host"] == "127.0.0.1"
+    assert json.loads(doc["segments"])[-1]["text"].startswith("Figure 13.10")
+
+
+def test_obelics_and_mmc4_rows(tmp_path):
+    import pyarrow.parquet as pq
+
+    fig = noise_image(str(tmp_path / "img" / "a.jpg"), 200, 160, 4)
+    rows = [
+        {"id": "doc-1", "texts": ["Intro text.", None, "", "After the image."], "images": [None, "img/a.jpg", None, ""],
+         "metadata": json.dumps([None, {"alt_text": "a picture"}, None, None]),
+         "general_metadata": json.dumps({"url": "https://example.org/a"})},
+        {"id": "doc-2", "texts": ["x", "y"], "images": [None], "metadata": "[]", "general_metadata": "{}"},
+        {"id": "doc-3", "texts": ["both", None], "images": ["https://e.org/x.jpg", "https://e.org/y.jpg"],
+         "metadata": "[]", "general_metadata": "{}"},
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "obelics.parquet"))
+    unit = {"format": "obelics", "uri": str(tmp_path / "obelics.parquet"), "root": str(tmp_path), "read_unit": "u",
+            "dataset": "d"}
+    docs = list(ReadDocuments().read_unit(unit))
+    assert [d[0]["source_key"] for d in docs] == ["obelics.parquet#doc-1", "obelics.parquet#doc-2",
+                                                    "obelics.parquet#doc-3"]
+    one = docs[0]
+    assert json.loads(one[0]["segments"]) == [{"text": "Intro text."}, {"image": 1}, {"text": "After the image."}]
+    assert one[1]["source_key"] == "obelics.parquet#doc-1::1" and one[1]["image"] == fig
+    assert one[1]["alt"] == "a picture" and one[0]["page_url"] == "https://example.org/a"
+    assert docs[1][0]["error"] == "row_invalid" and docs[2][0]["error"] == "row_invalid"
+    mmc4 = {"url": "https://example.org/m", "text_list": ["First sentence.", "Second one.", "Third."],
+            "image_info": [{"image_name": "img/a.jpg", "raw_url": "https://e.org/a.jpg", "matched_text_index": 1,
+                            "matched_sim": 0.31},
+                           {"raw_url": "https://e.org/b.jpg", "matched_text_index": 0, "matched_sim": 0.22}]}
+    (tmp_path / "mmc4.jsonl").write_text(json.dumps(mmc4) + "\n{broken\n")
+    unit = dict(unit, format="mmc4", uri=str(tmp_path / "mmc4.jsonl"))
+    docs = list(ReadDocuments().read_unit(unit))
+    rows = docs[0]
+    assert json.loads(rows[0]["segments"]) == [{"text": "First sentence."}, {"image": 1},
+                                               {"text": "Second one."}, {"image": 0}, {"text": "Third."}]
+    by_pos = {r["position"]: r for r in rows[1:]}
+    assert by_pos[0]["image"] == fig and by_pos[0]["matched_sim"] == pytest.approx(0.31)
+    assert by_pos[1]["url"] == "https://e.org/b.jpg" and by_pos[1].get("image") is None
+    assert docs[1][0]["error"] == "read_error" and docs[1][0]["source_key"] == "mmc4.jsonl#line1"

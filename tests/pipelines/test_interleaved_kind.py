@@ -129,9 +129,7 @@ def make_corpus(root: str) -> dict[str, tuple[str, str | None]]:
 
 @pytest.fixture(scope="module")
 def run(spark, tmp_path_factory):
-    from pipelines import interleaved
-
-    kinds.register(interleaved.KIND)
+    assert "interleaved" in kinds.REGISTRY
     tmp = tmp_path_factory.mktemp("interleaved")
     corpus = str(tmp / "pages")
     want = make_corpus(corpus)
