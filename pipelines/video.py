@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 from fractions import Fraction
 
 import pyarrow as pa
@@ -106,8 +107,10 @@ def parse_spans(value, captions=None) -> list[dict] | None:
     return out or None
 
 
-def _row(kind_source: str, path: str, key: str, caption, meta, spans, unit_id: str, error=None, detail=None) -> dict:
-    return {SAMPLE_ID: make_sample_id(S.KIND, kind_source, key), KIND_COLUMN: S.KIND, SOURCE: path, SOURCE_KEY: key,
+def _row(kind_source: str, path: str, key: str, caption, meta, spans, unit_id: str, error=None, detail=None,
+         source: str = "") -> dict:
+    return {SAMPLE_ID: make_sample_id(S.KIND, kind_source, key), KIND_COLUMN: S.KIND, SOURCE: source or path,
+            SOURCE_KEY: key,
             L.UNIT: S.VIDEO_UNIT, L.PARENT_ID: None, S.PATH: path, S.ID_SOURCE: kind_source,
             S.CAPTION: caption.strip() if isinstance(caption, str) and caption.strip() else None,
             S.META: meta, S.SPANS: spans, READ_UNIT: unit_id, ERROR: error, ERROR_DETAIL: detail}
@@ -147,11 +150,65 @@ def _table_rows(uri: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def list_videos(uris: list[str], dataset: str = "") -> tuple[list[dict], dict[str, int]]:
+def _tar_rows(tar: str, id_source: str, extract_to: str) -> list[dict]:
+    """Rows for a webdataset tar of videos (`{key}.mp4` + optional `{key}.txt` / `{key}.json`): each
+    video member is extracted once under `extract_to` (the work dir: video decoders need a seekable
+    file). Links, devices and absolute or '..' names are `unsafe_member`; a tar that cannot be read or
+    breaks off is one `read_error` row."""
+    import tarfile
+
+    from pipelines.io.readers import split_key
+
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    rows: list[dict] = []
+    try:
+        with tarfile.open(tar) as tf:
+            for m in tf:
+                name = m.name
+                if (not m.isfile()) or name.startswith("/") or ".." in name.split("/"):
+                    if not m.isdir():
+                        rows.append(_row(id_source, tar, name, None, None, None, tar, "unsafe_member",
+                                         f"not a regular file or an unsafe path: {name!r}"))
+                    continue
+                key, ext = split_key(name)
+                groups.setdefault(key, {})[ext.lower()] = m
+            for key, parts in sorted(groups.items()):
+                video = next((e for e in parts if "." + e.rsplit(".", 1)[-1] in VIDEO_EXTS), None)
+                if video is None:
+                    continue  # side-cars of no video: not an item
+                path = os.path.join(extract_to, key.replace("/", "__") + "." + video.rsplit(".", 1)[-1])
+                os.makedirs(extract_to, exist_ok=True)
+                with tf.extractfile(parts[video]) as src, open(path + ".tmp", "wb") as dst:
+                    while chunk := src.read(1 << 20):
+                        dst.write(chunk)
+                os.replace(path + ".tmp", path)
+                caption = meta = spans = None
+                if "txt" in parts:
+                    caption = tf.extractfile(parts["txt"]).read().decode("utf-8", "replace")
+                if "json" in parts:
+                    try:
+                        doc = json.loads(tf.extractfile(parts["json"]).read())
+                    except ValueError as e:
+                        rows.append(_row(id_source, path, key, caption, None, None, tar, "meta_invalid",
+                                         str(e)[:300], source=tar))
+                        continue
+                    if isinstance(doc, dict):
+                        meta = json.dumps(doc, sort_keys=True, ensure_ascii=False)
+                        caption = caption or next((doc[c] for c in CAPTION_COLUMNS if isinstance(doc.get(c), str)), None)
+                        spans = parse_spans(next((doc[c] for c in SPAN_COLUMNS if doc.get(c) is not None), None),
+                                            doc.get("captions"))
+                rows.append(_row(id_source, path, key, caption, meta, spans, tar, source=tar))
+    except (OSError, tarfile.TarError, EOFError) as e:
+        rows.append(_row(id_source, tar, "@error", None, None, None, tar, "read_error", f"{type(e).__name__}: {e}"[:300]))
+    return rows
+
+
+def list_videos(uris: list[str], dataset: str = "", extract_to: str = "") -> tuple[list[dict], dict[str, int]]:
     """RAW rows, one per video, and the items counted per read unit (a folder's loose files, a table).
 
     Layouts: folders (or globs, or files) of videos with optional `{stem}.txt` / `{stem}.json` side-cars,
-    which covers video2dataset's folder output (`{key}.mp4` + `.txt` + `.json` with `clips`); tables
+    which covers video2dataset's folder output (`{key}.mp4` + `.txt` + `.json` with `clips`); webdataset
+    tars of the same (video2dataset's tar output; videos extracted under `extract_to`); tables
     (.parquet / .jsonl / .csv) with a path column (relative to the table) and a caption, and optional
     clip spans (`timestamp`, WebVid / Panda-70M style, with per-span captions in a list `caption`)."""
     rows: list[dict] = []
@@ -165,6 +222,11 @@ def list_videos(uris: list[str], dataset: str = "") -> tuple[list[dict], dict[st
         files = storage.list_files(uri)
         tables = [f for f in files if f.lower().endswith(TABLE_EXTS)]
         referenced: set[str] = set()
+        for tar in (f for f in files if f.lower().endswith(".tar")):
+            found = _tar_rows(tar, f"{name}/{os.path.relpath(tar, root)}",
+                              os.path.join(extract_to or tempfile.gettempdir(), "tars", fingerprint(tar)))
+            rows += found
+            counts[tar] = len(found)
         for table in tables:
             unit = table
             counts.setdefault(unit, 0)
@@ -291,7 +353,8 @@ def plan(ctx: Context) -> Plan:
                        "text_threshold": cfg.dedup.text_threshold, "hamming_radius": cfg.dedup.hamming_radius}
     else:
         dedup_facts = {"enabled": False}
-    rows, counts = list_videos(ctx.uris, recipe.read.dataset)  # driver: fails fast on a missing input
+    extract_to = own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-tars")
+    rows, counts = list_videos(ctx.uris, recipe.read.dataset, extract_to)  # driver: fails fast on a missing input
     key = fingerprint(S.KIND, sorted(storage.normalize(u) for u in ctx.uris), recipe.read.dataset, cfg.probe,
                       cfg.scenes, cfg.frames, cfg.write_clip and cfg.cut, len(rows))
     media = (S.FRAMES, S.STRIP, S.CLIP_MP4) if cfg.write_clip else (S.FRAMES, S.STRIP)

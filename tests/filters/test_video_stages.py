@@ -175,3 +175,33 @@ def test_clip_embedding_is_the_normalised_mean_of_frame_embeddings(media):
     assert abs(float(video.norm()) - 1) < 1e-4 and abs(float(text.norm()) - 1) < 1e-4
     # the same clip embeds the same (the dedup tier compares runs' and clips' embeddings)
     assert stage.apply(framed).to_pylist()[0][VIDEO_EMBEDDING] == out[VIDEO_EMBEDDING]
+
+
+def test_reader_takes_webdataset_tars_of_videos(media, tmp_path):
+    import json
+    import tarfile
+
+    from pipelines.video import list_videos
+
+    folder = tmp_path / "tars"
+    folder.mkdir()
+    with tarfile.open(folder / "shard-000.tar", "w") as tf:
+        with open(media["carphone"], "rb") as f:
+            video = f.read()
+        for name, data in (("00001.mp4", video), ("00001.txt", b"a man on the phone"),
+                           ("00001.json", json.dumps({"clips": [[0, 2]]}).encode()), ("00002.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("evil.mp4")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(link)
+    rows, counts = list_videos([str(folder)], "", str(tmp_path / "work"))
+    by = {r["source_key"]: r for r in rows}
+    assert counts == {str(folder / "shard-000.tar"): 2} and set(by) == {"00001", "evil.mp4"}
+    assert by["evil.mp4"]["error"] == "unsafe_member"
+    item = by["00001"]
+    assert item["source"] == str(folder / "shard-000.tar") and item["caption"] == "a man on the phone"
+    assert item["spans"] == [{"start": 0.0, "end": 2.0, "caption": None}]
+    with open(item["path"], "rb") as f:
+        assert f.read() == video  # extracted whole into the work dir, where the decoders can seek
