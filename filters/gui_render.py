@@ -230,6 +230,10 @@ class RenderPage(Stage):
         vw, vh, dpr = int(row[S.VIEW_W]), int(row[S.VIEW_H]), float(row[S.SCALE])
         target = page_url(row[S.URL], row[S.PATH])
         body = row[S.HTML]
+        if body is None:  # the page's own host first: a refused page never reaches the browser
+            why = await self._address_refusal(target)
+            if why is not None:
+                return {ERROR: "download_blocked_address", ERROR_DETAIL: f"{target[:200]}: {why}"}
         ctx = await browser.new_context(viewport={"width": vw, "height": vh}, device_scale_factor=dpr,
                                         java_script_enabled=self.javascript, service_workers="block")
         try:
@@ -253,12 +257,13 @@ class RenderPage(Stage):
             await page.route("**/*", route)
             try:
                 resp = await page.goto(target, wait_until="load", timeout=self.load_timeout_s * 1000)
-            except PlaywrightTimeout as e:
-                return {ERROR: "render_timeout", ERROR_DETAIL: str(e).splitlines()[0][:300]}
             except Exception as e:
-                if target in refused:
-                    return {ERROR: "download_blocked_address", ERROR_DETAIL: f"{target[:200]}: {refused[target]}"}
-                raise e
+                if refused:  # the page redirected to a refused host
+                    url, why = next(iter(refused.items()))
+                    return {ERROR: "download_blocked_address", ERROR_DETAIL: f"{url[:200]}: {why}"}
+                if isinstance(e, PlaywrightTimeout):
+                    return {ERROR: "render_timeout", ERROR_DETAIL: str(e).splitlines()[0][:300]}
+                raise
             if resp is not None and resp.status >= 400:
                 return {ERROR: "download_http_error", ERROR_DETAIL: f"HTTP {resp.status} for {target[:200]}"}
             try:
