@@ -13,7 +13,7 @@ the video's rate (`fps_num`/`fps_den`); it decodes the clip once with PyAV (seek
 keeps the sampled frames, shrinks each to at most `max_side` pixels and encodes it as JPEG. It writes
 `frames` (the JPEGs one after the other; `frame_sizes` splits them), `frame_indices` (in the source
 video), `timestamps` (one per pair, seconds from the clip start), `frame_phash` (64-bit pHash per
-frame, for dedup), `frame_width`/`frame_height`, `strip` (a few frames side by side, the report's
+frame, for dedup), `frame_width`/`frame_height`, `strip` (a 2 x 2 sheet of frames, the report's
 thumbnail), and `error` = `clip_decode_failed` when a sampled
 frame cannot be decoded (the rows's earlier `error` is kept).
 """
@@ -97,18 +97,21 @@ def decode_frames(path: str, targets: list[int], start: int, fps: Fraction) -> d
     return got
 
 
-def frame_strip(images: list, count: int, height: int) -> bytes:
-    """Up to `count` of the frames, evenly chosen, side by side at `height` pixels, as one JPEG."""
+def frame_strip(images: list, count: int, height: int, columns: int = 2) -> bytes:
+    """Up to `count` of the frames, evenly chosen, in rows of `columns` at `height` pixels each, as one
+    JPEG (the report shrinks thumbnails to a small box: a 2 x 2 sheet stays legible, a long strip not)."""
     from PIL import Image
 
     n = len(images)
     picks = [images[round(k * (n - 1) / max(1, count - 1))] for k in range(min(count, n))]
     width = max(1, round(picks[0].width * height / picks[0].height))
-    strip = Image.new("RGB", (width * len(picks), height))
+    cols = min(columns, len(picks))
+    rows = -(-len(picks) // cols)
+    sheet = Image.new("RGB", (width * cols, height * rows))
     for k, img in enumerate(picks):
-        strip.paste(img.resize((width, height), Image.Resampling.BILINEAR), (k * width, 0))
+        sheet.paste(img.resize((width, height), Image.Resampling.BILINEAR), ((k % cols) * width, (k // cols) * height))
     buf = io.BytesIO()
-    strip.save(buf, format="JPEG", quality=80)
+    sheet.save(buf, format="JPEG", quality=80)
     return buf.getvalue()
 
 
@@ -122,7 +125,7 @@ class SampleFrames(Stage):
     max_frames: int = 600
     max_side: int = 448  # stored frames' longer side, pixels (smaller frames are kept as they are)
     jpeg_quality: int = 90
-    strip_frames: int = 6  # the report's frame strip: this many frames, evenly chosen, side by side
+    strip_frames: int = 4  # the report's frame sheet: this many frames, evenly chosen, two per row
     strip_height: int = 72
 
     def adds(self) -> list[pa.Field]:

@@ -43,7 +43,7 @@ CLIP_INDEX, CLIP_START, CLIP_END = "clip_index", "clip_start", "clip_end"  # fra
 # filters.video_frames.SampleFrames (per clip)
 FRAMES, FRAME_SIZES, FRAME_INDICES, TIMESTAMPS, FRAME_PHASH, FRAME_WIDTH, FRAME_HEIGHT = (
     "frames", "frame_sizes", "frame_indices", "timestamps", "frame_phash", "frame_width", "frame_height")
-STRIP = "strip"  # a few frames side by side: the report's thumbnail of a clip
+STRIP = "strip"  # a 2 x 2 sheet of frames: the report's thumbnail of a clip
 CLIP_MP4 = "clip_mp4"  # filters.video_frames.CutClip (video.write_clip): the clip as MP4
 
 # --- ledger: units and reasons ---------------------------------------------------------------------

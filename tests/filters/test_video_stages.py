@@ -153,7 +153,7 @@ def test_sample_frames_writes_even_jpegs_and_quarantines_what_does_not_decode(me
         pos += size
     assert pos == len(blob) and len(first[S.FRAME_PHASH]) == 4
     assert first[S.FRAME_PHASH][2] == first[S.FRAME_PHASH][3]  # the padding repeats the last frame
-    assert Image.open(io.BytesIO(first[S.STRIP])).height == 72
+    assert Image.open(io.BytesIO(first[S.STRIP])).size == (2 * 169, 2 * 72)  # 4 frames, two per row
     assert out[1][S.FRAME_INDICES] == [0, 0] and out[1]["error"] is None  # 0.32 s: one frame, twice
     assert out[2]["error"] == "clip_decode_failed" and out[2][S.FRAMES] is None
 
