@@ -2,8 +2,8 @@
 
 Planning (driver, names only): `.html`/`.htm` files are pages (grouped `files_per_task` to a unit);
 `.warc`/`.warc.gz` files are one unit each (every HTML `response` record is a page; other records are
-the page's resources, not items); `.urls`/`.txt` files are URL lists (one URL a line, `#` comments),
-one unit each. Other files (CSS, images) are resources the pages may load from their own folder.
+the page's resources, not items); `.urls` files, and `.txt` files whose first line is an http(s) URL,
+are URL lists (one URL a line, `#` comments), one unit each. Other files (CSS, images) are resources the pages may load from their own folder.
 
 Reading (`ReadGui`, executors) yields each page (unit `page`) followed by its renders (unit `render`,
 `parent_id` = the page), one per viewport drawn for it (`draw_viewports`: a fixed draw per page from
@@ -30,7 +30,6 @@ from schemas.common import ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOU
 
 HTML_EXTS = (".html", ".htm", ".xhtml")
 WARC_EXTS = (".warc", ".warc.gz")
-LIST_EXTS = (".urls", ".txt")
 ROWS_PER_BATCH = 64
 
 
@@ -48,9 +47,21 @@ def plan_units(uris: Iterable[str], files_per_task: int) -> list[dict]:
             low = f.lower()
             if low.endswith(WARC_EXTS):
                 units.append({"format": "warc", "uri": f, "files": [f], "root": root})
-            elif low.endswith(LIST_EXTS):
+            elif low.endswith(".urls") or (low.endswith(".txt") and _looks_like_url_list(f)):
                 units.append({"format": "urls", "uri": f, "files": [f], "root": root})
     return units
+
+
+def _looks_like_url_list(uri: str) -> bool:
+    """A `.txt` file is a URL list when its first line that is not blank or a comment is an http(s) URL
+    (a README beside the pages is not)."""
+    try:
+        with storage.open_read(uri) as f:
+            head = f.read(4096).decode("utf-8", errors="replace")
+    except OSError:
+        return True  # unreadable: the reader reports it
+    first = next((ln.strip() for ln in head.splitlines() if ln.strip() and not ln.strip().startswith("#")), "")
+    return first.lower().startswith(("http://", "https://"))
 
 
 def unit_id(unit: dict) -> str:

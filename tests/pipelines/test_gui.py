@@ -167,3 +167,22 @@ def test_shards_and_the_formatter(gui_run):
         assert formatters.get("gui").texts(s) == [s["txt"].decode()]
     urls = {json.loads(s["json"])["url"] for s in samples}
     assert "http://shop.example/tools" in urls and any(u.endswith("/other.html") for u in urls)
+
+
+def test_planning_and_viewport_draws(tmp_path):
+    from pipelines.gui.read import draw_viewports, parse_viewport, plan_units
+
+    (tmp_path / "README.txt").write_text("These pages are fixtures\n")
+    (tmp_path / "list.txt").write_text("# seeds\nhttps://a.example/\n")
+    (tmp_path / "a.html").write_text("<p>a</p>")
+    (tmp_path / "style.css").write_text("p{}")
+    units = plan_units([str(tmp_path)], 8)
+    assert sorted((u["format"], os.path.basename(u["files"][0])) for u in units) == [("html", "a.html"),
+                                                                                    ("urls", "list.txt")]
+    assert parse_viewport("phone:412x915@2.625") == ("phone", 412, 915, 2.625)
+    with pytest.raises(ValueError):
+        parse_viewport("watch:10x10@1")
+    vps = [parse_viewport(v) for v in gui.DEFAULT_VIEWPORTS]
+    a = draw_viewports("p1", vps, 2, 0)
+    assert a == draw_viewports("p1", vps, 2, 0) and len(set(a)) == 2  # fixed per page and seed
+    assert {d for d, *_ in vps} == {"desktop", "tablet", "phone"}
