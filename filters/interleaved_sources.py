@@ -71,25 +71,38 @@ def read_warc_record(uri: str, offset: int) -> bytes:
 
 
 def warc_documents(uri: str, root: str, reader) -> Iterator[_Doc]:
+    """The pages of one WARC, a document at a time (an s3:// WARC is copied to a local temp file first:
+    its records are read back by offset)."""
     rel = relative(uri, root)
     try:
-        pages, images = _index(uri)
+        local, tmp = storage.local_copy(uri)
     except Exception as e:  # noqa: BLE001 - a WARC that cannot be read is one quarantined row
         yield _Doc(f"{rel}#@error", error=("read_error", _detail(e)))
         return
-    beside = uri.rsplit("/", 1)[0]
-    for url, offset in pages:
-        doc = _Doc(f"{rel}#{url}", page_url=url)
+    try:
         try:
-            html = decode_html(read_warc_record(uri, offset))
+            pages, images = _index(local)
         except Exception as e:  # noqa: BLE001
-            doc.error = ("read_error", _detail(e))
-            yield doc
-            continue
-        reader.parse_into(doc, html)
-        for im in doc.images:
-            doc.sources[im.position] = _warc_source(url, im.src, images, uri, beside)
-        yield doc
+            yield _Doc(f"{rel}#@error", error=("read_error", _detail(e)))
+            return
+        beside = uri.rsplit("/", 1)[0]
+        for url, offset in pages:
+            doc = _Doc(f"{rel}#{url}", page_url=url)
+            try:
+                html = decode_html(read_warc_record(local, offset))
+            except Exception as e:  # noqa: BLE001
+                doc.error = ("read_error", _detail(e))
+                yield doc
+                continue
+            reader.parse_into(doc, html)
+            for im in doc.images:
+                doc.sources[im.position] = _warc_source(url, im.src, images, local, beside)
+            yield doc  # the caller reads the images while the local copy still exists
+    finally:
+        if tmp:
+            import os
+
+            os.remove(local)
 
 
 def _warc_source(page_url: str, src: str | None, images: dict[str, int], uri: str, beside: str) -> tuple[str, Any]:

@@ -316,3 +316,13 @@ def test_obelics_and_mmc4_rows(tmp_path):
     assert by_pos[0]["image"] == fig and by_pos[0]["matched_sim"] == pytest.approx(0.31)
     assert by_pos[1]["url"] == "https://e.org/b.jpg" and by_pos[1].get("image") is None
     assert docs[1][0]["error"] == "read_error" and docs[1][0]["source_key"] == "mmc4.jsonl#line1"
+
+
+def test_token_counts_follow_glm41v_resize():
+    from pipelines.interleaved import Tokens, image_tokens, text_tokens
+
+    cfg = Tokens()
+    assert image_tokens(1024, 742, cfg) == round(742 / 28) * round(1024 / 28) == 962  # smart_resize rounds
+    assert image_tokens(28, 28, cfg) == 16  # scaled up to min_pixels = 112 x 112: 4 x 4 tokens
+    assert image_tokens(20000, 20000, cfg) <= cfg.max_pixels // 784
+    assert text_tokens("abcd" * 10, cfg) == 10 and text_tokens("中文字符", cfg) == 4
