@@ -9,6 +9,7 @@ import json
 import os
 import random
 import re
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -294,3 +295,17 @@ Our measurements agree with theory.
     rows = list(read_ocr_unit(unit, 1 << 30, Ocr(), ""))
     assert [r["markup_source"] for r in rows] == ["text_layer", "text_layer"]
     assert rows[0]["markup"].endswith("1/2") and "LaTeX source not used" in rows[0]["error_detail"]
+
+
+def test_backgrounds_come_from_a_folder_of_photos(tmp_path):
+    shutil.copy(os.path.join(SKIMAGE, "chelsea.png"), tmp_path / "cat.png")
+    shutil.copy(os.path.join(SKIMAGE, "coffee.png"), tmp_path / "cup.png")
+    cfg = Synthetic(backgrounds=str(tmp_path), layouts=("paragraph",), layout_weights=(1.0,), orientations=(0,),
+                    orientation_weights=(1.0,))
+    used = {render(LATIN[0], s, cfg, NO_AUG)["render"]["background"] for s in range(12)}
+    assert {"cat.png", "cup.png"} <= used  # and generated paper for the rest (render draws 70 % from photos)
+    photo = next(s for s in range(12) if render(LATIN[0], s, cfg, NO_AUG)["render"]["background"] != "paper")
+    r = render(LATIN[0], photo, cfg, NO_AUG)
+    grey = np.asarray(r["image"].convert("L"), dtype=np.float32)
+    assert grey.std() > 10  # a photo, washed out behind the text, not a flat page
+    assert _png(r["image"]) == _png(render(LATIN[0], photo, cfg, NO_AUG)["image"])
