@@ -20,6 +20,8 @@ import pyarrow as pa
 
 from filters.base import apply_stages
 from filters.clip import ClipScore, resolve_weights
+from filters.dedup import DROPPED as DEDUP_DROPPED
+from filters.dedup import KEEPER, _keepers
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.video_embed import TEXT_EMBEDDING, VIDEO_EMBEDDING, ClipEmbed
 from filters.video_frames import CutClip, SampleFrames
@@ -55,6 +57,8 @@ class VideoDedup:
     video_threshold: float = 0.95
     text_threshold: float = 0.95
     embed_frames: int = 8  # frames embedded per clip, evenly spaced
+    max_rounds: int = 50  # keeper-selection rounds; clips still undecided after them are kept (counted)
+    max_skipped: int = 0  # the run's quality gate fails when more clips than this were left undecided
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,6 +357,9 @@ def plan(ctx: Context) -> Plan:
                        "text_threshold": cfg.dedup.text_threshold, "hamming_radius": cfg.dedup.hamming_radius}
     else:
         dedup_facts = {"enabled": False}
+    dedup_check = {"name": "dedup_skipped", "severity": "critical", "ok": True,
+                   "description": f"near-duplicate clips left undecided <= video.dedup.max_skipped "
+                                  f"({cfg.dedup.max_skipped}); raise video.dedup.max_rounds"}
     extract_to = own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-tars")
     rows, counts = list_videos(ctx.uris, recipe.read.dataset, extract_to)  # driver: fails fast on a missing input
     key = fingerprint(S.KIND, sorted(storage.normalize(u) for u in ctx.uris), recipe.read.dataset, cfg.probe,
@@ -386,7 +393,10 @@ def plan(ctx: Context) -> Plan:
         return alive.filter(short).select(SAMPLE_ID, F.lit("clip_too_short").alias("reason"))
 
     def dedup(alive):
-        return clip_duplicates(alive.filter(F.col(L.UNIT) == S.CLIP_UNIT), cfg.dedup, embed is not None)
+        drops = clip_duplicates(alive.filter(F.col(L.UNIT) == S.CLIP_UNIT), cfg.dedup, embed is not None,
+                                dedup_facts)
+        dedup_check["ok"] = dedup_facts.get("skipped", 0) <= cfg.dedup.max_skipped
+        return drops
 
     def videos_without_clips(alive):
         live = alive.filter(F.col(L.UNIT) == S.CLIP_UNIT).select(F.col(L.PARENT_ID).alias("_v")).distinct()
@@ -416,6 +426,7 @@ def plan(ctx: Context) -> Plan:
         sample_size=lambda F: (F.col(size_column(S.FRAMES)) + F.coalesce(F.length(S.CAPTION), F.lit(0)) + 800
                                + (F.coalesce(F.col(size_column(S.CLIP_MP4)), F.lit(0)) if cfg.write_clip else 0)),
         report=report, thumbnail=S.STRIP, text=S.CAPTION, facts={"video": facts, "dedup": dedup_facts},
+        assertions=[dedup_check],
         read_counts=lambda: dict(counts),
     )
 
@@ -446,16 +457,17 @@ def _cosine(a, b) -> float | None:
     return float(sum(x * y for x, y in zip(a, b)))
 
 
-def clip_duplicates(clips, cfg: VideoDedup, embeddings: bool = False):
+def clip_duplicates(clips, cfg: VideoDedup, embeddings: bool = False, stats: dict | None = None):
     """(sample_id, reason, duplicate_of) for clips that are near-duplicates of a better clip in both
     video and text. Candidates: the middle frames' pHashes agree on one of four 16-bit bands. Tier 1:
     aligned frame pHashes within `hamming_radius` (mean). Tier 2, with `embeddings`: video embeddings'
     cosine >= video_threshold and captions' >= text_threshold (two clips without a caption count as
     the same text); without: the normalised captions are equal. Better: more frames sampled, then
-    more pixels, then the smaller id."""
+    more pixels, then the smaller id. `stats` gets the keeper rounds and the candidates left undecided."""
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
+    stats = {} if stats is None else stats
     mid = F.element_at(S.FRAME_PHASH, (F.size(S.FRAME_PHASH) / 2).cast("int") + 1)
     extra = [VIDEO_EMBEDDING, TEXT_EMBEDDING] if embeddings else []
     items = clips.filter(F.size(S.FRAME_PHASH) > 0).select(
@@ -484,18 +496,43 @@ def clip_duplicates(clips, cfg: VideoDedup, embeddings: bool = False):
     rank = {side: F.concat(F.lpad((F.lit(1 << 40) - F.col(f"{side}_n")).cast("string"), 13, "0"), F.lit(":"),
                            F.lpad((F.lit(1 << 40) - F.col(f"{side}_px")).cast("string"), 13, "0"), F.lit(":"),
                            F.col(side)) for side in ("x", "y")}
-    directed = edges.select(
-        F.when(rank["x"] < rank["y"], F.col("y")).otherwise(F.col("x")).alias(SAMPLE_ID),
-        F.least(rank["x"], rank["y"]).alias("_keeper_rank"))
-    # a clip with a better near-duplicate goes; duplicate_of names its best-ranked one
-    best = directed.groupBy(SAMPLE_ID).agg(F.min("_keeper_rank").alias("_r"))
-    return best.select(SAMPLE_ID, F.lit("near_duplicate").alias("reason"),
-                       F.substring_index(F.col("_r"), ":", -1).alias("duplicate_of"))
+    oriented = edges.select(F.least(rank["x"], rank["y"]).alias("src"), F.greatest(rank["x"], rank["y"]).alias("dst"))
+    # keeper-centred greedy in rank order (filters.dedup's rounds, as image dedup): no chaining, every
+    # dropped clip is an edge away from the keeper it names
+    oriented = oriented.localCheckpoint()
+    state, rounds, undecided = _keepers(oriented, cfg.max_rounds)
+    stats["rounds"], stats["skipped"] = rounds, undecided
+    kept = state.filter(F.col("state") == KEEPER).select(F.col("node").alias("src"))
+    dropped = state.filter(F.col("state") == DEDUP_DROPPED).select(F.col("node").alias("dst"))
+    assign = oriented.join(kept, "src").join(dropped, "dst").groupBy("dst").agg(F.min("src").alias("src"))
+    return assign.select(F.substring_index("dst", ":", -1).alias(SAMPLE_ID), F.lit("near_duplicate").alias("reason"),
+                         F.substring_index("src", ":", -1).alias("duplicate_of"))
+
+
+def explain(row: dict, section: dict, facts: dict) -> str:
+    """The value that decided a row's fate, in words (the report's cards)."""
+    def num(name):
+        v = row.get(name)
+        return v if isinstance(v, (int, float)) and v == v else None
+
+    reason, seconds, duration = row.get("reason"), num("clip_seconds"), num("duration")
+    if row.get("status") == "kept":
+        if seconds is not None and num("frames_sampled") is not None:
+            return f"{row['frames_sampled']} frames over {seconds:.1f} s"
+        return f"{duration:.1f} s" if duration is not None else ""
+    if reason == "clip_too_short" and seconds is not None:
+        return f"{seconds:.2f} s < {section.get('scenes', {}).get('min_seconds')} s"
+    if reason == "video_too_long" and duration is not None:
+        return f"{duration:.0f} s > {section.get('probe', {}).get('max_seconds')} s"
+    if reason == "near_duplicate":
+        return f"frames and caption near {row.get('duplicate_of')}"
+    return row.get("detail") or reason or ""
 
 
 KIND = Kind(
     name=S.KIND, config=Video, units=S.UNITS, reasons=S.REASONS, contract=S.contract, plan=plan,
-    layouts=("folders of videos with {stem}.txt/.json side-cars", "video2dataset folder output (clips spans)",
+    layouts=("folders of videos with {stem}.txt/.json side-cars", "video2dataset folder or tar output (clips spans)",
+             "webdataset tars of videos",
              "Parquet/JSONL/CSV tables of paths with captions and timestamp spans (WebVid, Panda-70M)"),
-    sample_unit=S.CLIP_UNIT,
+    explain=explain, sample_unit=S.CLIP_UNIT,
 )

@@ -205,3 +205,15 @@ def test_reader_takes_webdataset_tars_of_videos(media, tmp_path):
     assert item["spans"] == [{"start": 0.0, "end": 2.0, "caption": None}]
     with open(item["path"], "rb") as f:
         assert f.read() == video  # extracted whole into the work dir, where the decoders can seek
+
+
+def test_report_cards_explain_the_deciding_value():
+    from pipelines.video import explain
+
+    section = {"scenes": {"min_seconds": 1.0}, "probe": {"max_seconds": 600.0}}
+    assert explain({"status": "kept", "clip_seconds": 2.44, "frames_sampled": 4}, section, {}) == "4 frames over 2.4 s"
+    assert explain({"status": "dropped", "reason": "clip_too_short", "clip_seconds": 0.32}, section, {}) == \
+        "0.32 s < 1.0 s"
+    assert explain({"status": "dropped", "reason": "video_too_long", "duration": 900.0}, section, {}) == "900 s > 600.0 s"
+    assert explain({"status": "quarantined", "reason": "video_broken", "detail": "decoded 99 of 250"}, section,
+                   {}) == "decoded 99 of 250"

@@ -168,6 +168,13 @@ def test_embedding_tier_drops_only_when_video_and_text_are_both_near(spark):
     # without embeddings the captions must be equal (after normalising): only clip 4 goes
     got = {r["sample_id"] for r in V.clip_duplicates(df.withColumn(S.CAPTION, F.upper(S.CAPTION)), cfg).collect()}
     assert got == {f"{4:032x}"}
+    # no chaining: 0x3F is 6 bits from 0 and from 0xFFF, which is 12 bits from 0: the middle one goes, the last stays
+    chain = [{**clip(i, "same", None, None, frames=f), S.FRAME_PHASH: [h] * f}
+             for i, h, f in ((5, 0, 6), (6, 0x3F, 4), (7, 0xFFF, 2))]
+    stats = {}
+    got = {r["sample_id"]: r["duplicate_of"]
+           for r in V.clip_duplicates(spark.createDataFrame(chain, df.schema), cfg, stats=stats).collect()}
+    assert got == {f"{6:032x}": f"{5:032x}"} and stats["skipped"] == 0
 
 
 def test_report_shows_the_kind(video_run):
