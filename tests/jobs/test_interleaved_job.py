@@ -42,10 +42,11 @@ def job(tmp_path_factory):
         shutil.rmtree(mirror)
     tables = corpus / "tables"
     noise_image(str(tables / "img" / "t.jpg"), 300, 200, 3)
-    words = _paragraphs("en-US", "sect.web-browsers.html", 120)
-    rows = [{"id": "r1", "texts": [words[0], None, " ".join(words[1:])], "images": [None, "img/t.jpg", None],
+    one = " ".join(_paragraphs("en-US", "sect.office-suites.html", 120)).split()
+    two = " ".join(_paragraphs("en-US", "sect.quotas.html", 120))
+    rows = [{"id": "r1", "texts": [" ".join(one[:100]), None, " ".join(one[100:])], "images": [None, "img/t.jpg", None],
              "metadata": "[]", "general_metadata": json.dumps({"url": "https://example.org/r1"})},
-            {"id": "r2", "texts": [" ".join(words), None], "images": [None, "http://127.0.0.1:9/x.jpg"],
+            {"id": "r2", "texts": [two, None], "images": [None, "http://127.0.0.1:9/x.jpg"],
              "metadata": "[]", "general_metadata": "{}"}]
     pq.write_table(pa.Table.from_pylist(rows), str(tables / "obelics.parquet"))
     out = str(tmp / "out")
