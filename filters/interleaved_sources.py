@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import posixpath
+import re
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -55,8 +56,11 @@ def _index(uri: str) -> tuple[list[tuple[str, int]], dict[str, int]]:
 
 
 def _norm_url(url: str) -> str:
+    """The form a WARC target and a resolved src are compared in: scheme and host lower case, no fragment,
+    repeated slashes collapsed (urljoin collapses them in a src, crawlers keep them in the target)."""
     parts = urllib.parse.urlsplit(url)
-    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc.lower(), parts.path or "/", parts.query, ""))
+    path = re.sub(r"/{2,}", "/", parts.path or "/")
+    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc.lower(), path, parts.query, ""))
 
 
 def read_warc_record(uri: str, offset: int) -> bytes:
