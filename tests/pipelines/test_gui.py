@@ -31,7 +31,8 @@ OTHER = """<!doctype html><html><body style="font:20px serif;margin:40px"><h2>Re
 SHOP = """<!doctype html><html><body style="font:22px sans-serif;margin:20px;background:#eef">
 <h1>Garden tools</h1><p>Spades and rakes for every season</p><button>Add spade to cart</button>
 <button>Add rake to cart</button><a href="/cart">View cart</a></body></html>"""
-VIEWPORTS = ["gui.viewports=['desktop:1024x768@1', 'phone:390x844@2']", "gui.renders_per_page=2"]
+# one viewport keeps this test short (two device sizes: tests/filters/test_gui_render.py and the job test)
+VIEWPORTS = ["gui.viewports=['desktop:1024x768@1']", "gui.renders_per_page=1"]
 
 
 def warc_record(url: str, ctype: str, body: bytes) -> bytes:
@@ -90,7 +91,7 @@ def gui_run(spark, tmp_path_factory, server):
     os.replace(os.path.join(corpus["served"], "other.html"), os.path.join(folder, "other.html"))
     out = str(tmp / "out")
     settings = [*VIEWPORTS, "shards.max_samples=3", "gui.render.load_timeout_s=3", "gui.render.settle_s=0.5",
-                "gui.ocr.elements=2", "gui.render.allow_loopback=true"]  # the local server
+                "gui.ocr.elements=1", "gui.render.allow_loopback=true"]  # the local server
     inputs = [f"gui={HANDBOOK}", f"gui={corpus['pages']}", f"gui={corpus['lists']}", f"gui={corpus['warc']}"]
     recipe = load(None, settings, inputs, out)
     summary = run_build(spark, recipe, dict(recipe.inputs), out)
@@ -107,7 +108,7 @@ def test_every_page_and_render_has_its_reason(gui_run):
     pages = {os.path.basename(r["source"]) + ("" if r["source_key"] == "page" else "/" + r["source_key"]): r
              for r in rows if r["unit"] == "page"}
     renders = [r for r in rows if r["unit"] == "render"]
-    assert len(renders) == 2 * len(pages)
+    assert len(renders) == len(pages)
     status = {k: (r["status"], r["reason"]) for k, r in pages.items()}
     assert status["sect.apt-get.html"] == ("kept", None)
     assert status["blank.html"] == ("dropped", "no_render_kept")
@@ -121,13 +122,14 @@ def test_every_page_and_render_has_its_reason(gui_run):
     by_page = {}
     for r in renders:
         by_page.setdefault(r["parent_id"], []).append((r["status"], r["reason"]))
-    assert sorted(by_page[pages["blank.html"]["sample_id"]]) == [("dropped", "too_few_elements")] * 2
-    assert sorted(by_page[pages["loop.html"]["sample_id"]]) == [("quarantined", "render_timeout")] * 2
-    assert sorted(by_page[pages["pages.urls/line3"]["sample_id"]]) == [("quarantined", "download_http_error")] * 2
-    assert sorted(by_page[pages["binary.html"]["sample_id"]]) == [("quarantined", "not_html")] * 2
-    # form.html and form_copy.html render the same screenshots: one render per viewport is kept
+    assert by_page[pages["blank.html"]["sample_id"]] == [("dropped", "too_few_elements")]
+    assert by_page[pages["loop.html"]["sample_id"]] == [("quarantined", "render_timeout")]
+    assert by_page[pages["pages.urls/line3"]["sample_id"]] == [("quarantined", "download_http_error")]
+    assert by_page[pages["binary.html"]["sample_id"]] == [("quarantined", "not_html")]
+    # form.html and form_copy.html render the same screenshot: one is kept, the other names it
     both = by_page[pages["form.html"]["sample_id"]] + by_page[pages["form_copy.html"]["sample_id"]]
-    assert sorted(s for s, _ in both) == ["dropped", "dropped", "kept", "kept"]
+    assert sorted(s for s, _ in both) == ["dropped", "kept"]
+    assert {status["form.html"], status["form_copy.html"]} == {("kept", None), ("dropped", "no_render_kept")}
     assert {r for _, r in both} <= {None, "exact_duplicate", "near_duplicate"}
     kept_ids = {r["sample_id"] for r in renders if r["status"] == "kept"}
     assert all(r["duplicate_of"] in kept_ids for r in renders if r["reason"] and r["reason"].endswith("duplicate"))
@@ -141,7 +143,7 @@ def test_accounting_and_gates(gui_run):
     _, summary = gui_run
     k = summary["kinds"]["gui"]
     assert k["units"]["page"]["input"] == 10 and k["read"]["items"] == 10
-    assert k["units"]["render"]["input"] == 20
+    assert k["units"]["render"]["input"] == 10
     g = summary["gates"]
     assert g["passed"], g["failed_critical"]
     names = {c["name"] for s in g["suites"].values() for c in s["expectations"]}
@@ -157,11 +159,11 @@ def test_shards_and_the_formatter(gui_run):
     found = find_kinds(os.path.join(out, "shards"), ["gui"])["gui"]
     samples = list(iter_raw_samples([f.url for f in found]))
     contract = gui.KIND.contract(None, {})
-    assert len(samples) == 2 * 4  # handbook, form (one copy per viewport), other, shop
+    assert len(samples) == 4  # handbook, form (one of the two copies), other, shop
     for s in samples:
         assert contract.violations(s) == []
         doc = json.loads(s["json"])
-        assert doc["device"] in ("desktop", "phone") and doc["ocr_agreement"] is not None
+        assert doc["device"] == "desktop" and doc["viewport"] == [1024, 768] and doc["ocr_agreement"] is not None
         assert doc["ocr_agreement"] >= 0.5
         assert any(k == "box" for k, _ in B.pieces(s["txt"].decode()))
         assert formatters.get("gui").texts(s) == [s["txt"].decode()]
