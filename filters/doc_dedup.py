@@ -115,5 +115,8 @@ def repeated_paragraph_table(docs, cfg: DocDedup):
 def repeated_paragraph_drops(table, cfg: DocDedup):
     from pyspark.sql import functions as F
 
-    return table.filter(F.col("repeated_chars") > F.col("total_chars") * cfg.max_repeated_share).select(
+    # a document made only of such paragraphs goes whatever the share allows: nothing would be left of it
+    too_much = (F.col("repeated_chars") > F.col("total_chars") * cfg.max_repeated_share) | (
+        F.col("repeated_chars") >= F.col("total_chars"))
+    return table.filter(too_much).select(
         SAMPLE_ID, F.lit("repeated_paragraphs").alias("reason"))

@@ -90,8 +90,10 @@ def warc_documents(uri: str, root: str, reader) -> Iterator[_Doc]:
             yield _Doc(f"{rel}#@error", error=("read_error", _detail(e)))
             return
         beside = uri.rsplit("/", 1)[0]
+        seen: dict[str, int] = {}
         for url, offset in pages:
-            doc = _Doc(f"{rel}#{url}", page_url=url)
+            seen[url] = seen.get(url, 0) + 1  # a URL crawled twice: the later copies get #2, #3, ...
+            doc = _Doc(f"{rel}#{url}" + (f"#{seen[url]}" if seen[url] > 1 else ""), page_url=url)
             try:
                 html = decode_html(read_warc_record(local, offset))
             except Exception as e:  # noqa: BLE001

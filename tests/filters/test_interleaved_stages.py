@@ -328,3 +328,16 @@ def test_token_counts_follow_glm41v_resize():
     assert image_tokens(28, 28, cfg) == 16  # scaled up to min_pixels = 112 x 112: 4 x 4 tokens
     assert image_tokens(20000, 20000, cfg) <= cfg.max_pixels // 784
     assert text_tokens("abcd" * 10, cfg) == 10 and text_tokens("中文字符", cfg) == 4
+
+
+def test_a_page_crawled_twice_gives_two_documents_with_distinct_keys(tmp_path):
+    site = str(tmp_path / "site")
+    copy_page("en-US", PAGE, site)
+    with open(make_warc(site, str(tmp_path / "a"), [PAGE], "a"), "rb") as f:
+        data = f.read()
+    both = tmp_path / "both.warc.gz"
+    both.write_bytes(data + data)  # the same crawl twice: gzip members concatenate
+    unit = {"format": "warc", "uri": str(both), "root": str(tmp_path), "read_unit": "u", "dataset": "d"}
+    docs = [rows[0] for rows in ReadDocuments(fetch_remote=False).read_unit(unit)]
+    assert len(docs) == 2 and docs[1]["source_key"] == docs[0]["source_key"] + "#2"
+    assert docs[0]["sample_id"] != docs[1]["sample_id"]
