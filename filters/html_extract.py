@@ -165,7 +165,7 @@ def read_data_uri(uri: str) -> bytes:
 # one row per read unit: an HTML page, a WARC file, or a table (OBELICS-style rows, MMC4 documents)
 UNITS = pa.schema([pa.field("format", pa.string()), pa.field("uri", pa.string()), pa.field("root", pa.string()),
                    pa.field(READ_UNIT, pa.string()), pa.field("dataset", pa.string())])
-HTML, WARC, OBELICS, MMC4 = "html", "warc", "obelics", "mmc4"
+HTML, WARC, OBELICS, MMC4, PDF = "html", "warc", "obelics", "mmc4", "pdf"
 WARC_EXTS = (".warc", ".warc.gz", ".warc.zst", ".warc.lz4")
 TABLE_EXTS = (".parquet", ".jsonl", ".jsonl.gz", ".json")
 
@@ -250,10 +250,10 @@ class ReadDocuments(Stage):
         base = f"{unit['dataset'] or posixpath.basename(root.rstrip('/'))}/{relative(uri, root)}"
         if fmt == HTML:
             yield self.read_page(uri, root, unit["dataset"], unit[READ_UNIT])
-        elif fmt == WARC:
-            from filters.interleaved_sources import warc_documents
+        elif fmt in (WARC, PDF):
+            from filters.interleaved_sources import pdf_documents, warc_documents
 
-            for doc in warc_documents(uri, root, self):
+            for doc in (warc_documents if fmt == WARC else pdf_documents)(uri, root, self):
                 yield self.rows(doc, uri, base, unit[READ_UNIT])
         else:
             from filters.interleaved_sources import table_documents

@@ -254,3 +254,89 @@ def _mmc4(doc: _Doc, row: dict, base: str, root: str) -> None:
             doc.segments.append({"image": k})
     if run:
         doc.segments.append({"text": " ".join(run)})
+
+
+# --- PDF ---------------------------------------------------------------------------------------------------
+
+def _lines(textpage) -> list[tuple[float, float, float, str]]:
+    """(top, bottom, left, text) per text line of a page, in pdfium's text order (lines end in CRLF);
+    a line's place is its first character's box."""
+    text = textpage.get_text_range()
+    count = textpage.count_chars()
+    out, pos = [], 0
+    for line in text.split("\r\n"):
+        words = " ".join(line.split())
+        if words:
+            first = min(pos + len(line) - len(line.lstrip()), max(count - 1, 0))
+            left, bottom, _, top = textpage.get_charbox(first)
+            out.append((top, bottom, left, words))
+        pos += len(line) + 2
+    return out
+
+
+def pdf_documents(uri: str, root: str, reader) -> Iterator[_Doc]:
+    """A PDF is one document: text lines and embedded images of every page in reading order (top to
+    bottom; pypdfium2), lines joined into paragraphs unless a vertical gap above 0.9 line heights parts them. An image is
+    `<pdf>::p<page>.<n>` (n-th image object of the page), read as decoded pixels (PNG)."""
+    import io
+
+    import pypdfium2 as pdfium
+    import pypdfium2.raw as pdfium_c
+
+    rel = relative(uri, root)
+    doc = _Doc(rel)
+    try:
+        local, tmp = storage.local_copy(uri)
+    except Exception as e:  # noqa: BLE001
+        doc.error = ("read_error", _detail(e))
+        yield doc
+        return
+    try:
+        pdf = pdfium.PdfDocument(local)
+        items: list[tuple] = []  # (page, -top, left, kind, payload)
+        for p in range(len(pdf)):
+            page = pdf[p]
+            for top, bottom, left, text in _lines(page.get_textpage()):
+                items.append((p, -top, left, "text", (text, top - bottom)))
+            for n, obj in enumerate(page.get_objects(filter=[pdfium_c.FPDF_PAGEOBJ_IMAGE], max_depth=3)):
+                left, bottom, _, top = obj.get_bounds()
+                try:
+                    buf = io.BytesIO()
+                    obj.get_bitmap(render=True).to_pil().save(buf, format="PNG")
+                    src = ("bytes", buf.getvalue())
+                except Exception as e:  # noqa: BLE001 - one image that cannot be rendered
+                    src = ("error:image_undecodable", _detail(e))
+                items.append((p, -top, left, "image", (f"p{p}.{n}", src)))
+        items.sort(key=lambda it: it[:3])
+        para: list[str] = []
+        last = None  # (page, bottom y) of the previous line
+        heights = sorted(it[4][1] for it in items if it[3] == "text") or [10.0]
+        line_h = heights[len(heights) // 2]
+        for page_no, neg_top, _, kind, payload in items:
+            if kind == "text":
+                text, height = payload
+                if para and last is not None and (last[0] != page_no or (last[1] - (-neg_top)) > 0.9 * line_h):
+                    doc.segments.append({"text": " ".join(para)})
+                    para = []
+                para.append(text)
+                last = (page_no, -neg_top - height)
+            else:
+                if para:
+                    doc.segments.append({"text": " ".join(para)})
+                    para = []
+                k = len(doc.images)
+                doc.images.append(PageImage(k, payload[0], None, None, None, None, in_main=True))
+                doc.sources[k] = payload[1]
+                doc.segments.append({"image": k})
+                last = None
+        if para:
+            doc.segments.append({"text": " ".join(para)})
+        pdf.close()
+    except Exception as e:  # noqa: BLE001 - a PDF that cannot be parsed is that document's problem
+        doc = _Doc(rel, error=("read_error", _detail(e)))
+    finally:
+        if tmp:
+            import os
+
+            os.remove(local)
+    yield doc

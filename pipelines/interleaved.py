@@ -28,7 +28,7 @@ from filters.doc_dedup import (
 )
 from filters.doc_text import DocText, OnUnit, normalise, words_of
 from filters.download import Download
-from filters.html_extract import HTML, PAGE_EXTS, TABLE_EXTS, UNITS, WARC, WARC_EXTS, ReadDocuments
+from filters.html_extract import HTML, PAGE_EXTS, PDF, TABLE_EXTS, UNITS, WARC, WARC_EXTS, ReadDocuments
 from filters.interleaved_sources import detect_table
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.qr import BARCODE, Barcodes
@@ -154,6 +154,8 @@ def list_units(uris: list[str]) -> list[tuple[str, str, str]]:
                 out.add((HTML, f, root))
             elif low.endswith(WARC_EXTS):
                 out.add((WARC, f, root))
+            elif low.endswith(".pdf"):
+                out.add((PDF, f, root))
             elif low.endswith(TABLE_EXTS) and (fmt := detect_table(f)):
                 out.add((fmt, f, root))
     return sorted(out, key=lambda u: (u[1], u[0]))

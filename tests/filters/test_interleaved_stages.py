@@ -341,3 +341,39 @@ def test_a_page_crawled_twice_gives_two_documents_with_distinct_keys(tmp_path):
     docs = [rows[0] for rows in ReadDocuments(fetch_remote=False).read_unit(unit)]
     assert len(docs) == 2 and docs[1]["source_key"] == docs[0]["source_key"] + "#2"
     assert docs[0]["sample_id"] != docs[1]["sample_id"]
+
+
+def print_pdf(html_path: str, pdf_path: str) -> str:
+    """A real PDF with figures: headless Chromium prints a handbook page with its images."""
+    import subprocess
+
+    subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-pdf-header-footer",
+                    f"--print-to-pdf={pdf_path}", f"file://{html_path}"], check=True, timeout=120,
+                   capture_output=True)
+    return pdf_path
+
+
+def test_pdf_gives_text_and_figures_in_reading_order(tmp_path):
+    site = str(tmp_path / "site")
+    pdf = print_pdf(copy_page("en-US", PAGE, site), str(tmp_path / "book.pdf"))
+    unit = {"format": "pdf", "uri": pdf, "root": str(tmp_path), "read_unit": "u", "dataset": "d"}
+    docs = list(ReadDocuments().read_unit(unit))
+    assert len(docs) == 1
+    rows = docs[0]
+    segments = json.loads(rows[0]["segments"])
+    assert rows[0]["source_key"] == "book.pdf" and rows[0].get("error") is None
+    images = rows[1:]
+    assert [r["source_key"] for r in images] == ["book.pdf::p0.0", "book.pdf::p0.1", "book.pdf::p0.2",
+                                                 "book.pdf::p1.0", "book.pdf::p2.0"]
+    sizes = [Image.open(io.BytesIO(r["image"])).size for r in images]
+    assert sizes[2:] == [(1024, 742), (1024, 719), (1024, 741)]  # the three figures at full resolution
+    # each figure comes after the text that introduces it and right before its caption
+    text_before = ""
+    for s in segments:
+        if "image" in s and s["image"] >= 2:
+            intro = {2: "GNOME email client", 3: "KMail only handles email", 4: "Mozilla software suite"}[s["image"]]
+            assert intro in text_before
+            nxt = segments[segments.index(s) + 1]["text"]
+            assert nxt.startswith(f"Figure 13.{6 + s['image']}.")
+        elif "text" in s:
+            text_before += s["text"] + "\n"
