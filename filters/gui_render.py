@@ -235,7 +235,8 @@ class RenderPage(Stage):
             if why is not None:
                 return {ERROR: "download_blocked_address", ERROR_DETAIL: f"{target[:200]}: {why}"}
         ctx = await browser.new_context(viewport={"width": vw, "height": vh}, device_scale_factor=dpr,
-                                        java_script_enabled=self.javascript, service_workers="block")
+                                        java_script_enabled=self.javascript, service_workers="block",
+                                        accept_downloads=False)
         try:
             page = await ctx.new_page()
             refused: dict[str, str] = {}

@@ -60,6 +60,8 @@ BOX_REASONS = (
              shows=("box_score",)),
     L.Reason("box_duplicate", L.DROPPED, "boxes", "IoU >= grounding.merge_iou with a better box of the same phrase "
              "(merged into it: duplicate_of names it)"),
+    L.Reason("crowd_box", L.DROPPED, "boxes", "a COCO iscrowd=1 region (a crowd of objects in one box), unless "
+             "grounding.keep_crowd"),
     L.Reason("unknown_category", L.DROPPED, "boxes", "the annotation's category_id is not among the file's "
              "categories"),
     L.Reason("unlinked_phrase", L.DROPPED, "boxes", "the phrase's caption span is outside the caption"),

@@ -37,6 +37,7 @@ class Grounding:
     image_root: str = ""  # folder COCO / RefCOCO file names are relative to; "" = found beside the JSON
     grit_phrases: str = "noun_chunks"  # GRIT: which span list is grounded: noun_chunks or ref_exps
     refcoco_splits: tuple[str, ...] = ("train",)  # RefCOCO refs of other splits are dropped (eval_split)
+    keep_crowd: bool = False  # COCO iscrowd=1 regions are dropped (crowd_box) unless set
     min_boxes: int = 2  # a sample needs at least this many valid boxes (the paper: two)
     min_side: int = 64  # image rules (shared with every kind): shorter side in pixels
     max_aspect_ratio: float = 6.0
@@ -74,7 +75,7 @@ def plan(ctx: Context) -> Plan:
         if bare:
             raise ValueError(f"grounding: {bare[0]} has captions but no {cfg.grit_phrases} column; set "
                              "grounding.detector.endpoint to a served open-vocabulary detector to box its phrases")
-    key = fingerprint("grounding", inputs, recipe.read, cfg.image_root, cfg.grit_phrases, cfg.refcoco_splits,
+    key = fingerprint("grounding", inputs, recipe.read, cfg.image_root, cfg.grit_phrases, cfg.refcoco_splits, cfg.keep_crowd,
                       cfg.download, cfg.decode, cfg.detector.cache_key(), cfg.boxes)
     spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE, BOXED))
     counter = ctx.spark.sparkContext.accumulator({}, readers.ReadCounts())

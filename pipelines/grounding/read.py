@@ -152,7 +152,8 @@ def read_coco(unit: dict, cfg: Any, dataset: str) -> Iterator[dict]:
             cands.append({"key": str(a.get("id", f"@{a['_pos']}")), "text": cats.get(cid), "span": None,
                           "box": a.get("bbox"), "coords": "xywh",
                           "score": float(a["score"]) if _num(a.get("score")) else None,
-                          "error": None if cid in cats else "unknown_category"})
+                          "error": "unknown_category" if cid not in cats else
+                          "crowd_box" if a.get("iscrowd") and not getattr(cfg, "keep_crowd", False) else None})
         fname = img.get("file_name")
         w, h = img.get("width"), img.get("height")
         yield image_row(uri, ident, key, "coco", uri, path=storage.join(root, str(fname)) if fname else None,

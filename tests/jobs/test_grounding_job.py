@@ -45,7 +45,7 @@ def test_grounding_job_end_to_end(tmp_path, detector):
     assert k["input"] == 6 + 5 + 1 and k["kept"] == 6  # COCO 1, 4, 5; GRIT g0, g4; the detector's c0
     assert summary["gates"]["passed"]
     ledger = pq.read_table(os.path.join(out, "ledger")).to_pylist()
-    assert {r["unit"] for r in ledger} == {"image", "box"} and len(ledger) == 12 + 14 + 10 + 2
+    assert {r["unit"] for r in ledger} == {"image", "box"} and len(ledger) == 12 + 15 + 10 + 2
     found = find_kinds(os.path.join(out, "shards"), ["grounding"])["grounding"]
     samples = list(iter_raw_samples([f.url for f in found]))
     assert len(samples) == 6

@@ -65,6 +65,7 @@ def make_corpus(root: str) -> dict[str, str]:
         {"id": 41, "image_id": 4, "category_id": 1, "bbox": [180, 60, 180, 380]},
         {"id": 42, "image_id": 4, "category_id": 4, "bbox": [300, 300, 150, 150]},
         {"id": 43, "image_id": 4, "category_id": 4, "bbox": [0, 0, 80, 80]},
+        {"id": 44, "image_id": 4, "category_id": 1, "bbox": [0, 300, 200, 200], "iscrowd": 1},  # dropped
         {"id": 51, "image_id": 5, "category_id": 4, "bbox": [640, 427, 320, 200]},
         {"id": 52, "image_id": 5, "category_id": 2, "bbox": [0, 0, 640, 427]},
         {"id": 99, "image_id": 77, "category_id": 1, "bbox": [0, 0, 5, 5]},  # names no listed image
@@ -154,7 +155,7 @@ def test_every_image_and_box_has_its_reason(grounding_run):
         "2": ("image", "dropped", "too_few_boxes"), "2#box:21": ("box", "dropped", "parent_removed"),
         "3": ("image", "quarantined", "image_missing"),
         "3#box:31": ("box", "dropped", "parent_removed"), "3#box:32": ("box", "dropped", "parent_removed"),
-        "4": ("image", "kept", None), "5": ("image", "kept", None),
+        "4": ("image", "kept", None), "4#box:44": ("box", "dropped", "crowd_box"), "5": ("image", "kept", None),
         "@orphan:99": ("image", "quarantined", "read_error"),
         # RefCOCO: image 7 (train) kept with three sentences; image 8's refs are testA
         "7#box:1:1": ("box", "kept" if got["7"][1] == "kept" else "dropped", None if got["7"][1] == "kept"
@@ -184,7 +185,7 @@ def test_accounting_and_gates(grounding_run):
     k = summary["kinds"]["grounding"]
     assert k["unit"] == "image"
     assert k["units"]["image"]["input"] == 5 + 1 + 2 + 5 and k["units"]["image"]["kept"] == 5
-    assert k["units"]["box"]["input"] == 14 + 5 + 10
+    assert k["units"]["box"]["input"] == 15 + 5 + 10
     assert k["read"] == {"units": 3, "items": 13}
     g = summary["gates"]
     assert g["passed"], g["failed_critical"]
