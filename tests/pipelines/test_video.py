@@ -80,7 +80,7 @@ def test_scenes_become_clips_with_bounds_and_reasons(video_run):
     assert by["bikes"]["status"] == "kept" and by["bikes"]["shard"]
     # ids: the same rule as every item id (make_sample_id), from dataset/relative path and the clip's key
     assert by["bikes#clip0000"]["sample_id"] == make_sample_id("video", "corpus/folder/bikes.mp4", "bikes#clip0000")
-    # video2dataset spans: [2.5, 0.2] is not a span; 3.0-5.0 is cut at 3 s max? no: 2 s fits
+    # video2dataset spans: [2.5, 0.2] ends before it starts (skipped); 0-2 s and 3-5 s are clips
     v2d = sorted(k for k in by if k.startswith("000001#clip"))
     assert v2d == ["000001#clip0000", "000001#clip0001"]
 
