@@ -6,13 +6,9 @@ iterates over what is registered without naming any kind.
 """
 from __future__ import annotations
 
-from pipelines import grounding, gui, image_text, ocr
-from pipelines import interleaved
-from pipelines import video
+from pipelines import grounding, gui, image_text, interleaved, ocr, video
 from pipelines.kind import Kind
 
-# every kind GLM-4.1V's data has; those not registered yet are refused by name, with a clear error
-PLANNED = ("image_text", "interleaved", "ocr", "grounding", "gui", "video")
 REGISTRY: dict[str, Kind] = {}
 
 

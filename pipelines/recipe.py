@@ -93,17 +93,25 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
-def build(cls: type, data: dict, path: str = "") -> Any:
-    """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys by their dotted path."""
+def build(cls: type, data: dict, path: str = "", base: Any = None) -> Any:
+    """Instantiate dataclass `cls` from a nested dict, rejecting unknown keys by their dotted path. Keys
+    left out keep their defaults, the field's own default included: a section whose default is
+    `ClipScore(threshold=0.0)` keeps that threshold when the recipe sets only its model."""
     hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}
     for key, value in (data or {}).items():
         dotted = f"{path}.{key}" if path else key
         if key not in fields:
             raise RecipeError(f"unknown recipe key '{dotted}' (known here: {', '.join(sorted(fields))})")
-        kwargs[key] = _coerce(value, hints[key], dotted)
-    return cls(**kwargs)
+        field = fields[key]
+        default = getattr(base, key) if base is not None else (
+            field.default if field.default is not dataclasses.MISSING else None)
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and dataclasses.is_dataclass(default):
+            kwargs[key] = build(hints[key], value, dotted, base=default)
+        else:
+            kwargs[key] = _coerce(value, hints[key], dotted)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def set_dotted(data: dict, dotted: str, value: Any) -> None:
@@ -144,9 +152,6 @@ def load(path: str | None = None, overrides: list[str] = (), inputs: list[str] =
     recipe = dataclasses.replace(build(Recipe, data), sections=sections)
     for kind, uris in recipe.inputs.items():
         if kind not in kinds.REGISTRY:
-            if kind in kinds.PLANNED:
-                raise RecipeError(f"input kind '{kind}' is not implemented yet "
-                                  f"(registered: {', '.join(sorted(kinds.REGISTRY))})")
             raise RecipeError(f"unknown input kind '{kind}' (registered: {', '.join(sorted(kinds.REGISTRY))})")
         if isinstance(uris, str):
             recipe.inputs[kind] = [uris]
