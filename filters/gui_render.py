@@ -25,8 +25,8 @@ URL is refused is `download_blocked_address`. A page that does not load within `
 scripts that never settle are cut: after `load`, the render waits at most `settle_s` for the network to
 go quiet, then takes the screenshot anyway.
 
-`OcrAgreement` reads `screenshot` (or its spool reference) and `elements`: for up to `elements` text
-elements of a render (a fixed choice), PP-OCR (the OCR kind's reader, filters.ocr) reads the pixels
+`OcrAgreement` reads `screenshot` (or its spool reference) and `elements`: for up to `elements` short
+text elements of a render (`min_chars`-`max_chars` characters: labels, links, buttons; a fixed choice), PP-OCR (the OCR kind's reader, filters.ocr) reads the pixels
 inside the element's box; `ocr_agreement` = mean (1 - CER) against the DOM text.
 """
 from __future__ import annotations
@@ -360,6 +360,8 @@ class OcrAgreement(Stage):
     name: ClassVar[str] = "ocr"
     elements: int = 4  # text elements checked per render
     min_chars: int = 4  # only elements with at least this much text of their own
+    max_chars: int = 80  # and at most this much: labels, links, buttons, headings (a paragraph costs seconds)
+    max_height: int = 160  # crops taller than this (pixels) are scaled down first (3x phone renders)
     min_score: float = 0.5
     seed: int = 0
 
@@ -379,7 +381,8 @@ class OcrAgreement(Stage):
 
         img = Image.open(io.BytesIO(png)).convert("RGB")
         w, h = img.size
-        texts = [e for e in elements if len(compact(e["text"])) >= self.min_chars and e["tag"] not in ("input", "textarea")]
+        texts = [e for e in elements if self.min_chars <= len(compact(e["text"])) <= self.max_chars
+                 and e["tag"] not in ("input", "textarea")]
         chosen = random.Random(f"{self.seed}/{key}").sample(texts, min(self.elements, len(texts)))
         scores = []
         for e in chosen:
@@ -387,6 +390,8 @@ class OcrAgreement(Stage):
             pad = 4
             crop = img.crop((max(0, int(x1 * w / 1000) - pad), max(0, int(y1 * h / 1000) - pad),
                              min(w, int((x2 + 1) * w / 1000) + pad), min(h, int((y2 + 1) * h / 1000) + pad)))
+            if crop.height > self.max_height:
+                crop = crop.resize((max(1, round(crop.width * self.max_height / crop.height)), self.max_height))
             lines, _ = read_lines(crop, threads, self.min_score, 4)
             read = " ".join(ln["text"] for ln in lines)
             scores.append(max(0.0, 1.0 - cer(compact(e["text"]), compact(read))))

@@ -46,7 +46,10 @@ class Gui:
     min_pixel_std: float = 2.0  # a flat screenshot (blank page) is dropped
     render: RenderPage = RenderPage()
     ocr: Ocr = Ocr()
-    dedup: Dedup = Dedup()
+    # Screenshot pHash is coarse for text pages: distinct debian-handbook pages measured 6-10 of 64 bits
+    # (dHash 47-61 of 256), inside the photo radii (10 / 64); a near-identical state (one banner text
+    # changed) measured 0 / 0. Tight radii keep distinct pages and still remove repeated UI states.
+    dedup: Dedup = Dedup(hamming_radius=2, second_radius=8)
     dedup_enabled: bool = True
 
     def __post_init__(self) -> None:
