@@ -30,6 +30,8 @@ from filters.doc_text import DocText, OnUnit, normalise, words_of
 from filters.download import Download
 from filters.html_extract import HTML, PAGE_EXTS, PDF, TABLE_EXTS, UNITS, WARC, WARC_EXTS, ReadDocuments
 from filters.interleaved_sources import detect_table
+from filters.knowledge import KNOWLEDGE_SCORE, KnowledgeScore, load_weights
+from filters.knowledge import WEIGHTS as KNOWLEDGE_WEIGHTS
 from filters.media import Spool, read_ref, ref_column, size_column
 from filters.qr import BARCODE, Barcodes
 from filters.rules import first_reason, image_checks
@@ -109,6 +111,13 @@ class ImageRules:
 
 
 @dataclasses.dataclass(frozen=True)
+class Knowledge:
+    enabled: bool = True  # score every image (filters/knowledge.py); written as knowledge_score
+    weights: str = ""  # a weights JSON; "": the shipped filters/knowledge_weights.json
+    min_score: float = 0.0  # images below it are removed (low_knowledge); 0 keeps all (the score up-weights)
+
+
+@dataclasses.dataclass(frozen=True)
 class Album:
     max_images_per_100_words: float = 5.0  # above it: a photo album (dense in images, sparse in text)
     min_images: int = 1  # documents with fewer kept images are dropped (0 keeps text-only documents)
@@ -136,6 +145,7 @@ class Interleaved:
     ads: Ads = Ads()
     dedup: DocDedup = DocDedup()
     clip: ClipScore = ClipScore()
+    knowledge: Knowledge = Knowledge()
     album: Album = Album()
     tokens: Tokens = Tokens()
 
@@ -223,7 +233,7 @@ def build_document(row: dict, cfg: Interleaved, clip_real: bool) -> tuple[dict, 
         elif seg["image"] in images:
             im = images[seg["image"]]
             entry = S.image_entry(len(texts), im[S.WIDTH], im[S.HEIGHT], im[S.ALT], im[S.SRC], im.get(S.CLIP_SCORE),
-                                  im["source_key"], im.get(S.MATCHED_SIM))
+                                  im["source_key"], im.get(S.MATCHED_SIM), im.get(KNOWLEDGE_SCORE))
             members[entry["member"]] = read_ref(im[ref_column(S.IMAGE)])
             texts.append(None)
             entries.append(entry)
@@ -275,6 +285,8 @@ def plan(ctx: Context) -> Plan:
     cfg.ads.domains()  # the domains file must be readable
     if cfg.tokens.tokenizer:
         _tokenizer(cfg.tokens.tokenizer)
+    if cfg.knowledge.enabled:
+        load_weights(cfg.knowledge.weights or KNOWLEDGE_WEIGHTS)  # a weights file that cannot be read fails here
     if cfg.clip.enabled:
         clip_stage, clip_real, clip_msg = resolve_weights(cfg.clip, key="interleaved.clip",
                                                           ship=ctx.spark.sparkContext.addFile)
@@ -285,7 +297,8 @@ def plan(ctx: Context) -> Plan:
     if not units:
         raise FileNotFoundError(f"interleaved: no HTML pages ({', '.join(PAGE_EXTS)}), WARC files or OBELICS/MMC4 "
                                 f"tables under {inputs}")
-    key = fingerprint(S.KIND, inputs, units, recipe.read, cfg.extract, cfg.download, cfg.decode, cfg.doc_text)
+    key = fingerprint(S.KIND, inputs, units, recipe.read, cfg.extract, cfg.download, cfg.decode, cfg.doc_text,
+                      cfg.knowledge.enabled, cfg.knowledge.weights)
     spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE,))
     counter = ctx.spark.sparkContext.accumulator({}, readers.ReadCounts())
 
@@ -293,7 +306,9 @@ def plan(ctx: Context) -> Plan:
         table = unit_table(ctx.spark, units, recipe.read.files_per_task, recipe.read.dataset)
         read = ReadDocuments(recipe.read.max_member_bytes, tuple(cfg.extract.skip_elements), cfg.extract.fetch_remote,
                              counter)
-        return apply_stages(table, [read, cfg.download, OnUnit(cfg.decode), cfg.doc_text, spool], ctx.timer)
+        knowledge = [OnUnit(KnowledgeScore(cfg.knowledge.weights))] if cfg.knowledge.enabled else []
+        return apply_stages(table, [read, cfg.download, OnUnit(cfg.decode), *knowledge, cfg.doc_text, spool],
+                            ctx.timer)
 
     from pyspark.sql import functions as F
 
@@ -328,6 +343,8 @@ def plan(ctx: Context) -> Plan:
         checks = [(F.col("_doc").isNull(), F.lit("parent_removed")), (F.col("_rep"), F.lit("image_repeated"))]
         if cfg.ads.enabled:
             checks.append((cfg.ads.condition(), F.lit("ad_image")))
+        if cfg.knowledge.enabled and cfg.knowledge.min_score > 0:
+            checks.append((F.col(KNOWLEDGE_SCORE) < cfg.knowledge.min_score, F.lit("low_knowledge")))
         if cfg.extract.use_matched_sim:  # MMC4's own CLIP similarity stands in for ours
             checks.append((F.col(S.MATCHED_SIM) < cfg.clip.threshold, F.lit("clip_low_similarity")))
         return images.select(SAMPLE_ID, first_reason(checks).alias("reason")).filter("reason IS NOT NULL")
@@ -358,10 +375,11 @@ def plan(ctx: Context) -> Plan:
 
     def kept_images(alive):
         cols = [S.POSITION, ref_column(S.IMAGE), size_column(S.IMAGE), S.WIDTH, S.HEIGHT, S.ALT, S.SRC, "source_key",
-                S.CLIP_SCORE, S.MATCHED_SIM]
+                S.CLIP_SCORE, S.MATCHED_SIM, KNOWLEDGE_SCORE]
         images = alive.filter(is_image)
-        if S.CLIP_SCORE not in images.columns:
-            images = images.withColumn(S.CLIP_SCORE, F.lit(None).cast("float"))
+        for col in (S.CLIP_SCORE, KNOWLEDGE_SCORE):
+            if col not in images.columns:
+                images = images.withColumn(col, F.lit(None).cast("float"))
         return images.groupBy(F.col(L.PARENT_ID).alias("_doc")).agg(
             F.collect_list(F.struct(*cols)).alias("kept_images"), F.count("*").alias("kept_count"),
             F.sum(size_column(S.IMAGE)).alias("kept_bytes"))
@@ -411,12 +429,12 @@ def plan(ctx: Context) -> Plan:
     return Plan(
         features=features, key=key, steps=steps, to_sample=to_sample(cfg, clip_real),
         sample_size=lambda F: F.length(S.SEGMENTS) + F.coalesce(F.col("kept_bytes"), F.lit(0)) + 1000,
-        samples=samples, report=report_columns(), thumbnail=S.IMAGE, text=S.TITLE, facts=facts,
+        samples=samples, report=report_columns(cfg.knowledge.enabled), thumbnail=S.IMAGE, text=S.TITLE, facts=facts,
         assertions=assertions, read_counts=lambda: readers.per_unit(counter.value),
     )
 
 
-def report_columns() -> dict:
+def report_columns(knowledge: bool = True) -> dict:
     def col(name):
         return lambda F: F.col(name)
 
@@ -427,6 +445,7 @@ def report_columns() -> dict:
         "short_side": lambda F: F.least(S.WIDTH, S.HEIGHT),
         "aspect_ratio": lambda F: F.greatest(S.WIDTH, S.HEIGHT) / F.least(S.WIDTH, S.HEIGHT),
         "pixel_std": col(S.PIXEL_STD), "src": col(S.SRC),
+        "knowledge_score": lambda F: F.col(KNOWLEDGE_SCORE) if knowledge else F.lit(None).cast("float"),
     }
 
 

@@ -96,6 +96,8 @@ IMAGE_RULES = (
        "(logos, icons, banners)"),
     _d("qr_code", "images", "a QR code or barcode was found in the image (zxing-cpp)"),
     _d("ad_image", "images", "advertising: a link to an ad server, a standard banner size or an ad alt text"),
+    _d("low_knowledge", "images", "knowledge-density score below knowledge.min_score (only when it is > 0)",
+       shows=("knowledge_score",)),
 )
 DOC_RULES = (
     _d("photo_album", "album", "images per 100 words above album.max_images_per_100_words (dense in images, "
@@ -181,13 +183,15 @@ def contract(cfg=None, facts: dict | None = None) -> Contract:
 
 
 def image_entry(position: int, width: int, height: int, alt: str | None, src: str | None,
-                clip_score: float | None, source_key: str, matched_sim: float | None = None) -> dict:
+                clip_score: float | None, source_key: str, matched_sim: float | None = None,
+                knowledge_score: float | None = None) -> dict:
     """An `images` entry of the sample json."""
     if src and src[:5].lower() == "data:" and len(src) > 64:  # the ledger's source_key keeps it whole
         src = src[:64] + "..."
     return {"member": member_name(position), "width": width, "height": height, "alt": alt, "src": src,
             "clip_score": None if clip_score is None else round(float(clip_score), 4), "source_key": source_key,
-            "matched_sim": None if matched_sim is None else round(float(matched_sim), 4)}
+            "matched_sim": None if matched_sim is None else round(float(matched_sim), 4),
+            "knowledge_score": None if knowledge_score is None else round(float(knowledge_score), 4)}
 
 
 def segments_json(segments: list[dict]) -> str:

@@ -192,7 +192,7 @@ def test_shards_hold_documents_with_images_in_place(run):
     assert doc["texts"][first - 1].endswith(_paragraphs("en-US", "sect.after-first-boot.html", 250)[0][-40:])
     for i, im in enumerate(doc["images"]):
         if im:
-            assert im["member"] == f"{i:04d}.jpg"
+            assert im["member"] == f"{i:04d}.jpg" and 0 <= im["knowledge_score"] <= 1
             assert Image.open(io.BytesIO(s[im["member"]])).size == (im["width"], im["height"])
     # the copyright line is in 3 documents of the run: removed from every text
     assert all(COPYRIGHT not in (t or "") for d, _ in by_key.values() for t in d["texts"])
