@@ -13,7 +13,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.filters.test_interleaved_stages import PAGE, copy_page, make_warc, noise_image, read_text
+from tests.filters.test_interleaved_stages import (
+    PAGE,
+    copy_page,
+    make_warc,
+    noise_image,
+    print_pdf,
+    read_text,
+)
 from tests.jobs.test_build_pretrain import submit
 from tests.pipelines.test_interleaved_kind import _page, _paragraphs, _qr_jpeg
 
@@ -40,6 +47,8 @@ def job(tmp_path_factory):
     make_warc(site, str(corpus / "warc"), ["sect.web-browsers.html"])
     for mirror in (p for p in (corpus / "warc").iterdir() if p.is_dir()):  # wget's mirror holds the page too
         shutil.rmtree(mirror)
+    (corpus / "books").mkdir()
+    print_pdf(copy_page("en-US", "sect.graphical-desktops.html", str(tmp / "pdfsite")), str(corpus / "books" / "desktops.pdf"))
     tables = corpus / "tables"
     noise_image(str(tables / "img" / "t.jpg"), 300, 200, 3)
     one = " ".join(_paragraphs("en-US", "sect.office-suites.html", 120)).split()
@@ -59,6 +68,10 @@ def test_job_accounts_for_documents_and_images(job):
     out, _ = job
     rows = pq.read_table(os.path.join(out, "ledger")).to_pylist()
     by_key = {r["source_key"]: r for r in rows}
+    pdf = sorted((r for r in rows if r["source"].endswith("desktops.pdf")), key=lambda r: r["unit"])
+    assert pdf[0]["source_key"] == "books/desktops.pdf" and pdf[0]["status"] == "kept"  # "document" < "image"
+    assert sum(r["status"] == "kept" for r in pdf[1:]) == 7  # the seven desktop screenshots; the logos are too small
+    rows = [r for r in rows if not r["source"].endswith("desktops.pdf")]
     docs = [r for r in rows if r["unit"] == "document"]
     warc_page = next(r["source_key"] for r in docs if r["source_key"].startswith("warc/crawl.warc.gz#http"))
     assert warc_page.endswith("/sect.web-browsers.html")
@@ -84,7 +97,8 @@ def test_job_accounts_for_documents_and_images(job):
     assert sorted(r["reason"] or "" for r in docs) == ["", "", "", "", "no_images", "text_exact_duplicate"]
     summary = json.loads(read_text(os.path.join(out, "reports", "summary.json")))
     k = summary["kinds"]["interleaved"]
-    assert k["units"]["document"]["input"] == 6 and k["units"]["image"]["input"] == 20 and k["kept"] == 4
+    assert k["units"]["document"]["input"] == 7 and k["units"]["image"]["input"] == 20 + len(pdf) - 1
+    assert k["kept"] == 5
     assert k["facts"]["clip"]["real_weights"] is False and k["facts"]["clip"]["threshold_applied"] is False
     assert summary["gates"]["passed"], summary["gates"]["failed_critical"]
     page = read_text(os.path.join(out, "reports", "index.html"))
@@ -98,9 +112,10 @@ def test_job_shards_follow_the_contract(job):
     out, _ = job
     found = shards.find_kinds(os.path.join(out, "shards"), ["interleaved"])["interleaved"]
     samples = list(shards.iter_raw_samples([s.url for s in found]))
-    assert len(found) == 4 and len(samples) == 4
+    assert len(found) == 5 and len(samples) == 5
     for s in samples:
         assert contract().violations(s) == []
         doc = json.loads(s["json"])
         scores = [im["clip_score"] for im in doc["images"] if im]
         assert scores and all(-1 <= c <= 1 for c in scores)  # scored (random weights), none removed for it
+        assert all(0 <= im["knowledge_score"] <= 1 for im in doc["images"] if im)
