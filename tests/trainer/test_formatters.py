@@ -79,6 +79,28 @@ def test_grounding_rejects_boxes_off_the_0_999_grid(ctx, box, corpus):
         formatters.get("grounding").format(s, ctx)
 
 
+def test_gui_reads_qa_pairs_with_box_tokens(ctx, tok, corpus):
+    import io
+
+    from PIL import Image
+
+    from schemas import gui
+
+    buf = io.BytesIO()
+    Image.open(io.BytesIO(corpus.picture(3)[0])).save(buf, format="PNG")
+    qa = [{"task": "reg", "question": "What element is at <|begin_of_box|>[[10,20,300,80]]<|end_of_box|>?",
+           "answer": 'the button "OK": <button>OK</button>'},
+          {"task": "rec", "question": 'Where is the link "Help"?', "answer": "<|begin_of_box|>[[5,5,60,30]]<|end_of_box|>"}]
+    s = {"__key__": "r0", "png": buf.getvalue(), "txt": gui.qa_text(qa).encode(), "json": json.dumps({"qa": qa}).encode()}
+    f = formatters.get("gui").format(s, ctx)
+    text = tok.decode(f.ids)
+    assert f.ids.count(tok.begin_box_id) == 2 and f.ids.count(tok.end_box_id) == 2
+    assert text.split("<|end_of_image|>", 1)[1] == gui.qa_text(qa) + "<|endoftext|>"
+    s["txt"] = b"Where? <|begin_of_box|>[[5,5,1000,30]]<|end_of_box|>"
+    with pytest.raises(ValueError):
+        formatters.get("gui").format(s, ctx)
+
+
 def interleaved_sample(key: str, items: list, **images: bytes) -> dict:
     """A sample in the interleaved layout (schemas/interleaved.py): items are texts, or None where an
     image sits; images by member name (e.g. `m0001=...` for `0001.jpg`)."""
