@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from filters.base import Stage
 from filters.media import column_bytes
+from schemas import boxes
 from schemas import ocr as S
 from schemas.common import ERROR, ERROR_DETAIL
 
@@ -120,15 +121,8 @@ def cer(truth: str, read: str) -> float:
 
 
 def norm_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int) -> list[int]:
-    """Pixel corners -> [x1, y1, x2, y2] as integers 0-999 (x / width * 1000), clamped, x1 < x2, y1 < y2."""
-    def one(lo, hi, size):
-        a = min(998, max(0, math.floor(lo * 1000 / size)))
-        b = min(999, max(a + 1, math.ceil(hi * 1000 / size)))
-        return a, b
-
-    bx1, bx2 = one(min(x1, x2), max(x1, x2), width)
-    by1, by2 = one(min(y1, y2), max(y1, y2), height)
-    return [bx1, by1, bx2, by2]
+    """Pixel corners -> a 0-999 box that holds the whole line (`schemas.boxes.to_grid_containing`)."""
+    return boxes.to_grid_containing((x1, y1, x2, y2), width, height)
 
 
 def pixel_box(box: list[int], width: int, height: int) -> tuple[int, int, int, int]:

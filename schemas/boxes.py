@@ -95,6 +95,19 @@ def to_grid(box: Sequence[float], width: int, height: int) -> list[int]:
     return [_q(x1, width), _q(y1, height), _q(x2, width), _q(y2, height)]
 
 
+def to_grid_containing(box: Sequence[float], width: int, height: int) -> list[int]:
+    """Like `to_grid`, but the grid box contains the pixel box (near corners floored, far corners
+    rounded up) and is never empty (x1 < x2, y1 < y2): for text lines, whose box must hold all their ink."""
+    x1, y1, x2, y2 = box
+
+    def one(lo: float, hi: float, size: int) -> tuple[int, int]:
+        a = min(GRID - 2, max(0, math.floor(lo * GRID / size + 1e-6)))
+        return a, min(GRID - 1, max(a + 1, math.ceil(hi * GRID / size - 1e-6)))
+
+    (ax, bx), (ay, by) = one(min(x1, x2), max(x1, x2), width), one(min(y1, y2), max(y1, y2), height)
+    return [ax, ay, bx, by]
+
+
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
