@@ -25,7 +25,7 @@ from typing import Any
 
 from filters.base import Stage, StageTimer, apply_stage
 from pipelines import progress
-from pipelines.checkpoint import cached, checkpoint, checkpoint_path, fingerprint
+from pipelines.checkpoint import checkpoint, checkpoint_path, fingerprint
 from pipelines.io import shards
 from schemas import ledger as L
 from schemas.common import ERROR, ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY
@@ -133,6 +133,15 @@ def decisions(df, F):
     return df.select(SAMPLE_ID, F.col("reason").cast("string"), dup.cast("string").alias("duplicate_of"))
 
 
+def truncated(df):
+    """Materialise a narrow table (decisions, a stage's columns) and cut its lineage. Each step joins
+    its table back onto the rows in play it was computed from, so with lineage kept the plan doubles at
+    every step (seven steps made plans Spark ran out of heap analysing); a local checkpoint keeps the
+    table's size statistics, so small ones are still broadcast in joins. Executor loss fails the job
+    (no lineage to recompute from); the restart reuses the Parquet stage checkpoints."""
+    return df.localCheckpoint(eager=True)
+
+
 def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: list, found: list):
     """One step on the rows still in play: its stage's columns joined on, its drops taken out. Returns
     the rows still in play; appends the stage's narrow table to `added` and its decisions to `found`."""
@@ -144,11 +153,11 @@ def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: li
         if step.store == "checkpoint":
             out = checkpoint(out, ctx.work_dir, f"{kind.name}-{step.name}", keys[step.name], ctx.timer)
         else:
-            out = cached(out)
+            out = truncated(out)
         alive = alive.join(out, SAMPLE_ID, "left")
         added.append(out)
     if step.decide is not None:
-        drops = cached(decisions(step.decide(alive), F))
+        drops = truncated(decisions(step.decide(alive), F))
         alive = alive.join(drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
         found.append(drops)
     return alive
@@ -186,7 +195,7 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
         orphans = (alive.filter(F.col(L.PARENT_ID).isNotNull())
                    .join(parents, F.col(L.PARENT_ID) == F.col("_parent"), "left_anti")
                    .select(SAMPLE_ID, F.lit("parent_removed").alias("reason")))
-        orphans = cached(decisions(orphans, F))
+        orphans = truncated(decisions(orphans, F))
         alive = alive.join(orphans.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
         found.append(orphans)
 
