@@ -23,6 +23,7 @@ from filters.clip import ClipScore, resolve_weights
 from filters.dedup import DROPPED as DEDUP_DROPPED
 from filters.dedup import KEEPER, _keepers
 from filters.media import Spool, read_ref, ref_column, size_column
+from filters.video_download import DownloadVideo, is_url
 from filters.video_embed import TEXT_EMBEDDING, VIDEO_EMBEDDING, ClipEmbed
 from filters.video_frames import CutClip, SampleFrames
 from filters.video_probe import ProbeVideo
@@ -39,7 +40,7 @@ from schemas.common import KIND as KIND_COLUMN
 log = logging.getLogger(__name__)
 VIDEO_EXTS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".3gp")
 TABLE_EXTS = (".parquet", ".jsonl", ".csv")
-PATH_COLUMNS = ("path", "video", "video_path", "file", "filepath", "videoid", "key")
+PATH_COLUMNS = ("path", "video", "video_path", "file", "filepath", "videoid", "key", "url", "video_url", "contentUrl")
 CAPTION_COLUMNS = ("caption", "name", "text", "title", "description")
 SPAN_COLUMNS = ("timestamp", "timestamps", "clips", "spans")
 
@@ -65,6 +66,7 @@ class VideoDedup:
 class Video:
     """The recipe section `video`."""
 
+    download: DownloadVideo = DownloadVideo()  # table rows that name their video by http(s) URL
     probe: ProbeVideo = ProbeVideo()
     scenes: DetectScenes = DetectScenes()
     frames: SampleFrames = SampleFrames()
@@ -214,7 +216,8 @@ def list_videos(uris: list[str], dataset: str = "", extract_to: str = "") -> tup
     which covers video2dataset's folder output (`{key}.mp4` + `.txt` + `.json` with `clips`); webdataset
     tars of the same (video2dataset's tar output; videos extracted under `extract_to`); tables
     (.parquet / .jsonl / .csv) with a path column (relative to the table) and a caption, and optional
-    clip spans (`timestamp`, WebVid / Panda-70M style, with per-span captions in a list `caption`)."""
+    clip spans (`timestamp`, WebVid / Panda-70M style, with per-span captions in a list `caption`); a
+    path column may hold http(s) URLs instead (the row's `path` stays the URL until it is downloaded)."""
     rows: list[dict] = []
     counts: dict[str, int] = {}
     for uri in uris:
@@ -256,6 +259,8 @@ def list_videos(uris: list[str], dataset: str = "", extract_to: str = "") -> tup
                 if p is None:
                     rows.append(_row(f"{name}/{rel}", table, key, caption, meta, spans, unit, "read_error",
                                      "row names no video path"))
+                elif is_url(p):  # fetched on the executors by filters.video_download, before the probe
+                    rows.append(_row(f"{name}/{rel}", p.strip(), key, caption, meta, spans, unit))
                 else:
                     full = p if os.path.isabs(p) else os.path.normpath(os.path.join(os.path.dirname(table), p))
                     if not full.lower().endswith(VIDEO_EXTS) and os.path.exists(full + ".mp4"):
@@ -363,17 +368,25 @@ def plan(ctx: Context) -> Plan:
     extract_to = own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-tars")
     rows, counts = list_videos(ctx.uris, recipe.read.dataset, extract_to)  # driver: fails fast on a missing input
     key = fingerprint(S.KIND, sorted(storage.normalize(u) for u in ctx.uris), recipe.read.dataset, cfg.probe,
-                      cfg.scenes, cfg.frames, cfg.write_clip and cfg.cut, len(rows))
+                      cfg.scenes, cfg.frames, cfg.write_clip and cfg.cut, len(rows), cfg.download)
     media = (S.FRAMES, S.STRIP, S.CLIP_MP4) if cfg.write_clip else (S.FRAMES, S.STRIP)
     spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=media)
     tasks = max(1, ctx.spark.sparkContext.defaultParallelism * cfg.tasks_per_core)
-    facts: dict = {"videos_listed": len(rows), "tasks": tasks}
+    urls = sum(1 for r in rows if r[ERROR] is None and is_url(r[S.PATH]))
+    facts: dict = {"videos_listed": len(rows), "urls": urls, "tasks": tasks}
+    read_stages = [cfg.probe]
+    if urls:  # downloaded once each into the run's work dir (removed with it), then probed as local files
+        read_stages.insert(0, dataclasses.replace(
+            cfg.download, directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-downloads-{key}")))
 
     def features():
         from schemas.common import spark_type
 
         raw = ctx.spark.createDataFrame(pa.Table.from_pylist(rows, schema=S.RAW).to_pylist(), spark_type(S.RAW))
-        probed = cached(apply_stages(raw.repartition(max(1, min(len(rows), tasks))), [cfg.probe], ctx.timer))
+        parts = max(1, min(len(rows), tasks))
+        # rows naming the same URL go to one task, where the download stage fetches it once
+        raw = raw.repartition(parts, S.PATH) if urls else raw.repartition(parts)
+        probed = cached(apply_stages(raw, read_stages, ctx.timer))
         pixels = F.col(S.WIDTH).cast("double") * F.col(S.HEIGHT).cast("double")
         probed = balance_by_cost(probed, F.coalesce(F.col(S.DURATION) * pixels, F.lit(0.0)),
                                  max(1, min(len(rows), tasks)))

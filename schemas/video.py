@@ -66,7 +66,7 @@ CLIPS = (
 VIDEO_END = (
     L.Reason("no_clip_kept", _d, "structure", "every clip of the video was dropped or quarantined"),
 )
-REASONS = L.reasons(L.READ, INTEGRITY, CLIPS, L.DEDUP, L.STRUCTURE, VIDEO_END)
+REASONS = L.reasons(L.READ, L.DOWNLOAD, INTEGRITY, CLIPS, L.DEDUP, L.STRUCTURE, VIDEO_END)
 
 FRAME_MEMBER = r"\d{4}\.jpg"
 
