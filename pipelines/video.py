@@ -23,7 +23,7 @@ from filters.clip import ClipScore, resolve_weights
 from filters.dedup import DROPPED as DEDUP_DROPPED
 from filters.dedup import KEEPER, _keepers
 from filters.media import Spool, read_ref, ref_column, size_column
-from filters.video_download import DownloadVideo, is_url
+from filters.video_download import VIDEO_SUFFIXES, DownloadVideo, is_url
 from filters.video_embed import TEXT_EMBEDDING, VIDEO_EMBEDDING, ClipEmbed
 from filters.video_frames import CutClip, SampleFrames
 from filters.video_probe import ProbeVideo
@@ -38,7 +38,7 @@ from schemas.common import ERROR, ERROR_DETAIL, READ_UNIT, SAMPLE_ID, SOURCE, SO
 from schemas.common import KIND as KIND_COLUMN
 
 log = logging.getLogger(__name__)
-VIDEO_EXTS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".flv", ".3gp")
+VIDEO_EXTS = VIDEO_SUFFIXES  # one list: filters.video_download names downloads with it too
 TABLE_EXTS = (".parquet", ".jsonl", ".csv")
 PATH_COLUMNS = ("path", "video", "video_path", "file", "filepath", "videoid", "key", "url", "video_url", "contentUrl")
 CAPTION_COLUMNS = ("caption", "name", "text", "title", "description")
