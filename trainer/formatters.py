@@ -7,8 +7,8 @@ vision features replace the `<|image|>` placeholders inside the model. Every seq
 A new corpus plugs in by kind name: write a class with `format(sample, ctx)` and `texts(sample)` (the
 text to train the tokenizer on) and decorate it with `@register("kind")`. It reads the members its
 kind's shard contract declares (`schemas/<kind>.py`, importable without Spark); each kind has a
-contract test in which its formatter reads samples the pipeline's writer produced. The non
-image_text layouts below are provisional, until their kinds land on the spine:
+contract test in which its formatter reads samples the pipeline's writer produced. The layouts, as
+each kind's contract declares them:
 
 - interleaved: `.json` {"texts": [str | null, ...], "images": [{"member": "0003.jpg", ...} | null, ...]}
   (aligned, one of the two per position), the images as members `{key}.0003.jpg` (schemas/interleaved.py).
