@@ -9,7 +9,7 @@ export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export SPARK_LOCAL_IP := 127.0.0.1
 OUT ?= out
 
-.PHONY: setup system venv demo test bench bench-compare package clean
+.PHONY: setup system venv demo run test bench bench-compare package clean
 
 setup: system venv
 
@@ -46,9 +46,12 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	@echo "demo: image_text.clip.allow_random_weights=true: with no CLIP weights to be had (offline), random ones score and the threshold is NOT applied"
-	$(VENV)/bin/spark-submit --properties-file spark-defaults.conf jobs/build_pretrain.py \
-	  --output $(OUT) --set shards.max_samples=8 --set image_text.clip.allow_random_weights=true
+	bin/vlcurate --output $(OUT) --set shards.max_samples=8 --set image_text.clip.allow_random_weights=true
 	$(PY) -m trainer --shards $(OUT)/shards --out $(OUT)/train --steps 20 --warmup 4 --log-every 5
+
+# make run ARGS='--input image_text=DIR --output OUT': the job (bin/vlcurate) with the given arguments
+run: setup
+	bin/vlcurate $(ARGS)
 
 test: setup
 	$(PY) -m pytest

@@ -1,0 +1,64 @@
+"""bin/vlcurate: the job from a fresh shell (no venv activated, no Spark variables) and from any folder.
+The end-to-end run of tests/jobs/test_all_kinds.py goes through it too."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pyspark
+
+from tests.jobs.test_build_pretrain import ROOT
+
+VLCURATE = os.path.join(ROOT, "bin", "vlcurate")
+FRESH = {"PATH": "/usr/bin:/bin"}  # what `env -i` leaves, plus a PATH without the venv
+
+
+def test_fresh_shell_reaches_the_jobs_arguments(tmp_path):
+    """spark-submit finds its SPARK_HOME and the driver runs on the venv's python: the job imports the
+    project's stage dependencies (imagehash, pyarrow, ...) before it parses its arguments, which the
+    system python3 does not have."""
+    proc = subprocess.run([VLCURATE, "--help"], cwd=tmp_path, env=FRESH, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "usage: build_pretrain" in proc.stdout and "--input KIND=URI" in proc.stdout
+    assert "SPARK_HOME" not in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert os.listdir(tmp_path) == []  # --help writes nothing where it was started
+
+
+def fake_venv(root) -> str:
+    """A venv whose python is the real one and whose spark-submit prints what it was handed."""
+    bin_dir = root / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (bin_dir / "spark-submit").write_text(
+        '#!/bin/sh\nfor v in SPARK_HOME PYSPARK_PYTHON PYSPARK_DRIVER_PYTHON SPARK_LOCAL_IP; do\n'
+        '  printenv "$v" || echo "$v unset"\ndone\nfor a in "$@"; do echo "arg $a"; done\n')
+    for name in ("python", "spark-submit"):
+        os.chmod(bin_dir / name, 0o755)
+    return str(root / "venv")
+
+
+def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
+    venv = fake_venv(tmp_path)
+    python = os.path.join(venv, "bin", "python")
+    env = {**FRESH, "VLCURATE_VENV": venv}
+    lines = subprocess.run([VLCURATE, "--input", "image_text=in dir", "--set", "a.b=1"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
+    assert lines == [os.path.dirname(pyspark.__file__), python, python, "127.0.0.1",
+                     "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", f"arg {ROOT}/jobs/build_pretrain.py",
+                     "arg --input", "arg image_text=in dir", "arg --set", "arg a.b=1"]
+    # a cluster's own SPARK_LOCAL_IP is kept; spark-submit flags go before the job
+    env.update(SPARK_LOCAL_IP="10.1.2.3", VLCURATE_SPARK_ARGS="--master spark://h:7077 --conf spark.x=1")
+    lines = subprocess.run([VLCURATE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
+                           check=True).stdout.splitlines()
+    assert lines[3:] == ["10.1.2.3", "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", "arg --master",
+                         "arg spark://h:7077", "arg --conf", "arg spark.x=1", f"arg {ROOT}/jobs/build_pretrain.py"]
+
+
+def test_missing_environment_is_a_clear_error(tmp_path):
+    proc = subprocess.run([VLCURATE], cwd=tmp_path, env={**FRESH, "VLCURATE_VENV": str(tmp_path / "none")},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"vlcurate: no Python environment with pyspark at {tmp_path}/none " \
+                                  f"(run 'make setup' in {ROOT})"
