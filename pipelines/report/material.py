@@ -15,6 +15,12 @@ and its contract (`Field.plot`).
   quarantine reason, and up to `DUP_GROUPS` duplicate groups (keeper + up to `DUP_MEMBERS` members),
   each duplicate with its keeper's report values (`keeper_<name>`).
   Rows are picked by sample_id order, a hash: a fixed random sample.
+- `documents.parquet` and `document-images.parquet`, for a kind that declares a document layout
+  (`Kind.layout`): up to `DOC_KEPT` kept documents, `DOC_PER_REASON` per document drop reason and
+  `DOC_PER_IMAGE_REASON` kept documents per reason one of their images was removed for, each as the
+  head of its layout (`DOC_CHARS` characters of text, `DOC_IMAGES` images, cut in the executors), and
+  the images in that head plus up to `DOC_OFF_TEXT` the layout does not place (removed with the
+  boilerplate), each with its thumbnail and its own status and reason.
 - `material.json`: counts, caps and whether the rows were sampled.
 """
 from __future__ import annotations
@@ -45,6 +51,15 @@ BARS_TOP = 100
 OVERSAMPLE = 20  # gallery candidates per shown row, drawn by hash before ranking
 TEXT_CHARS = 300  # texts in the gallery are cut here
 DETAIL_CHARS = 300
+DOC_KEPT = 6  # documents shown as their text with their images in place
+DOC_PER_REASON = 2
+DOC_PER_IMAGE_REASON = 2  # kept documents per reason an image of theirs was removed for
+DOC_CHARS = 1500  # text of a document shown, at most
+DOC_IMAGES = 12  # images in place per document, at most
+DOC_OFF_TEXT = 6  # images per document that its layout does not place (boilerplate), at most
+PARENT_REMOVED = "parent_removed"  # the spine's reason for a sub-item of a removed item (pipelines.kind)
+
+
 def material_dir(out: str, kind: str) -> str:
     return storage.join(out, "reports", "material", kind)
 
@@ -87,6 +102,74 @@ class Thumbnail(Stage):
         return {"thumb": [self.thumbnail(b) for b in column_bytes(batch, self.column)]}
 
 
+@dataclasses.dataclass(frozen=True)
+class LayoutExcerpt(Stage):
+    """Reads a document layout `column` (JSON list, in reading order, of {"text": str} and
+    {"image": position}) and replaces it with its head: `layout_excerpt` (the same JSON, at most `chars`
+    characters of text, cut at a word where one is near, and `images` images), `layout_shown` (the image
+    positions in the head), `layout_placed` (every image position the layout places), `layout_chars` and
+    `layout_images` (the whole layout's text characters and images). An unreadable layout gives nulls."""
+
+    name: ClassVar[str] = "layout_excerpt"
+    column: str = "segments"
+    chars: int = DOC_CHARS
+    images: int = DOC_IMAGES
+
+    def adds(self) -> list[pa.Field]:
+        return [pa.field("layout_excerpt", pa.string()), pa.field("layout_shown", pa.list_(pa.int32())),
+                pa.field("layout_placed", pa.list_(pa.int32())), pa.field("layout_chars", pa.int64()),
+                pa.field("layout_images", pa.int32())]
+
+    def drops(self) -> list[str]:
+        return [self.column]
+
+    def excerpt(self, value: str | None) -> tuple:
+        try:
+            segments = json.loads(value) if value else None
+        except (TypeError, ValueError):
+            segments = None
+        if not isinstance(segments, list):
+            return None, None, None, None, None
+        head, shown, placed = [], [], []
+        chars = total = 0
+        full = False
+        for seg in segments:
+            if not isinstance(seg, dict):
+                continue
+            if isinstance(seg.get("text"), str):
+                text = seg["text"]
+                total += len(text)
+                if full:
+                    continue
+                if chars + len(text) > self.chars:
+                    text, full = _cut(text, self.chars - chars), True
+                if text:
+                    head.append({"text": text})
+                    chars += len(text)
+            elif isinstance(seg.get("image"), int) and not isinstance(seg["image"], bool):
+                placed.append(seg["image"])
+                if full or len(shown) >= self.images:
+                    full = True
+                    continue
+                head.append({"image": seg["image"]})
+                shown.append(seg["image"])
+        return json.dumps(head, ensure_ascii=False), shown, placed, total, len(placed)
+
+    def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
+        names = [f.name for f in self.adds()]
+        out = [self.excerpt(v) for v in batch.column(self.column).to_pylist()]
+        return {name: [row[i] for row in out] for i, name in enumerate(names)}
+
+
+def _cut(text: str, room: int) -> str:
+    """The first `room` characters of `text`, ended at a space when one is in the last 60, with an ellipsis."""
+    if room <= 0:
+        return ""
+    head = text[:room]
+    space = head.rfind(" ", max(0, room - 60))
+    return (head[:space] if space > 0 else head).rstrip() + "…"
+
+
 def _hash_fraction(F):
     return F.xxhash64(F.lit("vlcurate-report"), F.col(SAMPLE_ID)).bitwiseAND((1 << 53) - 1) / float(1 << 53)
 
@@ -101,6 +184,109 @@ def _write_table(table: pa.Table, uri: str) -> None:
 
 def _sorted(table: pa.Table, keys: list[str]) -> pa.Table:
     return table.sort_by([(k, "ascending") for k in keys])
+
+
+def _sectioned(df):
+    """`section`: "kept" for a kept row, else its reason."""
+    from pyspark.sql import functions as F
+
+    return df.withColumn("section", F.when(F.col(L.STATUS) == L.KEPT, F.lit("kept")).otherwise(F.col(L.REASON)))
+
+
+def _thin(sectioned, kept: int, per_reason: int):
+    """Each section thinned by a hash of sample_id to about OVERSAMPLE times the rows it shows, so a big
+    section (millions kept) is never ranked by one task."""
+    from pyspark.sql import functions as F
+
+    sizes = {r["section"]: r["n"] for r in sectioned.groupBy("section").agg(F.count("*").alias("n")).collect()}
+    keep = F.lit(1.0)
+    for section, count in sorted(sizes.items(), key=lambda x: str(x[0])):
+        want = OVERSAMPLE * (kept if section == "kept" else per_reason)
+        if section is not None and count > want:
+            keep = F.when(F.col("section") == section, F.lit(want / count)).otherwise(keep)
+    return sectioned.filter(_hash_fraction(F) < keep)
+
+
+def _first(df, kept: int, per_reason: int):
+    """The first rows of each section in sample_id order (a hash: a fixed random sample)."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    ranked = df.withColumn("_rn", F.row_number().over(Window.partitionBy("section").orderBy(SAMPLE_ID)))
+    return ranked.filter(F.col("_rn") <= F.when(F.col("section") == "kept", kept).otherwise(per_reason)).drop("_rn")
+
+
+def collect_documents(kind, res, ledger, rows, scalars: list[str], mdir: str, timer=None) -> dict | None:
+    """documents.parquet and document-images.parquet (see the module docstring) for a kind that declares
+    a document layout; returns their part of material.json, or None for a kind without one."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    from filters.base import apply_stage
+    from filters.media import REF
+
+    declared = getattr(kind, "layout", ())  # Kind.layout: the item's layout column and the sub-item's position
+    if not declared or declared[0] not in res.rows.columns:
+        return None
+    layout, position = declared
+    led = ledger.filter(F.col("kind") == kind.name)
+    items = _sectioned(led.filter(F.col(L.UNIT) == kind.units[0]))
+    docs = _first(_thin(items, DOC_KEPT, DOC_PER_REASON), DOC_KEPT, DOC_PER_REASON).select(SAMPLE_ID, "section")
+    # kept documents that lost an image, per the image's reason (what became of each <img> is visible there)
+    subs = _sectioned(led.filter((F.col(L.UNIT) != kind.units[0]) & F.col(L.REASON).isNotNull()
+                                 & (F.col(L.REASON) != PARENT_REMOVED)))
+    subs = cached(_thin(subs, 0, DOC_PER_IMAGE_REASON).select(F.col(L.PARENT_ID).alias("_parent"),
+                                                                    F.col("section").alias("_why")))
+    lost = (items.filter(F.col(L.STATUS) == L.KEPT).join(F.broadcast(subs), F.col(SAMPLE_ID) == F.col("_parent"))
+            .select(SAMPLE_ID, F.concat(F.lit("image:"), F.col("_why")).alias("section")).distinct())
+    docs = cached(docs.unionByName(_first(lost, 0, DOC_PER_IMAGE_REASON)))  # tens of ids
+    subs.unpersist()
+    ids = docs.groupBy(SAMPLE_ID).agg(F.sort_array(F.collect_list("section")).alias("sections"))
+
+    # the documents: the head of each layout, cut in the executors; their fate and report values
+    # (every join below has a small side of tens of rows, or tens times the images a document names)
+    text = F.substring(res.text, 1, TEXT_CHARS) if res.text else F.lit(None).cast("string")
+    heads = res.rows.join(F.broadcast(ids.select(SAMPLE_ID)), SAMPLE_ID, "left_semi").select(
+        SAMPLE_ID, layout, text.alias("text"))
+    heads = cached(apply_stage(heads, LayoutExcerpt(column=layout), timer))
+    info = led.select(SAMPLE_ID, SOURCE_KEY, L.UNIT, L.PARENT_ID, L.STATUS, L.REASON, L.DUPLICATE_OF,
+                      F.substring(L.DETAIL, 1, DETAIL_CHARS).alias(L.DETAIL))
+    documents = (info.join(F.broadcast(ids), SAMPLE_ID).join(heads, SAMPLE_ID, "left")
+                 .join(rows.select(SAMPLE_ID, *scalars).join(F.broadcast(ids.select(SAMPLE_ID)), SAMPLE_ID,
+                                                             "left_semi"), SAMPLE_ID, "left"))
+    docs_t = _sorted(documents.toArrow(), [SAMPLE_ID])
+    _write_table(docs_t, storage.join(mdir, "documents.parquet"))
+
+    # their images: those in each head, in place, and up to DOC_OFF_TEXT the layout does not place
+    places = heads.select(F.col(SAMPLE_ID).alias("_doc"), "layout_shown", "layout_placed")
+    named = cached(info.join(F.broadcast(places), F.col(L.PARENT_ID) == F.col("_doc")).drop("_doc"))
+    where = res.rows.join(F.broadcast(named.select(SAMPLE_ID)), SAMPLE_ID, "left_semi").select(
+        SAMPLE_ID, F.col(position).cast("int").alias("position"))
+    images = named.join(where, SAMPLE_ID, "left")
+    shown = F.coalesce(F.array_contains("layout_shown", F.col("position")), F.lit(False))
+    placed = F.coalesce(F.array_contains("layout_placed", F.col("position")), F.lit(False))
+    images = images.withColumn("in_text", shown).filter(shown | ~placed)
+    images = images.withColumn("_rn", F.row_number().over(
+        Window.partitionBy(L.PARENT_ID, "in_text").orderBy(F.col("position").asc_nulls_last(), SAMPLE_ID)))
+    picked = cached(images.filter(F.col("in_text") | (F.col("_rn") <= DOC_OFF_TEXT)).drop(
+        "_rn", "layout_shown", "layout_placed", L.UNIT))
+    images = picked
+    if res.thumbnail:
+        chosen = res.rows.join(F.broadcast(images.select(SAMPLE_ID)), SAMPLE_ID, "left_semi")
+        thumbs = apply_stage(chosen.select(SAMPLE_ID, res.thumbnail),
+                             Thumbnail(column=res.thumbnail.removesuffix(REF)), timer)
+        images = images.join(thumbs.select(SAMPLE_ID, "thumb"), SAMPLE_ID, "left")
+    else:
+        images = images.withColumn("thumb", F.lit(None).cast("binary"))
+    values = rows.select(SAMPLE_ID, *scalars).join(F.broadcast(images.select(SAMPLE_ID)), SAMPLE_ID, "left_semi")
+    images = images.join(values, SAMPLE_ID, "left")
+    images_t = _sorted(images.toArrow(), [L.PARENT_ID, "position", SAMPLE_ID])
+    _write_table(images_t, storage.join(mdir, "document-images.parquet"))
+    for df in (docs, heads, named, picked):
+        df.unpersist()
+    return {"documents": docs_t.num_rows, "images": images_t.num_rows, "kept": DOC_KEPT, "per_reason": DOC_PER_REASON,
+            "per_image_reason": DOC_PER_IMAGE_REASON, "chars": DOC_CHARS, "images_in_text": DOC_IMAGES,
+            "off_text": DOC_OFF_TEXT, "layout": list(declared)}
 
 
 def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
@@ -163,16 +349,7 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
     # --- gallery picks: a fixed random sample (sample_id order) per section -------------------------
     # A big section (millions kept) must not be sorted by one task: first thin each section by a hash
     # to ~OVERSAMPLE times what it shows, then rank what is left.
-    sectioned = rows.withColumn("section", F.when(F.col(L.STATUS) == L.KEPT, F.lit("kept")).otherwise(F.col(L.REASON)))
-    sizes_by_section = {r["section"]: r["n"] for r in sectioned.groupBy("section").agg(F.count("*").alias("n")).collect()}
-    keep = F.lit(1.0)
-    for section, count in sorted(sizes_by_section.items(), key=lambda x: str(x[0])):
-        want = OVERSAMPLE * (GALLERY_KEPT if section == "kept" else GALLERY_PER_REASON)
-        if section is not None and count > want:
-            keep = F.when(F.col("section") == section, F.lit(want / count)).otherwise(keep)
-    ranked = sectioned.filter(_hash_fraction(F) < keep).withColumn(
-        "rn", F.row_number().over(Window.partitionBy("section").orderBy(SAMPLE_ID)))
-    picks = ranked.filter(F.col("rn") <= F.when(F.col("section") == "kept", GALLERY_KEPT).otherwise(GALLERY_PER_REASON))
+    picks = _first(_thin(_sectioned(rows), GALLERY_KEPT, GALLERY_PER_REASON), GALLERY_KEPT, GALLERY_PER_REASON)
     picks = picks.select(SAMPLE_ID, "section")
     if keepers:
         members = dups.filter(F.col(L.DUPLICATE_OF).isin(keepers)).withColumn(
@@ -204,6 +381,7 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
                .join(keeper, F.col(L.DUPLICATE_OF) == F.col("_k"), "left").drop("_k"))
     gallery_t = _sorted(gallery.toArrow(), ["section", SAMPLE_ID])
     _write_table(gallery_t, storage.join(mdir, "gallery.parquet"))
+    documents = collect_documents(kind, res, ledger, rows, scalars, mdir, timer)
 
     meta = {
         "kind": name, "rows": n, "rows_in_material": dist_t.num_rows, "sampled": sampled, "row_cap": ROW_CAP,
@@ -212,6 +390,7 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
         "duplicates": {"groups": sum(sizes.values()), "dropped": int(dups.count()),
                        "sizes": {str(k): sizes[k] for k in sorted(sizes)}},
         "bars": bars,
+        "documents": documents,
         "columns": report,
         "unit": kind.samples_unit,  # the unit the contract's plotted fields describe
         "plots": [{"name": f.name, "plot": f.plot, "description": f.description,

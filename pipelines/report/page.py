@@ -52,6 +52,19 @@ figcaption{font-size:12px;color:#555}
 .card.keeper{border:2px solid #2a9d8f} .card.keptcard .why{color:#1b4332}
 .group{display:flex;gap:10px;align-items:stretch;overflow-x:auto;padding:6px 0;border-bottom:1px dashed #ccc}
 .group .card{flex:0 0 176px}
+.docs{display:flex;flex-direction:column;gap:12px}
+.doc{border:1px solid #dde1e6;border-left:5px solid #e76f51;border-radius:6px;padding:8px 14px;background:#fcfcfd;
+ max-width:980px}
+.doc.keptdoc{border-left-color:#2a9d8f} .doc .head{font-size:13px;margin-bottom:6px}
+.doc .head .why{color:#9d0208;font-weight:600} .doc.keptdoc .head .why{color:#1b4332}
+.doctext .seg{white-space:pre-wrap;margin:4px 0;font-size:13px;color:#222}
+.docimg{display:inline-block;vertical-align:top;margin:4px 10px 4px 0;padding:4px;border:2px solid #e76f51;
+ border-radius:5px;background:#fff;max-width:170px;font-size:11px;overflow-wrap:anywhere}
+.docimg.kept{border-color:#2a9d8f} .docimg.quarantined{border-color:#e9c46a}
+.docimg img{display:block;max-width:160px;max-height:160px} .docimg .noimg{width:140px;height:60px}
+.docimg .fate{font-weight:700;color:#9d0208} .docimg.kept .fate{color:#1b4332}
+.doc .more{color:#666;font-size:12px;font-style:italic;margin:6px 0}
+.doc .offtext{border-top:1px dashed #ccc;margin-top:6px;padding-top:4px}
 pre{background:#f1f3f5;padding:10px;border-radius:6px;overflow:auto;font-size:12px;max-height:420px}
 .muted{color:#666;font-size:12px}
 """
@@ -112,6 +125,8 @@ def load_material(out: str, kind: str) -> dict:
         "bars": {name: _read_parquet(storage.join(mdir, f"bars-{name}.parquet"))
                  for name in _read_json(meta_uri).get("bars", {})},
         "gallery": _read_parquet(storage.join(mdir, "gallery.parquet")),
+        "documents": _read_parquet(storage.join(mdir, "documents.parquet")),
+        "document_images": _read_parquet(storage.join(mdir, "document-images.parquet")),
     }
 
 
@@ -339,6 +354,125 @@ def galleries(m: dict, k: dict, section: dict) -> str:
             f"next to the recipe's threshold.</p>" + "".join(parts))
 
 
+def _doc_image(r: dict, k: dict, section: dict) -> str:
+    """An image of a document: its thumbnail, its fate (kept, or its reason) and what decided it."""
+    status = r.get(L.STATUS) or ""
+    fate = "kept" if status == L.KEPT else (r.get(L.REASON) or status)
+    why = decided_by(r, k, section) if status != L.KEPT else ""
+    thumb = r.get("thumb")
+    img = (f"<img alt='{esc(r.get('source_key'))}' src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>"
+           if thumb else "<div class=noimg>no image</div>")
+    src = (r.get("source_key") or "").rsplit("::", 1)[-1]
+    src = src if len(src) <= 60 else src[:57] + "…"
+    title = _reasons(k).get(r.get(L.REASON) or "", {}).get("text", "")
+    return (f"<figure class='docimg {esc(status)}' data-sample='{esc(r.get('sample_id'))}' "
+            f"data-position='{esc(r.get('position'))}' data-fate='{esc(fate)}' title='{esc(title)}'>{img}"
+            f"<figcaption><span class=fate>{esc(fate)}</span>{(' · ' + esc(why)) if why and why != fate else ''}"
+            f"<div class=id>{esc(src)}</div></figcaption></figure>")
+
+
+def _doc_anchor(k: dict, d: dict) -> str:
+    return f"doc-{esc(k.get('_kind', ''))}-{esc(d.get('sample_id'))}"
+
+
+def document(d: dict, images: list[dict], k: dict, section: dict) -> str:
+    """A document as the head of its text with each image's thumbnail in place, its fate beside it."""
+    by_position = {r.get("position"): r for r in images if r.get("in_text")}
+    kept = d.get(L.STATUS) == L.KEPT
+    fate = "kept" if kept else (d.get(L.REASON) or d.get(L.STATUS) or "")
+    why = decided_by(d, k, section) if not kept else ""
+    body = []
+    try:
+        head = json.loads(d.get("layout_excerpt") or "null")
+    except ValueError:
+        head = None
+    if head is None:
+        body.append("<div class=muted>no layout recorded for this document</div>")
+    for seg in head or []:
+        if "text" in seg:
+            body.append(f"<div class=seg>{esc(seg['text'])}</div>")
+        elif seg.get("image") in by_position:
+            body.append(_doc_image(by_position[seg["image"]], k, section))
+        else:  # placed by the layout, without a row of its own
+            body.append(f"<figure class='docimg' data-position='{esc(seg.get('image'))}'><div class=noimg>"
+                        f"image {esc(seg.get('image'))}</div><figcaption>no ledger row</figcaption></figure>")
+    shown_chars = sum(len(s.get("text", "")) for s in head or [])
+    shown_images = sum(1 for s in head or [] if "image" in s)
+    more_chars = max(0, int(d.get("layout_chars") or 0) - shown_chars)
+    more_images = max(0, int(d.get("layout_images") or 0) - shown_images)
+    more = ""
+    if head is not None and (more_chars > 50 or more_images):  # an ellipsis at the cut is not "more text"
+        rest = [f"about {fmt_int(more_chars)} more characters" if more_chars > 50 else "",
+                f"{fmt_int(more_images)} more image(s)" if more_images else ""]
+        more = f"<div class=more>… and {' and '.join(x for x in rest if x)}, not shown</div>"
+    off = [r for r in images if not r.get("in_text")]
+    offtext = ""
+    if off:
+        offtext = ("<div class=offtext><div class=muted>Images of the page that the text does not place "
+                   "(removed with the boilerplate around the main content, or unreadable):</div>"
+                   + "".join(_doc_image(r, k, section) for r in off) + "</div>")
+    title = d.get("text") or ""
+    cls = "doc keptdoc" if kept else "doc"
+    return (f"<article class='{cls}' id='{_doc_anchor(k, d)}' data-sample='{esc(d.get('sample_id'))}' "
+            f"data-fate='{esc(fate)}'>"
+            f"<div class=head><b>{esc(title or '(untitled)')}</b> · <code>{esc(d.get('source_key'))}</code> · "
+            f"<span class=why>{esc(fate)}{(': ' + esc(why)) if why and why != fate else ''}</span></div>"
+            f"<div class=doctext>{''.join(body)}</div>{more}{offtext}</article>")
+
+
+def documents_section(m: dict, k: dict, section: dict) -> str:
+    """Sampled documents of a kind that declares a layout, grouped: kept, dropped per reason, and kept
+    documents that lost an image, per the image's reason."""
+    docs = m.get("documents")
+    meta = (m.get("meta") or {}).get("documents") or {}
+    if docs is None:
+        return ""
+    images: dict[str, list[dict]] = {}
+    for r in (m.get("document_images").to_pylist() if m.get("document_images") is not None else []):
+        images.setdefault(r[L.PARENT_ID], []).append(r)
+    groups: dict[str, list[dict]] = {}
+    for d in docs.to_pylist():
+        for s in d.get("sections") or []:
+            groups.setdefault(s, []).append(d)
+    declared = _reasons(k)
+    position = {code: i for i, code in enumerate(declared)}
+
+    def order(name: str):
+        image = name.startswith("image:")
+        code = name.removeprefix("image:")
+        return (name != "kept", image, position.get(code, 999), code)
+
+    kind = k.get("_kind", "")
+    parts = []
+    shown: set[str] = set()
+    for name in sorted(groups, key=order):
+        code = name.removeprefix("image:")
+        d = declared.get(code, {})
+        if name == "kept":
+            head = "Kept documents"
+        elif name.startswith("image:"):
+            head = f"Kept documents with an image removed for {esc(code)}"
+        else:
+            head = f"{esc(code)} <span class=muted>({esc(d.get('status'))}; stage {esc(d.get('stage', 'unknown'))})</span>"
+        note = f"<span class=muted> · {esc(d.get('text'))}</span>" if d.get("text") else ""
+        members = sorted(groups[name], key=lambda x: x["sample_id"])
+        new = [x for x in members if x["sample_id"] not in shown]  # a document is drawn once, in its first group
+        cards = "".join(document(x, sorted(images.get(x["sample_id"], []), key=lambda r: (
+            r.get("position") is None, r.get("position") or 0, r["sample_id"])), k, section) for x in new)
+        shown.update(x["sample_id"] for x in new)
+        above = [x for x in members if x not in new]
+        links = ("<p class=muted>shown above: " + ", ".join(
+            f"<a href='#{_doc_anchor(k, x)}'>{esc(x.get('source_key'))}</a>" for x in above) + "</p>") if above else ""
+        parts.append(f"<h4 id='documents-{esc(kind)}-{esc(name.replace(':', '-'))}'>{head}{note} "
+                     f"<span class=muted>({len(members)} shown)</span></h4>{links}<div class=docs>{cards}</div>")
+    return (f"<p class=muted>A fixed random sample of documents (up to {meta.get('kept')} kept, {meta.get('per_reason')} "
+            f"per reason a document was removed for, and {meta.get('per_image_reason')} kept documents per reason one "
+            f"of their images was removed for), each shown as its extracted text (the first "
+            f"{fmt_int(meta.get('chars'))} characters and {meta.get('images_in_text')} images) with every image's "
+            f"thumbnail in place and what became of it: green kept, red dropped, yellow quarantined.</p>"
+            + "".join(parts))
+
+
 def duplicate_groups(m: dict, k: dict, section: dict) -> str:
     g = m.get("gallery")
     dmeta = m.get("meta", {}).get("duplicates", {})
@@ -481,6 +615,8 @@ def render(out: str, in_run: bool = False) -> str:
         k = dict(summary["kinds"][kind], _kind=kind)
         section = recipe.get(kind, {})
         m = load_material(out, kind)
+        docs = documents_section(m, k, section)
+        docs = f"<h3 id='documents-{esc(kind)}'>Documents</h3>{docs}" if docs else ""
         warn = "".join(f"<div class='banner warn'>{esc(a.get('message') or a.get('description'))}</div>"
                        for a in k.get("assertions", []) if not a.get("ok"))
         body.append(
@@ -488,7 +624,7 @@ def render(out: str, in_run: bool = False) -> str:
             f"{warn}<h3 id='funnel-{esc(kind)}'>Funnel</h3>{funnel(k)}"
             f"<h3 id='units-{esc(kind)}'>Units</h3>{units_section(k)}"
             f"<h3 id='distributions-{esc(kind)}'>Distributions</h3>{distributions(m)}"
-            f"<h3 id='galleries-{esc(kind)}'>Galleries</h3>{galleries(m, k, section)}"
+            f"{docs}<h3 id='galleries-{esc(kind)}'>Galleries</h3>{galleries(m, k, section)}"
             f"<h3 id='duplicates-{esc(kind)}'>Duplicate groups</h3>{duplicate_groups(m, k, section)}"
             f"<h3 id='shards-{esc(kind)}'>Shards</h3>{shards_section(out, kind, k, summary, in_run)}"
             "</section>")

@@ -123,6 +123,7 @@ def test_material_tables(out):
     assert meta["rows"] == meta["rows_in_material"] == 7 and not meta["sampled"]
     assert meta["duplicates"] == {"groups": 1, "dropped": 1, "sizes": {"2": 1}}
     assert meta["bars"]["concepts"] == {"rows": 3, "with_values": 2, "distinct": 1, "list": True}
+    assert meta["documents"] is None and not os.path.exists(os.path.join(mdir, "documents.parquet"))  # no layout
     rows = pq.read_table(os.path.join(mdir, "rows.parquet")).to_pylist()
     assert [r["sample_id"] for r in rows] == sorted(i[0] for i in ITEMS)
     concepts = pq.read_table(os.path.join(mdir, "bars-concepts.parquet")).to_pylist()
