@@ -48,12 +48,20 @@ def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
     assert lines == [os.path.dirname(pyspark.__file__), python, python, "127.0.0.1",
                      "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", f"arg {ROOT}/jobs/build_pretrain.py",
                      "arg --input", "arg image_text=in dir", "arg --set", "arg a.b=1"]
-    # a cluster's own SPARK_LOCAL_IP is kept; spark-submit flags go before the job
-    env.update(SPARK_LOCAL_IP="10.1.2.3", VLCURATE_SPARK_ARGS="--master spark://h:7077 --conf spark.x=1")
-    lines = subprocess.run([VLCURATE], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60,
-                           check=True).stdout.splitlines()
-    assert lines[3:] == ["10.1.2.3", "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", "arg --master",
-                         "arg spark://h:7077", "arg --conf", "arg spark.x=1", f"arg {ROOT}/jobs/build_pretrain.py"]
+
+    def handed(**extra) -> list[str]:
+        return subprocess.run([VLCURATE], cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=60, check=True).stdout.splitlines()[3:]
+
+    # spark-submit flags go before the job, as written (no glob expansion of local[2] against the folder)
+    (tmp_path / "local2").touch()  # what an unquoted local[2] would match
+    assert handed(VLCURATE_SPARK_ARGS="--master local[2] --conf spark.ui.enabled=false") == [
+        "127.0.0.1", "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", "arg --master", "arg local[2]",
+        "arg --conf", "arg spark.ui.enabled=false", f"arg {ROOT}/jobs/build_pretrain.py"]
+    # a user's SPARK_LOCAL_IP is kept; a cluster master gets Spark's own choice of address
+    assert handed(SPARK_LOCAL_IP="10.1.2.3")[0] == "10.1.2.3"
+    assert handed(VLCURATE_SPARK_ARGS="--master spark://h:7077")[0] == "SPARK_LOCAL_IP unset"
+    assert handed(VLCURATE_SPARK_ARGS="--master=yarn")[0] == "SPARK_LOCAL_IP unset"
 
 
 def test_missing_environment_is_a_clear_error(tmp_path):
