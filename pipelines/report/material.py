@@ -243,14 +243,22 @@ def collect_documents(kind, res, ledger, rows, scalars: list[str], mdir: str, ti
     subs.unpersist()
     ids = docs.groupBy(SAMPLE_ID).agg(F.sort_array(F.collect_list("section")).alias("sections"))
 
-    # the documents: the head of each layout, cut in the executors; their fate and report values
-    # (every join below has a small side of tens of rows, or tens times the images a document names)
-    text = F.substring(res.text, 1, TEXT_CHARS) if res.text else F.lit(None).cast("string")
-    heads = res.rows.join(F.broadcast(ids.select(SAMPLE_ID)), SAMPLE_ID, "left_semi").select(
-        SAMPLE_ID, layout, text.alias("text"))
-    heads = cached(apply_stage(heads, LayoutExcerpt(column=layout), timer))
+    # one pass over the rows for the documents and all their images (every join below has a small side:
+    # tens of documents, or tens times the images a document names); the media column is a spooled
+    # reference (a path), so caching the images' rows holds no image bytes
     info = led.select(SAMPLE_ID, SOURCE_KEY, L.UNIT, L.PARENT_ID, L.STATUS, L.REASON, L.DUPLICATE_OF,
                       F.substring(L.DETAIL, 1, DETAIL_CHARS).alias(L.DETAIL))
+    named = cached(info.join(F.broadcast(ids.select(F.col(SAMPLE_ID).alias("_doc"))),
+                             F.col(L.PARENT_ID) == F.col("_doc")).drop("_doc", L.UNIT))
+    wanted = ids.select(SAMPLE_ID).unionByName(named.select(SAMPLE_ID))
+    text = F.substring(res.text, 1, TEXT_CHARS) if res.text else F.lit(None).cast("string")
+    media = F.col(res.thumbnail) if res.thumbnail else F.lit(None).cast("binary")
+    found = cached(res.rows.join(F.broadcast(wanted), SAMPLE_ID, "left_semi").select(
+        SAMPLE_ID, layout, text.alias("text"), F.col(position).cast("int").alias("position"), media.alias("_media")))
+
+    # the documents: the head of each layout, cut in the executors; their fate and report values
+    heads = cached(apply_stage(found.join(F.broadcast(ids.select(SAMPLE_ID)), SAMPLE_ID, "left_semi")
+                               .select(SAMPLE_ID, layout, "text"), LayoutExcerpt(column=layout), timer))
     documents = (info.join(F.broadcast(ids), SAMPLE_ID).join(heads, SAMPLE_ID, "left")
                  .join(rows.select(SAMPLE_ID, *scalars).join(F.broadcast(ids.select(SAMPLE_ID)), SAMPLE_ID,
                                                              "left_semi"), SAMPLE_ID, "left"))
@@ -259,30 +267,26 @@ def collect_documents(kind, res, ledger, rows, scalars: list[str], mdir: str, ti
 
     # their images: those in each head, in place, and up to DOC_OFF_TEXT the layout does not place
     places = heads.select(F.col(SAMPLE_ID).alias("_doc"), "layout_shown", "layout_placed")
-    named = cached(info.join(F.broadcast(places), F.col(L.PARENT_ID) == F.col("_doc")).drop("_doc"))
-    where = res.rows.join(F.broadcast(named.select(SAMPLE_ID)), SAMPLE_ID, "left_semi").select(
-        SAMPLE_ID, F.col(position).cast("int").alias("position"))
-    images = named.join(where, SAMPLE_ID, "left")
+    images = (named.join(found.select(SAMPLE_ID, "position", "_media"), SAMPLE_ID, "left")
+              .join(F.broadcast(places), F.col(L.PARENT_ID) == F.col("_doc")).drop("_doc"))
     shown = F.coalesce(F.array_contains("layout_shown", F.col("position")), F.lit(False))
     placed = F.coalesce(F.array_contains("layout_placed", F.col("position")), F.lit(False))
     images = images.withColumn("in_text", shown).filter(shown | ~placed)
     images = images.withColumn("_rn", F.row_number().over(
         Window.partitionBy(L.PARENT_ID, "in_text").orderBy(F.col("position").asc_nulls_last(), SAMPLE_ID)))
-    picked = cached(images.filter(F.col("in_text") | (F.col("_rn") <= DOC_OFF_TEXT)).drop(
-        "_rn", "layout_shown", "layout_placed", L.UNIT))
-    images = picked
+    images = images.filter(F.col("in_text") | (F.col("_rn") <= DOC_OFF_TEXT)).drop(
+        "_rn", "layout_shown", "layout_placed")
     if res.thumbnail:
-        chosen = res.rows.join(F.broadcast(images.select(SAMPLE_ID)), SAMPLE_ID, "left_semi")
-        thumbs = apply_stage(chosen.select(SAMPLE_ID, res.thumbnail),
+        thumbs = apply_stage(images.select(SAMPLE_ID, F.col("_media").alias(res.thumbnail)),
                              Thumbnail(column=res.thumbnail.removesuffix(REF)), timer)
         images = images.join(thumbs.select(SAMPLE_ID, "thumb"), SAMPLE_ID, "left")
     else:
         images = images.withColumn("thumb", F.lit(None).cast("binary"))
+    images = cached(images.drop("_media"))
     values = rows.select(SAMPLE_ID, *scalars).join(F.broadcast(images.select(SAMPLE_ID)), SAMPLE_ID, "left_semi")
-    images = images.join(values, SAMPLE_ID, "left")
-    images_t = _sorted(images.toArrow(), [L.PARENT_ID, "position", SAMPLE_ID])
+    images_t = _sorted(images.join(values, SAMPLE_ID, "left").toArrow(), [L.PARENT_ID, "position", SAMPLE_ID])
     _write_table(images_t, storage.join(mdir, "document-images.parquet"))
-    for df in (docs, heads, named, picked):
+    for df in (docs, named, found, heads, images):
         df.unpersist()
     return {"documents": docs_t.num_rows, "images": images_t.num_rows, "kept": DOC_KEPT, "per_reason": DOC_PER_REASON,
             "per_image_reason": DOC_PER_IMAGE_REASON, "chars": DOC_CHARS, "images_in_text": DOC_IMAGES,

@@ -150,3 +150,34 @@ def test_report_page_shows_documents_with_images_in_place(run):  # noqa: F811
     # a dropped document shows its reason and the value that decided it
     lang = next(d for s, d in docs.items() if ledger[s]["reason"] == "language")
     assert lang["fate"] == "language" and any(p[0] == "text" and p[1].strip() for p in lang["parts"])
+
+
+def test_documents_render_in_headless_chromium(run):  # noqa: F811
+    """The figures sit between the paragraphs on screen (not after the text), every thumbnail loads."""
+    import pytest
+
+    sync_api = pytest.importorskip("playwright.sync_api")
+    from tests.jobs.test_report import CHROMIUM, CHROMIUM_ARGS
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (make system installs it)")
+    out, _, _ = run
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1300, "height": 1000})
+            errors = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto("file://" + os.path.join(out, "reports", "index.html"), wait_until="load")
+            assert not errors, errors
+            broken = page.eval_on_selector_all("article.doc img", "els => els.filter(e => !(e.complete && "
+                                               "e.naturalWidth > 0)).length")
+            assert broken == 0 and page.locator("article.doc img").count() >= 20
+            article = page.locator("article.doc", has_text="planted/article.html").first
+            segs = article.locator(".doctext > .seg")
+            fig = article.locator(".doctext > figure.docimg").first
+            top = [segs.nth(i).bounding_box()["y"] for i in range(segs.count())]
+            y = fig.bounding_box()["y"]
+            assert top[0] < y < top[-1]  # the first figure is drawn between the first and the last paragraph
+        finally:
+            browser.close()
