@@ -359,11 +359,11 @@ def _doc_image(r: dict, k: dict, section: dict) -> str:
     status = r.get(L.STATUS) or ""
     fate = "kept" if status == L.KEPT else (r.get(L.REASON) or status)
     why = decided_by(r, k, section) if status != L.KEPT else ""
-    thumb = r.get("thumb")
-    img = (f"<img alt='{esc(r.get('source_key'))}' src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>"
-           if thumb else "<div class=noimg>no image</div>")
-    src = (r.get("source_key") or "").rsplit("::", 1)[-1]
+    src = (r.get("source_key") or "").rsplit("::", 1)[-1]  # the src as the page wrote it (a data: URI cut)
     src = src if len(src) <= 60 else src[:57] + "…"
+    thumb = r.get("thumb")
+    img = (f"<img alt='{esc(src)}' src='data:image/jpeg;base64,{base64.b64encode(thumb).decode('ascii')}'>"
+           if thumb else "<div class=noimg>no image</div>")
     title = _reasons(k).get(r.get(L.REASON) or "", {}).get("text", "")
     return (f"<figure class='docimg {esc(status)}' data-sample='{esc(r.get('sample_id'))}' "
             f"data-position='{esc(r.get('position'))}' data-fate='{esc(fate)}' title='{esc(title)}'>{img}"
