@@ -32,7 +32,7 @@ def fake_venv(root) -> str:
     bin_dir.mkdir(parents=True)
     (bin_dir / "python").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
     (bin_dir / "spark-submit").write_text(
-        '#!/bin/sh\nfor v in SPARK_HOME PYSPARK_PYTHON PYSPARK_DRIVER_PYTHON SPARK_LOCAL_IP; do\n'
+        '#!/bin/sh\nfor v in SPARK_HOME PYSPARK_PYTHON PYSPARK_DRIVER_PYTHON PYTHONPATH SPARK_LOCAL_IP; do\n'
         '  printenv "$v" || echo "$v unset"\ndone\nfor a in "$@"; do echo "arg $a"; done\n')
     for name in ("python", "spark-submit"):
         os.chmod(bin_dir / name, 0o755)
@@ -45,13 +45,13 @@ def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
     env = {**FRESH, "VLCURATE_VENV": venv}
     lines = subprocess.run([VLCURATE, "--input", "image_text=in dir", "--set", "a.b=1"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
-    assert lines == [os.path.dirname(pyspark.__file__), python, python, "127.0.0.1",
+    assert lines == [os.path.dirname(pyspark.__file__), python, python, ROOT, "127.0.0.1",
                      "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", f"arg {ROOT}/jobs/build_pretrain.py",
                      "arg --input", "arg image_text=in dir", "arg --set", "arg a.b=1"]
 
     def handed(**extra) -> list[str]:
         return subprocess.run([VLCURATE], cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True,
-                              timeout=60, check=True).stdout.splitlines()[3:]
+                              timeout=60, check=True).stdout.splitlines()[4:]
 
     # spark-submit flags go before the job, as written (no glob expansion of local[2] against the folder)
     (tmp_path / "local2").touch()  # what an unquoted local[2] would match
@@ -62,6 +62,9 @@ def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
     assert handed(SPARK_LOCAL_IP="10.1.2.3")[0] == "10.1.2.3"
     assert handed(VLCURATE_SPARK_ARGS="--master spark://h:7077")[0] == "SPARK_LOCAL_IP unset"
     assert handed(VLCURATE_SPARK_ARGS="--master=yarn")[0] == "SPARK_LOCAL_IP unset"
+    lines = subprocess.run([VLCURATE], cwd=tmp_path, env={**env, "PYTHONPATH": "/opt/lib"}, capture_output=True,
+                           text=True, timeout=60, check=True).stdout.splitlines()
+    assert lines[3] == f"{ROOT}:/opt/lib"  # the checkout first, the user's path kept
 
 
 def test_missing_environment_is_a_clear_error(tmp_path):
