@@ -506,9 +506,10 @@ def pdf_documents(uri: str, root: str, reader) -> Iterator[_Doc]:
                 try:
                     from filters import pdf_layout
 
-                    render = pdf[p].render(scale=scale).to_pil()
-                    regions = pdf_layout.detect(render, scale)
-                    blocks, boiler = pdf_layout.arrange_page(regions, lines, images, render, scale, p, line_h)
+                    s = pdf_layout.render_scale(*pdf[p].get_size(), scale)
+                    render = pdf[p].render(scale=s).to_pil()
+                    regions = pdf_layout.detect(render, s)
+                    blocks, boiler = pdf_layout.arrange_page(regions, lines, images, render, s, p, line_h)
                 except Exception as e:  # noqa: BLE001 - the page is read without layout
                     logging.getLogger(__name__).warning("%s page %d: layout failed, read top to bottom (%s)",
                                                         rel, p, _detail(e))

@@ -32,6 +32,7 @@ MIN_SCORE = 0.5  # rapid-layout's default box confidence
 MAX_FIGURE_TEXT = 0.06  # share of a figure region covered by character boxes above which it is text (a code
 # listing in a frame), not a drawing: measured 0.007-0.041 on charts, 0.073-0.124 on framed code listings (crc-doc)
 CROP_PAD = 3.0  # points added around a cropped figure (the model's boxes sit tight on the strokes)
+MAX_RENDER_PIXELS = 16_000_000  # a page render's pixel budget: a poster-sized page is rendered at a lower scale
 HOLD_PAD = 3.0  # points a region is widened by when it claims the lines and images whose centre it holds: a
 # page number's line box (ascent to descent) reaches past the tight footer box the model draws around it
 
@@ -84,6 +85,11 @@ def engine(threads: int = 1):
         if name.startswith("rapid_layout") or name == "RapidLayout":
             logging.getLogger(name).setLevel(logging.WARNING)
     return out
+
+
+def render_scale(width: float, height: float, scale: float) -> float:
+    """`scale`, or less for a page whose render at `scale` would pass MAX_RENDER_PIXELS."""
+    return min(scale, (MAX_RENDER_PIXELS / max(width * height, 1.0)) ** 0.5)
 
 
 def detect(image, scale: float, threads: int = 1) -> list[Region]:

@@ -140,3 +140,15 @@ def test_figures_that_are_image_objects_stay_image_objects(tmp_path):
     for k, s in enumerate(segments):
         if "image" in s and s["image"] >= 2:
             assert segments[k + 1]["text"].startswith("Figure 13.")
+
+
+def test_a_rotated_page_is_read_without_layout(tmp_path):
+    import pypdfium2 as pdfium
+
+    one = pdfium.PdfDocument.new()
+    one.import_pages(pdfium.PdfDocument(two_column_pdf(tmp_path)), [0])
+    one[0].set_rotation(90)  # the render turns, the text coordinates do not: no layout for this page
+    path = str(tmp_path / "rotated.pdf")
+    one.save(path)
+    rotated, plain = read_pdf(path, layout=True), read_pdf(path, layout=False)
+    assert rotated[0]["segments"] == plain[0]["segments"] and len(rotated) == len(plain) == 1
