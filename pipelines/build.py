@@ -14,6 +14,7 @@ from importlib import metadata
 from filters.base import StageTimer
 from pipelines import checkpoint, kinds, progress
 from pipelines.io import runs, storage
+from pipelines.io import shards as shard_io
 from pipelines.kind import AccountingError, Context, run_kind
 from pipelines.recipe import Recipe
 from schemas import ledger as L
@@ -98,7 +99,9 @@ def summarize(ledger, results: dict, recipe: Recipe, timer: StageTimer, started:
         k["units"] = {name: units[name] for name in kinds.get(kind).units} | {
             n: v for n, v in sorted(units.items()) if n not in kinds.get(kind).units}
         k["shards"] = {"count": len(res.shards), "samples": sum(s["nsamples"] for s in res.shards),
-                       "bytes": sum(s["bytes"] for s in res.shards), "files": res.shards}
+                       "bytes": sum(s["bytes"] for s in res.shards), "files": res.shards,
+                       "sets": {name: {"count": len(part), "samples": sum(s["nsamples"] for s in part)}
+                                for name, part in shard_io.by_set(kind, res.shards).items()}}
         decl = kinds.get(kind)
         k["facts"] = res.facts
         k["assertions"] = res.assertions

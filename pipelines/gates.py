@@ -134,8 +134,9 @@ def ledger_checks(kind: Kind) -> list:
                 column=L.SHARD, row_condition=kept),
         _expect("ExpectColumnValuesToBeNull", f"{p}.only_kept_in_shards", "rows that are not kept name no shard",
                 column=L.SHARD, row_condition=_when(L.STATUS, "!=", L.KEPT)),
-        _expect("ExpectColumnValuesToMatchRegex", f"{p}.shard_name", f"shard names are {kind.name}-NNNNNN.tar",
-                column=L.SHARD, regex=rf"^{kind.name}-\d{{6}}\.tar$"),
+        _expect("ExpectColumnValuesToMatchRegex", f"{p}.shard_name",
+                f"shard names are {' or '.join(kind.all_shard_sets)}-NNNNNN.tar",
+                column=L.SHARD, regex=rf"^({'|'.join(kind.all_shard_sets)})-\d{{6}}\.tar$"),
         _expect("ExpectColumnValuesToNotBeNull", f"{p}.duplicate_names_keeper", "duplicates name the item they duplicate",
                 column=L.DUPLICATE_OF, row_condition=_when(L.REASON, "in", list(L.DUPLICATE_REASONS))),
         _expect("ExpectColumnValuesToBeInSet", f"{p}.duplicate_keeper_exists",
@@ -339,7 +340,13 @@ def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contra
 
     picked = pick_shards(stats, cap)
     names = [s["shard"] for s in picked]
-    table = read_shard_metadata(shard_io.staging_dir(out, kind), names, contract)
+    import pandas as pd
+
+    sets: dict[str, list[str]] = {kind: []}
+    for name in names:
+        sets.setdefault(shard_io.set_of(name), []).append(name)
+    table = pd.concat([read_shard_metadata(shard_io.staging_dir(out, s), n, contract) for s, n in sorted(sets.items())],
+                      ignore_index=True)
     is_sample = (F.col(L.UNIT) == unit) if unit else F.col(L.PARENT_ID).isNull()
     in_ledger = (ledger.filter((F.col("kind") == kind) & F.col(L.SHARD).isin(names) & is_sample)
                  .select(F.col(SAMPLE_ID).alias("key"), F.col(L.SHARD).alias("ledger_shard")).toArrow().to_pandas())

@@ -28,8 +28,8 @@ from filters.doc_dedup import (
 )
 from filters.doc_text import DocText, OnUnit, normalise, words_of
 from filters.download import Download
-from filters.html_extract import HTML, PAGE_EXTS, PDF, TABLE_EXTS, UNITS, WARC, WARC_EXTS, ReadDocuments
-from filters.interleaved_sources import detect_table
+from filters.html_extract import HTML, MINT, PAGE_EXTS, PDF, TABLE_EXTS, UNITS, WARC, WARC_EXTS, ReadDocuments
+from filters.interleaved_sources import detect_table, is_mint_tar
 from filters.knowledge import KNOWLEDGE_SCORE, KnowledgeScore, load_weights
 from filters.knowledge import WEIGHTS as KNOWLEDGE_WEIGHTS
 from filters.media import Spool, read_ref, ref_column, size_column
@@ -51,6 +51,9 @@ class Extract:
     skip_elements: tuple[str, ...] = ()  # extra CSS selectors removed before main-content extraction
     fetch_remote: bool = True  # images only reachable by http(s) URL go to the download stage
     use_matched_sim: bool = False  # MMC4: an image's matched_sim below clip.threshold removes it (clip_low_similarity)
+    pdf_layout: bool = True  # PDFs: rapid-layout's page regions order the text column-aware, leave out running
+    # heads and page numbers, and crop vector figures into images (filters/pdf_layout.py); false: top to bottom
+    pdf_render_scale: float = 2.0  # PDFs: pixels per point of the page render the layout model and figure crops use
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +128,7 @@ class Album:
 
 @dataclasses.dataclass(frozen=True)
 class Tokens:
-    long_context: int = 8192  # documents above this many tokens are marked long_context
+    long_context: int = 8192  # documents above this many tokens go to their own shards (interleaved_long)
     tokenizer: str = ""  # a tokenizers JSON file; "": estimate (a CJK character 1 token, else chars_per_token)
     chars_per_token: float = 4.0
     min_pixels: int = 112 * 112  # GLM-4.1V's resize bounds (one token per 28x28 px after it)
@@ -153,8 +156,9 @@ class Interleaved:
 # --- reading ---------------------------------------------------------------------------------------------
 
 def list_units(uris: list[str]) -> list[tuple[str, str, str]]:
-    """(format, uri, input root) of every read unit under the inputs, sorted: HTML pages, WARC files, and
-    tables whose columns are OBELICS's or MMC4's. Other files (the pages' images, notes) are not items."""
+    """(format, uri, input root) of every read unit under the inputs, sorted: HTML pages, WARC files, PDFs,
+    tables whose columns are OBELICS's or MMC4's, and MINT-1T PDF tars (`{key}.json` + `{key}.tiff`). Other
+    files (the pages' images, notes, other tars) are not items."""
     out = set()
     for uri in uris:
         root = readers.input_root(uri)
@@ -168,6 +172,8 @@ def list_units(uris: list[str]) -> list[tuple[str, str, str]]:
                 out.add((PDF, f, root))
             elif low.endswith(TABLE_EXTS) and (fmt := detect_table(f)):
                 out.add((fmt, f, root))
+            elif low.endswith(".tar") and is_mint_tar(f):
+                out.add((MINT, f, root))
     return sorted(out, key=lambda u: (u[1], u[0]))
 
 
@@ -212,36 +218,69 @@ def image_tokens(width: int, height: int, cfg: Tokens) -> int:
 
 # --- the sample ------------------------------------------------------------------------------------------
 
-def build_document(row: dict, cfg: Interleaved, clip_real: bool) -> tuple[dict, dict[str, bytes]]:
-    """The sample json and its image members for one document row with its kept images gathered."""
-    segments = json.loads(row[S.SEGMENTS])
+def _pieces(row: dict, cfg: Interleaved) -> list:
+    """The document in order, as written: text pieces (repeated paragraphs taken out) and, where a kept
+    image goes, its row of `kept_images`."""
     images = {im[S.POSITION]: im for im in (row.get("kept_images") or [])}
     repeated = set(row.get("repeated") or [])
     min_chars = cfg.doc_text.min_paragraph_chars
-    texts: list = []
-    entries: list = []
-    members: dict[str, bytes] = {}
-    for seg in segments:
+    out: list = []
+    for seg in json.loads(row[S.SEGMENTS]):
         if "text" in seg:
             lines = seg["text"].split("\n")
             if repeated:
                 lines = [ln for ln in lines if not _is_repeated(ln, repeated, min_chars)]
             text = re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
             if text:
-                texts.append(text)
-                entries.append(None)
+                out.append(text)
         elif seg["image"] in images:
-            im = images[seg["image"]]
-            entry = S.image_entry(len(texts), im[S.WIDTH], im[S.HEIGHT], im[S.ALT], im[S.SRC], im.get(S.CLIP_SCORE),
-                                  im["source_key"], im.get(S.MATCHED_SIM), im.get(KNOWLEDGE_SCORE))
-            members[entry["member"]] = read_ref(im[ref_column(S.IMAGE)])
+            out.append(images[seg["image"]])
+    return out
+
+
+def _tokens(pieces: list, cfg: Tokens) -> int:
+    body = "\n\n".join(p for p in pieces if isinstance(p, str))
+    return text_tokens(body, cfg) + sum(image_tokens(p[S.WIDTH], p[S.HEIGHT], cfg) for p in pieces
+                                        if not isinstance(p, str))
+
+
+def document_tokens(cfg: Interleaved):
+    """F -> Column: a document row's tokens as written (for the shard set, before any shard is written)."""
+    def count(segments, kept_images, repeated) -> int:
+        row = {S.SEGMENTS: segments, "repeated": repeated,
+               "kept_images": [im.asDict() for im in kept_images or []]}
+        return _tokens(_pieces(row, cfg), cfg.tokens)
+
+    def column(F):
+        udf = F.udf(count, "long")
+        images = F.transform(F.coalesce("kept_images", F.array()),
+                             lambda im: F.struct(im[S.POSITION].alias(S.POSITION), im[S.WIDTH].alias(S.WIDTH),
+                                                 im[S.HEIGHT].alias(S.HEIGHT)))
+        return udf(F.col(S.SEGMENTS), images, F.col("repeated"))
+
+    return column
+
+
+def build_document(row: dict, cfg: Interleaved, clip_real: bool) -> tuple[dict, dict[str, bytes]]:
+    """The sample json and its image members for one document row with its kept images gathered."""
+    pieces = _pieces(row, cfg)
+    texts: list = []
+    entries: list = []
+    members: dict[str, bytes] = {}
+    for p in pieces:
+        if isinstance(p, str):
+            texts.append(p)
+            entries.append(None)
+        else:
+            entry = S.image_entry(len(texts), p[S.WIDTH], p[S.HEIGHT], p[S.ALT], p[S.SRC], p.get(S.CLIP_SCORE),
+                                  p["source_key"], p.get(S.MATCHED_SIM), p.get(KNOWLEDGE_SCORE))
+            members[entry["member"]] = read_ref(p[ref_column(S.IMAGE)])
             texts.append(None)
             entries.append(entry)
     if not any(t is not None for t in texts):
         raise ValueError(f"document {row[SAMPLE_ID]}: no text left to write (a decision should have dropped it)")
     body = "\n\n".join(t for t in texts if t is not None)
-    tokens = text_tokens(body, cfg.tokens) + sum(image_tokens(e["width"], e["height"], cfg.tokens)
-                                                 for e in entries if e is not None)
+    tokens = _tokens(pieces, cfg.tokens)
     doc = {
         "sample_id": row[SAMPLE_ID], "source": row["source"], "source_key": row["source_key"],
         "url": row.get(S.PAGE_URL), "title": row.get(S.TITLE), "language": row[S.LANGUAGE],
@@ -429,7 +468,9 @@ def plan(ctx: Context) -> Plan:
     return Plan(
         features=features, key=key, steps=steps, to_sample=to_sample(cfg, clip_real),
         sample_size=lambda F: F.length(S.SEGMENTS) + F.coalesce(F.col("kept_bytes"), F.lit(0)) + 1000,
-        samples=samples, report=report_columns(cfg.knowledge.enabled), thumbnail=S.IMAGE, text=S.TITLE, facts=facts,
+        samples=samples,
+        shard_set=lambda F: F.when(document_tokens(cfg)(F) > cfg.tokens.long_context, S.LONG_SET).otherwise(S.KIND),
+        report=report_columns(cfg.knowledge.enabled), thumbnail=S.IMAGE, text=S.TITLE, facts=facts,
         assertions=assertions, read_counts=lambda: readers.per_unit(counter.value),
     )
 
@@ -451,5 +492,7 @@ def report_columns(knowledge: bool = True) -> dict:
 
 KIND = Kind(
     name=S.KIND, config=Interleaved, units=S.UNITS, reasons=S.REASONS, contract=S.contract, plan=plan,
+    shard_sets=(S.LONG_SET,),
     layouts=("a folder of HTML pages with their images (relative src)",),
+    layout=(S.SEGMENTS, S.POSITION),
 )

@@ -84,6 +84,7 @@ class Plan:
     facts: dict = dataclasses.field(default_factory=dict)  # summary.json and the report show these
     assertions: list[dict] = dataclasses.field(default_factory=list)  # run-level checks -> gates (see gates)
     read_counts: Callable[[], dict[str, int]] | None = None  # after features(): items the reader read per unit
+    shard_set: Callable[[Any], Any] | None = None  # F -> Column: a sample's shard set (Kind.shard_sets)
 
 
 @dataclasses.dataclass
@@ -115,6 +116,16 @@ class Kind:
     # the unit written as a sample: units[0] (default), or a sub-item unit (a video's clips); an item
     # whose sub-items are the samples names the first shard holding one of them in the ledger
     sample_unit: str = ""
+    # shard sets beside the kind's own (folders under shards/, e.g. interleaved_long); the plan's
+    # `shard_set` names each sample's (default: all in the kind's own set, named after it)
+    shard_sets: tuple[str, ...] = ()
+    # the report's document gallery: (item column: JSON list, in reading order, of {"text": str} and
+    # {"image": position}; sub-item column: that position); () for kinds whose items are not documents
+    layout: tuple[str, str] = ()
+
+    @property
+    def all_shard_sets(self) -> tuple[str, ...]:
+        return (self.name, *self.shard_sets)
 
     @property
     def samples_unit(self) -> str:
@@ -202,11 +213,7 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     # --- shards -----------------------------------------------------------------------------------
     samples = plan.samples(alive) if plan.samples else alive.filter(F.col(L.UNIT) == kind.samples_unit)
     with progress.phase(ctx.spark, f"{kind.name} shards"):
-        index, num_shards = shards.assign_shards(samples, kind.name, ctx.recipe.shards.max_samples,
-                                                 ctx.recipe.shards.max_bytes, plan.sample_size(F))
-        contract = kind.contract(ctx.cfg, plan.facts)
-        stats = shards.write_shards(samples.join(index, SAMPLE_ID), shards.staging_dir(ctx.out, kind.name),
-                                    plan.to_sample, num_shards, contract)
+        index, stats = _write_sets(kind, ctx, plan, samples)
 
     # --- ledger: every item and sub-item exactly once ----------------------------------------------
     decided = found[0]
@@ -243,7 +250,8 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
         everything = everything.join(out, SAMPLE_ID, "left")
     report_cols = [fn(F).alias(name) for name, fn in plan.report.items()]
     thumbnail = plan.thumbnail and _media(plan.thumbnail, everything.columns)
-    rows = everything.select(SAMPLE_ID, *report_cols, *[c for c in {thumbnail, plan.text} if c])
+    shown = [c for c in dict.fromkeys((thumbnail, plan.text, *kind.layout)) if c]
+    rows = everything.select(SAMPLE_ID, *report_cols, *shown)
     read = None
     if counts is not None:
         with progress.phase(ctx.spark, f"{kind.name} accounting"):
@@ -252,6 +260,34 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
                   thumbnail=thumbnail, text=plan.text,
                   report_columns=tuple(plan.report), stages_run=tuple(s.name for s in plan.steps))
+
+
+def _write_sets(kind: Kind, ctx: Context, plan: Plan, samples):
+    """Assign and write the samples' shards, each shard set on its own (`OUT/shards/<set>/<set>-NNNNNN.tar`);
+    returns (index: sample_id -> shard, per-shard stats of every set)."""
+    from pyspark.sql import functions as F
+
+    contract = kind.contract(ctx.cfg, plan.facts)
+    max_samples, max_bytes = ctx.recipe.shards.max_samples, ctx.recipe.shards.max_bytes
+    if plan.shard_set is None:
+        parts = [(kind.name, samples)]
+    else:  # which set each sample goes to: a narrow table computed once, then one pass per set
+        where = truncated(samples.select(SAMPLE_ID, plan.shard_set(F).alias("_set")))
+        unknown = where.filter(~F.col("_set").isin(*kind.all_shard_sets)).select("_set").limit(1).collect()
+        if unknown:
+            raise ValueError(f"{kind.name}: shard set {unknown[0][0]!r} is not declared in Kind.shard_sets")
+        parts = [(name, samples.join(where.filter(F.col("_set") == name).select(SAMPLE_ID), SAMPLE_ID))
+                 for name in kind.all_shard_sets]
+    indexes, stats = [], []
+    for name, part in parts:
+        index, num_shards = shards.assign_shards(part, name, max_samples, max_bytes, plan.sample_size(F))
+        stats += shards.write_shards(part.join(index, SAMPLE_ID), shards.staging_dir(ctx.out, name),
+                                     plan.to_sample, num_shards, contract)
+        indexes.append(index)
+    index = indexes[0]
+    for more in indexes[1:]:
+        index = index.unionByName(more)
+    return index, stats
 
 
 def stage_keys(plan: Plan) -> dict[str, str]:

@@ -21,6 +21,7 @@ from schemas.common import ERROR_FIELDS, IDENTITY_FIELDS, READ_UNIT, SAMPLE_ID_R
 from schemas.contract import Check, Contract, Field, Member
 
 KIND = "interleaved"
+LONG_SET = "interleaved_long"  # shard set (OUT/shards/interleaved_long/) of documents over tokens.long_context
 DOCUMENT, IMAGE_UNIT = "document", "image"
 UNITS = (DOCUMENT, IMAGE_UNIT)
 

@@ -12,6 +12,7 @@ each kind's contract declares them:
 
 - interleaved: `.json` {"texts": [str | null, ...], "images": [{"member": "0003.jpg", ...} | null, ...]}
   (aligned, one of the two per position), the images as members `{key}.0003.jpg` (schemas/interleaved.py).
+  Documents over `interleaved.tokens.long_context` tokens are in their own set, `interleaved_long`, same layout.
 - ocr: `.jpg` + `.txt` (the text in reading order) + `.json` (schemas/ocr.py: branch, lines with boxes
   0-999, `markup` for academic pages, used as the target where present).
 - grounding: `.jpg` + `.txt` + `.json` {"caption", "phrases": [{"text", "span", "boxes"}]} as
@@ -282,6 +283,10 @@ class Interleaved:
 
     def texts(self, sample: dict) -> list[str]:
         return [t for t in (_json(sample).get("texts") or []) if t]
+
+
+# documents over the recipe's token bound, written to their own shard set for the long-context stage
+register(interleaved_schema.LONG_SET)(Interleaved)
 
 
 _FRAME = re.compile(r"^(\d{4})\.jpg$")

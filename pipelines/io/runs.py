@@ -78,7 +78,8 @@ def publish(out: str, root: str, shard_stats: dict[str, list[dict]] | None) -> N
     """Make the run at `root` the one OUT shows. shard_stats ({kind: per-shard stats}) publishes its
     shards too; None (a run whose gates failed) only its ledger and reports."""
     for kind, stats in (shard_stats or {}).items():
-        shards.publish(root, kind, stats)  # inside the run's folder: manifests, then <kind>/ in place
+        for name, part in shards.by_set(kind, stats).items():
+            shards.publish(root, name, part)  # inside the run's folder: manifests, then <set>/ in place
     if storage.is_s3(out):
         _publish_s3(out, root, shard_stats or {})
     else:
@@ -118,9 +119,10 @@ def _publish_s3(out: str, root: str, shard_stats: dict[str, list[dict]]) -> None
     storage.write_bytes(storage.join(out, POINTER), json.dumps({"run": run_id}).encode())  # the commit point
     manifests = set()
     for kind, stats in shard_stats.items():
-        final = shards.final_dir(out, kind)
-        shards.write_index(final, stats, base=shards.final_dir(root, kind))
-        manifests |= {storage.join(final, "index.json"), storage.join(final, "sizes.json")}
+        for name, part in shards.by_set(kind, stats).items():
+            final = shards.final_dir(out, name)
+            shards.write_index(final, part, base=shards.final_dir(root, name))
+            manifests |= {storage.join(final, "index.json"), storage.join(final, "sizes.json")}
     # only now the previous run's objects go, and what the earlier layout kept directly under OUT
     keep = storage.join(out, RUNS, run_id) + "/"
     storage.remove_files([uri for name in (RUNS, *ENTRIES) for uri in storage.list_files(storage.join(out, name))

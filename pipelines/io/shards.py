@@ -35,6 +35,20 @@ def shard_name(kind: str, index: int) -> str:
     return f"{kind}-{index:06d}.tar"
 
 
+def set_of(shard: str) -> str:
+    """The shard set (its folder under shards/) a shard belongs to: the name without `-NNNNNN.tar`. A kind
+    writes its own set (named after it) and may write more (interleaved_long)."""
+    return shard.rsplit("-", 1)[0]
+
+
+def by_set(kind: str, stats: list[dict]) -> dict[str, list[dict]]:
+    """A kind's per-shard stats by shard set; the kind's own set is always there (maybe empty)."""
+    out: dict[str, list[dict]] = {kind: []}
+    for s in stats:
+        out.setdefault(set_of(s["shard"]), []).append(s)
+    return out
+
+
 def assign_shards(alive, kind: str, max_samples: int, max_bytes: int, size_col):
     """(index, number of shards): index is a small DataFrame (sample_id, shard) of every row of `alive`,
     materialised. size_col: a Column giving a sample's bytes. Only narrow columns are read here: the

@@ -135,7 +135,6 @@ def publish_state(out: str, kind: str, summary: dict, in_run: bool) -> tuple[str
     just before publishing, so a run whose gates passed is reported as published; a rebuild checks
     that index.json is there and lists the same shards as summary.json."""
     gates = summary.get("gates") or {}
-    final = shard_io.final_dir(out, kind)
     shown = shard_io.final_dir(summary.get("output") or out, kind)  # where readers look (OUT), the same in a rebuild
     if gates and not gates.get("passed", True):
         why = (f"a critical quality gate failed: the shards stay in {shard_io.staging_dir(out, kind)}/ and no "
@@ -144,15 +143,17 @@ def publish_state(out: str, kind: str, summary: dict, in_run: bool) -> tuple[str
     ok = ("ok", "published", f"{shown}/ with index.json and sizes.json, written after the gates passed")
     if in_run:
         return ok
-    expect = sorted((s["shard"], int(s["nsamples"]), int(s["bytes"])) for s in summary["kinds"][kind]["shards"]["files"])
-    index_uri = storage.join(final, "index.json")
-    if not storage.exists(index_uri):
-        return ("bad", "index.json missing", f"{index_uri} is missing: the run did not finish publishing")
-    index = _read_json(index_uri)
-    found = sorted((s["url"], int(s["nsamples"]), int(s["filesize"])) for s in index.get("shardlist", []))
-    if found != expect:
-        return ("warn", "index.json differs",
-                f"{shown}/index.json lists other shards than this run's summary.json: a later run replaced them")
+    for name, files in shard_io.by_set(kind, summary["kinds"][kind]["shards"]["files"]).items():  # each shard set
+        index_uri = storage.join(shard_io.final_dir(out, name), "index.json")
+        if not storage.exists(index_uri):
+            return ("bad", "index.json missing", f"{index_uri} is missing: the run did not finish publishing")
+        expect = sorted((s["shard"], int(s["nsamples"]), int(s["bytes"])) for s in files)
+        listed = _read_json(index_uri).get("shardlist", [])
+        found = sorted((s["url"], int(s["nsamples"]), int(s["filesize"])) for s in listed)
+        if found != expect:
+            where = shard_io.final_dir(summary.get("output") or out, name)
+            return ("warn", "index.json differs",
+                    f"{where}/index.json lists other shards than this run's summary.json: a later run replaced them")
     return ok
 
 

@@ -20,7 +20,10 @@ from pipelines.recipe import load
 from tests.filters.test_interleaved_stages import HANDBOOK, PAGE, copy_page, noise_image, read_text
 
 COPYRIGHT = "Copyright 2024 Example Corp. All rights reserved, reproduction without permission is prohibited."
-TEST_SETTINGS = ["interleaved.clip.enabled=false", "interleaved.images.max_documents=3", "shards.max_samples=3"]
+# long_context 1000: the two handbook pages (~3,250 tokens each) go to interleaved_long, the planted articles
+# (~400 and ~800) stay
+TEST_SETTINGS = ["interleaved.clip.enabled=false", "interleaved.images.max_documents=3", "shards.max_samples=3",
+                 "interleaved.tokens.long_context=1000"]
 
 
 def _paragraphs(lang: str, page: str, max_words: int) -> list[str]:
@@ -127,16 +130,9 @@ def make_corpus(root: str) -> dict[str, tuple[str, str | None]]:
     }
 
 
-@pytest.fixture(scope="module")
-def run(spark, tmp_path_factory):
-    assert "interleaved" in kinds.REGISTRY
-    tmp = tmp_path_factory.mktemp("interleaved")
-    corpus = str(tmp / "pages")
-    want = make_corpus(corpus)
-    out = str(tmp / "out")
-    recipe = load(None, TEST_SETTINGS, [f"interleaved={corpus}"], out)
-    summary = run_build(spark, recipe, dict(recipe.inputs), out)
-    return out, summary, want
+@pytest.fixture
+def run(interleaved_run):
+    return interleaved_run
 
 
 def _ledger(out: str) -> dict[str, dict]:
@@ -167,11 +163,29 @@ def test_every_document_and_img_is_in_the_ledger_with_its_reason(run):
     assert summary["gates"]["passed"], summary["gates"]["failed_critical"]
 
 
-def _samples(out: str) -> list[dict]:
+def _samples(out: str, sets: tuple[str, ...] = ("interleaved", "interleaved_long")) -> list[dict]:
     from trainer import shards
 
-    found = shards.find_kinds(os.path.join(out, "shards"), ["interleaved"])["interleaved"]
-    return list(shards.iter_raw_samples([s.url for s in found]))
+    found = shards.find_kinds(os.path.join(out, "shards"), list(sets))
+    return [s for name in sets for s in shards.iter_raw_samples([x.url for x in found[name]])]
+
+
+def test_documents_over_the_token_bound_go_to_their_own_shard_set(run):
+    out, summary, _ = run
+    short, long = _samples(out, ("interleaved",)), _samples(out, ("interleaved_long",))
+    assert {json.loads(s["json"])["source_key"] for s in long} == {f"en/{PAGE}", f"zh/{PAGE}"} or \
+        {json.loads(s["json"])["source_key"] for s in long} == {f"copy/{PAGE}", f"zh/{PAGE}"}
+    assert all(json.loads(s["json"])["tokens"] > 1000 and json.loads(s["json"])["long_context"] for s in long)
+    assert all(json.loads(s["json"])["tokens"] <= 1000 for s in short) and len(short) == 2
+    sets = summary["kinds"]["interleaved"]["shards"]["sets"]
+    assert sets == {"interleaved": {"count": 1, "samples": 2}, "interleaved_long": {"count": 1, "samples": 2}}
+    # each set is published with its own manifest; the ledger names the long shard of a long document
+    for name in sets:
+        index = json.load(open(os.path.join(out, "shards", name, "index.json")))
+        assert [s["url"] for s in index["shardlist"]] == [f"{name}-000000.tar"]
+    rows = _ledger(out)
+    assert rows[f"zh/{PAGE}"]["shard"] == "interleaved_long-000000.tar"
+    assert rows["planted/article.html"]["shard"] == "interleaved-000000.tar"
 
 
 def test_shards_hold_documents_with_images_in_place(run):
@@ -198,7 +212,7 @@ def test_shards_hold_documents_with_images_in_place(run):
     assert all(COPYRIGHT not in (t or "") for d, _ in by_key.values() for t in d["texts"])
     zh, _ = by_key[f"zh/{PAGE}"]
     assert zh["language"] == "zh" and sum(im is not None for im in zh["images"]) == 3
-    assert all(d["tokens"] > d["words"] and d["long_context"] is False for d, _ in by_key.values())
+    assert all(d["tokens"] > d["words"] and d["long_context"] == (d["tokens"] > 1000) for d, _ in by_key.values())
 
 
 def test_trainer_formatter_reads_the_documents_in_order(run):
@@ -210,6 +224,7 @@ def test_trainer_formatter_reads_the_documents_in_order(run):
     out, _, _ = run
     samples = _samples(out)
     fmt = formatters.get("interleaved")
+    assert type(formatters.get("interleaved_long")) is type(fmt)  # the long set reads the same way
     tok = train_bpe([t for s in samples for t in fmt.texts(s)] * 3, vocab_size=400, min_frequency=1)
     ctx = FormatContext(tok, ImageConfig(min_pixels=4 * 784, max_pixels=16 * 784), max_len=100_000)
     for s in samples:

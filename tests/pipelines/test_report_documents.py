@@ -1,7 +1,7 @@
 """The report's document gallery: a kind that declares a layout (interleaved) has sampled documents shown as
 the head of their text with every image's thumbnail in place and its own fate. The layout cut on Arrow
 batches; the material and the rendered page from the interleaved kind's run on real debian-handbook pages
-(the module-scoped `run` of test_interleaved_kind)."""
+(the session-scoped `interleaved_run` of tests/pipelines/conftest.py)."""
 from __future__ import annotations
 
 import io
@@ -10,12 +10,17 @@ import os
 from html.parser import HTMLParser
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 from PIL import Image
 
 from pipelines.report import material as M
 from pipelines.report import page as R
-from tests.pipelines.test_interleaved_kind import run  # noqa: F401 - the module-scoped run of the kind
+
+
+@pytest.fixture
+def run(interleaved_run):  # the session's run of the interleaved kind (tests/pipelines/conftest.py)
+    return interleaved_run
 
 
 def test_layout_excerpt_cuts_text_and_images_in_reading_order():
