@@ -1,5 +1,10 @@
-"""One clean local run of the job on the sample, shared by the reliability and cluster tests, and the
-helpers that compare another run's output with it."""
+"""Two local runs of the job on the sample, shared across test modules (each run is a whole spark-submit,
+about a minute), and the helpers that compare another run's output with them.
+
+- sample_run: what test_build_pretrain (item by item, shards read back) and test_report (the page) read.
+- clean_run: the same arguments with keep_work=true; the reference the reliability and cluster tests
+  compare against, and test_build_pretrain's second run (two runs, the same shards byte for byte).
+Tests only read these folders (test_report rebuilds the page in place and checks it is byte-identical)."""
 from __future__ import annotations
 
 import os
@@ -13,6 +18,14 @@ from tests.jobs.test_build_pretrain import submit
 ARGS = ("--set", "shards.max_samples=8", "--set", "image_text.clip.pretrained=")
 # names only a run that did not finish, or did not clean up, leaves behind
 TEMPORARY = (".tmp", ".staging-", ".previous-", "_temporary", "_work")
+
+
+@pytest.fixture(scope="session")
+def sample_run(sample_dir, tmp_path_factory) -> str:
+    """OUT of an uninterrupted run on the sample, cleaned up as any good run is (no stage checkpoints)."""
+    out = str(tmp_path_factory.mktemp("sample_run"))
+    submit("--input", f"image_text={sample_dir}", "--output", out, *ARGS)
+    return out
 
 
 @pytest.fixture(scope="session")
