@@ -239,7 +239,7 @@ def one_shard_per_partition(kept, num_shards: int):
         keys = (spark.range(0, num_shards * per)
                 .select(F.expr(f"pmod(hash(id), {num_shards})").alias("_index"), F.col("id").alias("_key"))
                 .groupBy("_index").agg(F.min("_key").alias("_key")))
-        keys = cached(keys)
+        keys = cached(keys.coalesce(1))  # num_shards small rows, broadcast below: one partition, not 64
         if keys.count() == num_shards:
             break
     else:

@@ -43,6 +43,7 @@ from schemas.common import SAMPLE_ID, SOURCE_KEY
 log = logging.getLogger(__name__)
 
 ROW_CAP = 200_000
+ROWS_PER_PARTITION = 500_000  # the per-row table the report reads many times: narrow rows, few partitions
 GALLERY_KEPT = 24
 GALLERY_PER_REASON = 12
 DUP_GROUPS = 12
@@ -168,6 +169,21 @@ def _cut(text: str, room: int) -> str:
     head = text[:room]
     space = head.rfind(" ", max(0, room - 60))
     return (head[:space] if space > 0 else head).rstrip() + "…"
+
+
+def _compact(df, n: int, level):
+    """A persisted table of n narrow rows in about n / ROWS_PER_PARTITION partitions: the report runs a
+    dozen small jobs over it, and each of its join's 64 shuffle partitions (AQE does not coalesce a
+    persisted plan's output) made a task in every one of them (2,408 tasks for 40 items)."""
+    import math
+
+    want = max(1, math.ceil(n / ROWS_PER_PARTITION))
+    if df.rdd.getNumPartitions() <= want:
+        return df
+    fewer = df.coalesce(want).persist(level)
+    fewer.count()
+    df.unpersist()
+    return fewer
 
 
 def _hash_fraction(F):
@@ -312,6 +328,7 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
     rows = led.join(res.rows.select(SAMPLE_ID, *report), SAMPLE_ID, "left")
     rows = rows.persist(StorageLevel.DISK_ONLY)  # small columns, but one row per ledger row
     n = rows.count()
+    rows = _compact(rows, n, StorageLevel.DISK_ONLY)
     types = {f.name: f.dataType for f in rows.schema.fields}
     lists = [c for c in report if isinstance(types[c], ArrayType)]
     scalars = [c for c in report if c not in lists]
