@@ -49,6 +49,8 @@ a round makes keepers of undecided items whose better neighbours are all dropped
 items with a keeper among their better neighbours. Rounds = the longest path of edges along which
 rank strictly improves, halved: 1-2 for copies of one image; a chain of k crops ranked along the
 chain needs k/2. After `max_rounds` the still-undecided items are kept and counted in `skipped`.
+Up to `local_edges` pairs (most runs: ~1 per 1,000 images) the same greedy is walked once on the driver
+in a topological order of the pairs, instead of two small Spark jobs a round.
 
 Keeper rule, for both kinds of group: the member with the most pixels; then the one with the most
 input bytes (the least compressed copy); then the smallest sample_id.
@@ -67,6 +69,9 @@ from schemas.common import SAMPLE_ID
 log = logging.getLogger(__name__)
 
 
+LOCAL_EDGES = 500_000  # near pairs up to this many: keepers chosen on the driver in one pass, no Spark rounds
+
+
 @dataclasses.dataclass(frozen=True)
 class Dedup:
     exact: bool = True
@@ -75,6 +80,7 @@ class Dedup:
     second_tier: bool = True  # confirm tier-1 pairs with phash256 (256-bit dHash); false only for data without it
     second_radius: int = 64  # tier 2, of the 256 dHash bits: copies measured <= 49, distinct photos >= 84
     max_rounds: int = 50  # keeper-selection rounds; items still undecided after them are kept, counted as skipped
+    local_edges: int = LOCAL_EDGES  # up to this many near pairs, keepers are chosen on the driver (0: always rounds)
     max_skipped: int = 0  # the run's quality gate fails when more candidates than this were left undecided
 
 
@@ -296,7 +302,7 @@ def _near_duplicates(items, cfg: Dedup):
     from pyspark.sql import functions as F
 
     edges = near_edges(items, cfg).select("src", "dst").localCheckpoint()
-    keepers, rounds, undecided = _keepers(edges, cfg.max_rounds)
+    keepers, rounds, undecided = _keepers(edges, cfg.max_rounds, cfg.local_edges)
     n_edges = edges.count()
     stats = DedupStats(skipped=undecided, edges=n_edges, rounds=rounds)
     log.info("dedup: %d near pairs within both tiers, keepers chosen in %d rounds, %d undecided",
@@ -315,15 +321,50 @@ def _near_duplicates(items, cfg: Dedup):
     ), stats
 
 
-def _keepers(edges, max_rounds: int):
+def _keepers_on_driver(edges):
+    """`_keepers` for an edge list that fits on the driver: the same greedy, walked once in a topological
+    order of the edges (every better neighbour before a node), instead of two Spark jobs a round.
+    Returns (state, 1, undecided): nodes on a cycle (never produced by a rank order) stay undecided."""
+    import collections
+
+    import pyarrow as pa
+
+    table = edges.select("src", "dst").toArrow()
+    src, dst = table.column("src").to_pylist(), table.column("dst").to_pylist()
+    better, worse = collections.defaultdict(list), collections.defaultdict(list)
+    for a, b in zip(src, dst):
+        better[b].append(a)
+        worse[a].append(b)
+    nodes = sorted(set(src) | set(dst))
+    waiting = {n: len(better[n]) for n in nodes}
+    ready = collections.deque(n for n in nodes if not waiting[n])
+    state = dict.fromkeys(nodes, UNDECIDED)
+    while ready:
+        node = ready.popleft()
+        state[node] = DROPPED if any(state[b] == KEEPER for b in better[node]) else KEEPER
+        for w in worse[node]:
+            waiting[w] -= 1
+            if not waiting[w]:
+                ready.append(w)
+    spark = edges.sparkSession
+    out = pa.table({"node": pa.array(nodes, pa.string()), "state": pa.array([state[n] for n in nodes], pa.int32())})
+    frame = spark.createDataFrame(out.to_pandas(), "node string, state int") if nodes else \
+        spark.createDataFrame([], "node string, state int")
+    return frame, 1, sum(v == UNDECIDED for v in state.values())
+
+
+def _keepers(edges, max_rounds: int, local_edges: int = LOCAL_EDGES):
     """Greedy keeper selection in rank order over oriented edges (src better than dst), in rounds:
-    (node, state) for every node of an edge, and the rounds run and the nodes left undecided.
+    (node, state) for every node of an edge, and the rounds run and the nodes left undecided. Up to
+    `local_edges` edges, the same greedy runs on the driver in one pass (`_keepers_on_driver`).
 
     Each round: an undecided node whose better neighbours are all dropped becomes a keeper; then an
     undecided node with a keeper among its better neighbours is dropped. The result is what the
     sequential greedy (walk in rank order, keep an item unless a kept item is an edge away) gives."""
     from pyspark.sql import functions as F
 
+    if local_edges and edges.limit(local_edges + 1).count() <= local_edges:
+        return _keepers_on_driver(edges)
     nodes = edges.select(F.col("src").alias("node")).union(edges.select(F.col("dst").alias("node"))).distinct()
     state = nodes.select("node", F.lit(UNDECIDED).alias("state")).localCheckpoint()
     rounds, undecided = 0, state.count()

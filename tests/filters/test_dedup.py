@@ -212,12 +212,33 @@ def test_a_chain_of_overlapping_items_drops_only_items_within_radius_of_their_ke
 
 
 def test_keeper_rounds_that_run_out_are_counted_not_dropped(spark):
-    drops, stats = find_duplicates_with_stats(_frame(spark, _chain()), Dedup(max_rounds=1))
+    drops, stats = find_duplicates_with_stats(_frame(spark, _chain()), Dedup(max_rounds=1, local_edges=0))
     got = {r.sample_id: r.duplicate_of for r in drops.collect()}
     assert got == {"a1": "a0"}  # round 1 decides a0 (kept) and a1 (dropped); a2..a6 are left undecided
     assert stats.skipped == 5 and stats.rounds == 1
     full = find_duplicates_with_stats(_frame(spark, _chain()), Dedup())[1]
     assert full.skipped == 0 and full.edges == 6
+
+
+def test_keepers_on_the_driver_equal_the_spark_rounds(spark):
+    """The one-pass greedy on the driver and the Spark rounds give the same states, on a chain and on
+    random graphs oriented by a random rank (many overlapping groups)."""
+    import random
+
+    from filters.dedup import _keepers
+
+    rng = random.Random(7)
+    graphs = [[(f"a{i}", f"a{i + 1}") for i in range(9)]]
+    for _ in range(3):
+        rank = rng.sample(range(60), 60)
+        pairs = {tuple(sorted(rng.sample(range(60), 2))) for _ in range(90)}
+        graphs.append([(f"n{a}", f"n{b}") if rank[a] < rank[b] else (f"n{b}", f"n{a}") for a, b in pairs])
+    for edges in graphs:
+        frame = spark.createDataFrame(edges, "src string, dst string")
+        local, rounds_local, left_local = _keepers(frame, max_rounds=50)
+        spark_state, rounds, left = _keepers(frame, max_rounds=50, local_edges=0)
+        assert {r.node: r.state for r in local.collect()} == {r.node: r.state for r in spark_state.collect()}
+        assert left_local == left == 0 and rounds_local == 1 and rounds >= 1
 
 
 def test_blocks_cover_64_bits_with_radius_plus_one_blocks():
