@@ -195,6 +195,17 @@ class Ocr(ImageText):
         return [self._target(sample)]
 
 
+def _image_then_pieces(image: bytes, pieces: list[tuple[str, str]], ctx: FormatContext, sample: dict,
+                       kind: str) -> Formatted:
+    """`<image>`, then text and box pieces (`schemas.boxes`), each box block between the box tokens."""
+    tok = ctx.tokenizer
+    patches, grid = image_patches(image, ctx.image)
+    ids = image_block(ctx, grid)
+    for what, text in pieces:
+        ids += tok.encode(text) if what == "text" else [tok.begin_box_id] + tok.encode(text) + [tok.end_box_id]
+    return _finish(ids, [(patches, grid)], ctx, sample, kind)
+
+
 @register("grounding")
 class Grounding:
     """`<image>`, then the caption with each grounded phrase followed by its box block: the pieces
@@ -205,16 +216,11 @@ class Grounding:
     image = _GROUNDING.thumbnail.ext
 
     def format(self, sample: dict, ctx: FormatContext) -> Formatted:
-        tok = ctx.tokenizer
         doc = _json(sample)
         pieces = boxes.render(doc["caption"], doc["phrases"])
         if not boxes.count_boxes(doc["phrases"]):
             raise ValueError("no boxes")
-        patches, grid = image_patches(sample[self.image], ctx.image)
-        ids = image_block(ctx, grid)
-        for what, text in pieces:
-            ids += tok.encode(text) if what == "text" else [tok.begin_box_id] + tok.encode(text) + [tok.end_box_id]
-        return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
+        return _image_then_pieces(sample[self.image], pieces, ctx, sample, self.kind)
 
     def texts(self, sample: dict) -> list[str]:
         doc = _json(sample)
@@ -231,15 +237,10 @@ class Gui:
     text = next(m.ext for m in _GUI.members if m.media == "text")
 
     def format(self, sample: dict, ctx: FormatContext) -> Formatted:
-        tok = ctx.tokenizer
         pieces = boxes.pieces(_text(sample, self.text))
         if not any(what == "box" for what, _ in pieces):
             raise ValueError("no boxes in the QA pairs")
-        patches, grid = image_patches(sample[self.image], ctx.image)
-        ids = image_block(ctx, grid)
-        for what, text in pieces:
-            ids += tok.encode(text) if what == "text" else [tok.begin_box_id] + tok.encode(text) + [tok.end_box_id]
-        return _finish(ids, [(patches, grid)], ctx, sample, self.kind)
+        return _image_then_pieces(sample[self.image], pieces, ctx, sample, self.kind)
 
     def texts(self, sample: dict) -> list[str]:
         return [_text(sample, self.text, required=False)]
