@@ -1,8 +1,11 @@
 """Small helpers shared by tests: file reads and a quiet HTTP handler for local test servers."""
 from __future__ import annotations
 
+import contextlib
 import json
-from http.server import BaseHTTPRequestHandler
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 def read_json(path: str):
@@ -13,6 +16,18 @@ def read_json(path: str):
 def read_bytes(path: str) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+@contextlib.contextmanager
+def serving(handler) -> Iterator[str]:
+    """A local HTTP server on 127.0.0.1 (a free port) answering with `handler`, in a thread: its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 class QuietHandler(BaseHTTPRequestHandler):

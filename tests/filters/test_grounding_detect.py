@@ -6,7 +6,6 @@ import base64
 import http.server
 import io
 import json
-import threading
 from typing import ClassVar
 
 import pyarrow as pa
@@ -17,6 +16,7 @@ from filters.grounding_boxes import GroundBoxes
 from filters.grounding_detect import FAILED, Detector
 from schemas import boxes as B
 from schemas import grounding as S
+from tests.util import serving
 
 
 class FakeDetector(http.server.BaseHTTPRequestHandler):
@@ -51,10 +51,8 @@ class FakeDetector(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def endpoint():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeDetector)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/detect"
-    server.shutdown()
+    with serving(FakeDetector) as url:
+        yield f"{url}/detect"
 
 
 def _jpeg(w, h):

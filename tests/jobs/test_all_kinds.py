@@ -15,13 +15,11 @@ the trainer. The inputs are each kind's hard cases, so the per-kind checks below
 """
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import shutil
 import subprocess
 import sys
-import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,7 +32,7 @@ from tests.jobs.test_build_pretrain import ROOT
 from tests.pipelines import test_grounding as GR
 from tests.pipelines import test_gui as G
 from tests.pipelines.test_interleaved_kind import _page, _paragraphs, _qr_jpeg
-from tests.util import read_json
+from tests.util import read_json, serving
 
 pytestmark = pytest.mark.slow
 
@@ -112,10 +110,8 @@ def grounding_corpus(tmp) -> list[str]:
 
 @pytest.fixture(scope="module")
 def detector():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FakeDetector)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/detect"
-    server.shutdown()
+    with serving(FakeDetector) as url:
+        yield f"{url}/detect"
 
 
 @pytest.fixture(scope="module")
