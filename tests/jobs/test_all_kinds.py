@@ -159,16 +159,23 @@ def kind_section(run: dict, kind: str) -> str:
     return page[start:end if end > 0 else len(page)]
 
 
+def shard_sets(run: dict, kind: str) -> dict[str, int]:
+    """{shard set: samples} of a kind's published sets (interleaved also writes interleaved_long)."""
+    shards = run["summary"]["kinds"][kind]["shards"]
+    return {name: v["samples"] for name, v in shards.get("sets", {kind: shards}).items() if v["samples"]}
+
+
 def kind_samples(run: dict, kind: str) -> list[dict]:
+    """Every published sample of a kind, all its shard sets, read as the trainer reads them."""
     from trainer.shards import find_kinds, iter_raw_samples
 
-    found = find_kinds(os.path.join(run["out"], "shards"), [kind])[kind]
-    return list(iter_raw_samples([f.url for f in found]))
+    found = find_kinds(os.path.join(run["out"], "shards"), sorted(shard_sets(run, kind)))
+    return list(iter_raw_samples([f.url for shards in found.values() for f in shards]))
 
 
 def test_one_run_curates_every_kind(run):
     from trainer import formatters
-    from trainer.shards import find_kinds
+    from trainer.shards import find_kinds, iter_raw_samples
 
     summary, ledger = run["summary"], run["ledger"]
     assert set(summary["kinds"]) == KINDS and summary["gates"]["passed"], summary["gates"]["failed_critical"]
@@ -184,12 +191,15 @@ def test_one_run_curates_every_kind(run):
     # every kind with kept samples is published in its own folder and read by its trainer formatter
     published = {k for k, v in summary["kinds"].items() if v["shards"]["samples"]}
     assert published == KINDS
-    found = find_kinds(os.path.join(run["out"], "shards"), sorted(published))
     for kind in published:
-        assert len(found[kind]) == summary["kinds"][kind]["shards"]["samples"]  # shards.max_samples=1
-        samples = kind_samples(run, kind)
-        assert len(samples) == summary["kinds"][kind]["shards"]["samples"]
-        assert all(formatters.get(kind).texts(s) for s in samples)
+        shards = summary["kinds"][kind]["shards"]
+        sets = shard_sets(run, kind)
+        found = find_kinds(os.path.join(run["out"], "shards"), sorted(sets))
+        assert sum(len(found[n]) for n in sets) == shards["count"] == shards["samples"] == sum(sets.values())  # max_samples=1
+        for name, count in sets.items():
+            samples = list(iter_raw_samples([f.url for f in found[name]]))
+            assert len(samples) == count
+            assert all(formatters.get(name).texts(s) for s in samples)
 
 
 # --- interleaved ------------------------------------------------------------------------------------------
@@ -232,12 +242,18 @@ def test_interleaved_accounts_for_documents_and_images(run):
 
 
 def test_interleaved_shards_follow_the_contract(run):
-    from schemas.interleaved import contract
+    from schemas.interleaved import LONG_SET, contract
     from trainer import shards
 
-    found = shards.find_kinds(os.path.join(run["out"], "shards"), ["interleaved"])["interleaved"]
+    found = shards.find_kinds(os.path.join(run["out"], "shards"), ["interleaved", LONG_SET])
     samples = kind_samples(run, "interleaved")
-    assert len(found) == 5 and len(samples) == 5
+    # one document per shard; the printed PDF (its text and seven screenshots) is over tokens.long_context
+    assert len(found["interleaved"]) == 4 and len(found[LONG_SET]) == 1 and len(samples) == 5
+    (long_doc,) = shards.iter_raw_samples([found[LONG_SET][0].url])
+    assert json.loads(long_doc["json"])["long_context"] is True
+    (pdf,) = [r for r in kind_rows(run, "interleaved") if r["source_key"] == "books/desktops.pdf"]
+    assert pdf["shard"] == f"{LONG_SET}-000000.tar" and long_doc["__key__"] == pdf["sample_id"]
+    assert all(json.loads(s["json"])["long_context"] is False for s in samples if s["__key__"] != pdf["sample_id"])
     for s in samples:
         assert contract().violations(s) == []
         doc = json.loads(s["json"])
