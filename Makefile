@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export PYSPARK_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VENV)/bin/python
-export SPARK_LOCAL_IP := 127.0.0.1
+# SPARK_LOCAL_IP: a value of your own (a cluster's address) is kept
+export SPARK_LOCAL_IP ?= 127.0.0.1
 OUT ?= out
 
 .PHONY: setup system venv demo run test bench bench-compare package clean
