@@ -301,12 +301,17 @@ class Download(Stage):
 
     def _with_retries(self, session: requests.Session, url: str) -> Outcome | _Redirect:
         attempts = max(0, self.retries) + 1
+        answered = None  # the last HTTP error the server answered with: it says more than a later reset
         for attempt in range(attempts):
             result = self._attempt(session, url)
             if not isinstance(result, _Retry):
                 return result
+            if result.reason == HTTP_ERROR:
+                answered = result
             if attempt + 1 == attempts:
                 suffix = f" after {attempts} attempts" if attempts > 1 else ""
+                if answered is not None and result is not answered:
+                    return Outcome(HTTP_ERROR, detail=f"{answered.detail}, then {result.detail}{suffix}")
                 return Outcome(result.reason, detail=f"{result.detail}{suffix}")
             # Jitter keeps a batch of rows that failed together from retrying in lock-step.
             wait = self.backoff_s * (2**attempt) * random.uniform(0.5, 1.0)

@@ -78,6 +78,12 @@ class Handler(BaseHTTPRequestHandler):
             self._send(500, b"oops") if hits == 1 else self._send(200, JPEG, img)
         elif path == "/always500":
             self._send(503, b"down")
+        elif path == "/503-then-reset":  # an HTTP error, then the connection dropped without an answer
+            if hits == 1:
+                self._send(503, b"down")
+            else:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
         elif path == "/redirect":
             self._send(302, headers={"Location": "/img.jpg"})
         elif path == "/loop":
@@ -273,6 +279,11 @@ def test_private_addresses_refused_without_any_connection(url: str, outside_conn
     out = STAGE.apply(batch([{"url": url}])).to_pylist()[0]
     assert out[DOWNLOAD_STATUS] == out[ERROR] == "download_blocked_address"
     assert outside_connects == []  # refused by the address check, before any socket connect
+
+
+def test_an_http_error_is_the_reason_when_a_later_retry_is_reset(server: str) -> None:
+    out = STAGE.apply(batch([{"sample_id": "x", "url": f"{server}/503-then-reset"}])).to_pylist()[0]
+    assert out[ERROR] == "download_http_error" and "503" in out[ERROR_DETAIL] and "then" in out[ERROR_DETAIL]
 
 
 def test_redirect_target_is_checked_too(server: str, outside_connects: list) -> None:
