@@ -58,6 +58,9 @@ class Handler(BaseHTTPRequestHandler):
         else:  # body delimited by closing the connection
             self.send_header("Connection", "close")
             self.close_connection = True
+        if status >= 500 and length:  # the retry opens a fresh connection (a pooled one was seen reset under load)
+            self.send_header("Connection", "close")
+            self.close_connection = True
         self.end_headers()
         try:
             self.wfile.write(body)
