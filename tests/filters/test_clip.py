@@ -144,3 +144,25 @@ def test_executor_reads_the_copy_shipped_with_the_job(tmp_path, monkeypatch):
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ClipConfigError, match="image_text.clip.model 'ViT-Nope' is not an open_clip model"):
         resolve_weights(ClipScore(model="ViT-Nope"))
+
+
+@pytest.mark.parametrize("model", ["RN50", "ViT-B-32"])
+def test_pixels_from_bytes_are_the_models_own_transform_after_a_draft_decode(model):
+    """The stage's batch path (draft decode, PIL resize and crop, one normalisation in numpy) gives the
+    pixels open_clip's own eval transform gives on the same decoded image, for any aspect ratio and for
+    images smaller than the model's input; big JPEGs decode at a DCT scale that still covers it."""
+    import numpy as np
+    import open_clip
+
+    *_, transform = open_clip.create_model_and_transforms(model, pretrained=None)
+    pixels = ClipScore(model=model, pretrained="").state(1)[1]
+    photo = load_photo("astronaut")
+    sizes = [(640, 480), (480, 640), (333, 517), (224, 300), (224, 224), (100, 80), (1024, 768), (2001, 999)]
+    blobs = [_jpeg(photo.resize(size)) for size in sizes]
+    got = pixels.from_bytes(blobs)
+    assert got.shape == (len(sizes), 3, 224, 224) and got.dtype == np.float32
+    for blob, row in zip(blobs, got):
+        assert np.abs(transform(pixels.decode(blob)).numpy() - row).max() < 1e-5
+    assert pixels.decode(blobs[sizes.index((2001, 999))]).size == (501, 250)  # 1/4 scale: both sides >= 224
+    assert pixels.decode(blobs[sizes.index((640, 480))]).size == (320, 240)
+    assert pixels(photo.convert("RGB")).shape == (3, 224, 224)  # one PIL image: open_clip's transform, as before
