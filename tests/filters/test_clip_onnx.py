@@ -1,5 +1,7 @@
 """CLIP on ONNX Runtime (fp32 and int8) agrees with torch fp32 on real photos, with weights from a saved
-checkpoint; the export is made once and reused by the fingerprint of the weights."""
+checkpoint; attention is exported as ORT's fused op (and quantised as QAttention), with a plain export
+when that fails; the export is made once and reused by the fingerprint of the weights and the export
+recipe."""
 from __future__ import annotations
 
 import io
@@ -51,12 +53,9 @@ def _stage(ckpt, cache, backend):
 
 
 def _embeddings(stage, batch):
-    from PIL import Image
-
-    encoder, preprocess, tokenizer = stage.setup(threads=2)
-    pixels = np.stack([preprocess(Image.open(io.BytesIO(b)).convert("RGB")).numpy()
-                       for b in batch.column("image").to_pylist()])
-    return encoder.encode_image(pixels), encoder.encode_text(tokenizer(batch.column("caption").to_pylist()).numpy())
+    encoder, pixels, tokenizer = stage.setup(threads=2)
+    return (encoder.encode_image(pixels.from_bytes(batch.column("image").to_pylist())),
+            encoder.encode_text(tokenizer(batch.column("caption").to_pylist()).numpy()))
 
 
 def _cos(a, b):
@@ -80,10 +79,55 @@ def test_onnx_agrees_with_torch_on_real_photos(setup, backend):
         assert np.abs(scores - scores_ref).max() < 1e-4
 
 
+def _graph_ops(folder: str, tower: str) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(os.path.join(folder, f"{tower}.onnx")).graph.node]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx_int8"])
+def test_attention_is_exported_fused_and_quantised(setup, backend):
+    """Each attention block is one fused node (ORT's Attention, QAttention with int8 weights), not the
+    exporter's reshapes and transposes; the patch-embedding Conv stays float (ConvInteger is slower)."""
+    import open_clip
+
+    from filters.clip_onnx import weights_fingerprint
+
+    ckpt, cache, _ = setup
+    _stage(ckpt, cache, backend).setup(threads=1)
+    folder = os.path.join(cache, weights_fingerprint(MODEL, ckpt, 0, backend))
+    layers = open_clip.get_model_config(MODEL)
+    fused = "Attention" if backend == "onnx" else "QAttention"
+    image, text = _graph_ops(folder, "image"), _graph_ops(folder, "text")
+    assert image.count(fused) == layers["vision_cfg"]["layers"] and text.count(fused) == layers["text_cfg"]["layers"]
+    assert "Softmax" not in image + text and image.count("Transpose") <= 1  # the exporter's attention is gone
+    if backend == "onnx_int8":
+        assert "Conv" in image and "ConvInteger" not in image and "MatMulInteger" in image + text
+
+
+def test_unfusable_tower_is_exported_plainly_and_still_agrees(setup, tmp_path, monkeypatch):
+    from filters import clip_onnx
+
+    ckpt, _, batch = setup
+
+    def refuse(*a, **k):
+        raise ValueError("exported tower disagrees with torch (simulated)")
+
+    monkeypatch.setattr(clip_onnx, "_check", refuse)
+    cache = str(tmp_path / "cache")
+    got = _stage(ckpt, cache, "onnx")
+    scores = np.array(got.apply(batch).column("clip_score").to_pylist())
+    ref = np.array(_stage(ckpt, cache, "torch").apply(batch).column("clip_score").to_pylist())
+    assert np.abs(scores - ref).max() < 1e-4
+    (folder,) = os.listdir(cache)
+    ops = _graph_ops(os.path.join(cache, folder), "image")
+    assert "Attention" not in ops and "Softmax" in ops
+
+
 def test_export_is_cached_by_the_weights_fingerprint(setup, tmp_path):
     import torch
 
-    ckpt, cache, batch = setup
+    ckpt, cache, _ = setup
     _stage(ckpt, cache, "onnx").setup(threads=1)
     folders = sorted(os.listdir(cache))
     stamps = {f: os.path.getmtime(os.path.join(cache, f, "image.onnx")) for f in folders}
@@ -97,6 +141,21 @@ def test_export_is_cached_by_the_weights_fingerprint(setup, tmp_path):
     torch.save(state, other)
     _stage(str(other), cache, "onnx").setup(threads=1)
     assert len(os.listdir(cache)) == len(folders) + 1
+
+
+def test_fingerprint_covers_the_export_recipe_and_versions(setup, monkeypatch):
+    import onnxruntime
+
+    from filters import clip_onnx
+
+    ckpt, _, _ = setup
+    fp = clip_onnx.weights_fingerprint(MODEL, ckpt, 0, "onnx")
+    assert clip_onnx.weights_fingerprint(MODEL, ckpt, 0, "onnx_int8") != fp
+    monkeypatch.setattr(clip_onnx, "EXPORT_VERSION", clip_onnx.EXPORT_VERSION + 1)
+    assert clip_onnx.weights_fingerprint(MODEL, ckpt, 0, "onnx") != fp  # a new way of exporting: a new export
+    monkeypatch.undo()
+    monkeypatch.setattr(onnxruntime, "__version__", "0.0.0")
+    assert clip_onnx.weights_fingerprint(MODEL, ckpt, 0, "onnx") != fp
 
 
 def test_unknown_backend_is_refused():
