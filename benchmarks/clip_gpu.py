@@ -1,0 +1,221 @@
+"""CLIP on a GPU: the overlapped stage (filters/clip_gpu.py) against its ceilings, with the GPU's busy share.
+
+In one process, on JPEG photos (crops of scikit-image's photos in varied sizes, as benchmarks/corpus.py
+makes them) and captions, with random weights (speed does not depend on their values):
+- stage: OverlappedScorer.stream over Arrow-sized chunks (`--arrow-batch` rows, as Spark hands them) with
+  sub-batches of `--batch`: decode and preprocess on `--threads` CPU threads overlapped with both towers
+  in half precision on the device; images/s from first chunk in to last score out;
+- GPU busy share through the stage: NVML's utilisation (the share of time a kernel was running),
+  sampled every 0.1 s (torch.cuda.utilization where pynvml is installed, else `nvidia-smi -lms 100`),
+  and the share of the stage's wall time covered by its own kernels (CUDA events around each sub-batch);
+- ceilings: the bare model on ready tensors already on the device (both towers, batch `--batch`), and
+  the decode pool alone (the same threads, pieces and ClipPixels.from_bytes, no model).
+The stage runs at the lower ceiling at best; the targets (issue 16: >= 85 % busy, >= 3,000 images/s for
+ViT-B-32 on an H100-class GPU) are reported as met or not.
+
+    python -m benchmarks.clip_gpu --model ViT-B-32 --images 4096 --batch 512
+writes benchmarks/results/clip_gpu.json. Without CUDA it exits 2, unless `--device cpu` (the same code on
+the CPU: a smoke test, not a measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "clip_gpu.json")
+TARGET_BUSY, TARGET_RATE = 0.85, 3000.0
+
+
+def _jpegs(n: int, distinct: int = 256) -> tuple[list[bytes], list[str]]:
+    """n JPEGs and captions; `distinct` different crops and sizes, repeated (a decode costs the same)."""
+    from benchmarks.corpus import _variant
+    from jobs.make_sample import PHOTOS, jpeg, load_photo
+
+    rng = np.random.default_rng(0)
+    photos = [(load_photo(name).convert("RGB"), caption) for name, caption in PHOTOS.items()]
+    made = []
+    for k in range(min(n, distinct)):
+        photo, caption = photos[k % len(photos)]
+        made.append((jpeg(_variant(rng, photo), quality=int(rng.integers(70, 95))), f"a photo: {caption}"))
+    return [made[i % len(made)][0] for i in range(n)], [made[i % len(made)][1] for i in range(n)]
+
+
+class BusySampler:
+    """The GPU's utilisation (NVML: share of time a kernel ran), sampled every `every` seconds in a thread."""
+
+    def __init__(self, index: int, every: float = 0.1):
+        self.index, self.every = index, every
+        self.samples: list[float] = []
+        self.source = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._proc: subprocess.Popen | None = None
+
+    def start(self) -> BusySampler:
+        import torch
+
+        try:
+            torch.cuda.utilization(self.index)  # needs pynvml
+            self.source = "nvml (torch.cuda.utilization)"
+            self._thread = threading.Thread(target=self._nvml, daemon=True)
+        except Exception:  # noqa: BLE001 - no pynvml: nvidia-smi's own loop
+            self.source = "nvidia-smi -lms 100"
+            self._proc = subprocess.Popen(
+                ["nvidia-smi", "-i", str(self.index), "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", str(int(self.every * 1000))], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._thread = threading.Thread(target=self._smi, daemon=True)
+        self._thread.start()
+        return self
+
+    def _nvml(self) -> None:
+        import torch
+
+        while not self._stop.wait(self.every):
+            self.samples.append(float(torch.cuda.utilization(self.index)))
+
+    def _smi(self) -> None:
+        for line in self._proc.stdout:
+            if self._stop.is_set():
+                return
+            try:
+                self.samples.append(float(line.strip()))
+            except ValueError:
+                pass
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+        self._thread.join(timeout=10)
+        return round(sum(self.samples) / len(self.samples) / 100, 3) if self.samples else None
+
+
+def bare_model_rate(encoder, tokens, batch: int, size: tuple[int, int], seconds: float) -> float:
+    """Both towers on ready tensors already on the device: the model's own ceiling."""
+    import torch
+
+    pixels = torch.randn((batch, 3, *size), device=encoder.device).to(encoder.dtype)
+    tok = torch.from_numpy(tokens).to(encoder.device)
+
+    def step():
+        with torch.inference_mode():
+            encoder.model.encode_image(pixels)
+            encoder.model.encode_text(tok)
+        if encoder.cuda:
+            torch.cuda.synchronize(encoder.device)
+
+    step()
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        step()
+        done += batch
+    return done / (time.perf_counter() - t0)
+
+
+def decode_rate(pixels, images: list[bytes], threads: int, piece: int) -> float:
+    """The decode pool alone: the stage's CPU ceiling."""
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(pixels.from_bytes, [images[:piece]] * threads))  # warm-up
+        t0 = time.perf_counter()
+        list(pool.map(pixels.from_bytes, [images[a : a + piece] for a in range(0, len(images), piece)]))
+        return len(images) / (time.perf_counter() - t0)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
+    p.add_argument("--images", type=int, default=4096, help="image-caption pairs through the stage")
+    p.add_argument("--batch", type=int, default=512, help="sub-batch on the device (clip.batch_size)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="decode threads (spark.task.cpus)")
+    p.add_argument("--arrow-batch", type=int, default=128, help="rows per Arrow batch fed to the stage "
+                   "(spark.sql.execution.arrow.maxRecordsPerBatch in spark-defaults.conf)")
+    p.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for a smoke test of the same code")
+    p.add_argument("--dtype", default="", help="float16 (default on cuda), bfloat16, float32 (default on cpu)")
+    p.add_argument("--seconds", type=float, default=5.0, help="minimum timed seconds for the bare model")
+    p.add_argument("--out", default=OUT)
+    a = p.parse_args(argv)
+    import torch
+
+    if a.device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"benchmarks.clip_gpu: --device {a.device} but CUDA is not available here (torch {torch.__version__}, "
+              f"{'no CUDA build' if torch.version.cuda is None else 'no GPU visible'}): run it on a GPU machine, "
+              "or give --device cpu for a smoke test of the same code on the CPU", file=sys.stderr)
+        raise SystemExit(2)
+    import open_clip
+
+    from filters.clip import ClipPixels
+    from filters.clip_gpu import GpuClip, OverlappedScorer
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(a.model, pretrained=None)
+    model.eval()
+    pixels = ClipPixels(open_clip.get_model_preprocess_cfg(model), preprocess)
+    tokenizer = open_clip.get_tokenizer(a.model)
+    encoder = GpuClip(model, a.device, a.dtype or None)
+    images, captions = _jpegs(a.images)
+    scorer = OverlappedScorer(encoder, pixels, tokenizer, a.batch, a.threads)
+    results = {
+        "model": a.model, "device": str(encoder.device), "dtype": str(encoder.dtype).replace("torch.", ""),
+        "gpu": torch.cuda.get_device_name(encoder.device) if encoder.cuda else None,
+        "images": a.images, "batch": a.batch, "threads": a.threads, "arrow_batch": a.arrow_batch,
+        "piece": scorer.piece, "ahead": scorer.ahead, "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "load_avg_start": round(os.getloadavg()[0], 1),
+    }
+    results["decode_images_per_s"] = round(decode_rate(pixels, images, a.threads, scorer.piece), 1)
+    size = tuple(pixels.size)
+    results["bare_model_images_per_s"] = round(
+        bare_model_rate(encoder, tokenizer(captions[: a.batch]).numpy(), a.batch, size, a.seconds), 1)
+
+    chunks = [(images[s : s + a.arrow_batch], captions[s : s + a.arrow_batch])
+              for s in range(0, len(images), a.arrow_batch)]
+    list(scorer.stream(chunks[: max(1, a.batch // a.arrow_batch)]))  # warm-up: threads, pinned memory, kernels
+    sampler = BusySampler(encoder.device.index or 0).start() if encoder.cuda else None
+    encoder.events = [] if encoder.cuda else None
+    t0 = time.perf_counter()
+    scored = sum(len(s) for s in scorer.stream(iter(chunks)))
+    wall = time.perf_counter() - t0
+    busy = sampler.stop() if sampler is not None else None
+    scorer.close()
+    assert scored == len(images)
+    kernel_s = sum(s.elapsed_time(e) for s, e in encoder.events) / 1000 if encoder.events else None
+    rate = len(images) / wall
+    results.update({
+        "stage_seconds": round(wall, 3),
+        "stage_images_per_s": round(rate, 1),
+        "stage_share_of_bare_model": round(rate / results["bare_model_images_per_s"], 3),
+        "stage_share_of_decode": round(rate / results["decode_images_per_s"], 3),
+        "gpu_busy_share": busy,
+        "gpu_busy_source": sampler.source if sampler is not None else None,
+        "gpu_busy_samples": len(sampler.samples) if sampler is not None else 0,
+        "gpu_kernel_share": round(kernel_s / wall, 3) if kernel_s is not None else None,
+        "targets": {"gpu_busy_share": TARGET_BUSY, "stage_images_per_s": TARGET_RATE,
+                    "note": "issue 16: ViT-B-32 on an H100-class GPU"},
+        "meets_targets": (None if busy is None else busy >= TARGET_BUSY and rate >= TARGET_RATE),
+    })
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"{a.model} {results['dtype']} on {results['gpu'] or results['device']}, batch {a.batch}, "
+          f"{a.threads} decode threads, {a.images} images in Arrow batches of {a.arrow_batch}:")
+    print(f"  stage {rate:,.0f} images/s ({wall:.2f} s); ceilings: bare model {results['bare_model_images_per_s']:,.0f}, "
+          f"decode pool {results['decode_images_per_s']:,.0f} images/s")
+    if encoder.cuda:
+        print(f"  GPU busy {busy} ({results['gpu_busy_source']}, {results['gpu_busy_samples']} samples); "
+              f"own kernels {results['gpu_kernel_share']} of the stage's time; "
+              f"targets (busy >= {TARGET_BUSY}, >= {TARGET_RATE:,.0f} images/s) met: {results['meets_targets']}")
+    print(f"wrote {a.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
