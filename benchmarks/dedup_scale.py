@@ -20,6 +20,7 @@ each group). Any method
 that looks at every item grows at least linearly, 2x per doubling of n, once fixed costs are paid.
 
     python -m benchmarks.dedup_scale --sizes 1000000,4000000
+    python -m benchmarks.dedup_scale --sizes 10000000 --append     # adds a size to the same file
 writes benchmarks/results/dedup_scale.json: a list of {n, recall, precision, seconds, peak_mib, skipped}.
 """
 from __future__ import annotations
@@ -156,6 +157,8 @@ def main(argv=None) -> None:
     p.add_argument("--cores", type=int, default=2, help="local[N]")
     p.add_argument("--driver-memory", default="12g", help="spark.driver.memory (local mode: all of Spark)")
     p.add_argument("--out", default=OUT, help="JSON list of results")
+    p.add_argument("--append", action="store_true",
+                   help="keep the other sizes already in --out (a larger size run on its own)")
     a = p.parse_args(argv)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
@@ -166,6 +169,10 @@ def main(argv=None) -> None:
              .config("spark.ui.enabled", "false").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     results = [measure(spark, int(s), a.planted) for s in a.sizes.split(",")]
+    if a.append and os.path.exists(a.out):  # the sizes of an earlier run of the same code, then these
+        with open(a.out) as f:
+            results = sorted([r for r in json.load(f) if r["n"] not in {x["n"] for x in results}] + results,
+                             key=lambda r: r["n"])
     for prev, cur in itertools.pairwise(results):  # growth per doubling of n, ours and the floors
         doublings = max(1e-9, math.log2(cur["n"] / prev["n"]))
         cur["per_doubling"] = {k: round((cur[k] / max(prev[k], 1e-9)) ** (1 / doublings), 2)

@@ -23,22 +23,28 @@ is a candidate with p = 4*137/2^16 = 8.4e-3, i.e. 8,400 candidates per item at 1
 6 substrings/radius 1 (66 probes, 11-bit buckets) and 11 substrings/radius 0 are worse still. So:
 
 1. Spark, pigeonhole shards: the 64 bits are cut into r+1 = 11 blocks (5-6 bits); a pair within r
-   bits agrees exactly on at least one block. Each item is emitted once per block (11 rows) and
-   grouped by (block, value): about 700 shards of n/64 items. A pair is reported only by the first
-   block it agrees on, so no pair is reported twice.
+   bits agrees exactly on at least one block. Each item is emitted once per block (11 slim rows: block,
+   value, a 64-bit join key, the pHash, the 32-byte signature; not the ~60-byte rank key) and grouped
+   by (block, value): about 700 shards of n/64 items. A pair is reported only by the first block it
+   agrees on, so no pair is reported twice.
 2. numpy, inside each shard (`pairs_within`): covering masks (Pagh, "LSH without false negatives",
-   SODA 2016). The 64 bits are cut into p parts; some part holds <= r//p of the differing bits. Map
-   that part's bit positions to vectors of GF(2)^t, t = r//p + 1; for every non-zero v keep the
-   positions whose vector has odd inner product with v. Any <= t-1 differing positions span < t
-   dimensions, so some v is orthogonal to all of them and that mask keeps none of them: the pair has
-   equal masked keys. Exact, no false negatives. p=2 (63 masks per half, 16 bits kept) for shards up
-   to ~2M items, p=1 (2,047 masks, >= 20 of 64 bits kept) above; tiny shards brute force. Equal keys
-   are found by sorting (numpy), every candidate is checked for both tiers.
-Cost per item: 11 Spark rows + 11 x (126 sorted keys + ~B/520 chance candidates) of numpy work at
-shard size B = n/64 (measured 0.09 s per 15.6k-item shard, 0.8 s per 62.5k: n log n plus the
-candidate term, so a bit above linear); from B ~ 2M (n ~ 128M) 11 x 2,047 sorted keys per item with
-< 1 chance candidate per item up to n ~ 1e9: ~2 ms of one core per item at 1e9, the order of
-decoding the image, and shards of ~15M items (~1.4 GB each in one Python worker).
+   SODA 2016) over the 58-59 bits left once the shard's own block (equal in all its rows) is squeezed
+   out. The bits are cut into p parts with thresholds t_i summing to r+1, so some part holds <= t_i-1
+   of the differing bits. Map that part's bit positions to vectors of GF(2)^t_i; for every non-zero v
+   keep the positions whose vector has odd inner product with v. Any <= t-1 differing positions span
+   < t dimensions, so some v is orthogonal to all of them and that mask keeps none of them: the pair
+   has equal masked keys. Exact, no false negatives. p=3 (t = 4, 4, 3: 37 masks) for shards under 40k
+   items, p=2 (t = 6, 5: 94 masks of >= 14 bits) up to ~2M, p=1 (2,047 masks, >= 18 bits kept) above;
+   tiny shards brute force. The vectors are chosen to spread the kept bits evenly (fewer chance
+   candidates). Equal keys are found by sorting; every candidate is checked in tier 1, and the
+   signatures of the few rows in a pair are read to check tier 2.
+3. The pairs' join keys are joined back to the items (a broadcast semi-join for up to 2M pairs) for
+   their rank keys, and re-checked in both tiers on the joined rows' own hashes, so two items sharing a
+   join key never make a false pair.
+Cost per item: 11 slim Spark rows + 11 x (45-126 sorted keys + chance candidates, which grow with the
+shard size B = n/64): measured 0.088 s per 15.6k-item shard (n = 1M), so a bit above linear in n;
+from B ~ 2M (n ~ 128M) 11 x 2,047 sorted keys per item with < 1 chance candidate per item up to
+n ~ 1e9: ~2 ms of one core per item at 1e9, the order of decoding the image.
 
 No chaining: keeper-centred greedy in rank order (`_keepers`). In rank order (keeper rule below), an
 item that no better-ranked keeper is an edge away from becomes a keeper; the others are dropped with
@@ -133,12 +139,12 @@ def find_duplicates_with_stats(df, cfg: Dedup):
 
 # --- candidate generation ------------------------------------------------------------------------
 
-def blocks(radius: int) -> list[tuple[int, int]]:
-    """(shift, width) of radius+1 blocks covering the 64 bits: a pair within `radius` bits agrees on one."""
+def blocks(radius: int, bits: int = 64) -> list[tuple[int, int]]:
+    """(shift, width) of radius+1 blocks covering `bits` bits: a pair within `radius` bits agrees on one."""
     m = radius + 1
-    if m > 64:
-        raise ValueError(f"dedup.hamming_radius {radius} must be < 64")
-    widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
+    if m > bits:
+        raise ValueError(f"dedup.hamming_radius {radius} must be < {bits}")
+    widths = [bits // m + (1 if i < bits % m else 0) for i in range(m)]
     return [(sum(widths[:i]), w) for i, w in enumerate(widths)]
 
 
@@ -146,49 +152,121 @@ def _mask(shift: int, width: int) -> int:
     return ((1 << width) - 1) << shift
 
 
-@functools.cache
-def covering_masks(radius: int, parts: int) -> np.ndarray:
-    """uint64 masks such that any two hashes within `radius` bits are equal under at least one mask.
+def _parity(t: int, cols: np.ndarray) -> np.ndarray:
+    """(2^t - 1, len(cols)) 0/1: row v-1 has a 1 where column c has an odd inner product with v."""
+    vs = np.arange(1, 1 << t, dtype=np.int64)
+    return (np.bitwise_count(vs[:, None] & np.asarray(cols, np.int64)[None, :]) & 1).astype(np.int64)
 
-    The bits are cut into `parts` contiguous parts; some part holds <= radius//parts differing bits
-    (pigeonhole). Within a part, bit positions get vectors of GF(2)^t, t = radius//parts + 1, taken as
-    the columns of a t x width matrix; the mask of a non-zero v keeps the positions whose vector has an
-    odd inner product with v. Any <= t-1 positions span < t dimensions, so some v is orthogonal to all
-    of them and its mask drops them all (Pagh 2016). The matrix is the best of a few seeded random ones
-    (largest minimum number of kept bits), so that no mask keeps only a few bits."""
-    t = radius // parts + 1
+
+def _random_columns(width: int, t: int) -> np.ndarray:
+    """Parity rows of the best of 64 seeded random column choices (largest minimum kept bits)."""
+    rng = np.random.default_rng(12345 + width * 131 + t)
+    best, best_kept = None, -1
+    for _ in range(64):
+        parity = _parity(t, rng.integers(1, 1 << t, size=width))
+        kept = parity.sum(axis=1).min()
+        if kept > best_kept:
+            best, best_kept = parity, kept
+    return best
+
+
+def _balanced_columns(width: int, t: int, starts: int = 8, sweeps: int = 30) -> np.ndarray:
+    """Parity rows of columns chosen by local search: change one column at a time to the vector that
+    most lowers sum_v 2^-kept(v), until no change helps; the best of `starts` seeded starts."""
+    table = _parity(t, np.arange(1, 1 << t))  # table[v-1, c-1]
+    count = (1 << t) - 1
+    best, best_cost = None, np.inf
+    for start in range(starts):
+        rng = np.random.default_rng(12345 + width * 131 + t * 7 + start)
+        cols = rng.permutation(count)[:width] if width <= count else rng.integers(0, count, width)
+        kept = table[:, cols].sum(axis=1)
+        cost = np.exp2(-kept.astype(float)).sum()
+        for _ in range(sweeps):
+            improved = False
+            for j in range(width):
+                trial = kept[:, None] - table[:, [cols[j]]] + table  # kept per mask, column j -> each vector
+                costs = np.exp2(-trial.astype(float)).sum(axis=0)
+                b = int(costs.argmin())
+                if costs[b] < cost - 1e-12:
+                    cols[j], kept, cost, improved = b, trial[:, b], costs[b], True
+            if not improved:
+                break
+        if cost < best_cost:
+            best, best_cost = table[:, cols], cost
+    return best
+
+
+def _part_plan(radius: int, parts: int, bits: int) -> list[tuple[int, int, int]]:
+    """(shift, width, t) per part: a pair within `radius` bits has at most t-1 differing bits in some
+    part, since the t's sum to radius + 1 (if every part i held >= t_i differing bits there would be
+    > radius). Widths are moved a bit at a time while that lowers the expected chance candidates,
+    sum_i (2^t_i - 1) * 2^-kept_i, with kept_i ~ width_i * 2^(t_i-1) / (2^t_i - 1) bits a mask keeps."""
+    if not 1 <= parts <= radius + 1:
+        raise ValueError(f"dedup: {parts} parts for radius {radius}")
+    extra = radius + 1 - parts  # t_i = 1 + a share of what is left over
+    ts = [1 + extra // parts + (1 if i < extra % parts else 0) for i in range(parts)]
+    widths = [w for _, w in blocks(parts - 1, bits)]
+
+    def cost(ws):
+        return sum(((1 << t) - 1) * 2.0 ** (-w * (1 << (t - 1)) / ((1 << t) - 1)) for t, w in zip(ts, ws))
+
+    moved = True
+    while moved:
+        moved = False
+        for a in range(parts):
+            for b in range(parts):
+                if a != b and widths[a] > 1:
+                    trial = list(widths)
+                    trial[a] -= 1
+                    trial[b] += 1
+                    if cost(trial) < cost(widths) - 1e-15:
+                        widths, moved = trial, True
+    shifts = [sum(widths[:i]) for i in range(parts)]
+    return list(zip(shifts, widths, ts))
+
+
+@functools.cache
+def covering_masks(radius: int, parts: int, bits: int = 64) -> np.ndarray:
+    """uint64 masks such that any two hashes of `bits` bits within `radius` bits are equal under at
+    least one mask.
+
+    The bits are cut into `parts` contiguous parts with thresholds t_i summing to radius + 1, so some
+    part i holds <= t_i - 1 of the differing bits (pigeonhole; `_part_plan`: 2 parts take t = 6 and 5,
+    94 masks, where t = 6 in both took 126). Within a part, bit positions get
+    vectors of GF(2)^t, taken as the columns of a t x width matrix; the mask of a non-zero v keeps the
+    positions whose vector has an odd inner product with v. Any <= t-1 positions span < t dimensions,
+    so some v is orthogonal to all of them and its mask drops them all (Pagh 2016). Exact for any
+    choice of non-zero columns; the choice sets how many bits each mask keeps, and so the chance
+    candidates (~n * sum of 2^-kept). For t <= 8 the columns are chosen by a seeded local search
+    minimising that sum; for larger t the best of a few random ones (largest minimum kept bits)."""
     out = []
-    for shift, width in blocks(parts - 1):
+    for shift, width, t in _part_plan(radius, parts, bits):
         if t == 1:
             out.append(_mask(shift, width))
             continue
-        rng = np.random.default_rng(12345 + width * 131 + t)
-        vs = np.arange(1, 1 << t, dtype=np.int64)
-        best, best_kept = None, -1
-        for _ in range(64):
-            cols = rng.integers(1, 1 << t, size=width)  # non-zero vector per bit position
-            parity = np.bitwise_count(vs[:, None] & cols[None, :]) & 1  # (masks, width)
-            kept = parity.sum(axis=1).min()
-            if kept > best_kept:
-                best, best_kept = parity, kept
+        best = _balanced_columns(width, t) if t <= 8 else _random_columns(width, t)
         weights = np.left_shift(np.uint64(1), np.arange(shift, shift + width, dtype=np.uint64))
         out.extend(int((row.astype(np.uint64) * weights).sum()) for row in best)
     return np.array(out, dtype=np.uint64)
 
 
 def _choose_parts(n: int, radius: int) -> int:
-    """Parts for the covering masks of n hashes. Measured at radius 10 (local, numpy 2.4): 2 parts (126
-    masks of >= 12 bits, ~16 on average) cost 0.09 s at 15.6k hashes and 0.8 s at 62.5k, 3 or 4 parts
-    (45/28 masks of 9-11 bits) more, from their chance candidates. 1 part (2,047 masks of >= 21 bits)
-    wins once the 2-part candidates (n^2/2 * 126/2^16) outgrow 2,047 sorts: near 2M hashes."""
-    return 2 if n < 2_000_000 or radius < 2 else 1
+    """Parts for the covering masks of n hashes. Measured at radius 10 on 58 bits (a shard's hashes,
+    numpy 2.4, one core), microseconds per hash for 2 / 3 / 4 parts (94 / 37 / 24 masks): 15.6k hashes
+    4.0 / 3.4 / 4.2, 31k 5.3 / 4.9 / 7.8, 62k 6.5 / 7.2 / 13.5, 125k 8.5 / 12.3 / 24.2: fewer masks win
+    while their chance candidates (~n * sum of 2^-kept) are few. 1 part (2,047 masks of >= 18 bits)
+    wins once the 2-part candidates (n^2/2 * 0.0037) outgrow 2,047 sorts: near 2M hashes."""
+    if radius < 2:
+        return radius + 1  # 0: the whole hash, 1: its two halves (plain pigeonhole)
+    return 3 if n < 40_000 else 2 if n < 2_000_000 else 1
 
 
 _MULT = np.uint64(0x9E3779B97F4A7C15)  # odd: multiply-shift hashing
 
 
-def pairs_within(h: np.ndarray, radius: int, parts: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Index pairs (i < j) of every two hashes in `h` (uint64) within `radius` bits; exact."""
+def pairs_within(h: np.ndarray, radius: int, parts: int = 0, bits: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i < j) of every two hashes in `h` (uint64, values below 2**bits) within `radius`
+    bits; exact."""
     n = len(h)
     empty = np.empty(0, np.int64)
     if n < 2:
@@ -208,7 +286,7 @@ def pairs_within(h: np.ndarray, radius: int, parts: int = 0) -> tuple[np.ndarray
     index = np.arange(n, dtype=np.uint64)
     low = np.uint64((1 << idx_bits) - 1)
     codes = []
-    for mask in covering_masks(radius, parts if parts else _choose_parts(n, radius)):
+    for mask in covering_masks(radius, parts if parts else _choose_parts(n, radius), bits):
         sorted_codes = np.sort((((h & mask) * _MULT) >> np.uint64(idx_bits) << np.uint64(idx_bits)) | index)
         ks, order = sorted_codes >> np.uint64(idx_bits), (sorted_codes & low).astype(np.int64)
         d = 1
@@ -227,70 +305,110 @@ def pairs_within(h: np.ndarray, radius: int, parts: int = 0) -> tuple[np.ndarray
     return code // n, code % n
 
 
-def _signatures(column, n: int) -> np.ndarray | None:
-    """(n, 4) uint64 words of the 32-byte signatures (zeros where null or malformed: the caller masks
-    those rows out); None when the column is entirely null."""
-    values = column.to_pylist()
-    if all(v is None for v in values):
-        return None
-    raw = b"".join(v if v is not None and len(v) == 32 else b"\0" * 32 for v in values)
-    return np.frombuffer(raw, dtype=np.uint64).reshape(n, 4)
+def _signatures(column, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(len(rows), 4) uint64 words of the 32-byte signatures at `rows`, and whether each is valid (a null
+    or malformed signature never confirms a pair). Only candidate rows are read: a handful a shard."""
+    import pyarrow as pa
+
+    values = column.take(pa.array(rows, pa.int64())).to_pylist()
+    valid = np.array([v is not None and len(v) == 32 for v in values], dtype=bool)
+    raw = b"".join(v if ok else b"\0" * 32 for v, ok in zip(values, valid))
+    return np.frombuffer(raw, dtype=np.uint64).reshape(len(rows), 4), valid
 
 
 def _shard_edges(radius: int, second_radius: int | None, table):
-    """One pigeonhole shard (rows agreeing on one block): its pairs within both tiers, each oriented
-    (better rank_key, worse rank_key). Pairs that also agree on an earlier block are left to that
-    block's shard."""
+    """One pigeonhole shard (rows agreeing on one block): the join keys of its pairs within both tiers.
+    Pairs that also agree on an earlier block are left to that block's shard."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     n = table.num_rows
     h = table.column(S.PHASH).to_numpy(zero_copy_only=False).astype(np.int64).view(np.uint64)
     block = table.column("block")[0].as_py() if n else 0
-    a, b = pairs_within(h, radius)
+    # the shard's block bits are equal in all its rows: squeeze them out, so that every bit a covering
+    # mask keeps tells rows apart (masks keeping equal bits made runs of equal keys ~2^3 times longer)
+    shift, width = blocks(radius)[block]
+    if width < 64:  # (radius 0: one block, the whole hash)
+        low = np.uint64((1 << shift) - 1)
+        top = (h >> np.uint64(shift + width)) << np.uint64(shift) if shift + width < 64 else np.uint64(0)
+        a, b = pairs_within(top | (h & low), radius, bits=64 - width)
+    else:
+        a, b = pairs_within(h, radius)
     x = h[a] ^ h[b]
     first = np.ones(len(a), dtype=bool)
     for shift, width in blocks(radius)[:block]:
         first &= (x & np.uint64(_mask(shift, width))) != 0
-    a, b, x = a[first], b[first], x[first]
-    d1 = np.bitwise_count(x).astype(np.int32)
-    d2 = np.zeros(len(a), dtype=np.int32)
+    a, b = a[first], b[first]
     if second_radius is not None and len(a):
-        sig_col = table.column(S.PHASH256)
-        sig = _signatures(sig_col, n)
-        valid = pc.fill_null(pc.equal(pc.binary_length(sig_col), 32), False).to_numpy(zero_copy_only=False)
-        if sig is None:
-            keep = np.zeros(len(a), dtype=bool)
-        else:
-            d2 = np.bitwise_count(sig[a] ^ sig[b]).sum(axis=1).astype(np.int32)
-            keep = (d2 <= second_radius) & valid[a] & valid[b]  # no signature: the pair is not confirmed
-        a, b, d1, d2 = a[keep], b[keep], d1[keep], d2[keep]
-    keys = table.column("rank_key")
-    ka, kb = keys.take(pa.array(a)), keys.take(pa.array(b))
-    a_first = pc.less(ka, kb)
-    return pa.table({"src": pc.if_else(a_first, ka, kb), "dst": pc.if_else(a_first, kb, ka),
-                     "d1": pa.array(d1, pa.int32()), "d2": pa.array(d2, pa.int32())})
+        rows, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+        sig, valid = _signatures(table.column(S.PHASH256), rows)
+        ia, ib = inverse[:len(a)], inverse[len(a):]
+        d2 = np.bitwise_count(sig[ia] ^ sig[ib]).sum(axis=1)
+        keep = (d2 <= second_radius) & valid[ia] & valid[ib]
+        a, b = a[keep], b[keep]
+    keys = table.column("key").to_numpy(zero_copy_only=False)
+    return pa.table({"a": pa.array(keys[a], pa.int64()), "b": pa.array(keys[b], pa.int64())})
+
+
+BROADCAST_PAIRS = 2_000_000  # up to this many pairs, their items are found by one broadcast semi-join
+
+
+def _join_key(F):
+    """A 64-bit join key per item (a hash of its rank_key) that travels through the shuffle instead of
+    the ~60-byte rank_key and is joined back after. Two items may share it (p ~ n^2/2^65): pairs are
+    re-checked on the joined items' own hashes, so a shared key never makes a false pair."""
+    return F.xxhash64("rank_key")
+
+
+def _words(F, column):
+    """The 4 signed 64-bit words of a 32-byte binary column (SQL; for the few joined pairs)."""
+    return [F.when(F.length(column) == 32, F.conv(F.hex(F.substring(column, 8 * i + 1, 8)), 16, -10).cast("long"))
+            for i in range(4)]
 
 
 def near_edges(items, cfg: Dedup):
     """(src, dst, d1, d2): every pair of `items` (rank_key, phash, phash256) within both tiers, src the
-    better-ranked. Exact: no pair within the radii is missed, whatever the bucket sizes."""
+    better-ranked. Exact: no pair within the radii is missed, whatever the bucket sizes.
+
+    The shuffle carries 11 slim rows per item (block, value, a 64-bit join key, the pHash, the 32-byte
+    signature); the shards give the join keys of their pairs, which are joined back to the items'
+    rank keys (a broadcast semi-join when there are few) and re-checked in both tiers."""
     from pyspark.sql import functions as F
 
     radius = cfg.hamming_radius
     second = cfg.second_radius if cfg.second_tier else None
     keyed = items.filter(F.col(S.PHASH).isNotNull()).select(
-        "rank_key", S.PHASH, S.PHASH256,
+        _join_key(F).alias("key"), "rank_key", S.PHASH, S.PHASH256)
+    slim = keyed.select(
+        "key", S.PHASH, (F.col(S.PHASH256) if second is not None else F.lit(None).cast("binary")).alias(S.PHASH256),
         F.explode(F.array(*[
             F.struct(F.lit(i).alias("block"),
-                     F.shiftrightunsigned(F.col(S.PHASH), shift).bitwiseAND((1 << width) - 1).alias("value"))
+                     F.shiftrightunsigned(F.col(S.PHASH), shift).bitwiseAND((1 << width) - 1 if width < 64 else -1).alias("value"))
             for i, (shift, width) in enumerate(blocks(radius))])).alias("b"),
-    ).select("rank_key", S.PHASH, S.PHASH256, "b.block", "b.value")
+    ).select("key", S.PHASH, S.PHASH256, "b.block", "b.value")
 
     def shard(table):
         return _shard_edges(radius, second, table)
 
-    return keyed.groupBy("block", "value").applyInArrow(shard, "src string, dst string, d1 int, d2 int")
+    pairs = slim.groupBy("block", "value").applyInArrow(shard, "a long, b long").localCheckpoint()
+    ends = pairs.select(F.col("a").alias("key")).union(pairs.select(F.col("b").alias("key"))).distinct()
+    if pairs.count() <= BROADCAST_PAIRS:
+        ends = F.broadcast(ends)
+    found = keyed.join(ends, "key", "left_semi")
+
+    def side(tag):
+        return found.select(F.col("key").alias(tag), F.col("rank_key").alias(f"r{tag}"),
+                            F.col(S.PHASH).alias(f"h{tag}"), *[w.alias(f"w{tag}{i}") for i, w in
+                                                               enumerate(_words(F, F.col(S.PHASH256)))])
+
+    joined = pairs.join(side("a"), "a").join(side("b"), "b").filter(F.col("ra") != F.col("rb"))
+    d1 = F.bit_count(F.col("ha").bitwiseXOR(F.col("hb")))
+    d2 = sum(F.bit_count(F.col(f"wa{i}").bitwiseXOR(F.col(f"wb{i}"))) for i in range(4)) \
+        if second is not None else F.lit(0)
+    within = (d1 <= radius) & ((d2 <= second) & F.col("wa0").isNotNull() & F.col("wb0").isNotNull()
+                               if second is not None else F.lit(True))
+    return joined.filter(within).select(
+        F.least("ra", "rb").alias("src"), F.greatest("ra", "rb").alias("dst"),
+        d1.cast("int").alias("d1"), d2.cast("int").alias("d2")).dropDuplicates(["src", "dst"])
 
 
 # --- keeper-centred grouping ---------------------------------------------------------------------

@@ -121,28 +121,30 @@ def _drops(spark, rows, cfg=None):
     return {r.sample_id: r.duplicate_of for r in find_duplicates(_frame(spark, rows), cfg).collect()}
 
 
-def test_covering_masks_leave_every_radius_set_out_of_some_mask():
+@pytest.mark.parametrize("parts,bits", [(1, 64), (2, 64), (2, 58), (3, 58), (4, 59)])
+def test_covering_masks_leave_every_radius_set_out_of_some_mask(parts, bits):
     import random
 
     rng = random.Random(3)
-    for parts in (1, 2):
-        masks = [int(m) for m in covering_masks(10, parts)]
-        for _ in range(3000):
-            diff = sum(1 << p for p in rng.sample(range(64), 10))
+    masks = [int(m) for m in covering_masks(10, parts, bits)]
+    assert all(m >> bits == 0 for m in masks)
+    for k in (10, 10, 9, 7):
+        for _ in range(1500):
+            diff = sum(1 << p for p in rng.sample(range(bits), k))
             assert any(m & diff == 0 for m in masks)
 
 
-@pytest.mark.parametrize("parts", [0, 1, 2])
-def test_pairs_within_matches_brute_force(parts):
+@pytest.mark.parametrize("parts,bits", [(0, 64), (1, 64), (2, 64), (3, 64), (2, 58), (3, 58), (4, 59)])
+def test_pairs_within_matches_brute_force(parts, bits):
     import numpy as np
 
     rng = np.random.default_rng(parts)
-    h = rng.integers(0, 1 << 62, 3000, dtype=np.int64).view(np.uint64) << np.uint64(rng.integers(0, 3))
+    h = rng.integers(0, 1 << (bits - 2), 3000, dtype=np.int64).view(np.uint64) << np.uint64(rng.integers(0, 3))
     for i in range(0, 600, 2):  # planted pairs at distances 0..12
-        h[i + 1] = h[i] ^ np.uint64(sum(1 << int(p) for p in rng.choice(64, i % 13, replace=False)))
+        h[i + 1] = h[i] ^ np.uint64(sum(1 << int(p) for p in rng.choice(bits, i % 13, replace=False)))
     d = np.bitwise_count(h[:, None] ^ h[None, :])
     want = set(zip(*np.nonzero(np.triu(d <= 10, 1))))
-    assert set(zip(*pairs_within(h, 10, parts))) == want
+    assert set(zip(*pairs_within(h, 10, parts, bits))) == want
 
 
 def test_a_bucket_larger_than_the_old_cap_still_finds_its_pairs(spark):
@@ -180,6 +182,38 @@ def test_a_pair_at_exactly_the_radius_is_always_found(spark):
     drops = _drops(spark, rows)
     assert {k: drops.get(k) for k in pairs} == pairs
     assert set(drops) == set(pairs)
+
+
+def test_items_sharing_a_join_key_make_no_false_pairs(spark, monkeypatch):
+    """The shuffle carries a 64-bit hash of each item instead of its rank key; with that hash forced
+    into 3 values (every item shares it with a third of the others) the pairs are the same."""
+    import random
+
+    from filters import dedup
+
+    rng = random.Random(21)
+    rows = [(f"k{i:03d}", rng.getrandbits(64), rng.randbytes(32), 100) for i in range(200)]
+    for i in range(30):
+        sid, h, sig, _ = rows[i]
+        far_sig = bytes(b ^ 0xFF for b in sig) if i % 3 == 0 else sig  # every third: near in pHash only
+        rows.append((f"{sid}~c", _flip(h, rng.sample(range(64), i % 11)), far_sig, 50))
+    want = _drops(spark, rows)
+    assert len(want) == 20
+    monkeypatch.setattr(dedup, "_join_key", lambda F: F.xxhash64("rank_key") % 3)
+    assert _drops(spark, rows) == want
+
+
+@pytest.mark.parametrize("radius", [0, 1, 3])
+def test_small_radii(spark, radius):
+    import random
+
+    rng = random.Random(radius)
+    rows = [(f"s{i:03d}", rng.getrandbits(64), b"\x11" * 32, 100) for i in range(50)]
+    rows += [("s000~0", rows[0][1], b"\x11" * 32, 50), ("s001~1", _flip(rows[1][1], [7]), b"\x11" * 32, 50),
+             ("s002~3", _flip(rows[2][1], [1, 30, 63]), b"\x11" * 32, 50)]
+    want = {"s000~0": "s000", "s001~1": "s001", "s002~3": "s002"}
+    got = _drops(spark, rows, Dedup(hamming_radius=radius))
+    assert got == {k: v for k, v in want.items() if int(k[-1]) <= radius}
 
 
 def test_unrelated_items_near_in_phash_but_far_in_the_second_tier_are_kept(spark):
