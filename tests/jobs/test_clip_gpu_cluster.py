@@ -14,12 +14,10 @@ import json
 import os
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
 
-from tests.jobs.test_cluster import HOSTS, _daemon, _free_port
+from tests.jobs.test_cluster import HOSTS, standalone
 
 pytestmark = pytest.mark.slow  # a standalone cluster: three JVMs and an executor, about 20 s on 2 idle cores
 
@@ -65,45 +63,11 @@ def gpu_cluster(tmp_path_factory):
     fake.mkdir()
     (fake / "nvidia-smi").write_text("#!/bin/sh\nprintf '0\\n1\\n'\n")
     os.chmod(fake / "nvidia-smi", 0o755)
-    port, ui = _free_port(), _free_port()
-    url = f"spark://{HOSTS[0]}:{port}"
-    procs = []
-    with pytest.MonkeyPatch.context() as mp:  # the daemons' environment, read by _daemon when it starts them
-        mp.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
-        mp.setenv("SPARK_WORKER_OPTS", f"-Dspark.worker.resource.gpu.amount=2 "
-                                       f"-Dspark.worker.resource.gpu.discoveryScript={DISCOVERY}")
-        try:
-            procs.append(_daemon(["org.apache.spark.deploy.master.Master", "--host", HOSTS[0], "--port", str(port),
-                                  "--webui-port", str(ui)], HOSTS[0], str(tmp / "master.log")))
-            procs.append(_daemon(["org.apache.spark.deploy.worker.Worker", url, "--host", HOSTS[0], "--cores", "2",
-                                  "--memory", "2g", "--webui-port", str(_free_port()), "--work-dir",
-                                  str(tmp / "work")], HOSTS[0], str(tmp / "worker.log")))
-        except BaseException:
-            for p in procs:
-                p.kill()
-            raise
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert all(p.poll() is None for p in procs), f"a cluster daemon died: see {tmp}/master.log, worker.log"
-            assert time.monotonic() < deadline, "the worker did not register within 180 s"
-            try:
-                state = json.load(urllib.request.urlopen(f"http://{HOSTS[0]}:{ui}/json/", timeout=2))
-                if state.get("aliveworkers") == 1:
-                    break
-            except OSError:
-                pass
-            time.sleep(1)
+    env = {"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}",  # executors inherit it: same discovery
+           "SPARK_WORKER_OPTS": f"-Dspark.worker.resource.gpu.amount=2 "
+                                f"-Dspark.worker.resource.gpu.discoveryScript={DISCOVERY}"}
+    with standalone(tmp, [(HOSTS[0], 2, "2g")], env) as (url, state):
         yield url, state, tmp
-    finally:
-        for p in reversed(procs):  # the worker first: it stops its executors
-            p.terminate()
-        for p in reversed(procs):
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
 
 
 def test_each_task_gets_its_own_gpu_and_task_device_maps_it(gpu_cluster, tmp_path):

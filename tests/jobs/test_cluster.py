@@ -19,6 +19,7 @@ driver's working directory; executors run in their own work folders) is shipped 
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
@@ -61,42 +62,43 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _daemon(args: list[str], host: str, log_path: str) -> subprocess.Popen:
+def _daemon(args: list[str], host: str, log_path: str, env: dict | None = None) -> subprocess.Popen:
     # no PYTHONPATH (tests/conftest.py points it at the checkout): executors inherit the worker's environment
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["SPARK_LOCAL_IP"] = host
+    full = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    full.update(env or {}, SPARK_LOCAL_IP=host)
     with open(log_path, "wb") as log:
-        return subprocess.Popen([SPARK_CLASS, *args], env=env, stdout=log, stderr=subprocess.STDOUT)
+        return subprocess.Popen([SPARK_CLASS, *args], env=full, stdout=log, stderr=subprocess.STDOUT)
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """spark://127.0.0.1:PORT with two 1-core workers (the tests of this module share them); both daemons
-    are stopped afterwards. Each worker's --work-dir is `cluster.work[i]`."""
-    tmp_path = tmp_path_factory.mktemp("cluster")
+@contextlib.contextmanager
+def standalone(tmp, workers: list[tuple[str, int, str]], env: dict | None = None):
+    """A master on HOSTS[0] and one worker per (host, cores, memory), started with `env` added to their
+    environment, logs in `tmp` (master.log, worker<i>.log) and work folders tmp/worker<i>. Yields (master
+    URL, the master's JSON state) once every worker registered; stops the daemons afterwards."""
     port, ui = _free_port(), _free_port()
-    procs = [_daemon(["org.apache.spark.deploy.master.Master", "--host", HOSTS[0], "--port", str(port),
-                      "--webui-port", str(ui)], HOSTS[0], str(tmp_path / "master.log"))]
     url = f"spark://{HOSTS[0]}:{port}"
+    procs = []
     try:
-        for i, host in enumerate(HOSTS):
-            work = tmp_path / f"worker{i}"
+        procs.append(_daemon(["org.apache.spark.deploy.master.Master", "--host", HOSTS[0], "--port", str(port),
+                              "--webui-port", str(ui)], HOSTS[0], str(tmp / "master.log"), env))
+        for i, (host, cores, memory) in enumerate(workers):
+            work = tmp / f"worker{i}"
             work.mkdir()
-            procs.append(_daemon(["org.apache.spark.deploy.worker.Worker", url, "--host", host, "--cores", "1",
-                                  "--memory", "3g", "--webui-port", str(_free_port(host)), "--work-dir", str(work)],
-                                 host, str(tmp_path / f"worker{i}.log")))
+            procs.append(_daemon(["org.apache.spark.deploy.worker.Worker", url, "--host", host, "--cores", str(cores),
+                                  "--memory", memory, "--webui-port", str(_free_port(host)), "--work-dir", str(work)],
+                                 host, str(tmp / f"worker{i}.log"), env))
         deadline = time.monotonic() + 180
         while True:
-            assert all(p.poll() is None for p in procs), "a cluster daemon died: see master.log / worker*.log"
+            assert all(p.poll() is None for p in procs), f"a cluster daemon died: see {tmp}/master.log, worker*.log"
             assert time.monotonic() < deadline, "the workers did not register within 180 s"
             try:
                 state = json.load(urllib.request.urlopen(f"http://{HOSTS[0]}:{ui}/json/", timeout=2))
-                if state.get("aliveworkers") == len(HOSTS):
+                if state.get("aliveworkers") == len(workers):
                     break
             except OSError:
                 pass
             time.sleep(1)
-        yield Cluster(url, [str(tmp_path / f"worker{i}") for i in range(len(HOSTS))])
+        yield url, state
     finally:
         for p in reversed(procs):  # workers first: they stop their executors
             p.terminate()
@@ -106,6 +108,15 @@ def cluster(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """spark://127.0.0.1:PORT with two 1-core workers (the tests of this module share them); both daemons
+    are stopped afterwards. Each worker's --work-dir is `cluster.work[i]`."""
+    tmp_path = tmp_path_factory.mktemp("cluster")
+    with standalone(tmp_path, [(host, 1, "3g") for host in HOSTS]) as (url, _):
+        yield Cluster(url, [str(tmp_path / f"worker{i}") for i in range(len(HOSTS))])
 
 
 def _source_zip(path: str) -> str:
