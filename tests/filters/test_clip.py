@@ -166,3 +166,24 @@ def test_pixels_from_bytes_are_the_models_own_transform_after_a_draft_decode(mod
     assert pixels.decode(blobs[sizes.index((2001, 999))]).size == (501, 250)  # 1/4 scale: both sides >= 224
     assert pixels.decode(blobs[sizes.index((640, 480))]).size == (320, 240)
     assert pixels(photo.convert("RGB")).shape == (3, 224, 224)  # one PIL image: open_clip's transform, as before
+
+
+@pytest.mark.parametrize("model", ["RN50", "ViT-B-32"])
+def test_captions_cut_after_the_end_token_give_the_same_text_embeddings(model):
+    """A causal text tower pooled at the end token ignores the padding after it: the torch encoder runs
+    only up to the batch's longest caption, with the embeddings of the model's own encode_text."""
+    import numpy as np
+    import open_clip
+    import torch
+
+    from filters.clip import _TorchClip, causal_text, cut_captions
+
+    torch.manual_seed(0)
+    m = open_clip.create_model(model, pretrained=None).eval()
+    tokens = open_clip.get_tokenizer(model)(["a cat", "two dogs playing in the snow at night", ""]).numpy()
+    assert causal_text(m) and cut_captions(tokens).shape == (3, 10)
+    with torch.inference_mode():
+        ref = m.encode_text(torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(_TorchClip(m, "cpu").encode_text(tokens), ref, atol=1e-4)
+    m.text_pool_type = "last"  # pooled at the last position: every position counts, nothing is cut
+    assert not causal_text(m) and _TorchClip(m, "cpu").cut is False

@@ -106,14 +106,19 @@ def test_attention_is_exported_fused_and_quantised(setup, backend):
 
 
 def test_unfusable_tower_is_exported_plainly_and_still_agrees(setup, tmp_path, monkeypatch):
+    import onnx
+
     from filters import clip_onnx
 
     ckpt, _, batch = setup
+    check = clip_onnx._check
 
-    def refuse(*a, **k):
-        raise ValueError("exported tower disagrees with torch (simulated)")
+    def refuse_fused(tower, path, inputs, **kw):
+        if "Attention" in [n.op_type for n in onnx.load(path).graph.node]:
+            raise ValueError("exported tower disagrees with torch (simulated)")
+        check(tower, path, inputs, **kw)
 
-    monkeypatch.setattr(clip_onnx, "_check", refuse)
+    monkeypatch.setattr(clip_onnx, "_check", refuse_fused)
     cache = str(tmp_path / "cache")
     got = _stage(ckpt, cache, "onnx")
     scores = np.array(got.apply(batch).column("clip_score").to_pylist())
@@ -161,3 +166,28 @@ def test_fingerprint_covers_the_export_recipe_and_versions(setup, monkeypatch):
 def test_unknown_backend_is_refused():
     with pytest.raises(ValueError, match="clip.backend must be one of torch, onnx, onnx_int8"):
         ClipScore(backend="tensorrt")
+
+
+def test_model_whose_export_disagrees_fails_naming_the_torch_backend(tmp_path):
+    """RN50's image tower exports to a graph that is right for the traced batch size only: refused at
+    setup, not scored wrongly."""
+    from filters.clip_onnx import ExportError
+
+    with pytest.raises(ExportError, match=r"RN50: CLIP image tower: exported tower disagrees.*use clip.backend: torch"):
+        ClipScore(model="RN50", pretrained="", backend="onnx", onnx_cache=str(tmp_path)).setup(threads=1)
+
+
+def test_text_tower_takes_captions_cut_after_their_end_token(setup):
+    """The text graph's sequence axis is dynamic: the batch's captions are cut after the longest one's
+    end token, with the same embeddings as the model's own encode_text on all 77 positions."""
+    import open_clip
+    import torch
+
+    ckpt, cache, _ = setup
+    encoder, _, tokenizer = _stage(ckpt, cache, "onnx").setup(threads=1)
+    assert encoder.cut
+    tokens = tokenizer(["a cat", "a black and white photo of a cameraman on a tripod", "x"]).numpy()
+    model = open_clip.create_model(MODEL, pretrained=ckpt).eval()
+    with torch.inference_mode():
+        ref = model.encode_text(torch.from_numpy(tokens)).numpy()
+    np.testing.assert_allclose(encoder.encode_text(tokens), ref, atol=1e-4)
