@@ -2,7 +2,8 @@
 
 For each backend (torch, onnx, onnx_int8), in one process with `--threads` threads:
 - bare: both towers on ready-made inputs (pixel tensors and caption tokens, batch `--batch`), the
-  model's own work per image-text pair (each tower's rate is reported too);
+  model's own work per image-text pair (each tower's rate is reported too); captions are of mixed
+  length, as web alt-texts are, and the text tower runs up to a batch's longest one (all backends);
 - stage: `filters.clip.ClipScore.apply` on JPEG bytes and captions (draft decode, preprocessing,
   tokenising, both towers, cosine, Arrow in and out): what the pipeline's CLIP step costs per image;
 - where the stage's time goes, ms per image: pixels (decode and preprocessing), tokens, each tower,
@@ -43,6 +44,17 @@ def _jpegs(n: int) -> list[bytes]:
     return out
 
 
+# alt-text lengths as web captions run: mostly short, a long tail (the last is cut at 77 tokens)
+_TEXT = ("a photo of the old stone bridge over the river at sunset with people walking their dogs and "
+         "boats moored below while the city lights come on behind the trees in early autumn ")
+
+
+def _captions(n: int) -> list[str]:
+    words = (_TEXT * 3).split()
+    lengths = (5, 8, 12, 6, 16, 10, 25, 4, 9, 14, 40, 7, 20, 11, 70, 8)
+    return [" ".join(words[i % 7 : i % 7 + lengths[i % len(lengths)]]) for i in range(n)]
+
+
 def _rate(fn, n: int, min_seconds: float, rounds: int) -> tuple[float, float]:
     """Items per second of the best of `rounds` windows (each calls fn, n items a call, for at least
     min_seconds), and the load average after it."""
@@ -63,6 +75,8 @@ def _breakdown(stage, state, batch) -> dict[str, float]:
 
     encoder, pixels, tokenizer = state
     images, captions = batch.column("image").to_pylist(), batch.column("caption").to_pylist()
+    order = sorted(range(len(captions)), key=lambda i: len(captions[i]))  # as the stage batches them
+    images, captions = [images[i] for i in order], [captions[i] for i in order]
     best: dict[str, float] = {}
     for _ in range(2):
         t = dict.fromkeys(("pixels", "tokens", "image_tower", "text_tower"), 0.0)
@@ -106,7 +120,8 @@ def main(argv=None) -> None:
     ckpt = os.path.join(tmp, "clip.pt")
     torch.save(model.state_dict(), ckpt)
     jpegs = _jpegs(a.images)
-    batch = pa.RecordBatch.from_pydict({"image": jpegs, "caption": ["a photo of something"] * len(jpegs)})
+    captions = _captions(a.images)
+    batch = pa.RecordBatch.from_pydict({"image": jpegs, "caption": captions})
     results = {"model": a.model, "threads": a.threads, "batch": a.batch, "images": a.images,
                "seconds": a.seconds, "rounds": a.rounds,
                "load_avg_start": round(os.getloadavg()[0], 1), "backends": {}}
@@ -119,7 +134,7 @@ def main(argv=None) -> None:
         encoder = state[0]
         size = state[1].size
         pixels = np.random.default_rng(0).standard_normal((a.batch, 3, *size)).astype(np.float32)
-        tokens = state[2](["a photo of something"] * a.batch).numpy()
+        tokens = state[2](captions[: a.batch]).numpy()  # a mixed batch, its longest caption included
         image, image_load = _rate(lambda enc=encoder, x=pixels: enc.encode_image(x), a.batch, a.seconds, a.rounds)
         text, text_load = _rate(lambda enc=encoder, x=tokens: enc.encode_text(x), a.batch, a.seconds, a.rounds)
         bare = 1 / (1 / image + 1 / text)  # image-text pairs through both towers
