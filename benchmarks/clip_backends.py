@@ -22,6 +22,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 
@@ -156,6 +157,7 @@ def main(argv=None) -> None:
     for r in results["backends"].values() if torch_bare else ():
         r["bare_vs_torch"] = round(r["bare_images_per_s_per_core"] / torch_bare, 2)
         r["stage_vs_bare_torch"] = round(r["stage_images_per_s_per_core"] / torch_bare, 2)
+    shutil.rmtree(tmp, ignore_errors=True)  # the checkpoint and the exports: over a GB for ViT-B-32
     results["load_avg_end"] = round(os.getloadavg()[0], 1)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
