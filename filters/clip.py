@@ -81,12 +81,34 @@ class ClipScore(Stage):
         model.eval()
         tokenizer = open_clip.get_tokenizer(self.model)
         pixels = ClipPixels(open_clip.get_model_preprocess_cfg(model), preprocess)
+        if self.backend == "torch" and device.startswith("cuda"):
+            from filters.clip_gpu import GpuClip  # fp16, pinned non-blocking uploads (run: overlapped decode)
+
+            return GpuClip(model, device), pixels, tokenizer
         if self.backend == "torch":
             return _TorchClip(model, device), pixels, tokenizer
         from filters import clip_onnx
 
         return clip_onnx.load(model, self.model, weights, self.seed, self.backend, threads, self.onnx_cache,
                               device), pixels, tokenizer
+
+    def on_gpu(self) -> bool:
+        """Whether this worker scores on a GPU (torch backend, `device` cuda, or auto with CUDA present)."""
+        if self.backend != "torch" or not (self.device == "auto" or self.device.startswith("cuda")):
+            return False
+        import torch
+
+        return self.device != "auto" or torch.cuda.is_available()
+
+    def run(self, batches, threads: int = 1, timing: list[float] | None = None):
+        """On a GPU (filters/clip_gpu.py): the GPU Spark gave this task, decode on `threads` CPU threads
+        overlapped with the model, sub-batches of `batch_size` that span Arrow batches (128 rows)."""
+        if not self.on_gpu():
+            return super().run(batches, threads, timing)
+        from filters.clip_gpu import run_stage
+
+        stage = dataclasses.replace(self, device="cuda") if self.device == "auto" else self
+        return run_stage(stage, batches, threads, timing, S.IMAGE, S.CAPTION)
 
     def process(self, batch: pa.RecordBatch, state: Any) -> dict[str, list]:
         encoder, pixels, tokenizer = state
@@ -256,12 +278,29 @@ def local_weights(pretrained: str) -> str:
                             "(resolve_weights on the driver ships it with SparkContext.addFile)")
 
 
+def check_gpu_scheduling(stage: ClipScore, key: str, conf: dict[str, str], master: str) -> None:
+    """On the driver: a `device: cuda` stage on a cluster needs Spark's GPU scheduling, or every task
+    would use GPU 0 of its machine. Raises ClipConfigError naming the Spark keys to set (they must be
+    given at submit time, e.g. `--conf spark.executor.resource.gpu.amount=1 --conf
+    spark.task.resource.gpu.amount=0.25 --conf spark.executor.resource.gpu.discoveryScript=bin/gpu-discovery`)."""
+    if not stage.device.startswith("cuda") or stage.backend != "torch":
+        return
+    from filters.clip_gpu import spark_gpu_settings
+
+    missing, problems = spark_gpu_settings(conf, master)
+    problems += [f"{k} is not set (e.g. {k}={v})" for k, v in missing.items()]
+    if problems:
+        raise ClipConfigError(f"{key}.device={stage.device} on {master}: " + "; ".join(problems))
+
+
 def resolve_weights(stage: ClipScore, key: str = "image_text.clip",
-                    ship: Callable[[str], None] | None = None) -> tuple[ClipScore, bool, str]:
-    """On the driver, before any Spark work: fetch the weights, load them once, ship them.
+                    ship: Callable[[str], None] | None = None, spark=None) -> tuple[ClipScore, bool, str]:
+    """On the driver, before any Spark work: check GPU scheduling, fetch the weights, load them once,
+    ship them.
 
     `key` is the stage's recipe section (for messages); `ship(path)` makes a local file readable by every
-    executor (the pipeline passes `SparkContext.addFile`). Returns the stage to run (`pretrained` a
+    executor (default with `spark`: its `SparkContext.addFile`); with `spark`, a cuda device is checked
+    against its GPU scheduling settings (`check_gpu_scheduling`). Returns the stage to run (`pretrained` a
     local file, or "" for random weights), whether its weights are real, and a message for the log and
     the summary. Raises `ClipConfigError`, naming `{key}.pretrained`, what was tried and why it failed,
     when the weights cannot be loaded and `allow_random_weights` is false. `pretrained: ""` asks for
@@ -269,6 +308,10 @@ def resolve_weights(stage: ClipScore, key: str = "image_text.clip",
     """
     import open_clip
 
+    if spark is not None:
+        sc = spark.sparkContext
+        check_gpu_scheduling(stage, key, dict(sc.getConf().getAll()), sc.master)
+        ship = ship or sc.addFile
     if stage.model not in open_clip.list_models():
         raise ClipConfigError(f"{key}.model '{stage.model}' is not an open_clip model")
     if not stage.pretrained:

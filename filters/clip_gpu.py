@@ -480,18 +480,25 @@ def scored_batches(scorer: OverlappedScorer, batches: Iterable[pa.RecordBatch], 
 
 def run_stage(stage: Any, batches: Iterable[pa.RecordBatch], threads: int = 1, timing: list[float] | None = None,
               image: str = "image", caption: str = "caption") -> Iterator[pa.RecordBatch]:
-    """Stage.run for a CLIP stage whose `setup` returns an OverlappedScorer on a cuda device: the state
+    """Stage.run for a CLIP stage on a cuda device (`ClipScore.run` calls it): the state
     is the one loaded for this task's GPU (`stage` with `device=task_device(stage.device)`, cached per
     Python worker like any stage's state), and each batch comes back with the stage's one column
     (`stage.adds()[0]`) added or replaced, as Stage.apply does."""
     import dataclasses
 
     t0 = time.perf_counter()
-    scorer = dataclasses.replace(stage, device=task_device(stage.device)).state(threads)
+    state = dataclasses.replace(stage, device=task_device(stage.device)).state(threads)
+    # the stage's state is (encoder, pixels, tokenizer), as other users of it (video_embed) expect; the
+    # scorer and its thread pool are this task's
+    scorer = state if isinstance(state, OverlappedScorer) else OverlappedScorer(*state, stage.batch_size, threads)
     if timing is not None:
         timing[0] += time.perf_counter() - t0
     (field,) = stage.adds()
-    for batch, scores in scored_batches(scorer, batches, image, caption, timing):
-        column = pa.array(scores, type=field.type)
-        i = batch.schema.get_field_index(field.name)
-        yield batch.set_column(i, field, column) if i >= 0 else batch.append_column(field, column)
+    try:
+        for batch, scores in scored_batches(scorer, batches, image, caption, timing):
+            column = pa.array(scores, type=field.type)
+            i = batch.schema.get_field_index(field.name)
+            yield batch.set_column(i, field, column) if i >= 0 else batch.append_column(field, column)
+    finally:
+        if scorer is not state:
+            scorer.close()

