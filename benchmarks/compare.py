@@ -796,8 +796,8 @@ def notes(r: dict) -> list[str]:
             f"{x['report_and_gates_s']} s the HTML report and great-expectations gates; the row-wise work is small "
             f"(decode {ts.get('decode', 0):.1f}, caption clean-up + fastText language ID {ts.get('caption', 0):.1f} "
             f"task-s). The rest is Spark jobs with fixed costs: the features checkpoint (image bytes written to "
-            f"Parquet and read back), dedup's LSH join and connected-components rounds (one job and "
-            f"localCheckpoint each), shard assignment, the ledger and the accounting checks. The JVM alone used "
+            f"Parquet and read back), dedup (the exact window, the block shuffle into numpy, joining the pairs back, "
+            f"the keepers), shard assignment, the ledger and the accounting checks. The JVM alone used "
             f"{_kind(x, 'cpu_s', 'jvm')} CPU s (start-up, JIT, planning and shuffles), the Python workers "
             f"{_kind(x, 'cpu_s', 'python workers')}, the Python driver {_kind(x, 'cpu_s', 'python driver')}; the "
             f"plain script's whole run took {plain['cpu_s']} CPU s.")
