@@ -76,6 +76,9 @@ log = logging.getLogger(__name__)
 
 
 LOCAL_EDGES = 500_000  # near pairs up to this many: keepers chosen on the driver in one pass, no Spark rounds
+# items up to this many: their hashes (~150 bytes each) are fetched in one job and deduplicated on the driver
+# with the same pair search and greedy (~1 s at 100k); the Spark path costs ~25 small jobs whatever n
+LOCAL_ITEMS = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Dedup:
     second_radius: int = 64  # tier 2, of the 256 dHash bits: copies measured <= 49, distinct photos >= 84
     max_rounds: int = 50  # keeper-selection rounds; items still undecided after them are kept, counted as skipped
     local_edges: int = LOCAL_EDGES  # up to this many near pairs, keepers are chosen on the driver (0: always rounds)
+    local_items: int = LOCAL_ITEMS  # up to this many items in play, all of dedup runs on the driver (0: never)
     max_skipped: int = 0  # the run's quality gate fails when more candidates than this were left undecided
 
 
@@ -123,7 +127,11 @@ def find_duplicates_with_stats(df, cfg: Dedup):
     sig = F.col(S.PHASH256) if cfg.second_tier else F.lit(None).cast("binary")
     items = df.select(SAMPLE_ID, S.CONTENT_SHA, S.PHASH, sig.alias(S.PHASH256),
                       _rank_key(F, df.columns).alias("rank_key"))
-    drops = spark.createDataFrame([], "sample_id string, reason string, duplicate_of string")
+    if (cfg.exact or cfg.near) and cfg.local_items > 0:
+        few = items.limit(cfg.local_items + 1).toArrow()  # one job; a large run reads a bounded head only
+        if few.num_rows <= cfg.local_items:
+            return _on_driver(spark, few, cfg)
+    drops = spark.createDataFrame([], DROPS)
     stats = DedupStats()
     if cfg.exact:
         w = Window.partitionBy(S.CONTENT_SHA).orderBy("rank_key")
@@ -349,6 +357,35 @@ def _shard_edges(radius: int, second_radius: int | None, table):
     return pa.table({"a": pa.array(keys[a], pa.int64()), "b": pa.array(keys[b], pa.int64())})
 
 
+def _partition_edges(radius: int, second_radius: int | None, batches):
+    """The pairs of every shard of a partition sorted by (block, value): each run of equal keys, which
+    may span batches, is gathered whole and handed to `_shard_edges`."""
+    import pyarrow as pa
+
+    run: list = []  # slices of the current shard
+    current = None
+
+    def flush():
+        table = pa.Table.from_batches(run)
+        return _shard_edges(radius, second_radius, table).to_batches()
+
+    for batch in batches:
+        if batch.num_rows == 0:
+            continue
+        blk = batch.column("block").to_numpy(zero_copy_only=False)
+        val = batch.column("value").to_numpy(zero_copy_only=False)
+        cuts = np.flatnonzero((blk[1:] != blk[:-1]) | (val[1:] != val[:-1])) + 1
+        for start, end in zip([0, *cuts.tolist()], [*cuts.tolist(), batch.num_rows]):
+            key = (int(blk[start]), int(val[start]))
+            if key != current and run:
+                yield from flush()
+                run = []
+            current = key
+            run.append(batch.slice(start, end - start))
+    if run:
+        yield from flush()
+
+
 BROADCAST_PAIRS = 2_000_000  # up to this many pairs, their items are found by one broadcast semi-join
 
 
@@ -386,10 +423,14 @@ def near_edges(items, cfg: Dedup):
             for i, (shift, width) in enumerate(blocks(radius))])).alias("b"),
     ).select("key", S.PHASH, S.PHASH256, "b.block", "b.value")
 
-    def shard(table):
-        return _shard_edges(radius, second, table)
+    def shards(batches):
+        return _partition_edges(radius, second, batches)
 
-    pairs = slim.groupBy("block", "value").applyInArrow(shard, "a long, b long").localCheckpoint()
+    # rows of one (block, value) shard together and in a run: the shards of a partition are handed to
+    # numpy one after the other in one Python call (a grouped applyInArrow made one call per shard,
+    # ~700 of them whatever n, which cost more than the work itself below a few million items)
+    grouped = slim.repartition("block", "value").sortWithinPartitions("block", "value")
+    pairs = grouped.mapInArrow(shards, "a long, b long").localCheckpoint()
     ends = pairs.select(F.col("a").alias("key")).union(pairs.select(F.col("b").alias("key"))).distinct()
     if pairs.count() <= BROADCAST_PAIRS:
         ends = F.broadcast(ends)
@@ -443,12 +484,22 @@ def _keepers_on_driver(edges):
     """`_keepers` for an edge list that fits on the driver: the same greedy, walked once in a topological
     order of the edges (every better neighbour before a node), instead of two Spark jobs a round.
     Returns (state, 1, undecided): nodes on a cycle (never produced by a rank order) stay undecided."""
-    import collections
-
     import pyarrow as pa
 
     table = edges.select("src", "dst").toArrow()
-    src, dst = table.column("src").to_pylist(), table.column("dst").to_pylist()
+    nodes, state = _greedy(table.column("src").to_pylist(), table.column("dst").to_pylist())
+    spark = edges.sparkSession
+    out = pa.table({"node": pa.array(nodes, pa.string()), "state": pa.array([state[n] for n in nodes], pa.int32())})
+    frame = spark.createDataFrame(out.to_pandas(), "node string, state int") if nodes else \
+        spark.createDataFrame([], "node string, state int")
+    return frame, 1, sum(v == UNDECIDED for v in state.values())
+
+
+def _greedy(src: list, dst: list) -> tuple[list, dict]:
+    """The keeper greedy over edges src -> dst (src better ranked), walked in a topological order:
+    (nodes, node -> KEEPER | DROPPED | UNDECIDED, the last only for nodes on a cycle)."""
+    import collections
+
     better, worse = collections.defaultdict(list), collections.defaultdict(list)
     for a, b in zip(src, dst):
         better[b].append(a)
@@ -464,11 +515,60 @@ def _keepers_on_driver(edges):
             waiting[w] -= 1
             if not waiting[w]:
                 ready.append(w)
-    spark = edges.sparkSession
-    out = pa.table({"node": pa.array(nodes, pa.string()), "state": pa.array([state[n] for n in nodes], pa.int32())})
-    frame = spark.createDataFrame(out.to_pandas(), "node string, state int") if nodes else \
-        spark.createDataFrame([], "node string, state int")
-    return frame, 1, sum(v == UNDECIDED for v in state.values())
+    return nodes, state
+
+
+DROPS = "sample_id string, reason string, duplicate_of string"
+
+
+def _on_driver(spark, items, cfg: Dedup):
+    """Exact and near dedup of a few items (an Arrow table of sample_id, content_sha, phash, phash256,
+    rank_key) on the driver: the same decisions as the Spark path (tests compare them), in one job.
+    Exact: per content hash, the best rank_key keeps. Near: `pairs_within` over all the hashes at once,
+    both tiers checked, then the same keeper greedy; a dropped item points at its best-ranked keeper."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    items = items.sort_by([("rank_key", "ascending")])
+    ids, ranks = items.column(SAMPLE_ID).to_pylist(), items.column("rank_key").to_pylist()
+    out: list[tuple[str, str, str]] = []
+    alive = np.ones(items.num_rows, dtype=bool)
+    if cfg.exact:
+        keeper: dict = {}
+        for i, sha in enumerate(items.column(S.CONTENT_SHA).to_pylist()):  # rank order: the first keeps
+            if sha is None:
+                continue  # as in SQL, a null key is never equal to another (the Spark path's window keeps each)
+            if sha in keeper:
+                out.append((ids[i], "exact_duplicate", ids[keeper[sha]]))
+                alive[i] = False
+            else:
+                keeper[sha] = i
+    stats = DedupStats(rounds=0)
+    if cfg.near:
+        phash = items.column(S.PHASH)
+        rows = np.flatnonzero(alive & pc.is_valid(phash).to_numpy(zero_copy_only=False))
+        h = pc.fill_null(phash, 0).to_numpy(zero_copy_only=False).astype(np.int64)[rows].view(np.uint64)
+        a, b = pairs_within(h, cfg.hamming_radius)
+        if cfg.second_tier and len(a):  # the signatures of the rows in a pair only
+            ends, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
+            sig, valid = _signatures(items.column(S.PHASH256).combine_chunks(), rows[ends])
+            ia, ib = inverse[:len(a)], inverse[len(a):]
+            d2 = np.bitwise_count(sig[ia] ^ sig[ib]).sum(axis=1)
+            keep = (d2 <= cfg.second_radius) & valid[ia] & valid[ib]
+            a, b = a[keep], b[keep]
+        src, dst = rows[np.minimum(a, b)], rows[np.maximum(a, b)]  # rows are in rank order: the smaller is better
+        nodes, state = _greedy(src.tolist(), dst.tolist())
+        best: dict = {}
+        for i, j in zip(src.tolist(), dst.tolist()):
+            if state[i] == KEEPER and state[j] == DROPPED and i < best.get(j, len(ids)):
+                best[j] = i
+        out += [(ids[j], "near_duplicate", ids[i]) for j, i in sorted(best.items())]
+        stats = DedupStats(skipped=sum(v == UNDECIDED for v in state.values()), edges=len(src), rounds=1)
+    log.info("dedup on the driver: %d items, %d dropped, %d near pairs", items.num_rows, len(out), stats.edges)
+    table = pa.table({SAMPLE_ID: pa.array([r[0] for r in out], pa.string()),
+                      "reason": pa.array([r[1] for r in out], pa.string()),
+                      "duplicate_of": pa.array([r[2] for r in out], pa.string())})
+    return spark.createDataFrame(table.to_pandas(), DROPS) if out else spark.createDataFrame([], DROPS), stats
 
 
 def _keepers(edges, max_rounds: int, local_edges: int = LOCAL_EDGES):

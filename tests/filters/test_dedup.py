@@ -6,6 +6,7 @@ import io
 
 import pyarrow as pa
 import pytest
+from pyspark.sql import Row
 from PIL import ImageDraw, ImageEnhance
 
 from filters.decode import Decode
@@ -17,6 +18,7 @@ from filters.dedup import (
     find_duplicates_with_stats,
     pairs_within,
 )
+from filters.dedup import _partition_edges, _shard_edges
 from jobs.make_sample import PHOTOS, load_photo
 
 
@@ -67,7 +69,7 @@ def corpus(spark):
 
 def test_near_duplicate_recall_and_precision(corpus):
     df, family = corpus
-    drops = find_duplicates(df, Dedup()).collect()
+    drops = [Row(sample_id=i, reason=r, duplicate_of=d) for i, r, d in _both_paths(df, Dedup())]
     dropped = {r.sample_id: r for r in drops}
     assert len(dropped) == len(drops), "an item was dropped twice"
     wrong = [(r.sample_id, r.duplicate_of) for r in drops if family[r.sample_id] != family[r.duplicate_of]]
@@ -84,7 +86,7 @@ def test_near_duplicate_recall_and_precision(corpus):
 
 def test_exact_duplicates_are_reported_as_exact(corpus):
     df, family = corpus
-    drops = {r.sample_id: r for r in find_duplicates(df, Dedup(near=False)).collect()}
+    drops = {i: Row(sample_id=i, reason=r, duplicate_of=d) for i, r, d in _both_paths(df, Dedup(near=False))}
     assert set(drops) == {f"{n}~exact" for n in PHOTOS}
     assert all(r.reason == "exact_duplicate" for r in drops.values())
 
@@ -116,9 +118,21 @@ def _frame(spark, rows):
         "sample_id string, content_sha string, phash long, phash256 binary, width int, height int, source_bytes long")
 
 
+def _both_paths(df, cfg: Dedup) -> list:
+    """The drops of the driver path (few items) and of the Spark path (local_items=0), which must agree."""
+    import dataclasses
+
+    def rows(c):
+        drops, stats = find_duplicates_with_stats(df, c)
+        return sorted(tuple(r) for r in drops.collect()), (stats.skipped, stats.edges)
+
+    on_driver, spark_path = rows(cfg), rows(dataclasses.replace(cfg, local_items=0))
+    assert on_driver == spark_path
+    return on_driver[0]
+
+
 def _drops(spark, rows, cfg=None):
-    cfg = cfg or Dedup()
-    return {r.sample_id: r.duplicate_of for r in find_duplicates(_frame(spark, rows), cfg).collect()}
+    return {sid: dup for sid, _, dup in _both_paths(_frame(spark, rows), cfg or Dedup())}
 
 
 @pytest.mark.parametrize("parts,bits", [(1, 64), (2, 64), (2, 58), (3, 58), (4, 59)])
@@ -145,6 +159,32 @@ def test_pairs_within_matches_brute_force(parts, bits):
     d = np.bitwise_count(h[:, None] ^ h[None, :])
     want = set(zip(*np.nonzero(np.triu(d <= 10, 1))))
     assert set(zip(*pairs_within(h, 10, parts, bits))) == want
+
+
+def test_shards_split_across_batches_give_the_same_pairs_as_whole_shards():
+    """A partition holds many (block, value) shards in sorted runs that batches cut anywhere: each run is
+    gathered whole, so the pairs equal those of every shard handed over on its own."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    radius, rows = 4, []
+    for block, value, size in ((0, 3, 1), (0, 5, 300), (1, 5, 2), (2, 0, 257), (2, 1, 40)):
+        base = rng.integers(0, 1 << 62, size, dtype=np.int64)
+        base[1::2] = base[0::2][: len(base[1::2])] ^ 0b1011  # planted pairs at distance 3
+        rows += [(block, value, int(k), int(h), rng.bytes(32)) for k, h in zip(rng.integers(0, 1 << 62, size), base)]
+    table = pa.table({name: col for name, col in zip(("block", "value", "key", "phash", "phash256"), zip(*rows))})
+    want = set()
+    for (block, value) in {(r[0], r[1]) for r in rows}:
+        shard = table.filter(pa.compute.and_(pa.compute.equal(table["block"], block),
+                                             pa.compute.equal(table["value"], value)))
+        out = _shard_edges(radius, None, shard)
+        want |= set(zip(out["a"].to_pylist(), out["b"].to_pylist()))
+    assert len(want) > 100
+    for size in (1, 7, 128, 1000):
+        got = set()
+        for b in _partition_edges(radius, None, iter(table.to_batches(max_chunksize=size))):
+            got |= set(zip(b.column("a").to_pylist(), b.column("b").to_pylist()))
+        assert got == want
 
 
 def test_a_bucket_larger_than_the_old_cap_still_finds_its_pairs(spark):
@@ -246,7 +286,7 @@ def test_a_chain_of_overlapping_items_drops_only_items_within_radius_of_their_ke
 
 
 def test_keeper_rounds_that_run_out_are_counted_not_dropped(spark):
-    drops, stats = find_duplicates_with_stats(_frame(spark, _chain()), Dedup(max_rounds=1, local_edges=0))
+    drops, stats = find_duplicates_with_stats(_frame(spark, _chain()), Dedup(max_rounds=1, local_edges=0, local_items=0))
     got = {r.sample_id: r.duplicate_of for r in drops.collect()}
     assert got == {"a1": "a0"}  # round 1 decides a0 (kept) and a1 (dropped); a2..a6 are left undecided
     assert stats.skipped == 5 and stats.rounds == 1
