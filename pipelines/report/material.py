@@ -32,6 +32,7 @@ import logging
 from typing import Any, ClassVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from filters.base import Stage
 from filters.media import column_bytes
@@ -171,19 +172,12 @@ def _cut(text: str, room: int) -> str:
     return (head[:space] if space > 0 else head).rstrip() + "…"
 
 
-def _compact(df, n: int, level):
-    """A persisted table of n narrow rows in about n / ROWS_PER_PARTITION partitions: the report runs a
-    dozen small jobs over it, and each of its join's 64 shuffle partitions (AQE does not coalesce a
-    persisted plan's output) made a task in every one of them (2,408 tasks for 40 items)."""
+def _partitions(n: int) -> int:
+    """Partitions for n narrow report rows: about ROWS_PER_PARTITION each (one for a small run, whose
+    every job would otherwise run a task per shuffle partition)."""
     import math
 
-    want = max(1, math.ceil(n / ROWS_PER_PARTITION))
-    if df.rdd.getNumPartitions() <= want:
-        return df
-    fewer = df.coalesce(want).persist(level)
-    fewer.count()
-    df.unpersist()
-    return fewer
+    return max(1, math.ceil(n / ROWS_PER_PARTITION))
 
 
 def _hash_fraction(F):
@@ -209,12 +203,18 @@ def _sectioned(df):
     return df.withColumn("section", F.when(F.col(L.STATUS) == L.KEPT, F.lit("kept")).otherwise(F.col(L.REASON)))
 
 
-def _thin(sectioned, kept: int, per_reason: int):
-    """Each section thinned by a hash of sample_id to about OVERSAMPLE times the rows it shows, so a big
-    section (millions kept) is never ranked by one task."""
+def _section_sizes(sectioned) -> dict:
     from pyspark.sql import functions as F
 
-    sizes = {r["section"]: r["n"] for r in sectioned.groupBy("section").agg(F.count("*").alias("n")).collect()}
+    return {r["section"]: int(r["n"]) for r in sectioned.groupBy("section").agg(F.count("*").alias("n")).collect()}
+
+
+def _thin(sectioned, kept: int, per_reason: int, sizes: dict | None = None):
+    """Each section thinned by a hash of sample_id to about OVERSAMPLE times the rows it shows, so a big
+    section (millions kept) is never ranked by one task. `sizes`: rows per section, when already counted."""
+    from pyspark.sql import functions as F
+
+    sizes = _section_sizes(sectioned) if sizes is None else sizes
     keep = F.lit(1.0)
     for section, count in sorted(sizes.items(), key=lambda x: str(x[0])):
         want = OVERSAMPLE * (kept if section == "kept" else per_reason)
@@ -309,11 +309,89 @@ def collect_documents(kind, res, ledger, rows, scalars: list[str], mdir: str, ti
             "off_text": DOC_OFF_TEXT, "layout": list(declared)}
 
 
+def _duplicate_groups(led) -> tuple[dict[int, int], list[str]]:
+    """(duplicate groups per size, the first DUP_GROUPS keepers in sample_id order) of a kind's rows."""
+    from pyspark.sql import functions as F
+
+    groups = led.filter(F.col(L.DUPLICATE_OF).isNotNull()).groupBy(L.DUPLICATE_OF).agg(F.count("*").alias("members"))
+    sizes = {int(r["size"]): int(r["n"]) for r in
+             groups.groupBy((F.col("members") + 1).alias("size")).agg(F.count("*").alias("n")).collect()}
+    keepers = [r[0] for r in groups.select(L.DUPLICATE_OF).orderBy(L.DUPLICATE_OF).limit(DUP_GROUPS).collect()]
+    return sizes, keepers
+
+
+def _gallery_picks(led, sizes: dict, keepers: list[str]) -> list[tuple[str, str, str | None]]:
+    """(sample_id, section, duplicate_of) of every gallery card: a fixed random sample (sample_id order) per
+    section, and the duplicate groups of `keepers` (keeper + up to DUP_MEMBERS members). A big section
+    (millions kept) is not sorted by one task: each is first thinned by a hash to ~OVERSAMPLE times what
+    it shows, then what is left is ranked."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    picks = _first(_thin(led, GALLERY_KEPT, GALLERY_PER_REASON, sizes), GALLERY_KEPT, GALLERY_PER_REASON)
+    picks = picks.select(SAMPLE_ID, "section", L.DUPLICATE_OF)
+    if keepers:
+        members = led.filter(F.col(L.DUPLICATE_OF).isin(keepers)).withColumn(
+            "rn", F.row_number().over(Window.partitionBy(L.DUPLICATE_OF).orderBy(SAMPLE_ID)))
+        members = members.filter(F.col("rn") <= DUP_MEMBERS).select(
+            SAMPLE_ID, F.concat(F.lit("dup:"), F.col(L.DUPLICATE_OF)).alias("section"), L.DUPLICATE_OF)
+        heads = led.filter(F.col(SAMPLE_ID).isin(keepers)).select(
+            SAMPLE_ID, F.concat(F.lit("dup:"), F.col(SAMPLE_ID)).alias("section"), L.DUPLICATE_OF)
+        picks = picks.unionByName(members).unionByName(heads)
+    return [(r[0], r[1], r[2]) for r in picks.collect()]  # a few hundred rows at most
+
+
+def _tagged(name: str):
+    """x -> (field name, x as text), for F.transform (whose lambdas take one argument, or two with the index)."""
+    from pyspark.sql import functions as F
+
+    return lambda x: F.struct(F.lit(name).alias("field"), x.cast("string").alias("value"))
+
+
+def _bars(rows, fields: list[str], lists: list[str]) -> dict[str, tuple[pa.Table, int]]:
+    """Per field drawn as bars: (exact counts per (value, status) of its BARS_TOP most frequent values,
+    its number of distinct values), all fields in one query. A list field counts its elements."""
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    entry = "array<struct<field:string,value:string>>"
+    parts = []
+    for name in fields:  # every row's (field, value) pairs, exploded once for all fields
+        if name in lists:
+            part = F.transform(name, _tagged(name))
+        else:
+            part = F.when(F.col(name).isNotNull(), F.array(F.struct(F.lit(name).alias("field"),
+                                                                    F.col(name).cast("string").alias("value"))))
+        parts.append(F.coalesce(part, F.array().cast(entry)))
+    values = rows.select(L.STATUS, F.explode(F.concat(*parts)).alias("_e")).select("_e.field", "_e.value", L.STATUS)
+    per = values.groupBy("field", "value", L.STATUS).agg(F.count("*").alias("n"))
+    totals = per.groupBy("field", "value").agg(F.sum("n").alias("total"))
+    top = (totals.withColumn("_rn", F.row_number().over(Window.partitionBy("field").orderBy(F.desc("total"), "value")))
+           .filter(F.col("_rn") <= BARS_TOP).select("field", "value"))
+    counts = per.join(top, ["field", "value"], "left_semi").withColumn("distinct", F.lit(None).cast("long"))
+    distinct = totals.groupBy("field").agg(F.count("*").alias("distinct")).select(
+        "field", F.lit(None).cast("string").alias("value"), F.lit(None).cast("string").alias(L.STATUS),
+        F.lit(None).cast("long").alias("n"), "distinct")
+    table = counts.unionByName(distinct).toArrow()
+    out = {}
+    for name in fields:
+        mine = table.filter(pc.equal(table.column("field"), name))
+        is_count = pc.is_null(mine.column("distinct"))
+        n_distinct = pc.max(mine.column("distinct")).as_py() or 0
+        out[name] = (_sorted(mine.filter(is_count).select(["value", L.STATUS, "n"]), ["value", L.STATUS]), n_distinct)
+    return out
+
+
 def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
     """Write OUT/reports/material/<kind>/ from a kind's Result and the run's ledger; returns the
-    material.json content. Only capped, small tables come back to the driver."""
+    material.json content. Only capped, small tables come back to the driver.
+
+    A handful of jobs: the ledger's sections, duplicate groups and gallery picks (narrow ledger columns);
+    then one pass joining the ledger with the plan's report columns (and, for the few picked rows only,
+    their text, media reference, source key and detail) into one persisted table of about
+    ROWS_PER_PARTITION rows a partition, from which the rows sample, the bar counts and the gallery
+    (thumbnails made in the executors) are read."""
     from pyspark import StorageLevel
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType
 
@@ -323,93 +401,78 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
     name = kind.name
     mdir = material_dir(out, name)
     storage.remove_tree(mdir)  # an earlier run's tables must not mix with this run's
-    led = ledger.filter(F.col("kind") == name).select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF)
-    report = [c for c in res.report_columns]
-    rows = led.join(res.rows.select(SAMPLE_ID, *report), SAMPLE_ID, "left")
-    rows = rows.persist(StorageLevel.DISK_ONLY)  # small columns, but one row per ledger row
-    n = rows.count()
-    rows = _compact(rows, n, StorageLevel.DISK_ONLY)
-    types = {f.name: f.dataType for f in rows.schema.fields}
-    lists = [c for c in report if isinstance(types[c], ArrayType)]
-    scalars = [c for c in report if c not in lists]
+    of_kind = ledger.filter(F.col("kind") == name)
+    led = _sectioned(of_kind.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF))
 
-    # --- per-row values for the distributions: all rows, or a hash sample above ROW_CAP -------------
-    sampled = n > ROW_CAP
-    dist = rows.filter(_hash_fraction(F) < ROW_CAP / n) if sampled else rows
-    dist = dist.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, *scalars,
-                       *[F.when(F.col(c).isNotNull(), F.size(c)).alias(f"n_{c}") for c in lists])
-    dist_t = _sorted(dist.toArrow(), [SAMPLE_ID])
-    _write_table(dist_t, storage.join(mdir, "rows.parquet"))
+    # --- the ledger alone: rows per section, duplicate groups, the gallery's picks ------------------
+    stats = led.groupBy("section").agg(F.count("*").alias("n"), F.count(L.DUPLICATE_OF).alias("dups")).collect()
+    sizes = {r["section"]: int(r["n"]) for r in stats}
+    n = sum(sizes.values())
+    dropped_dups = sum(int(r["dups"]) for r in stats)
+    led = led.coalesce(_partitions(n))
+    dup_sizes, keepers = _duplicate_groups(led) if dropped_dups else ({}, [])
+    picks = _gallery_picks(led, sizes, keepers)
+    by_id = {sid: dup for sid, _, dup in picks}
+    wanted = sorted(set(by_id) | {d for d in by_id.values() if d is not None})  # the cards and their keepers
 
-    # --- exact counts of the fields drawn as bars ---------------------------------------------------
-    contract = kind.contract(cfg, res.facts)
-    bars = {}
-    for f in contract.fields:
-        if f.plot != "bars" or f.name not in types:
-            continue
-        reached = rows.filter(F.col(f.name).isNotNull())
-        value = F.explode(f.name) if f.name in lists else F.col(f.name).cast("string")
-        per = reached.select(value.alias("value"), L.STATUS).groupBy("value", L.STATUS).agg(F.count("*").alias("n"))
-        totals = per.groupBy("value").agg(F.sum("n").alias("total"))
-        top = totals.orderBy(F.desc("total"), "value").limit(BARS_TOP).select("value")
-        table = per.join(top, "value", "left_semi")
-        _write_table(_sorted(table.toArrow(), ["value", L.STATUS]), storage.join(mdir, f"bars-{f.name}.parquet"))
-        agg = reached.agg(F.count("*").alias("rows"),
-                          (F.sum((F.size(f.name) > 0).cast("long")) if f.name in lists else F.count("*")).alias("with"))
-        t = agg.first()
-        bars[f.name] = {"rows": int(t["rows"]), "with_values": int(t["with"] or 0),
-                        "distinct": int(totals.count()), "list": f.name in lists}
-
-    # --- duplicate groups ---------------------------------------------------------------------------
-    dups = rows.filter(F.col(L.DUPLICATE_OF).isNotNull())
-    groups = dups.groupBy(L.DUPLICATE_OF).agg(F.count("*").alias("members"))
-    sizes = {int(r["size"]): int(r["n"]) for r in
-             groups.groupBy((F.col("members") + 1).alias("size")).agg(F.count("*").alias("n")).collect()}
-    keepers = [r[0] for r in groups.select(L.DUPLICATE_OF).orderBy(L.DUPLICATE_OF).limit(DUP_GROUPS).collect()]
-
-    # --- gallery picks: a fixed random sample (sample_id order) per section -------------------------
-    # A big section (millions kept) must not be sorted by one task: first thin each section by a hash
-    # to ~OVERSAMPLE times what it shows, then rank what is left.
-    picks = _first(_thin(_sectioned(rows), GALLERY_KEPT, GALLERY_PER_REASON), GALLERY_KEPT, GALLERY_PER_REASON)
-    picks = picks.select(SAMPLE_ID, "section")
-    if keepers:
-        members = dups.filter(F.col(L.DUPLICATE_OF).isin(keepers)).withColumn(
-            "rn", F.row_number().over(Window.partitionBy(L.DUPLICATE_OF).orderBy(SAMPLE_ID)))
-        members = members.filter(F.col("rn") <= DUP_MEMBERS).select(
-            SAMPLE_ID, F.concat(F.lit("dup:"), F.col(L.DUPLICATE_OF)).alias("section"))
-        heads = rows.filter(F.col(SAMPLE_ID).isin(keepers)).select(
-            SAMPLE_ID, F.concat(F.lit("dup:"), F.col(SAMPLE_ID)).alias("section"))
-        picks = picks.unionByName(members).unionByName(heads)
-    picks = cached(picks)  # a few hundred ids: broadcast into the joins with the image rows
-    ids = picks.select(SAMPLE_ID).distinct()
-
-
-    extra = led.select(SAMPLE_ID).join(ids, SAMPLE_ID, "left_semi")
-    info_cols = ledger.filter(F.col("kind") == name).select(SAMPLE_ID, SOURCE_KEY, F.substring(L.DETAIL, 1, DETAIL_CHARS)
-                                                            .alias(L.DETAIL))
-    extra = extra.join(info_cols, SAMPLE_ID, "left")
-    chosen = res.rows.join(ids, SAMPLE_ID, "left_semi")
-    if res.thumbnail:
-        base = res.thumbnail.removesuffix(REF)
-        thumbs = apply_stage(chosen.select(SAMPLE_ID, res.thumbnail), Thumbnail(column=base), timer)
-        extra = extra.join(thumbs.select(SAMPLE_ID, "thumb"), SAMPLE_ID, "left")
-    else:
-        extra = extra.withColumn("thumb", F.lit(None).cast("binary"))
+    # --- one pass: every row's report values; text, media and source only for the wanted rows -------
+    report = list(res.report_columns)
+    spark = ledger.sparkSession
+    flag = F.broadcast(spark.createDataFrame([(i, True) for i in wanted], f"{SAMPLE_ID} string, _pick boolean"))
+    picked = F.coalesce(F.col("_pick"), F.lit(False))
     text = F.substring(res.text, 1, TEXT_CHARS) if res.text else F.lit(None).cast("string")
-    extra = extra.join(chosen.select(SAMPLE_ID, text.alias("text")), SAMPLE_ID, "left")
-    keeper = rows.select(F.col(SAMPLE_ID).alias("_k"), *[F.col(c).alias(f"keeper_{c}") for c in scalars])
-    gallery = (picks.join(rows, SAMPLE_ID, "left").join(extra, SAMPLE_ID, "left")
-               .join(keeper, F.col(L.DUPLICATE_OF) == F.col("_k"), "left").drop("_k"))
-    gallery_t = _sorted(gallery.toArrow(), ["section", SAMPLE_ID])
-    _write_table(gallery_t, storage.join(mdir, "gallery.parquet"))
-    documents = collect_documents(kind, res, ledger, rows, scalars, mdir, timer)
+    media = F.col(res.thumbnail) if res.thumbnail else F.lit(None).cast("binary")
+    values = res.rows.join(flag, SAMPLE_ID, "left").select(
+        SAMPLE_ID, *report, F.when(picked, text).alias("text"), F.when(picked, media).alias("_media"))
+    info = of_kind.join(flag, SAMPLE_ID, "left").select(
+        SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF, picked.alias("_pick"),
+        F.when(picked, F.col(SOURCE_KEY)).alias(SOURCE_KEY),
+        F.when(picked, F.substring(L.DETAIL, 1, DETAIL_CHARS)).alias(L.DETAIL))
+    rows = info.join(values, SAMPLE_ID, "left").coalesce(_partitions(n)).persist(StorageLevel.DISK_ONLY)
+    try:
+        types = {f.name: f.dataType for f in rows.schema.fields}
+        lists = [c for c in report if isinstance(types[c], ArrayType)]
+        scalars = [c for c in report if c not in lists]
+
+        # per-row values for the distributions: all rows, or a hash sample above ROW_CAP
+        sampled = n > ROW_CAP
+        dist = rows.filter(_hash_fraction(F) < ROW_CAP / n) if sampled else rows
+        dist = dist.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, *scalars,
+                           *[F.when(F.col(c).isNotNull(), F.size(c)).alias(f"n_{c}") for c in lists])
+        dist_t = _sorted(dist.toArrow(), [SAMPLE_ID])
+        _write_table(dist_t, storage.join(mdir, "rows.parquet"))
+
+        # exact counts of the fields drawn as bars
+        contract = kind.contract(cfg, res.facts)
+        drawn = [f.name for f in contract.fields if f.plot == "bars" and f.name in types]
+        bars = {}
+        if drawn:
+            reached = rows.agg(*[F.count(f).alias(f"rows_{f}") for f in drawn],
+                               *[F.count(F.when(F.size(f) > 0, 1)).alias(f"with_{f}") for f in drawn if f in lists]).first()
+            for f, (table, distinct) in _bars(rows, drawn, lists).items():
+                _write_table(table, storage.join(mdir, f"bars-{f}.parquet"))
+                bars[f] = {"rows": int(reached[f"rows_{f}"]), "distinct": int(distinct), "list": f in lists,
+                           "with_values": int(reached[f"with_{f}"] if f in lists else reached[f"rows_{f}"])}
+
+        # the gallery: the picked rows with thumbnails made in the executors, each duplicate beside its keeper
+        chosen = rows.filter(F.col("_pick")).drop("_pick")
+        if res.thumbnail:
+            chosen = apply_stage(chosen.withColumnRenamed("_media", res.thumbnail),
+                                 Thumbnail(column=res.thumbnail.removesuffix(REF)), timer).drop(res.thumbnail)
+        else:
+            chosen = chosen.drop("_media").withColumn("thumb", F.lit(None).cast("binary"))
+        gallery_t = _gallery(chosen.toArrow(), picks, scalars)
+        _write_table(gallery_t, storage.join(mdir, "gallery.parquet"))
+        documents = collect_documents(kind, res, ledger, rows, scalars, mdir, timer)
+    finally:
+        rows.unpersist()
 
     meta = {
         "kind": name, "rows": n, "rows_in_material": dist_t.num_rows, "sampled": sampled, "row_cap": ROW_CAP,
         "gallery": {"kept": GALLERY_KEPT, "per_reason": GALLERY_PER_REASON, "dup_groups": DUP_GROUPS,
                     "dup_members": DUP_MEMBERS, "thumb_px": Thumbnail.size, "text_chars": TEXT_CHARS},
-        "duplicates": {"groups": sum(sizes.values()), "dropped": int(dups.count()),
-                       "sizes": {str(k): sizes[k] for k in sorted(sizes)}},
+        "duplicates": {"groups": sum(dup_sizes.values()), "dropped": dropped_dups,
+                       "sizes": {str(k): dup_sizes[k] for k in sorted(dup_sizes)}},
         "bars": bars,
         "documents": documents,
         "columns": report,
@@ -418,6 +481,21 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
                    "marks": [[float(v), str(label)] for v, label in f.marks]}
                   for f in contract.fields if f.plot and f.name in report],
     }
-    rows.unpersist()
     storage.write_bytes(storage.join(mdir, "material.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
     return meta
+
+
+def _gallery(chosen: pa.Table, picks: list[tuple[str, str, str | None]], scalars: list[str]) -> pa.Table:
+    """gallery.parquet: a row per pick (sample_id, section), the picked row's columns, and the report
+    values of the row it duplicates (`keeper_<name>`). Joined here: both sides are a few hundred rows."""
+    found = {r[SAMPLE_ID]: r for r in chosen.to_pylist()}
+    cols = [f for f in chosen.schema if f.name != SAMPLE_ID]
+    keeper = [pa.field(f"keeper_{c}", chosen.schema.field(c).type) for c in scalars]
+    schema = pa.schema([chosen.schema.field(SAMPLE_ID), pa.field("section", pa.string()), *cols, *keeper])
+    out = []
+    for sid, section, dup in picks:
+        row = found.get(sid, {})
+        k = found.get(dup, {}) if dup is not None else {}
+        out.append({SAMPLE_ID: sid, "section": section, **{f.name: row.get(f.name) for f in cols},
+                    **{f"keeper_{c}": k.get(c) for c in scalars}})
+    return _sorted(pa.Table.from_pylist(out, schema=schema), ["section", SAMPLE_ID])

@@ -159,6 +159,33 @@ def test_rows_are_a_hash_sample_above_the_cap(result, tmp_path, monkeypatch):
     assert sum(r["n"] for r in langs) == 7
 
 
+def test_bars_keep_the_top_values_with_exact_counts(result, tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "BARS_TOP", 1)
+    meta = report.collect_material(SPEC, result, result.ledger, str(tmp_path), None, CFG)
+    mdir = M.material_dir(str(tmp_path), KIND)
+    langs = pq.read_table(os.path.join(mdir, "bars-language.parquet")).to_pylist()
+    assert {r["value"] for r in langs} == {"en"} and sum(r["n"] for r in langs) == 7
+    assert meta["bars"]["language"] == {"rows": 7, "with_values": 7, "distinct": 1, "list": False}
+    assert meta["bars"]["concepts"]["distinct"] == 1
+
+
+def test_material_runs_a_few_small_spark_jobs(result, tmp_path, spark):
+    """The report reads its rows in one pass and derives every table from one persisted table: a
+    bounded number of jobs, each over few partitions, whatever the run's size."""
+    sc = spark.sparkContext
+    sc.setJobGroup("report-jobs", "report-jobs")
+    try:
+        report.collect_material(SPEC, result, result.ledger, str(tmp_path), None, CFG)
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    tracker = sc.statusTracker()
+    jobs = tracker.getJobIdsForGroup("report-jobs")
+    tasks = sum(tracker.getStageInfo(s).numTasks for j in jobs for s in tracker.getJobInfo(j).stageIds
+                if tracker.getStageInfo(s) is not None)
+    assert len(jobs) <= 20, len(jobs)
+    assert tasks <= 60, tasks
+
+
 def test_render_is_deterministic_and_complete(out):
     out, _ = out
     page = R.render(out, in_run=True)
