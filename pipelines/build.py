@@ -12,7 +12,7 @@ import time
 from importlib import metadata
 
 from filters.base import StageTimer
-from pipelines import checkpoint, kinds, progress
+from pipelines import checkpoint, gates, kinds, progress
 from pipelines.io import runs, storage
 from pipelines.io import shards as shard_io
 from pipelines.kind import AccountingError, Context, run_kind
@@ -178,6 +178,7 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     (pipelines/io/runs.py): OUT's ledger, reports/summary.json, report and shards; return the summary."""
     started = started or time.time()
     check_work_dir(recipe, out, spark.sparkContext.master)
+    gates.preload()  # great_expectations takes seconds to import: in the background, while the kinds run
     timer = StageTimer(spark)
     work_dir = default_work_dir(recipe, out)
     work = checkpoint.begin(spark, work_dir, owner=checkpoint.fingerprint(out), ours=not recipe.work_dir)

@@ -29,8 +29,11 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from pipelines.io import shards as shard_io
@@ -51,6 +54,27 @@ SHARD_SAMPLE_CAP = 20_000  # shard samples read back on the driver; above it, wh
 GX_DOCS = "gx/uncommitted/data_docs/local_site/index.html"  # relative to OUT/reports
 SAMPLE_ID_PATTERN = f"^{SAMPLE_ID_REGEX}$"
 READ_BACK = ("key", "shard_file", "contract_ok", "contract_problems")  # columns the read-back adds
+
+
+_preloading: threading.Thread | None = None
+
+
+def preload() -> None:
+    """Start importing great_expectations in a background thread: it takes seconds (pandas, scipy, its
+    registry of expectations), which the run's curation then hides instead of the gates phase waiting
+    for it. The driver calls this once at the start of a run; importing it later simply waits for it."""
+    global _preloading
+    if _preloading is not None or "great_expectations.expectations" in sys.modules:
+        return
+
+    def load() -> None:
+        try:
+            import great_expectations.expectations  # noqa: F401
+        except Exception:  # the gates import it again and report the error there
+            log.debug("great_expectations preload failed", exc_info=True)
+
+    _preloading = threading.Thread(target=load, name="gx-preload", daemon=True)
+    _preloading.start()
 
 
 class GateFailed(RuntimeError):
@@ -219,14 +243,15 @@ def _hash_fraction(F, col: str):
     return F.xxhash64(F.lit("vlcurate-gates"), F.col(col)).bitwiseAND((1 << 53) - 1) / float(1 << 53)
 
 
-def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP):
+def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None):
     """(pandas ledger rows of `kind` with keeper_status and parent_status, info). keeper_status: the
     status of the row named by duplicate_of ('none' when the row is no duplicate, 'missing' when no
-    such row exists); parent_status likewise for parent_id, among the rows of the same kind."""
+    such row exists); parent_status likewise for parent_id, among the rows of the same kind. `n`: the
+    kind's ledger rows when already counted (the totals count them)."""
     from pyspark.sql import functions as F
 
     rows = ledger.filter(F.col("kind") == kind)
-    n = rows.count()
+    n = rows.count() if n is None else n
     keepers = ledger.select(F.col(SAMPLE_ID).alias("_keeper"), F.col(L.STATUS).alias("_keeper_status"))
     parents = ledger.filter(F.col("kind") == kind).select(F.col(SAMPLE_ID).alias("_parent"),
                                                           F.col(L.STATUS).alias("_parent_status"))
@@ -295,33 +320,111 @@ def _cell(v: Any) -> Any:
     return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
 
 
-def read_shard_metadata(shard_dir: str, names: list[str], contract: Contract):
-    """pandas table: one row per sample of the named tars: the contract's fields (json and derived),
-    the tar key and file, and whether the whole contract holds (`contract_ok`, `contract_problems`)."""
+class _UnusualTar(ValueError):
+    """A tar member the fast reader does not handle (sparse file, base-256 size, ...): tarfile reads it."""
+
+
+def _read_exact(f, n: int) -> bytes:
+    chunks, left = [], n
+    while left > 0:
+        b = f.read(left)
+        if not b:
+            break
+        chunks.append(b)
+        left -= len(b)
+    return b"".join(chunks)
+
+
+def _pax_path(buf: bytes) -> str | None:
+    path, pos = None, 0
+    while pos < len(buf):
+        space = buf.index(b" ", pos)
+        length = int(buf[pos:space])
+        key, _, value = buf[space + 1:pos + length - 1].partition(b"=")
+        if key == b"path":
+            path = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return path
+
+
+def tar_files(f) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of each regular file of an uncompressed tar stream, in order: the headers parsed
+    directly (ustar, pax and GNU long names), several times faster than tarfile on many small members;
+    raises _UnusualTar on a member it does not handle."""
+    name_override = None
+    while True:
+        block = _read_exact(f, 512)
+        if len(block) < 512 or block.count(0) == 512:  # end of archive
+            return
+        try:
+            size = int(block[124:136].rstrip(b"\0 ").decode("ascii") or "0", 8)
+        except (UnicodeDecodeError, ValueError) as e:
+            raise _UnusualTar("size field") from e
+        payload = _read_exact(f, size)
+        if len(payload) < size:
+            raise _UnusualTar("truncated member")
+        _read_exact(f, -size % 512)  # padding to the next block
+        kind = block[156:157]
+        if kind == b"x":  # pax header: its path names the next member
+            name_override = _pax_path(payload) or name_override
+        elif kind == b"L":  # GNU long name
+            name_override = payload.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif kind in (b"0", b"\0", b"7"):  # regular file
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            prefix = block[345:500].split(b"\0", 1)[0] if block[257:262] == b"ustar" else b""
+            if prefix:
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            yield (name_override or name), payload
+            name_override = None
+        elif kind in (b"g", b"1", b"2", b"3", b"4", b"5", b"6"):  # global header, links, devices, folders
+            name_override = None
+        else:
+            raise _UnusualTar(f"member type {kind!r}")
+
+
+def _tar_files_slow(f) -> Iterator[tuple[str, bytes]]:
+    with tarfile.open(fileobj=f, mode="r|") as tar:
+        for m in tar:
+            if m.isfile():
+                yield m.name, tar.extractfile(m).read()
+
+
+def shard_rows(shard_dir: str, name: str, contract: Contract) -> list[dict]:
+    """One row per sample of one tar: the contract's fields (json and derived), the tar key and file,
+    and whether the whole contract holds (`contract_ok`, `contract_problems`). Runs in the executors."""
+    uri = storage.join(shard_dir, name)
+    try:
+        with storage.open_read(uri) as f:
+            members = list(tar_files(f))
+    except _UnusualTar:
+        with storage.open_read(uri) as f:
+            members = list(_tar_files_slow(f))
+    samples: list[tuple[str, dict]] = []  # grouped like webdataset: consecutive members of one key
+    for member, data in members:
+        key, _, ext = member.partition(".")
+        if not samples or samples[-1][0] != key or ext in samples[-1][1]:
+            samples.append((key, {}))  # a repeated key becomes a second sample: the unique check sees it
+        samples[-1][1][ext] = data
+    derived = {f.name for f in contract.derived}
+    rows = []
+    for key, parts in samples:
+        try:
+            doc = json.loads(parts.get("json", b"null")) or {}
+        except ValueError:
+            doc = {}
+        doc = doc if isinstance(doc, dict) else {}
+        values = contract.values(doc)
+        row = {k: _cell(v) for k, v in values.items() if k in doc or k in derived}
+        problems = contract.violations({"__key__": key, **parts})
+        row.update(key=key, shard_file=name, contract_ok=not problems, contract_problems="; ".join(problems[:5]))
+        rows.append(row)
+    return rows
+
+
+def shard_frame(rows: list[dict], contract: Contract):
+    """The pandas table of the read-back rows (see shard_rows); every field a column even with no samples."""
     import pandas as pd
 
-    rows = []
-    for name in names:
-        samples: list[tuple[str, dict]] = []  # grouped like webdataset: consecutive members of one key
-        with storage.open_read(storage.join(shard_dir, name)) as f, tarfile.open(fileobj=f, mode="r|") as tar:
-            for m in tar:
-                if not m.isfile():
-                    continue
-                key, _, ext = m.name.partition(".")
-                if not samples or samples[-1][0] != key or ext in samples[-1][1]:
-                    samples.append((key, {}))  # a repeated key becomes a second sample: the unique check sees it
-                samples[-1][1][ext] = tar.extractfile(m).read()
-        for key, parts in samples:
-            try:
-                doc = json.loads(parts.get("json", b"null")) or {}
-            except ValueError:
-                doc = {}
-            doc = doc if isinstance(doc, dict) else {}
-            values = contract.values(doc)
-            row = {k: _cell(v) for k, v in values.items() if k in doc or k in {f.name for f in contract.derived}}
-            problems = contract.violations({"__key__": key, **parts})
-            row.update(key=key, shard_file=name, contract_ok=not problems, contract_problems="; ".join(problems[:5]))
-            rows.append(row)
     table = pd.DataFrame(rows)
     for col in (*(f.name for f in contract.fields), *READ_BACK):  # no samples: the empty table has every column
         if not len(table) and col not in table:
@@ -332,24 +435,40 @@ def read_shard_metadata(shard_dir: str, names: list[str], contract: Contract):
     return table
 
 
+def read_shard_metadata(shard_dir: str, names: list[str], contract: Contract):
+    """pandas table: one row per sample of the named tars, read here (see shard_rows)."""
+    return shard_frame([r for name in names for r in shard_rows(shard_dir, name, contract)], contract)
+
+
 def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contract, cap: int = SHARD_SAMPLE_CAP,
-                unit: str = ""):
+                unit: str = "", rows=None):
     """(pandas samples of the shards read, with the ledger's shard for each sample; the number of
-    samples the ledger puts in those shards; info). `unit`: the kind's sample unit (default: its items)."""
+    samples the ledger puts in those shards; info). `unit`: the kind's sample unit (default: its items).
+    The shards are read and checked against the contract in the executors, a task per shard; only
+    their rows (at most about `cap`) come back. `rows`: every ledger row of the kind as pandas (the
+    ledger table when it is not sampled), read instead of the ledger."""
     from pyspark.sql import functions as F
 
     picked = pick_shards(stats, cap)
     names = [s["shard"] for s in picked]
-    import pandas as pd
-
     sets: dict[str, list[str]] = {kind: []}
     for name in names:
         sets.setdefault(shard_io.set_of(name), []).append(name)
-    table = pd.concat([read_shard_metadata(shard_io.staging_dir(out, s), n, contract) for s, n in sorted(sets.items())],
-                      ignore_index=True)
-    is_sample = (F.col(L.UNIT) == unit) if unit else F.col(L.PARENT_ID).isNull()
-    in_ledger = (ledger.filter((F.col("kind") == kind) & F.col(L.SHARD).isin(names) & is_sample)
-                 .select(F.col(SAMPLE_ID).alias("key"), F.col(L.SHARD).alias("ledger_shard")).toArrow().to_pandas())
+    tasks = [(shard_io.staging_dir(out, s), n) for s, ns in sorted(sets.items()) for n in ns]
+    read: list[dict] = []
+    if tasks:
+        read = (ledger.sparkSession.sparkContext.parallelize(tasks, len(tasks))
+                .flatMap(lambda t: shard_rows(t[0], t[1], contract)).collect())
+    table = shard_frame(read, contract)
+    if rows is not None:
+        mine = rows[L.SHARD].isin(names) & ((rows[L.UNIT] == unit) if unit else rows[L.PARENT_ID].isna())
+        in_ledger = rows.loc[mine, [SAMPLE_ID, L.SHARD]].rename(columns={SAMPLE_ID: "key", L.SHARD: "ledger_shard"})
+        in_ledger = in_ledger.reset_index(drop=True)
+    else:
+        is_sample = (F.col(L.UNIT) == unit) if unit else F.col(L.PARENT_ID).isNull()
+        in_ledger = (ledger.filter((F.col("kind") == kind) & F.col(L.SHARD).isin(names) & is_sample)
+                     .select(F.col(SAMPLE_ID).alias("key"), F.col(L.SHARD).alias("ledger_shard")).toArrow()
+                     .to_pandas())
     table = table.merge(in_ledger, on="key", how="left")
     info = {"shards": len(stats), "shards_read": len(names), "samples_read": len(table),
             "samples": sum(s["nsamples"] for s in stats), "sampled": len(picked) < len(stats)}
@@ -402,7 +521,7 @@ def validate(tables: dict, suites: dict, root: str) -> dict:
         batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("run")
         suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=list(expectations)))
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
-        result = vd.run(batch_parameters={"dataframe": table}, result_format="SUMMARY")
+        result = vd.run(batch_parameters={"dataframe": table}, result_format="BASIC")
         checks = []
         for r in result.results:
             cfg = r.expectation_config
@@ -472,12 +591,14 @@ def run_gates(results: dict, ledger, summary: dict, recipe, out: str) -> dict:
     for name, res in results.items():
         kind = kinds.get(name)
         contract = kind.contract(recipe.section(name), res.facts)
-        tables[f"{name}.ledger"], led_info = ledger_table(ledger, name)
+        totals = totals_table(ledger, kind, summary["kinds"][name], res.assertions)
+        tables[f"{name}.ledger"], led_info = ledger_table(ledger, name, n=int(totals["input_all_units"][0]))
         suites[f"{name}.ledger"] = ledger_checks(kind)
-        tables[f"{name}.totals"] = totals_table(ledger, kind, summary["kinds"][name], res.assertions)
+        tables[f"{name}.totals"] = totals
         suites[f"{name}.totals"] = totals_checks(kind, res.assertions)
+        whole = None if led_info["sampled"] else tables[f"{name}.ledger"]  # every row: no second look-up
         tables[f"{name}.shards"], expected, shard_info = shard_table(ledger, name, out, res.shards, contract,
-                                                                         unit=kind.samples_unit)
+                                                                         unit=kind.samples_unit, rows=whole)
         suites[f"{name}.shards"] = shard_checks(contract, expected)
         sampling[name] = {"ledger": led_info, "shards": shard_info}
     reports = storage.join(out, "reports")

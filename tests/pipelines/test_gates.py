@@ -170,6 +170,67 @@ def test_no_kept_samples_is_not_a_failure(tmp_path):
     assert res["failed_critical"] == []
 
 
+def test_tar_reader_reads_what_tarfile_reads():
+    import tarfile
+
+    members = [("a" * 120 + ".json", b'{"x": 1}'), ("dir/k1.jpg", b"\xff\xd8\xff" + bytes(700)), ("k\u00e9.txt", b"t"),
+               ("empty.txt", b"")]
+    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            tar.addfile(tarfile.TarInfo("dir") if fmt != tarfile.USTAR_FORMAT else _dir("dir"))
+            for name, data in members:
+                if fmt == tarfile.USTAR_FORMAT and len(name) > 100:
+                    name = "p" * 50 + "/" + name[:90]  # ustar: the prefix field holds the folder
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
+            expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
+        assert list(gates.tar_files(io.BytesIO(buf.getvalue()))) == expected, fmt
+    sparse = bytearray(buf.getvalue())
+    sparse[156:157] = b"S"  # a member type the fast reader leaves to tarfile
+    with pytest.raises(gates._UnusualTar):
+        list(gates.tar_files(io.BytesIO(bytes(sparse))))
+
+
+def _dir(name: str):
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
+
+
+def test_shard_table_reads_the_shards_in_the_executors(spark, tmp_path):
+    from pipelines.io import shards as shard_io
+    from schemas import ledger as L
+    from schemas.common import spark_type
+
+    out = str(tmp_path)
+    staging = shard_io.staging_dir(out, KIND)
+    os.makedirs(staging)
+    ids = [f"{i:032x}" for i in range(1, 7)]
+    _write_shard(os.path.join(staging, "image_text-000000.tar"), [_doc(i, 0.35) for i in ids[:3]])
+    _write_shard(os.path.join(staging, "image_text-000001.tar"), [_doc(i, 0.35) for i in ids[3:5]]
+                 + [_doc(ids[5], 0.35, width=100)])  # below rules.min_side: breaks the contract
+    shard = {i: "image_text-000000.tar" if n < 3 else "image_text-000001.tar" for n, i in enumerate(ids)}
+    ledger = spark.createDataFrame(
+        [{"sample_id": i, "kind": KIND, "source": "s", "source_key": i, "unit": "pair", "parent_id": None,
+          "status": "kept", "reason": None, "detail": None, "duplicate_of": None, "shard": shard[i]} for i in ids],
+        spark_type(L.SCHEMA))
+    stats = [{"shard": "image_text-000000.tar", "nsamples": 3, "bytes": 1},
+             {"shard": "image_text-000001.tar", "nsamples": 3, "bytes": 1}]
+    clip = {"enabled": True, "real_weights": True, "threshold_applied": True, "threshold": 0.3}
+    table, expected, info = gates.shard_table(ledger, KIND, out, stats, contract(clip))
+    assert list(table["key"]) == ids and expected == 6
+    assert list(table["contract_ok"]) == [True] * 5 + [False]
+    assert list(table["ledger_shard"]) == list(table["shard_file"]) == [shard[i] for i in ids]
+    assert info == {"shards": 2, "shards_read": 2, "samples_read": 6, "samples": 6, "sampled": False}
+    table, expected, info = gates.shard_table(ledger, KIND, out, stats, contract(clip), cap=3)  # every 2nd shard
+    assert list(table["key"]) == ids[:3] and expected == 3 and info["sampled"] and info["shards_read"] == 1
+
+
 def test_pick_shards_caps_whole_shards_evenly():
     stats = [{"shard": f"s{i:03d}", "nsamples": 100, "bytes": 1} for i in range(50)]
     assert gates.pick_shards(stats, cap=10_000) == stats
