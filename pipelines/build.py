@@ -15,10 +15,10 @@ from filters.base import StageTimer
 from pipelines import checkpoint, gates, kinds, progress
 from pipelines.io import runs, storage
 from pipelines.io import shards as shard_io
-from pipelines.kind import AccountingError, Context, run_kind
+from pipelines.kind import AccountingError, Context, reconcile, run_kind
 from pipelines.recipe import Recipe
 from schemas import ledger as L
-from schemas.common import SAMPLE_ID
+from schemas.common import READ_UNIT, SAMPLE_ID
 
 log = logging.getLogger(__name__)
 VERSIONED = ["pyspark", "pyarrow", "pillow", "imagehash", "open-clip-torch", "torch", "fasttext-numpy2",
@@ -72,19 +72,27 @@ def _counts() -> dict:
     return {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}}
 
 
-def summarize(ledger, results: dict, recipe: Recipe, timer: StageTimer, started: float, out: str) -> dict:
-    """summary.json: per kind, the counts of its sample unit at the top (input, kept, dropped and
-    quarantined by reason) and every unit's under `units`; the shards; the kind's facts."""
+def ledger_counts(ledger) -> list:
+    """The ledger's rows counted by (kind, unit, status, reason, read unit of the items): one small job whose
+    rows feed the accounting, the reconciliation of read units and summary.json."""
     from pyspark.sql import functions as F
 
+    unit = F.when(F.col(L.PARENT_ID).isNull(), F.col(READ_UNIT)).alias(READ_UNIT)  # items only: sub-items are not read
+    return ledger.groupBy("kind", L.UNIT, L.STATUS, L.REASON, unit).agg(F.count("*").alias("n")).collect()
+
+
+def summarize(counts: list, results: dict, recipe: Recipe, timer: StageTimer, started: float, out: str) -> dict:
+    """summary.json: per kind, the counts of its sample unit at the top (input, kept, dropped and
+    quarantined by reason) and every unit's under `units`; the shards; the kind's facts.
+    `counts`: `ledger_counts(ledger)`."""
     per: dict = {}
-    for r in ledger.groupBy("kind", L.UNIT, L.STATUS, L.REASON).agg(F.count("*").alias("n")).collect():
+    for r in counts:
         u = per.setdefault(r["kind"], {}).setdefault(r[L.UNIT], _counts())
         u["input"] += r["n"]
         if r[L.STATUS] == L.KEPT:
             u["kept"] += r["n"]
         else:
-            u[r[L.STATUS]][r[L.REASON]] = r["n"]
+            u[r[L.STATUS]][r[L.REASON]] = u[r[L.STATUS]].get(r[L.REASON], 0) + r["n"]
     kinds_out: dict = {}
     for kind, res in results.items():
         units = per.get(kind, {})
@@ -121,21 +129,32 @@ def summarize(ledger, results: dict, recipe: Recipe, timer: StageTimer, started:
     }
 
 
-def check_accounting(ledger, results: dict) -> None:
-    """One ledger row per id; per kind, kept sample-unit rows = samples in its shards; every sub-item
-    points at an item of its kind that is in the ledger."""
+def check_accounting(ledger, results: dict, counts: list) -> None:
+    """One ledger row per id; per kind, kept sample-unit rows = samples in its shards; every read unit's
+    items, as its reader counted them, in the ledger (`reconcile`); every sub-item points at an item of its
+    kind that is in the ledger. `counts`: `ledger_counts(ledger)`."""
     from pyspark.sql import functions as F
 
     row = ledger.agg(F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids")).first()
     if row["n"] != row["ids"]:
         raise AccountingError(f"ledger has {row['n']} rows but {row['ids']} distinct sample ids")
-    kept = {(r["kind"], r[L.UNIT]): r["n"] for r in ledger.filter(F.col(L.STATUS) == L.KEPT)
-            .groupBy("kind", L.UNIT).agg(F.count("*").alias("n")).collect()}
+    kept: dict = {}
+    read: dict = {}
+    for r in counts:
+        if r[L.STATUS] == L.KEPT:
+            kept[(r["kind"], r[L.UNIT])] = kept.get((r["kind"], r[L.UNIT]), 0) + r["n"]
+        if r[READ_UNIT] is not None:
+            units = read.setdefault(r["kind"], {})
+            units[r[READ_UNIT]] = units.get(r[READ_UNIT], 0) + r["n"]
     for kind, res in results.items():
         in_shards = sum(s["nsamples"] for s in res.shards)
         n = kept.get((kind, kinds.get(kind).samples_unit), 0)
         if n != in_shards:
             raise AccountingError(f"{kind}: ledger says {n} kept, shards hold {in_shards}")
+        if res.read_counts is not None:
+            reconcile(kind, read.get(kind, {}), res.read_counts)
+    if all(len(kinds.get(kind).units) == 1 for kind in results):
+        return  # no kind has sub-items
     ids = ledger.select(F.col(SAMPLE_ID).alias("_parent"), F.col("kind").alias("_parent_kind"))
     orphans = (ledger.filter(F.col(L.PARENT_ID).isNotNull())
                .join(ids, (F.col(L.PARENT_ID) == F.col("_parent")) & (F.col("kind") == F.col("_parent_kind")),
@@ -204,11 +223,13 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
         ledger = ledger.unionByName(other)
     with progress.phase(spark, "ledger"):
         ledger = ledger.localCheckpoint()
-        check_accounting(ledger, results)
+        counts = ledger_counts(ledger)
+        check_accounting(ledger, results, counts)
+        ledger = ledger.select([f.name for f in L.SCHEMA])
         t0 = time.perf_counter()
-        write_parquet(ledger.select([f.name for f in L.SCHEMA]).orderBy(SAMPLE_ID), storage.join(root, "ledger"))
+        write_parquet(ledger.orderBy(SAMPLE_ID), storage.join(root, "ledger"))
         timer.add_wall("ledger", time.perf_counter() - t0)
-        summary = summarize(ledger, results, recipe, timer, started, out)
+        summary = summarize(counts, results, recipe, timer, started, out)
     # the curation itself (shards staged, ledger written), apart from the report and gates that follow
     summary["curated_seconds"] = summary["elapsed_seconds"]
     storage.write_bytes(storage.join(root, "reports", "summary.json"),

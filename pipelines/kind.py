@@ -101,6 +101,7 @@ class Result:
     report_columns: tuple[str, ...] = ()
     stages_run: tuple[str, ...] = ()
     read: dict | None = None  # read units and items counted by the reader, reconciled with the ledger
+    read_counts: dict[str, int] | None = None  # items per read unit, as the reader counted them (`reconcile`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,7 +222,9 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
         decided = decided.unionByName(d)
     parent_shard = index.select(F.col(SAMPLE_ID).alias("_p"), F.col("shard").alias("_parent_shard"))
     quarantine = kind.quarantine_codes()
-    rows = (feats.select(SAMPLE_ID, KIND, L.UNIT, L.PARENT_ID, SOURCE, SOURCE_KEY, ERROR, ERROR_DETAIL)
+    read_unit = F.col(READ_UNIT) if READ_UNIT in feats.columns else F.lit(None).cast("string")
+    rows = (feats.select(SAMPLE_ID, KIND, L.UNIT, L.PARENT_ID, SOURCE, SOURCE_KEY, ERROR, ERROR_DETAIL,
+                         read_unit.alias(READ_UNIT))
             .join(decided, SAMPLE_ID, "left")
             .join(index, SAMPLE_ID, "left")
             .join(parent_shard, F.col(L.PARENT_ID) == F.col("_p"), "left"))
@@ -241,6 +244,7 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
             F.col("duplicate_of").alias(L.DUPLICATE_OF),
             F.when(F.col("reason").isNull(),
                    F.coalesce(F.col("shard"), F.col("_parent_shard"), F.col("_child_shard"))).alias(L.SHARD),
+            READ_UNIT,  # not written (schemas.ledger.SCHEMA): the accounting reconciles read units with it
         )
     )
 
@@ -252,13 +256,9 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     thumbnail = plan.thumbnail and _media(plan.thumbnail, everything.columns)
     shown = [c for c in dict.fromkeys((thumbnail, plan.text, *kind.layout)) if c]
     rows = everything.select(SAMPLE_ID, *report_cols, *shown)
-    read = None
-    if counts is not None:
-        with progress.phase(ctx.spark, f"{kind.name} accounting"):
-            reconcile(kind.name, ledger, feats, counts)
-        read = {"units": len(counts), "items": sum(counts.values())}
+    read = None if counts is None else {"units": len(counts), "items": sum(counts.values())}
     return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
-                  thumbnail=thumbnail, text=plan.text,
+                  read_counts=counts, thumbnail=thumbnail, text=plan.text,
                   report_columns=tuple(plan.report), stages_run=tuple(s.name for s in plan.steps))
 
 
@@ -337,13 +337,10 @@ def _read_counts(kind: Kind, ctx: Context, plan: Plan) -> dict[str, int] | None:
     return counts
 
 
-def reconcile(kind: str, ledger, feats, counts: dict[str, int]) -> None:
-    """Every read unit's items, as the reader counted them, are in the ledger exactly once: an item lost
-    on the way (a stage, a join) fails the run naming its unit, before anything is published."""
-    from pyspark.sql import functions as F
-
-    items = ledger.filter(F.col(L.PARENT_ID).isNull()).join(feats.select(SAMPLE_ID, READ_UNIT), SAMPLE_ID, "left")
-    found = {r[READ_UNIT]: r["n"] for r in items.groupBy(READ_UNIT).agg(F.count("*").alias("n")).collect()}
+def reconcile(kind: str, found: dict[str, int], counts: dict[str, int]) -> None:
+    """Every read unit's items, as the reader counted them, are in the ledger exactly once (`found`: the
+    ledger's items per read unit, counted in Spark): an item lost on the way (a stage, a join) fails the
+    run naming its unit, before anything is published."""
     bad = sorted((u, n, found.get(u, 0)) for u, n in counts.items() if found.get(u, 0) != n)
     bad += sorted((u, 0, n) for u, n in found.items() if u not in counts)
     if bad:
