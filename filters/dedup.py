@@ -530,7 +530,7 @@ def _on_driver(spark, items, cfg: Dedup):
     import pyarrow.compute as pc
 
     items = items.sort_by([("rank_key", "ascending")])
-    ids, ranks = items.column(SAMPLE_ID).to_pylist(), items.column("rank_key").to_pylist()
+    ids = items.column(SAMPLE_ID).to_pylist()
     out: list[tuple[str, str, str]] = []
     alive = np.ones(items.num_rows, dtype=bool)
     if cfg.exact:
@@ -557,7 +557,7 @@ def _on_driver(spark, items, cfg: Dedup):
             keep = (d2 <= cfg.second_radius) & valid[ia] & valid[ib]
             a, b = a[keep], b[keep]
         src, dst = rows[np.minimum(a, b)], rows[np.maximum(a, b)]  # rows are in rank order: the smaller is better
-        nodes, state = _greedy(src.tolist(), dst.tolist())
+        state = _greedy(src.tolist(), dst.tolist())[1]
         best: dict = {}
         for i, j in zip(src.tolist(), dst.tolist()):
             if state[i] == KEEPER and state[j] == DROPPED and i < best.get(j, len(ids)):

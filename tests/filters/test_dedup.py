@@ -6,19 +6,20 @@ import io
 
 import pyarrow as pa
 import pytest
-from pyspark.sql import Row
 from PIL import ImageDraw, ImageEnhance
+from pyspark.sql import Row
 
 from filters.decode import Decode
 from filters.dedup import (
     Dedup,
+    _partition_edges,
+    _shard_edges,
     blocks,
     covering_masks,
     find_duplicates,
     find_duplicates_with_stats,
     pairs_within,
 )
-from filters.dedup import _partition_edges, _shard_edges
 from jobs.make_sample import PHOTOS, load_photo
 
 
