@@ -9,6 +9,8 @@ A temporary file that a killed attempt could not remove is deleted at publish ti
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import math
 import os
@@ -16,6 +18,7 @@ import shutil
 import tarfile
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pyarrow as pa
 
@@ -48,25 +51,124 @@ def by_set(kind: str, stats: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def assign_shards(alive, kind: str, max_samples: int, max_bytes: int, size_col):
-    """(index, number of shards): index is a small DataFrame (sample_id, shard) of every row of `alive`,
-    materialised. size_col: a Column giving a sample's bytes. Only narrow columns are read here: the
-    image bytes go through Spark once, in the writer."""
+BUCKET_CHARS = 3  # sample ids are 32 hex digits: at most 16^3 = 4,096 buckets, whatever the number of rows
+
+
+def shard_starts(n: int, num_shards: int) -> list[int]:
+    """The global rank at which each shard starts, and n at the end: shard i holds the ranks
+    [ceil(i n / S), ceil((i + 1) n / S)), so shard sizes differ by at most one."""
+    return [-(-i * n // num_shards) for i in range(num_shards + 1)]
+
+
+def plan_buckets(counts: list[tuple[str, int]], num_shards: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """From the row count of every bucket (in sample_id order): the shard of each bucket's first row,
+    and the shard boundaries that fall inside a bucket, as (bucket, rank within the bucket) with a
+    rank above 0 (a boundary at a bucket's first row is that bucket's first shard)."""
+    n = sum(c for _, c in counts)
+    starts = shard_starts(n, num_shards)
+    first, inside, offset, i = [], [], 0, 1
+    for bucket, count in counts:
+        first.append((bucket, offset * num_shards // n))
+        while i < num_shards and starts[i] < offset + count:
+            if starts[i] > offset:
+                inside.append((bucket, starts[i] - offset))
+            i += 1
+        offset += count
+    return first, inside
+
+
+@dataclasses.dataclass(frozen=True)
+class Assignment:
+    """Which shard every row of a table goes to, kept as a small per-bucket table: the rows ordered by
+    sample_id, ranked, cut into `count` shards of near-equal size (`sizes`). A row's shard is its
+    bucket's first shard plus the number of that bucket's boundary ids at or below its sample_id: a
+    broadcast join and an array filter, no shuffle and no Python per row."""
+
+    kind: str
+    count: int
+    sizes: list[int]  # samples per shard, exact
+    buckets: Any  # DataFrame: _bucket, _first (shard of the bucket's first row), _bounds (sorted ids)
+    index: Any = None  # DataFrame: (sample_id, shard) of every row, materialised (the ledger's)
+
+    def of(self, rows):
+        """`rows` with `_shard` (the shard's number) and `shard` (its name)."""
+        from pyspark.sql import functions as F
+
+        bounds = F.filter("_bounds", lambda b: b <= F.col(SAMPLE_ID))
+        return (rows.withColumn("_bucket", _bucket(F)).join(F.broadcast(self.buckets), "_bucket")
+                .withColumn("_shard", (F.col("_first") + F.size(bounds)).cast("int"))
+                .withColumn("shard", F.format_string(f"{self.kind}-%06d.tar", F.col("_shard")))
+                .drop("_bucket", "_first", "_bounds"))
+
+
+def _bucket(F):
+    return F.substring(SAMPLE_ID, 1, BUCKET_CHARS)
+
+
+def assign_shards(alive, kind: str, max_samples: int, max_bytes: int, size_col) -> Assignment:
+    """Assign every row of `alive` to a shard. size_col: a Column giving a sample's bytes. Only narrow
+    columns are read here (sample_id and the size, read from `alive` once and held for the steps below);
+    the media go through Spark once, in the writer.
+
+    All in the JVM, nothing per row on the driver and no single-partition sort: the row count and bytes
+    of each sample_id prefix bucket (an aggregation; at most 16^BUCKET_CHARS rows collected), from which
+    the driver places every shard start (a global rank) in its bucket; then the sample_id at each start
+    that falls inside a bucket, found by ranking the rows of those buckets only (a window per bucket;
+    count - 1 ids at most collected); then the index (sample_id, shard), materialised for the ledger.
+    A prefix orders the buckets as the ids themselves (truncation keeps string order), so skewed buckets
+    (ids that are not hashes) change the cost, never the result. The same ids give the same shards
+    whatever the partitioning: the assignment the zipWithIndex over a sorted RDD gave before."""
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    narrow = alive.select(SAMPLE_ID, size_col.alias("size")).localCheckpoint()
-    stats = narrow.agg(F.count("*").alias("n"), F.avg("size").alias("mean")).first()
-    n = int(stats["n"])
     spark = alive.sparkSession
+    narrow = alive.select(SAMPLE_ID, size_col.alias("_size")).persist(StorageLevel.MEMORY_AND_DISK)
+    rows = (narrow.groupBy(_bucket(F).alias("_bucket"))
+            .agg(F.count("*").alias("n"), F.count("_size").alias("sized"), F.sum("_size").alias("bytes")).collect())
+    # Python orders str by code point, Spark by UTF-8 bytes: the same order
+    counts = sorted((r["_bucket"], int(r["n"])) for r in rows)
+    n = sum(c for _, c in counts)
     if n == 0:
-        return spark.createDataFrame([], "sample_id string, shard string"), 0
-    per_shard = max(1, min(max_samples, int(max_bytes // max(1.0, float(stats["mean"])))))
+        return _assignment(kind, 0, [], _bucket_table(spark, [], {}), narrow)
+    mean = sum(float(r["bytes"] or 0) for r in rows) / max(1, sum(int(r["sized"]) for r in rows))
+    per_shard = max(1, min(max_samples, int(max_bytes // max(1.0, mean))))
     num_shards = math.ceil(n / per_shard)
-    # global position by sample_id without pulling ids to the driver: zipWithIndex over a sorted RDD
-    order = narrow.select(SAMPLE_ID).orderBy(SAMPLE_ID).rdd.map(lambda r: r[0]).zipWithIndex()
-    index = spark.createDataFrame(order.map(lambda p: (p[0], p[1] * num_shards // n)), "sample_id string, shard_index long")
-    names = F.format_string(f"{kind}-%06d.tar", F.col("shard_index"))
-    return cached(index.select(SAMPLE_ID, names.alias("shard"))), num_shards
+    first, inside = plan_buckets(counts, num_shards)
+    bounds: dict[str, list[str]] = {}
+    if inside:
+        # Arrow tables become local relations: a list would become a Python RDD, a job of Python tasks
+        wanted = spark.createDataFrame(pa.table({"_bucket": [b for b, _ in inside],
+                                                 "_q": pa.array([q for _, q in inside], pa.int32())}))
+        split = spark.createDataFrame(pa.table({"_bucket": sorted({b for b, _ in inside})}))
+        ranked = (narrow.select(SAMPLE_ID, _bucket(F).alias("_bucket"))
+                  .join(F.broadcast(split), "_bucket", "left_semi")
+                  .withColumn("_q", (F.row_number().over(Window.partitionBy("_bucket").orderBy(SAMPLE_ID)) - 1).cast("int"))
+                  .join(F.broadcast(wanted), ["_bucket", "_q"])
+                  .select("_bucket", "_q", SAMPLE_ID).collect())
+        if len(ranked) != len(inside):
+            raise RuntimeError(f"{kind}: {len(ranked)} of {len(inside)} shard boundaries found: the rows changed "
+                               "between two reads (a nondeterministic input) or sample_ids repeat")
+        for r in sorted(ranked, key=lambda r: (r["_bucket"], r["_q"])):
+            bounds.setdefault(r["_bucket"], []).append(r[SAMPLE_ID])
+    sizes = [b - a for a, b in itertools.pairwise(shard_starts(n, num_shards))]
+    return _assignment(kind, num_shards, sizes, _bucket_table(spark, first, bounds), narrow)
+
+
+def _assignment(kind: str, count: int, sizes: list[int], buckets, narrow) -> Assignment:
+    """The assignment with its index materialised from the narrow rows (which are then released)."""
+    plain = Assignment(kind, count, sizes, buckets)
+    index = cached(plain.of(narrow.select(SAMPLE_ID)).select(SAMPLE_ID, "shard"))
+    narrow.unpersist()
+    return dataclasses.replace(plain, index=index)
+
+
+def _bucket_table(spark, first: list[tuple[str, int]], bounds: dict[str, list[str]]):
+    return spark.createDataFrame(pa.table({
+        "_bucket": pa.array([b for b, _ in first], pa.string()),
+        "_first": pa.array([s for _, s in first], pa.int32()),
+        "_bounds": pa.array([bounds.get(b, []) for b, _ in first], pa.list_(pa.string())),
+    }))
 
 
 BLOCK, RECORD = 512, 20 * 512  # tar block; a tar file is a whole number of records (tarfile's default)
@@ -250,45 +352,57 @@ def write_index(out_dir: str, stats: list[dict], base: str | None = None) -> Non
     storage.write_bytes(storage.join(out_dir, "index.json"), json.dumps(index, indent=1).encode())
 
 
-def one_shard_per_partition(kept, num_shards: int):
-    """`kept` (with a `shard` column named `<kind>-NNNNNN.tar`) in num_shards partitions, shard i in
-    partition i: one task writes exactly one shard. Hash partitioning on the name put several shards in
-    one task and left others empty (5 shards: tasks of 3, 1, 1, 0, 0); range partitioning samples the
-    whole lineage once more for its bounds and does not cut exactly either. So each shard index i gets
-    a routing key k_i with pmod(murmur3(k_i), n) == i, found by hashing a few candidates per shard in one
-    tiny job (Spark's own hash(), the function hash partitioning uses), and the rows are hash-partitioned
-    on that key: an exact, JVM-only shuffle."""
+def one_shard_per_task(rows, num_shards: int):
+    """`rows` (with `_shard`, the shard's number) in num_shards partitions, shard i in partition i: one
+    task writes exactly one shard. Spark 4.1+ sends a row to the partition its `_shard` names
+    (repartitionById). Before that, hash partitioning on the number itself put several shards in one task
+    and left others empty, and range partitioning samples the lineage once more for its bounds and does
+    not cut exactly either: there, each shard i gets a routing key k_i with pmod(murmur3(k_i), n) == i (see
+    `_route_by_hash`)."""
+    if hasattr(rows, "repartitionById"):
+        return rows.repartitionById(num_shards, "_shard").drop("_shard")
+    return _route_by_hash(rows, num_shards)
+
+
+def _route_by_hash(rows, num_shards: int):
+    """Spark 4.0: keys found by hashing a few candidates per shard in one tiny job (Spark's own hash(),
+    the function hash partitioning uses), the rows hash-partitioned on their shard's key."""
     from pyspark.sql import functions as F
 
-    spark = kept.sparkSession
+    spark = rows.sparkSession
     for per in (32, 256):  # a shard without a candidate among 32 has odds of about e^-32
         keys = (spark.range(0, num_shards * per)
-                .select(F.expr(f"pmod(hash(id), {num_shards})").alias("_index"), F.col("id").alias("_key"))
+                .select(F.expr(f"pmod(hash(id), {num_shards})").cast("int").alias("_index"), F.col("id").alias("_key"))
                 .groupBy("_index").agg(F.min("_key").alias("_key")))
         keys = cached(keys.coalesce(1))  # num_shards small rows, broadcast below: one partition, not 64
         if keys.count() == num_shards:
             break
     else:
         raise RuntimeError(f"no routing key found for some of {num_shards} shards")
-    index = F.regexp_extract("shard", r"-(\d+)\.tar$", 1).cast("long")
-    routed = kept.join(F.broadcast(keys), index == F.col("_index")).drop("_index")
+    routed = rows.join(F.broadcast(keys), F.col("_shard") == F.col("_index")).drop("_index", "_shard")
     return routed.repartition(num_shards, "_key").drop("_key")
 
 
-def write_shards(kept, out_dir: str, to_sample: Callable[[dict], dict], num_shards: int,
+def write_shards(rows, assigned: Assignment, out_dir: str, to_sample: Callable[[dict], dict],
                  contract: Contract | None = None) -> list[dict]:
-    """Write `kept` (with a `shard` column) as tars under out_dir; returns per-shard stats (small)."""
+    """Write `rows` (those `assigned` was made from) as tars under out_dir, each shard by one task; returns
+    per-shard stats (small), checked against the assignment's exact sizes."""
     from schemas.common import spark_type
 
     if not storage.is_s3(out_dir):
         storage.remove_tree(out_dir)  # leftovers of an earlier, failed run must not be published
-    if num_shards == 0:
+    if assigned.count == 0:
         return []
-    parts = one_shard_per_partition(kept, num_shards).sortWithinPartitions("shard", SAMPLE_ID)
+    parts = one_shard_per_task(assigned.of(rows), assigned.count).sortWithinPartitions(SAMPLE_ID)
     fault = FaultPlan.from_env("shards")  # None outside fault-injection tests
     stats = parts.mapInArrow(lambda it: write_partition(it, out_dir, to_sample, contract, fault), spark_type(SHARD_STATS))
     # sorted here, not with orderBy: its range-partitioning sample would run the writer a second time
-    rows = sorted((r.asDict() for r in stats.collect()), key=lambda r: r["shard"])
-    if len({r["shard"] for r in rows}) != len(rows):
+    out = sorted((r.asDict() for r in stats.collect()), key=lambda r: r["shard"])
+    if len({r["shard"] for r in out}) != len(out):
         raise RuntimeError("a shard was written by two partitions: shard assignment is broken")
-    return rows
+    written = {r["shard"]: r["nsamples"] for r in out}
+    expected = {shard_name(assigned.kind, i): size for i, size in enumerate(assigned.sizes)}
+    if written != expected:
+        wrong = sorted(k for k in expected.keys() | written.keys() if written.get(k) != expected.get(k))
+        raise RuntimeError(f"shards differ from their assignment (the rows changed between reads?): {wrong[:5]}")
+    return out
