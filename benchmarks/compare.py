@@ -795,9 +795,9 @@ def notes(r: dict) -> list[str]:
             "publishing, shut-down) and "
             f"{x['report_and_gates_s']} s the HTML report and great-expectations gates; the row-wise work is small "
             f"(decode {ts.get('decode', 0):.1f}, caption clean-up + fastText language ID {ts.get('caption', 0):.1f} "
-            f"task-s). The rest is Spark jobs with fixed costs: the features checkpoint (image bytes written to "
-            f"Parquet and read back), dedup (the exact window, the block shuffle into numpy, joining the pairs back, "
-            f"the keepers), shard assignment, the ledger and the accounting checks. The JVM alone used "
+            f"task-s). The rest is Spark jobs with fixed costs: the features checkpoint (narrow rows: the image "
+            f"bytes are spooled to files), the rules, dedup (on the driver up to dedup.local_items), shard "
+            f"assignment and writing, the ledger and its accounting. The JVM alone used "
             f"{_kind(x, 'cpu_s', 'jvm')} CPU s (start-up, JIT, planning and shuffles), the Python workers "
             f"{_kind(x, 'cpu_s', 'python workers')}, the Python driver {_kind(x, 'cpu_s', 'python driver')}; the "
             f"plain script's whole run took {plain['cpu_s']} CPU s.")
@@ -815,29 +815,26 @@ def notes(r: dict) -> list[str]:
                 f"URL list, {cores} core(s), rules + dedup off: {_rate(off) / _rate(base):.2f}x img2dataset's "
                 f"samples/s; {_cpu_per_k(off)} CPU s per 1k samples against img2dataset's {_cpu_per_k(base)}. Both "
                 "fetch with 16 threads per core and keep the original JPEG bytes; img2dataset decodes with OpenCV, "
-                "hashes and writes. Ours also decodes with PIL, computes sha256, pHash and a pixel-std thumbnail, "
-                "cleans the caption and identifies its language, writes the features checkpoint, a ledger, a "
-                "report and runs the gates, and starts a JVM: the same fixed costs as above.")
+                "hashes and writes. Ours also decodes (JPEG draft mode), computes sha256, pHash, dHash and a pixel "
+                "std, cleans the caption and identifies its language, writes the features checkpoint, a ledger, a "
+                "report and runs the gates, and starts a JVM: the same fixed costs as above. Per URL, requests "
+                "(which our SSRF-checked adapter sits on) costs ~0.5 ms more CPU than urllib.")
     peak = [x for _, x in _our_runs(r) if x.get("rc") == 0]
     if peak:
         x = max(peak, key=lambda y: y["peak_rss_mib"])
         workers = x["by_process"].get("processes_at_peak", {}).get("python workers", 0)
         out.append(
             f"Peak memory: ours up to {x['peak_rss_mib']} MiB: JVM {_kind(x, 'peak_rss_mib', 'jvm')} (spark-defaults.conf "
-            f"gives the driver a 4 GB heap, filled lazily), Python workers {_kind(x, 'peak_rss_mib', 'python workers')} "
-            f"in {workers} processes alive at the peak (each chained mapInArrow stage of a task - read, download, "
-            "decode, caption - appears to get a worker of its own, kept for reuse; the caption workers hold the "
-            f"fastText model), driver {_kind(x, 'peak_rss_mib', 'python driver')}. The plain script's "
-            f"{plain['peak_rss_mib']} MiB is mostly torch, which webdataset 1.x imports.")
+            f"gives the driver a 2 GB heap, filled lazily), Python workers {_kind(x, 'peak_rss_mib', 'python workers')} "
+            f"in {workers} processes alive at the peak (Spark keeps idle workers for reuse), driver "
+            f"{_kind(x, 'peak_rss_mib', 'python driver')} (pyspark, pandas, pyarrow, great-expectations). The plain "
+            f"script's {plain['peak_rss_mib']} MiB is mostly torch, which webdataset 1.x imports.")
     out += [
-        ("What would close the gap (none of it is in this benchmark's files): (1) skip or sample the report and "
-        "gates on small runs (a recipe knob), they cost the same at 2k as at 2M samples; (2) for small corpora, "
-        "fewer shuffle partitions and one features checkpoint without the image bytes (join them back only for "
-        "the kept rows when writing shards); (3) decode once at reduced size for pHash and the std thumbnail "
-        "(PIL's JPEG draft mode: DCT-domain 1/2-1/8 scaling) while still reading the whole stream to catch "
-        "truncation; (4) a smaller driver heap for local runs. At 2,000 samples both wall time and CPU s per 1k are "
-        "dominated by per-run costs (the JVM's ~60 CPU s alone is 30 s per 1k here); on corpora of millions "
-        "the per-sample cost decides, so rerun with a larger --n before judging throughput at scale."),
+        ("What is left of the gap: the per-run costs of a JVM and of each Spark job (session start ~5 s; each "
+        "of the ~40 jobs 0.1-0.5 s on 2 cores), which are the same at 2k as at 2M samples; the JIT compiling on "
+        "the cores the Python workers need (C1-only JIT, -XX:TieredStopAtLevel=1, cut the features pass at 20k by "
+        "~20% but slowed 1M-item dedup by ~20%, so it is not the default); requests' per-URL overhead. On corpora "
+        "of millions the per-sample cost decides, so rerun with a larger --n before judging throughput at scale."),
         ("The plain script's near dedup is an O(n^2) loop over kept hashes (~n^2/2 popcounts: 2M at 2k items, "
         "1.25e9 at 50k) and keeps the first copy seen, not the largest; it cannot use a second core or machine "
         "without a rewrite, while ours scales by adding executors."),
@@ -845,9 +842,6 @@ def notes(r: dict) -> list[str]:
         "but overlapping crops of one photo are near in pHash and dHash without being copies: on the corpus "
         "table they count as distinct images lost. Exact pHash equality almost never merges distinct images "
         "but misses most copies that are cropped or watermarked."),
-        ("A single URL table is one read task in our pipeline (the reader splits by file), so download and decode "
-        "of one big table use one core; here both tools read the same 500-row Parquet files. Split big URL lists "
-        "into files (img2dataset splits rows itself), or the reader should split tables into row ranges."),
         ("img2dataset ran from its own virtual environment: installing it into .venv would downgrade webdataset "
         "1.0.2 to 0.2.111 (img2dataset pins webdataset<0.3) and add wandb, opencv and albumentations. Found with "
         "--img2dataset PATH or on PATH; skipped (and said so) when absent."),
