@@ -280,10 +280,9 @@ def _write_sets(kind: Kind, ctx: Context, plan: Plan, samples):
                  for name in kind.all_shard_sets]
     indexes, stats = [], []
     for name, part in parts:
-        index, num_shards = shards.assign_shards(part, name, max_samples, max_bytes, plan.sample_size(F))
-        stats += shards.write_shards(part.join(index, SAMPLE_ID), shards.staging_dir(ctx.out, name),
-                                     plan.to_sample, num_shards, contract)
-        indexes.append(index)
+        assigned = shards.assign_shards(part, name, max_samples, max_bytes, plan.sample_size(F))
+        stats += shards.write_shards(part, assigned, shards.staging_dir(ctx.out, name), plan.to_sample, contract)
+        indexes.append(assigned.index)
     index = indexes[0]
     for more in indexes[1:]:
         index = index.unionByName(more)
