@@ -135,7 +135,9 @@ def find_duplicates_with_stats(df, cfg: Dedup):
     stats = DedupStats()
     if cfg.exact:
         w = Window.partitionBy(S.CONTENT_SHA).orderBy("rank_key")
-        ranked = items.withColumn("keeper", F.first(SAMPLE_ID).over(w))
+        # a window puts every null content hash in one partition: an item without one is its own keeper
+        keeper = F.when(F.col(S.CONTENT_SHA).isNull(), F.col(SAMPLE_ID)).otherwise(F.first(SAMPLE_ID).over(w))
+        ranked = items.withColumn("keeper", keeper)
         drops = ranked.filter(F.col("keeper") != F.col(SAMPLE_ID)).select(
             SAMPLE_ID, F.lit("exact_duplicate").alias("reason"), F.col("keeper").alias("duplicate_of"))
         items = ranked.filter(F.col("keeper") == F.col(SAMPLE_ID)).drop("keeper")
@@ -537,7 +539,7 @@ def _on_driver(spark, items, cfg: Dedup):
         keeper: dict = {}
         for i, sha in enumerate(items.column(S.CONTENT_SHA).to_pylist()):  # rank order: the first keeps
             if sha is None:
-                continue  # as in SQL, a null key is never equal to another (the Spark path's window keeps each)
+                continue  # a null content hash equals nothing: the item is its own keeper (as on the Spark path)
             if sha in keeper:
                 out.append((ids[i], "exact_duplicate", ids[keeper[sha]]))
                 alive[i] = False

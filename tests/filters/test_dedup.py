@@ -162,6 +162,15 @@ def test_pairs_within_matches_brute_force(parts, bits):
     assert set(zip(*pairs_within(h, 10, parts, bits))) == want
 
 
+def test_items_without_a_content_hash_are_never_exact_duplicates(spark):
+    """Both paths: a null content hash equals no other (a window would put all nulls in one group)."""
+    rows = [(f"n{i}", None, i << 20, bytes(32), 100, 100, 1000) for i in range(4)]
+    rows += [("s0", "sha-a", 1 << 40, bytes(32), 100, 100, 1000), ("s1", "sha-a", 1 << 41, bytes(32), 50, 50, 900)]
+    df = spark.createDataFrame(rows, "sample_id string, content_sha string, phash long, phash256 binary, "
+                                     "width int, height int, source_bytes long")
+    assert _both_paths(df, Dedup(near=False)) == [("s1", "exact_duplicate", "s0")]
+
+
 def test_shards_split_across_batches_give_the_same_pairs_as_whole_shards():
     """A partition holds many (block, value) shards in sorted runs that batches cut anywhere: each run is
     gathered whole, so the pairs equal those of every shard handed over on its own."""
