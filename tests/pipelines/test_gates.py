@@ -170,38 +170,6 @@ def test_no_kept_samples_is_not_a_failure(tmp_path):
     assert res["failed_critical"] == []
 
 
-def test_tar_reader_reads_what_tarfile_reads():
-    import tarfile
-
-    members = [("a" * 120 + ".json", b'{"x": 1}'), ("dir/k1.jpg", b"\xff\xd8\xff" + bytes(700)), ("k\u00e9.txt", b"t"),
-               ("empty.txt", b"")]
-    for fmt in (tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT):
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
-            tar.addfile(tarfile.TarInfo("dir") if fmt != tarfile.USTAR_FORMAT else _dir("dir"))
-            for name, data in members:
-                if fmt == tarfile.USTAR_FORMAT and len(name) > 100:
-                    name = "p" * 50 + "/" + name[:90]  # ustar: the prefix field holds the folder
-                info = tarfile.TarInfo(name)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-        with tarfile.open(fileobj=io.BytesIO(buf.getvalue())) as tar:
-            expected = [(m.name, tar.extractfile(m).read()) for m in tar if m.isfile()]
-        assert list(gates.tar_files(io.BytesIO(buf.getvalue()))) == expected, fmt
-    sparse = bytearray(buf.getvalue())
-    sparse[156:157] = b"S"  # a member type the fast reader leaves to tarfile
-    with pytest.raises(gates._UnusualTar):
-        list(gates.tar_files(io.BytesIO(bytes(sparse))))
-
-
-def _dir(name: str):
-    import tarfile
-
-    info = tarfile.TarInfo(name)
-    info.type = tarfile.DIRTYPE
-    return info
-
-
 def test_shard_table_reads_the_shards_in_the_executors(spark, tmp_path):
     from pipelines.io import shards as shard_io
     from schemas import ledger as L
