@@ -175,3 +175,22 @@ def test_trainer_formatter_reads_the_shards_the_writer_made(toy_run):
         assert Image.open(io.BytesIO(s["jpg"])).size == (doc["width"], doc["height"])
         assert tok.decode(f.ids).endswith(doc["caption"] + "<|endoftext|>")
     formatters.REGISTRY.pop("toy_cards")
+
+
+def test_a_step_that_drops_nothing_leaves_no_join_behind(spark):
+    from pyspark.sql import functions as F
+
+    from pipelines.kind import truncated
+
+    rows = spark.range(1000).select(F.col("id").cast("string").alias("sample_id"))
+    nothing = truncated(spark.createDataFrame([], "sample_id string, reason string"))
+    some = truncated(rows.filter("sample_id < '10'").select("sample_id", F.lit("x").alias("reason")))
+    assert nothing.count() == 0 and some.count() == 2  # '0' and '1' sort before '10'
+
+    def plan(drops):
+        return rows.join(drops.select("sample_id"), "sample_id", "left_anti")._jdf.queryExecution().executedPlan().toString()
+
+    # an empty decision table is folded away (it was a checkpoint of unknown size: a sort-merge join that
+    # shuffled every row in play); a non-empty one stays and is broadcast
+    assert "Join" not in plan(nothing)
+    assert "BroadcastHashJoin" in plan(some) and "SortMergeJoin" not in plan(some)
