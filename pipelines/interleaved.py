@@ -179,15 +179,12 @@ def list_units(uris: list[str]) -> list[tuple[str, str, str]]:
 
 def unit_table(spark, units: list[tuple[str, str, str]], files_per_task: int, dataset: str):
     """One row per read unit; HTML pages `files_per_task` to a task, every WARC or table a task of its own."""
-    from schemas.common import spark_type
-
     pages = [u for u in units if u[0] == HTML]
     tasks = [pages[i:i + max(1, files_per_task)] for i in range(0, len(pages), max(1, files_per_task))]
     tasks += [[u] for u in units if u[0] != HTML]
     rows = [[(fmt, uri, root, ("pages:" + uri.rsplit("/", 1)[0]) if fmt == HTML else uri, dataset)
              for fmt, uri, root in task] for task in tasks]
-    return (spark.sparkContext.parallelize(rows, max(1, len(rows))).flatMap(lambda task: task)
-            .toDF(spark_type(UNITS)))
+    return readers.task_table(spark, rows, UNITS)
 
 
 # --- tokens ----------------------------------------------------------------------------------------------

@@ -930,12 +930,26 @@ def read_plan(spark, uris: list[str], files_per_task: int, rows_per_unit: int = 
     tasks = resolve_splits(spark, plan_units(uris, files_per_task, rows_per_unit, bytes_per_unit))
     if not tasks:
         raise FileNotFoundError(f"no input files under {uris}")
-    # one element per partition: each read unit list becomes exactly one task
-    return (spark.sparkContext.parallelize(tasks, len(tasks))
-            .flatMap(lambda task: [(u["format"], u["uri"], u["caption_uri"], u["meta_uri"], u.get("part"),
-                                    u.get("root"))
-                                   for u in task])
-            .toDF(spark_type(UNIT)))
+    return task_table(spark, [[(u["format"], u["uri"], u["caption_uri"], u["meta_uri"], u.get("part"), u.get("root"))
+                               for u in task] for task in tasks], UNIT)
+
+
+def task_table(spark, tasks: list[list[tuple]], schema: pa.Schema):
+    """DataFrame of `tasks` (lists of rows in `schema`'s column order), each list exactly one Spark
+    partition, rows in their order. No Python process builds it: spark.range(n, numPartitions=n) puts
+    id i alone in partition i and a broadcast join with the rows keeps that partitioning. (The Python
+    RDD it replaces, parallelize(tasks).flatMap(...).toDF(), ran a second Python worker in every read
+    task beside the one that reads, only to unpickle a few rows.)"""
+    from pyspark.sql import functions as F
+    from pyspark.sql.types import IntegerType, StructField, StructType
+
+    n = max(1, len(tasks))
+    rows = [(i, j, *row) for i, task in enumerate(tasks) for j, row in enumerate(task)]
+    typ = StructType([StructField("_task", IntegerType(), False), StructField("_seq", IntegerType(), False),
+                      *spark_type(schema).fields])
+    table = spark.createDataFrame(rows, typ)
+    return (spark.range(0, n, 1, n).join(F.broadcast(table), F.col("id") == F.col("_task"))
+            .sortWithinPartitions("_seq").select(*schema.names))
 
 
 def read_image_text(spark, uris: list[str], files_per_task: int, max_member_bytes: int, stages=(), timer=None,

@@ -397,6 +397,17 @@ def test_large_tables_are_split_and_keys_do_not_depend_on_the_split(tmp_path, sp
     assert keyed["row4"] is None and keyed["row4#1"] == "duplicate_member"
 
 
+def test_task_table_makes_each_list_one_partition_in_order(spark):
+    schema = pa.schema([pa.field("uri", pa.string()), pa.field("n", pa.int64())])
+    tasks = [[(f"t{i}/u{j}", j) for j in range(k)] for i, k in enumerate((3, 1, 5, 2, 4, 1, 7))]
+    df = readers.task_table(spark, tasks, schema)
+    assert df.columns == ["uri", "n"]
+    assert df.rdd.glom().map(lambda rows: [(r["uri"], r["n"]) for r in rows]).collect() == tasks
+    # no Python worker builds the partitions: a range joined with a broadcast (the RDD lineage of the
+    # parallelize(...).flatMap(...).toDF() this replaced had a PythonRDD in it)
+    assert "PythonRDD" not in df._jdf.queryExecution().toRdd().toDebugString()
+
+
 def test_a_split_unit_reads_only_its_part(tmp_path, monkeypatch):
     paths = _split_fixtures(tmp_path)
     units = [u for t in readers.plan_units([str(paths[1])], 10, rows_per_unit=4) for u in t]
