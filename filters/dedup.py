@@ -131,7 +131,7 @@ def find_duplicates_with_stats(df, cfg: Dedup):
         few = items.limit(cfg.local_items + 1).toArrow()  # one job; a large run reads a bounded head only
         if few.num_rows <= cfg.local_items:
             return _on_driver(spark, few, cfg)
-    drops = spark.createDataFrame([], DROPS)
+    drops = drops_frame(spark)
     stats = DedupStats()
     if cfg.exact:
         w = Window.partitionBy(S.CONTENT_SHA).orderBy("rank_key")
@@ -492,9 +492,7 @@ def _keepers_on_driver(edges):
     nodes, state = _greedy(table.column("src").to_pylist(), table.column("dst").to_pylist())
     spark = edges.sparkSession
     out = pa.table({"node": pa.array(nodes, pa.string()), "state": pa.array([state[n] for n in nodes], pa.int32())})
-    frame = spark.createDataFrame(out.to_pandas(), "node string, state int") if nodes else \
-        spark.createDataFrame([], "node string, state int")
-    return frame, 1, sum(v == UNDECIDED for v in state.values())
+    return spark.createDataFrame(out), 1, sum(v == UNDECIDED for v in state.values())
 
 
 def _greedy(src: list, dst: list) -> tuple[list, dict]:
@@ -520,7 +518,14 @@ def _greedy(src: list, dst: list) -> tuple[list, dict]:
     return nodes, state
 
 
-DROPS = "sample_id string, reason string, duplicate_of string"
+def drops_frame(spark, rows: list[tuple[str, str, str | None]] = ()):
+    """The (sample_id, reason, duplicate_of) decision table of `rows`, sent to Spark as Arrow: a
+    DataFrame of a Python list would start a Python worker (in a pool of its own) only to unpickle it."""
+    import pyarrow as pa
+
+    return spark.createDataFrame(pa.table({SAMPLE_ID: pa.array([r[0] for r in rows], pa.string()),
+                                           "reason": pa.array([r[1] for r in rows], pa.string()),
+                                           "duplicate_of": pa.array([r[2] for r in rows], pa.string())}))
 
 
 def _on_driver(spark, items, cfg: Dedup):
@@ -528,7 +533,6 @@ def _on_driver(spark, items, cfg: Dedup):
     rank_key) on the driver: the same decisions as the Spark path (tests compare them), in one job.
     Exact: per content hash, the best rank_key keeps. Near: `pairs_within` over all the hashes at once,
     both tiers checked, then the same keeper greedy; a dropped item points at its best-ranked keeper."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     items = items.sort_by([("rank_key", "ascending")])
@@ -567,10 +571,7 @@ def _on_driver(spark, items, cfg: Dedup):
         out += [(ids[j], "near_duplicate", ids[i]) for j, i in sorted(best.items())]
         stats = DedupStats(skipped=sum(v == UNDECIDED for v in state.values()), edges=len(src), rounds=1)
     log.info("dedup on the driver: %d items, %d dropped, %d near pairs", items.num_rows, len(out), stats.edges)
-    table = pa.table({SAMPLE_ID: pa.array([r[0] for r in out], pa.string()),
-                      "reason": pa.array([r[1] for r in out], pa.string()),
-                      "duplicate_of": pa.array([r[2] for r in out], pa.string())})
-    return spark.createDataFrame(table.to_pandas(), DROPS) if out else spark.createDataFrame([], DROPS), stats
+    return drops_frame(spark, out), stats
 
 
 def _keepers(edges, max_rounds: int, local_edges: int = LOCAL_EDGES):

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from filters.dedup import DROPPED, KEEPER, _keepers
+from filters.dedup import DROPPED, KEEPER, _keepers, drops_frame
 from schemas.common import SAMPLE_ID
 
 
@@ -84,8 +84,7 @@ def near_duplicates(docs, cfg: DocDedup, num_perm: int):
     edges = near_pairs(docs, cfg, num_perm).localCheckpoint()
     n_edges = edges.count()
     if n_edges == 0:  # nothing to choose between: no keeper rounds
-        empty = docs.sparkSession.createDataFrame([], "sample_id string, reason string, duplicate_of string")
-        return empty, {"near_pairs": 0, "rounds": 0, "skipped": 0}
+        return drops_frame(docs.sparkSession), {"near_pairs": 0, "rounds": 0, "skipped": 0}
     state, rounds, undecided = _keepers(edges.select("src", "dst"), cfg.max_rounds)
     kept = state.filter(F.col("state") == KEEPER).select(F.col("node").alias("src"))
     dropped = state.filter(F.col("state") == DROPPED).select(F.col("node").alias("dst"))

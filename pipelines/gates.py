@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import sys
 import tarfile
@@ -36,8 +37,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import pyarrow as pa
+
+from pipelines.io import readers, storage
 from pipelines.io import shards as shard_io
-from pipelines.io import storage
 from pipelines.kind import Kind
 from schemas import ledger as L
 from schemas.common import SAMPLE_ID, SAMPLE_ID_REGEX
@@ -394,8 +397,15 @@ def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contra
     tasks = [(shard_io.staging_dir(out, s), n) for s, ns in sorted(sets.items()) for n in ns]
     read: list[dict] = []
     if tasks:
-        read = (ledger.sparkSession.sparkContext.parallelize(tasks, len(tasks))
-                .flatMap(lambda t: shard_rows(t[0], t[1], contract)).collect())
+        # one task per shard; each sends back its rows pickled (their cells keep their Python types)
+        def read_back(batches):
+            for b in batches:
+                rows = [pickle.dumps(shard_rows(d, n, contract)) for d, n in zip(*b.to_pydict().values())]
+                yield pa.record_batch([pa.array(rows, pa.binary())], names=["rows"])
+
+        where = pa.schema([("dir", pa.string()), ("name", pa.string())])
+        got = readers.task_table(ledger.sparkSession, [[t] for t in tasks], where).mapInArrow(read_back, "rows binary")
+        read = [r for b in got.toArrow().column("rows").to_pylist() for r in pickle.loads(b)]
     table = shard_frame(read, contract)
     if rows is not None:
         mine = rows[L.SHARD].isin(names) & ((rows[L.UNIT] == unit) if unit else rows[L.PARENT_ID].isna())

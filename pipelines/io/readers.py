@@ -37,15 +37,14 @@ from filters.base import Stage, apply_stages
 from pipelines.io import storage
 from schemas import image_text as S
 from schemas.common import (
-    READ_UNIT,
     ERROR,
     ERROR_DETAIL,
     KIND,
+    READ_UNIT,
     SAMPLE_ID,
     SOURCE,
     SOURCE_KEY,
     make_sample_id,
-    spark_type,
 )
 
 
@@ -936,18 +935,17 @@ def read_plan(spark, uris: list[str], files_per_task: int, rows_per_unit: int = 
 
 def task_table(spark, tasks: list[list[tuple]], schema: pa.Schema):
     """DataFrame of `tasks` (lists of rows in `schema`'s column order), each list exactly one Spark
-    partition, rows in their order. No Python process builds it: spark.range(n, numPartitions=n) puts
-    id i alone in partition i and a broadcast join with the rows keeps that partitioning. (The Python
-    RDD it replaces, parallelize(tasks).flatMap(...).toDF(), ran a second Python worker in every read
-    task beside the one that reads, only to unpickle a few rows.)"""
+    partition, rows in their order. No Python process builds it: the rows go to the JVM as Arrow,
+    spark.range(n, numPartitions=n) puts id i alone in partition i and a broadcast join with the rows
+    keeps that partitioning. (A Python RDD, parallelize(tasks).flatMap(...).toDF(), ran a Python worker
+    in every read task beside the one that reads, only to unpickle a few rows, and its workers, started
+    with other settings than those of SQL's Python UDFs, were a second pool of idle processes.)"""
     from pyspark.sql import functions as F
-    from pyspark.sql.types import IntegerType, StructField, StructType
 
     n = max(1, len(tasks))
     rows = [(i, j, *row) for i, task in enumerate(tasks) for j, row in enumerate(task)]
-    typ = StructType([StructField("_task", IntegerType(), False), StructField("_seq", IntegerType(), False),
-                      *spark_type(schema).fields])
-    table = spark.createDataFrame(rows, typ)
+    full = pa.schema([pa.field("_task", pa.int32()), pa.field("_seq", pa.int32()), *schema])
+    table = spark.createDataFrame(pa.Table.from_pylist([dict(zip(full.names, r)) for r in rows], schema=full))
     return (spark.range(0, n, 1, n).join(F.broadcast(table), F.col("id") == F.col("_task"))
             .sortWithinPartitions("_seq").select(*schema.names))
 

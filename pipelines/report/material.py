@@ -418,7 +418,8 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
     # --- one pass: every row's report values; text, media and source only for the wanted rows -------
     report = list(res.report_columns)
     spark = ledger.sparkSession
-    flag = F.broadcast(spark.createDataFrame([(i, True) for i in wanted], f"{SAMPLE_ID} string, _pick boolean"))
+    flag = F.broadcast(spark.createDataFrame(pa.table({SAMPLE_ID: pa.array(wanted, pa.string()),
+                                                       "_pick": pa.array([True] * len(wanted), pa.bool_())})))
     picked = F.coalesce(F.col("_pick"), F.lit(False))
     text = F.substring(res.text, 1, TEXT_CHARS) if res.text else F.lit(None).cast("string")
     media = F.col(res.thumbnail) if res.thumbnail else F.lit(None).cast("binary")
