@@ -4,8 +4,8 @@ Per kind, three suites, each over a pandas table built from the run, and each ge
 the kind declares (`pipelines/kind.py`): its units, its reasons and its shard contract. Nothing here
 names a kind.
 
-- `<kind>.ledger`: the ledger rows of the kind (every row up to `LEDGER_CAP`; above it a sample
-  chosen by a hash of sample_id, so both copies of a duplicated id are in or out together): ids
+- `<kind>.ledger`: every ledger row of the kind (up to `LEDGER_CAP` rows as pandas on the driver;
+  above it the Spark DataFrame itself, validated by great-expectations' Spark engine): ids
   unique and well-formed, units declared by the kind, statuses and reasons declared for the kind
   with the status each reason has, kept rows with a shard and no reason, sub-items pointing at a
   parent, duplicates pointing at a ledger row.
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it logs every registration at INFO
 
 CRITICAL, WARNING = "critical", "warning"
-LEDGER_CAP = 1_000_000  # ledger rows validated one by one; above it, a hash sample of about this many
+LEDGER_CAP = 1_000_000  # ledger rows validated in pandas on the driver; above it, in Spark
 SHARD_SAMPLE_CAP = 20_000  # shard samples read back on the driver; above it, whole shards spread evenly
 GX_DOCS = "gx/uncommitted/data_docs/local_site/index.html"  # relative to OUT/reports
 SAMPLE_ID_PATTERN = f"^{SAMPLE_ID_REGEX}$"
@@ -241,36 +241,35 @@ def shard_checks(contract: Contract, expected_rows: int) -> list:
 # --- the tables ---------------------------------------------------------------------------------
 
 
-def _hash_fraction(F, col: str):
-    """Uniform in [0, 1) from a 64-bit hash of a column: deterministic sampling."""
-    return F.xxhash64(F.lit("vlcurate-gates"), F.col(col)).bitwiseAND((1 << 53) - 1) / float(1 << 53)
-
-
 def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None):
-    """(pandas ledger rows of `kind` with keeper_status and parent_status, info). keeper_status: the
+    """(the ledger rows of `kind` with keeper_status and parent_status, info). keeper_status: the
     status of the row named by duplicate_of ('none' when the row is no duplicate, 'missing' when no
-    such row exists); parent_status likewise for parent_id, among the rows of the same kind. `n`: the
-    kind's ledger rows when already counted (the totals count them)."""
+    such row exists); parent_status likewise for parent_id, among the rows of the same kind. Up to
+    `cap` rows the table comes back as pandas (one fetch; great-expectations' pandas engine is faster
+    than a dozen Spark jobs on a small table); above it, it is the Spark DataFrame, validated where it
+    lies. Every row is checked at any size. `n`: the kind's ledger rows when already counted (the
+    totals count them)."""
     from pyspark.sql import functions as F
 
     rows = ledger.filter(F.col("kind") == kind)
     n = rows.count() if n is None else n
+    # one status per id, so a duplicated id (which sample_id_unique reports) does not repeat the rows naming it
     keepers = ledger.select(F.col(SAMPLE_ID).alias("_keeper"), F.col(L.STATUS).alias("_keeper_status"))
+    keepers = keepers.dropDuplicates(["_keeper"])
     parents = ledger.filter(F.col("kind") == kind).select(F.col(SAMPLE_ID).alias("_parent"),
                                                           F.col(L.STATUS).alias("_parent_status"))
+    parents = parents.dropDuplicates(["_parent"])
     rows = rows.join(keepers, rows[L.DUPLICATE_OF] == keepers["_keeper"], "left")
     rows = rows.join(parents, rows[L.PARENT_ID] == parents["_parent"], "left")
     rows = rows.withColumn("keeper_status", F.when(F.col(L.DUPLICATE_OF).isNull(), "none")
                            .otherwise(F.coalesce(F.col("_keeper_status"), F.lit("missing"))))
     rows = rows.withColumn("parent_status", F.when(F.col(L.PARENT_ID).isNull(), "none")
                            .otherwise(F.coalesce(F.col("_parent_status"), F.lit("missing"))))
-    sampled = n > cap
-    if sampled:
-        rows = rows.filter(_hash_fraction(F, SAMPLE_ID) < cap / n)
     cols = [SAMPLE_ID, "kind", L.UNIT, L.PARENT_ID, L.STATUS, L.REASON, L.DUPLICATE_OF, L.SHARD, "keeper_status",
             "parent_status"]
-    table = rows.select(cols).toArrow().to_pandas()
-    return table, {"rows": n, "validated": len(table), "sampled": sampled}
+    rows = rows.select(cols)
+    engine = "spark" if n > cap else "pandas"
+    return (rows if engine == "spark" else rows.toArrow().to_pandas()), {"rows": n, "engine": engine}
 
 
 def totals_table(ledger, kind: Kind, summary_kind: dict, assertions: list[dict]):
@@ -386,7 +385,7 @@ def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contra
     samples the ledger puts in those shards; info). `unit`: the kind's sample unit (default: its items).
     The shards are read and checked against the contract in the executors, a task per shard; only
     their rows (at most about `cap`) come back. `rows`: every ledger row of the kind as pandas (the
-    ledger table when it is not sampled), read instead of the ledger."""
+    ledger table when it was fetched), read instead of the ledger."""
     from pyspark.sql import functions as F
 
     picked = pick_shards(stats, cap)
@@ -456,16 +455,22 @@ def _context(root: str):
 
 
 def validate(tables: dict, suites: dict, root: str) -> dict:
-    """Run each suite (name '<kind>.<table>') on its pandas table in a file context under
-    root/gx, build Data Docs there, and return plain results per suite."""
+    """Run each suite (name '<kind>.<table>') on its table, pandas or Spark (validated by
+    great-expectations' Spark engine, in Spark jobs), in a file context under root/gx, build Data Docs
+    there, and return plain results per suite."""
     import great_expectations as gx
+    import pandas as pd
 
     ctx = _context(root)
-    source = ctx.data_sources.add_pandas("vlcurate")
+    sources: dict = {}
     out: dict = {}
     for name, expectations in suites.items():
         table = tables[name]
-        batch = source.add_dataframe_asset(name).add_batch_definition_whole_dataframe("run")
+        local = isinstance(table, pd.DataFrame)
+        if local not in sources:
+            sources[local] = (ctx.data_sources.add_pandas("vlcurate") if local
+                              else ctx.data_sources.add_spark("vlcurate-spark"))
+        batch = sources[local].add_dataframe_asset(name).add_batch_definition_whole_dataframe("run")
         suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=list(expectations)))
         vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
         result = vd.run(batch_parameters={"dataframe": table}, result_format="BASIC")
@@ -490,7 +495,7 @@ def validate(tables: dict, suites: dict, root: str) -> dict:
                 "exception": exc,
             })
         checks.sort(key=lambda c: c["name"])
-        out[name] = {"rows": len(table), "success": all(c["success"] for c in checks if c["severity"] == CRITICAL),
+        out[name] = {"rows": len(table) if local else table.count(), "success": all(c["success"] for c in checks if c["severity"] == CRITICAL),
                      "expectations": checks}
     ctx.build_data_docs()
     # each suite's validation page: static HTML that reads offline too (the site's index needs its CDN scripts)
@@ -543,7 +548,7 @@ def run_gates(results: dict, ledger, summary: dict, recipe, out: str) -> dict:
         suites[f"{name}.ledger"] = ledger_checks(kind)
         tables[f"{name}.totals"] = totals
         suites[f"{name}.totals"] = totals_checks(kind, res.assertions)
-        whole = None if led_info["sampled"] else tables[f"{name}.ledger"]  # every row: no second look-up
+        whole = tables[f"{name}.ledger"] if led_info["engine"] == "pandas" else None  # no second look-up
         tables[f"{name}.shards"], expected, shard_info = shard_table(ledger, name, out, res.shards, contract,
                                                                          unit=kind.samples_unit, rows=whole)
         suites[f"{name}.shards"] = shard_checks(contract, expected)
@@ -555,7 +560,7 @@ def run_gates(results: dict, ledger, summary: dict, recipe, out: str) -> dict:
         _upload_tree(os.path.join(root, "gx"), storage.join(reports, "gx"))
         shutil.rmtree(root, ignore_errors=True)
     gates = {"suites": suite_results, "sampling": sampling, "data_docs": GX_DOCS,
-             "limits": {"ledger_rows": LEDGER_CAP, "shard_samples": SHARD_SAMPLE_CAP}}
+             "limits": {"ledger_rows_on_driver": LEDGER_CAP, "shard_samples": SHARD_SAMPLE_CAP}}
     gates["failed_critical"] = [c["name"] for c in failed(gates, CRITICAL)]
     gates["failed_warnings"] = [c["name"] for c in failed(gates, WARNING)]
     gates["passed"] = not gates["failed_critical"]
