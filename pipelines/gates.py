@@ -1,6 +1,7 @@
 """Quality gates: great-expectations suites that a run must pass before its shards are published.
 
-Per kind, three suites, each over a pandas table built from the run, and each generated from what
+Per kind, three suites, each over a table built from the run (pandas, or for a large ledger the Spark
+DataFrame), and each generated from what
 the kind declares (`pipelines/kind.py`): its units, its reasons and its shard contract. Nothing here
 names a kind.
 
