@@ -20,7 +20,7 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import requests
+import urllib3
 
 from filters.download import OK, OPTED_OUT, Download, Outcome
 from schemas import video as S
@@ -55,12 +55,12 @@ class DownloadVideo(Download):
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.PATH, pa.string()), pa.field(ERROR, pa.string()), pa.field(ERROR_DETAIL, pa.string())]
 
-    def setup(self, threads: int) -> requests.Session:
+    def setup(self, threads: int) -> urllib3.PoolManager:
         session = super().setup(threads)
         session.headers["Accept"] = "video/*,*/*;q=0.8"
         return session
 
-    def fetch(self, session: requests.Session, url: str) -> Outcome:
+    def fetch(self, session: urllib3.PoolManager, url: str) -> Outcome:
         url = url.strip()
         target = os.path.join(self.directory, local_name(url))
         if os.path.isfile(target):  # fetched before (the same URL on another row, or a resumed run)
