@@ -817,8 +817,8 @@ def notes(r: dict) -> list[str]:
                 "fetch with 16 threads per core and keep the original JPEG bytes; img2dataset decodes with OpenCV, "
                 "hashes and writes. Ours also decodes (JPEG draft mode), computes sha256, pHash, dHash and a pixel "
                 "std, cleans the caption and identifies its language, writes the features checkpoint, a ledger, a "
-                "report and runs the gates, and starts a JVM: the same fixed costs as above. Per URL, requests "
-                "(which our SSRF-checked adapter sits on) costs ~0.5 ms more CPU than urllib.")
+                "report and runs the gates, and starts a JVM: the same fixed costs as above; its download "
+                "threads share a process, and so the GIL, with the decode.")
     peak = [x for _, x in _our_runs(r) if x.get("rc") == 0]
     if peak:
         x = max(peak, key=lambda y: y["peak_rss_mib"])
