@@ -50,7 +50,6 @@ from schemas.common import (
     SOURCE,
     SOURCE_KEY,
     make_sample_id,
-    spark_type,
 )
 from schemas.common import KIND as KIND_COLUMN
 
@@ -409,7 +408,8 @@ def plan(ctx: Context) -> Plan:
                                                                   recipe.read.dataset), SceneRows(), *after],
                                       ctx.timer))
         if units:
-            df = ctx.spark.createDataFrame([(u["format"], u["uri"], u["root"]) for u in units], spark_type(UNIT))
+            # as Arrow, not a Python list: no Python worker (of a pool of its own) to unpickle it
+            df = ctx.spark.createDataFrame(pa.Table.from_pylist([{k: u[k] for k in UNIT.names} for u in units], UNIT))
             df = df.repartition(min(len(units), max(1, ctx.spark.sparkContext.defaultParallelism * 4)))
             parts.append(apply_stages(df, [ReadOcrUnits(cfg, recipe.read.max_member_bytes, counter, recipe.read.dataset),
                                            render, academic_aug, *after], ctx.timer))

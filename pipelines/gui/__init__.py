@@ -91,12 +91,14 @@ def plan(ctx: Context) -> Plan:
     counter = ctx.spark.sparkContext.accumulator({}, readers.ReadCounts())
 
     def features():
+        import pyarrow as pa
+
         from filters.base import apply_stages
 
         sc = ctx.spark.sparkContext
-        rows = [(u["format"], u["uri"], u["files"], u["root"]) for u in units]
-        plan_df = ctx.spark.createDataFrame(sc.parallelize(rows, len(rows)),
-                                            "format string, uri string, files array<string>, root string")
+        plan_df = readers.task_table(ctx.spark, [[(u["format"], u["uri"], u["files"], u["root"])] for u in units],
+                                     pa.schema([("format", pa.string()), ("uri", pa.string()),
+                                                ("files", pa.list_(pa.string())), ("root", pa.string())]))
         reader = R.ReadGui(viewports, cfg.renders_per_page, recipe.seed, recipe.read.dataset,
                            recipe.read.max_member_bytes, counter)
         raw = apply_stages(plan_df, [reader], ctx.timer)
