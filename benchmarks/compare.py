@@ -8,7 +8,7 @@ with ~10 % re-encoded copies) is written as WebDataset tars, its images are serv
 server on 127.0.0.1, and the same inputs go through:
 
 1. URL list -> WebDataset shards: img2dataset (resize_mode=no, skip_reencode: the JPEG bytes pass
-   through, as ours do) against our job (spark-submit, `image_text.download.allow_loopback=true`,
+   through, as ours do) against our job (bin/vlcurate, `image_text.download.allow_loopback=true`,
    CLIP and balancing off), once with rules and dedup off (the same work as img2dataset) and once
    with them at the recipe's defaults. Both read the same Parquet URL tables (url, caption).
 2. Local tars -> curated shards (decode, rules, exact + near dedup, write): a plain single-process
@@ -319,14 +319,13 @@ def run_img2dataset(exe: str, tables: str, out: str, cores: int, log_path: str) 
 
 
 def run_ours(inputs: str, out: str, cores: int, overrides: list[str], log_path: str) -> dict:
-    spark_submit = os.path.join(os.path.dirname(sys.executable), "spark-submit")
-    cmd = [spark_submit, "--master", f"local[{cores}]", "--properties-file", os.path.join(ROOT, "spark-defaults.conf"),
-           "--conf", "spark.ui.enabled=false", os.path.join(ROOT, "jobs", "build_pretrain.py"),
-           "--input", f"image_text={inputs}", "--output", out]
+    # the command a user runs (bin/vlcurate: spark-submit with spark-defaults.conf, the venv's Python and
+    # the JVM class archive `make setup` makes), with this Python's environment
+    cmd = [os.path.join(ROOT, "bin", "vlcurate"), "--input", f"image_text={inputs}", "--output", out]
     for o in overrides:
         cmd += ["--set", o]
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
-               SPARK_LOCAL_IP="127.0.0.1")
+    env = dict(os.environ, VLCURATE_VENV=os.path.dirname(os.path.dirname(sys.executable)), SPARK_LOCAL_IP="127.0.0.1",
+               VLCURATE_SPARK_ARGS=f"--master local[{cores}] --conf spark.ui.enabled=false")
     r = measure(cmd, log_path, env=env)
     r.update({"tool": "vlcurate", "cores": cores, "command": " ".join(cmd)})
     summary_path = os.path.join(out, "reports", "summary.json")
@@ -704,7 +703,7 @@ def markdown(r: dict) -> str:
             L.append(f"| vlcurate local[{x['cores']}] | {x['cores']} | failed (rc {x['rc']}, see JSON) | | | | | | | | |")
             continue
         scale = f"{_rate(x) / _rate(one):.2f}x" if one else ""
-        L.append(f"| vlcurate local[{x['cores']}] (spark-submit, CLIP + balancing off) | {x['cores']} | {x['input']} | "
+        L.append(f"| vlcurate local[{x['cores']}] (bin/vlcurate, CLIP + balancing off) | {x['cores']} | {x['input']} | "
                  f"{x['kept']} | {x['wall_s']} | {_rate(x)} | {_rate(x) / _rate(plain):.2f}x | {scale} | "
                  f"{_cpu_per_k(x)} | {x['peak_rss_mib']} | {_load(x)} |")
     L += ["", ("Where our job's time and memory go (wall seconds; task-seconds are summed over cores; CPU and "

@@ -73,3 +73,36 @@ def test_missing_environment_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"vlcurate: no Python environment with pyspark at {tmp_path}/none " \
                                   f"(run 'make setup' in {ROOT})"
+
+
+def test_class_archive_is_made_then_mapped_and_a_stale_one_is_ignored(tmp_path):
+    """`make setup` makes the driver JVM's class archive with VLCURATE_CLASS_ARCHIVE_DUMP=1; later runs map
+    it (the JVM loads classes from it: 'shared objects file (top)'), unless it was made for another Java
+    or Spark, which is said once and otherwise ignored."""
+    archive = tmp_path / "jvm" / "classes.jsa"
+    env = {**FRESH, "VLCURATE_CLASS_ARCHIVE": str(archive)}
+
+    def run(*, log=None, check=False, **extra) -> subprocess.CompletedProcess:
+        e = {**env, **extra}
+        if log:
+            e["SPARK_SUBMIT_OPTS"] = f"-Xlog:class+load=info:file={log}"
+        return subprocess.run([VLCURATE, "--help"], cwd=tmp_path, env=e, capture_output=True, text=True,
+                              timeout=300, check=check)
+
+    assert run(VLCURATE_CLASS_ARCHIVE_CHECK="1").returncode == 1  # none yet
+    made = run(VLCURATE_CLASS_ARCHIVE_DUMP="1")
+    assert made.returncode == 0 and "usage: build_pretrain" in made.stdout, made.stderr[-3000:]
+    assert archive.stat().st_size > 1_000_000 and not (tmp_path / "jvm" / "classes.jsa.tmp").exists()
+    assert run(VLCURATE_CLASS_ARCHIVE_CHECK="1").returncode == 0
+
+    used = run(log=tmp_path / "used.log", check=True)
+    assert "usage: build_pretrain" in used.stdout and "vlcurate:" not in used.stderr
+    assert (tmp_path / "used.log").read_text().count("source: shared objects file (top)") > 1000
+
+    key = tmp_path / "jvm" / "classes.jsa.key"
+    key.write_text(key.read_text().replace(os.path.dirname(pyspark.__file__), "/another/spark"))
+    assert run(VLCURATE_CLASS_ARCHIVE_CHECK="1").returncode == 1
+    stale = run(log=tmp_path / "stale.log", check=True)
+    assert "usage: build_pretrain" in stale.stdout
+    assert f"vlcurate: {archive} was made for another Java or Spark; not used" in stale.stderr
+    assert "shared objects file (top)" not in (tmp_path / "stale.log").read_text()
