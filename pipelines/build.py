@@ -2,6 +2,7 @@
 what the run left in its work dir."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -9,7 +10,10 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from importlib import metadata
+from typing import Any
 
 from filters.base import StageTimer
 from pipelines import checkpoint, gates, kinds, progress
@@ -235,20 +239,56 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     storage.write_bytes(storage.join(root, "reports", "summary.json"),
                         json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
     # --- report material and quality gates, while the DataFrames and checkpoints still exist ---------
+    # Side by side: both are chains of small Spark jobs whose planning (one JVM thread per Python thread)
+    # and driver-side work (great-expectations in pandas) leave the cores idle between jobs.
     from pipelines import gates, report
+
+    def run_gates() -> dict:
+        t0 = time.perf_counter()
+        with progress.phase(spark, "gates", items=False):
+            found = gates.run_gates(results, ledger, summary, recipe, root)
+        timer.add_wall("gates", time.perf_counter() - t0)
+        return found
 
     t0 = time.perf_counter()
     with progress.phase(spark, "report"):
-        material = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind))
-                    for kind, res in results.items()}
+        gated = beside(run_gates, "vlcurate-gates")  # its phase begins after this one: summary order
+        try:
+            material = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind))
+                        for kind, res in results.items()}
+        except BaseException:
+            with contextlib.suppress(BaseException):  # no Spark job of this run outlives it
+                gated()
+            raise
     timer.add_wall("report_material", time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    with progress.phase(spark, "gates"):
-        summary["gates"] = gates.run_gates(results, ledger, summary, recipe, root)
-    timer.add_wall("gates", time.perf_counter() - t0)
+    summary["gates"] = gated()
     for kind, m in material.items():
         summary["kinds"][kind]["report_material"] = {k: m[k] for k in ("rows", "rows_in_material", "sampled")}
     return summary, results, ledger
+
+
+def beside(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
+    """Start fn() in a thread of its own (pyspark's InheritableThread: its Spark jobs get their own JVM
+    thread and local properties); the returned callable waits for it and returns its result or raises
+    its exception."""
+    from pyspark import InheritableThread
+
+    done: Future = Future()
+
+    def target() -> None:
+        try:
+            done.set_result(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread, which raises it
+            done.set_exception(e)
+
+    thread = InheritableThread(target=target, name=name, daemon=True)
+    thread.start()
+
+    def wait() -> Any:
+        thread.join()
+        return done.result()
+
+    return wait
 
 
 def _check_and_publish(spark, recipe: Recipe, out: str, root: str, work, summary: dict, results: dict, ledger,

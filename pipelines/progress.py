@@ -11,7 +11,12 @@ Items are the rows that the phase's row-wise stages finished (`StageTimer` count
 they move when tasks end; time left extrapolates the task rate over the tasks of the stages started
 so far. On a terminal the line is refreshed in place; elsewhere (logs, CI) only one line is printed
 per phase, when it ends. `Progress.report()` (-> summary.json `phases`) keeps each phase's seconds,
-tasks, items and rate.
+tasks, items and rate, in the order the phases began.
+
+Phases may overlap (the report material and the gates run side by side, each in its own thread):
+the line then shows each phase in progress, separated by ` | `. Items count every row-wise pass
+that ends while a phase is open, so a phase without row-wise stages says so (`items=False`) and
+counts none of a neighbour's.
 """
 from __future__ import annotations
 
@@ -42,9 +47,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty() if live is None else live
         self.phases: dict[str, dict[str, Any]] = {}
-        self._current: str | None = None
-        self._started = 0.0
-        self._rows0 = 0
+        self._open: dict[str, tuple[float, int | None]] = {}  # phase in progress -> (started, rows at start)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -65,21 +68,22 @@ class Progress:
         if _ACTIVE is self:
             _ACTIVE = None
 
-    def begin(self, name: str) -> None:
+    def begin(self, name: str, items: bool = True) -> None:
         with self._lock:
-            self._current, self._started, self._rows0 = name, time.perf_counter(), self._rows()
+            self._open[name] = (time.perf_counter(), self._rows() if items else None)
+            self.phases.setdefault(name, {"seconds": 0.0, "tasks": 0, "items": 0, "items_per_second": None})
 
     def end(self, name: str) -> None:
         with self._lock:
+            started, rows0 = self._open.pop(name)
             state = self._state(name)
-            seconds = time.perf_counter() - self._started
-            items = self._rows() - self._rows0
-            prev = self.phases.get(name, {"seconds": 0.0, "tasks": 0, "items": 0})
+            seconds = time.perf_counter() - started
+            items = self._rows() - rows0 if rows0 is not None else 0
+            prev = self.phases[name]
             total = {"seconds": round(prev["seconds"] + seconds, 2), "tasks": prev["tasks"] + state["done"],
                      "items": prev["items"] + items}
             total["items_per_second"] = round(total["items"] / total["seconds"], 1) if total["seconds"] else None
             self.phases[name] = total
-            self._current = None
         line = f"[{name}] done: {state['done']} tasks, {items:,} items in {_fmt_seconds(seconds)}"
         if items and seconds > 0:
             line += f" ({items / seconds:,.0f} items/s)"
@@ -108,14 +112,15 @@ class Progress:
         return {"done": done, "total": total}
 
     def line(self) -> str | None:
-        """The progress line of the phase in progress (None between phases)."""
+        """The progress line of the phases in progress (None between phases)."""
         with self._lock:
-            name, started, rows0 = self._current, self._started, self._rows0
-        if name is None:
-            return None
+            now_open = dict(self._open)
+        return " | ".join(self._phase_line(name, *at) for name, at in now_open.items()) or None
+
+    def _phase_line(self, name: str, started: float, rows0: int | None) -> str:
         state = self._state(name)
         elapsed = time.perf_counter() - started
-        items = self._rows() - rows0
+        items = self._rows() - rows0 if rows0 is not None else 0
         parts = [f"[{name}] {state['done']}/{state['total']} tasks"]
         if items:
             parts.append(f"{items:,} items, {items / max(elapsed, 1e-9):,.0f} items/s")
@@ -144,13 +149,14 @@ class Progress:
 
 
 @contextlib.contextmanager
-def phase(spark, name: str):
-    """Run the enclosed Spark jobs as phase `name`: their job group, and the progress line's label."""
+def phase(spark, name: str, items: bool = True):
+    """Run the enclosed Spark jobs as phase `name`: their job group (this thread's), and the progress
+    line's label. items=False: the phase runs no row-wise stage, so it counts no items."""
     sc = spark.sparkContext
     sc.setJobGroup(name, name)
     reporter = _ACTIVE
     if reporter is not None:
-        reporter.begin(name)
+        reporter.begin(name, items)
     try:
         yield
     finally:

@@ -9,9 +9,10 @@ import time
 from typing import ClassVar
 
 import pyarrow as pa
+import pytest
 
 from filters.base import Stage, StageTimer, apply_stage
-from pipelines import progress
+from pipelines import build, progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,3 +76,45 @@ def test_jobs_in_a_phase_carry_its_name_as_job_group(spark):
     assert jobs
     spark.range(5).count()  # after the phase: no group
     assert sorted(tracker.getJobIdsForGroup("toy group")) == sorted(jobs)
+
+
+def _sleepy(batches):
+    for b in batches:
+        time.sleep(1.0)
+        yield b
+
+
+def test_overlapping_phases_are_shown_together_and_keep_their_own_counts(spark):
+    """The report material and the gates run side by side (pipelines/build.py): the line shows both
+    phases, each keeps its own tasks, and a phase without row-wise stages counts none of the other's
+    items."""
+    stream = io.StringIO()
+    timer = StageTimer(spark)
+    with progress.Progress(spark, timer, interval=0.1, stream=stream, live=True) as shown:
+        def beside_phase() -> str:
+            with progress.phase(spark, "toy beside", items=False):
+                spark.range(4, numPartitions=4).mapInArrow(_sleepy, "id long").collect()
+            return "done beside"
+
+        wait = build.beside(beside_phase, "toy-beside")
+        with progress.phase(spark, "toy slow"):
+            apply_stage(spark.range(400, numPartitions=8), Slow(), timer).agg({"twice": "sum"}).first()
+        assert wait() == "done beside"
+    phases = shown.report()
+    assert phases["toy slow"]["items"] == 400 and phases["toy beside"]["items"] == 0
+    assert phases["toy beside"]["tasks"] == 4 and phases["toy slow"]["tasks"] >= 8
+    text = stream.getvalue()
+    assert re.search(r"\[toy (slow|beside)\] \d+/\d+ tasks[^|\r]* \| \[toy (slow|beside)\] \d+/\d+ tasks", text), text
+    # each phase's jobs carry its own group, set in its own thread
+    tracker = spark.sparkContext.statusTracker()
+    assert len(tracker.getJobIdsForGroup("toy beside")) == 1
+
+
+def test_beside_hands_back_the_result_or_the_exception(spark):
+    assert build.beside(lambda: 42, "toy-answer")() == 42
+
+    def fails():
+        raise ValueError("gates broke")
+
+    with pytest.raises(ValueError, match="gates broke"):
+        build.beside(fails, "toy-fails")()
