@@ -25,7 +25,7 @@ from pipelines.kind import Context, Kind, Plan, Step
 from schemas import boxes as B
 from schemas import grounding as S
 from schemas import ledger as L
-from schemas.common import SAMPLE_ID, spark_type
+from schemas.common import SAMPLE_ID
 
 BOXED = "boxed"  # the report's thumbnail: the image with the sample's boxes drawn
 
@@ -83,11 +83,10 @@ def plan(ctx: Context) -> Plan:
     def features():
         from filters.base import apply_stages
 
-        sc = ctx.spark.sparkContext
-        rows = [(u["format"], u["uri"], u["instances"], u["root"]) for u in units]
-        plan_df = ctx.spark.createDataFrame(sc.parallelize(rows, len(rows)), spark_type(_unit_schema()))
+        plan_df = readers.task_table(ctx.spark, [[(u["format"], u["uri"], u["instances"], u["root"])] for u in units],
+                                     _unit_schema())
         raw = apply_stages(plan_df, [R.ReadGrounding(cfg, recipe.read.dataset, counter)], ctx.timer)
-        parts = max(len(units), sc.defaultParallelism)
+        parts = max(len(units), ctx.spark.sparkContext.defaultParallelism)
         return apply_stages(raw.repartition(parts, SAMPLE_ID),
                             [LoadImage(recipe.read.max_member_bytes), cfg.download, cfg.decode, cfg.detector,
                              cfg.boxes, DrawBoxes(S.IMAGE, S.PHRASES, BOXED), spool, ExplodeBoxes()], ctx.timer)

@@ -935,19 +935,25 @@ def read_plan(spark, uris: list[str], files_per_task: int, rows_per_unit: int = 
 
 def task_table(spark, tasks: list[list[tuple]], schema: pa.Schema):
     """DataFrame of `tasks` (lists of rows in `schema`'s column order), each list exactly one Spark
-    partition, rows in their order. No Python process builds it: the rows go to the JVM as Arrow,
-    spark.range(n, numPartitions=n) puts id i alone in partition i and a broadcast join with the rows
-    keeps that partitioning. (A Python RDD, parallelize(tasks).flatMap(...).toDF(), ran a Python worker
-    in every read task beside the one that reads, only to unpickle a few rows, and its workers, started
-    with other settings than those of SQL's Python UDFs, were a second pool of idle processes.)"""
+    partition, rows in their order. No Python process builds it: the rows go to the JVM as Arrow, and
+    Spark 4.1+ sends each row to the partition its task names (repartitionById), so an executor gets
+    its own tasks' rows only (units that carry data, such as grounding's boxes, are not copied to every
+    executor). On Spark 4.0, spark.range(n, numPartitions=n) puts id i alone in partition i and a
+    broadcast join with the rows keeps that partitioning. (A Python RDD, parallelize(tasks).flatMap(...)
+    .toDF(), ran a Python worker in every read task beside the one that reads, only to unpickle a few
+    rows, and its workers, started with other settings than those of SQL's Python UDFs, were a second
+    pool of idle processes.)"""
     from pyspark.sql import functions as F
 
     n = max(1, len(tasks))
     rows = [(i, j, *row) for i, task in enumerate(tasks) for j, row in enumerate(task)]
     full = pa.schema([pa.field("_task", pa.int32()), pa.field("_seq", pa.int32()), *schema])
     table = spark.createDataFrame(pa.Table.from_pylist([dict(zip(full.names, r)) for r in rows], schema=full))
-    return (spark.range(0, n, 1, n).join(F.broadcast(table), F.col("id") == F.col("_task"))
-            .sortWithinPartitions("_seq").select(*schema.names))
+    if hasattr(table, "repartitionById"):
+        spread = table.repartitionById(n, "_task")
+    else:
+        spread = spark.range(0, n, 1, n).join(F.broadcast(table), F.col("id") == F.col("_task"))
+    return spread.sortWithinPartitions("_seq").select(*schema.names)
 
 
 def read_image_text(spark, uris: list[str], files_per_task: int, max_member_bytes: int, stages=(), timer=None,

@@ -403,9 +403,15 @@ def test_task_table_makes_each_list_one_partition_in_order(spark):
     df = readers.task_table(spark, tasks, schema)
     assert df.columns == ["uri", "n"]
     assert df.rdd.glom().map(lambda rows: [(r["uri"], r["n"]) for r in rows]).collect() == tasks
-    # no Python worker builds the partitions: a range joined with a broadcast (the RDD lineage of the
-    # parallelize(...).flatMap(...).toDF() this replaced had a PythonRDD in it)
-    assert "PythonRDD" not in df._jdf.queryExecution().toRdd().toDebugString()
+    # no Python worker builds the partitions (the RDD lineage of the parallelize(...).flatMap(...).toDF()
+    # this replaced had a PythonRDD in it), and on Spark 4.1+ no executor is sent every task's rows
+    plan = df._jdf.queryExecution().toRdd().toDebugString()
+    assert "PythonRDD" not in plan
+    if hasattr(df, "repartitionById"):
+        assert "Broadcast" not in df._jdf.queryExecution().executedPlan().toString()
+    # more tasks than the session's shuffle partitions, and empty tasks, keep their places too
+    many = [[(f"t{i}", i)] if i % 3 else [] for i in range(150)]
+    assert readers.task_table(spark, many, schema).rdd.glom().map(lambda rows: [(r["uri"], r["n"]) for r in rows]).collect() == many
 
 
 def test_a_split_unit_reads_only_its_part(tmp_path, monkeypatch):
