@@ -455,10 +455,11 @@ def _context(root: str):
     return ctx
 
 
-def validate(tables: dict, suites: dict, root: str) -> dict:
+def validate(tables: dict, suites: dict, root: str, rows: dict[str, int] | None = None) -> dict:
     """Run each suite (name '<kind>.<table>') on its table, pandas or Spark (validated by
     great-expectations' Spark engine, in Spark jobs), in a file context under root/gx, build Data Docs
-    there, and return plain results per suite."""
+    there, and return plain results per suite. `rows`: a Spark table's row count where already known
+    (else it is counted)."""
     import great_expectations as gx
     import pandas as pd
 
@@ -496,7 +497,8 @@ def validate(tables: dict, suites: dict, root: str) -> dict:
                 "exception": exc,
             })
         checks.sort(key=lambda c: c["name"])
-        out[name] = {"rows": len(table) if local else table.count(), "success": all(c["success"] for c in checks if c["severity"] == CRITICAL),
+        n = len(table) if local else (rows or {}).get(name)
+        out[name] = {"rows": table.count() if n is None else n, "success": all(c["success"] for c in checks if c["severity"] == CRITICAL),
                      "expectations": checks}
     ctx.build_data_docs()
     # each suite's validation page: static HTML that reads offline too (the site's index needs its CDN scripts)
@@ -556,7 +558,8 @@ def run_gates(results: dict, ledger, summary: dict, recipe, out: str) -> dict:
         sampling[name] = {"ledger": led_info, "shards": shard_info}
     reports = storage.join(out, "reports")
     root = reports if not storage.is_s3(out) else tempfile.mkdtemp(prefix="vlcurate-gx-")
-    suite_results = validate(tables, suites, root)
+    counted = {f"{k}.ledger": v["ledger"]["rows"] for k, v in sampling.items()}
+    suite_results = validate(tables, suites, root, counted)
     if storage.is_s3(out):
         _upload_tree(os.path.join(root, "gx"), storage.join(reports, "gx"))
         shutil.rmtree(root, ignore_errors=True)
