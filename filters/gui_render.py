@@ -145,22 +145,17 @@ def qa_pairs(elements: list[dict], n: int, seed: str) -> list[dict]:
 
 def image_features(png: bytes) -> dict[str, Any]:
     """The features dedup and the rules read, as filters.decode computes them for any image."""
-    import imagehash
-    import numpy as np
     from PIL import Image
 
-    from filters.decode import draft_factor
+    from filters.decode import draft_factor, gray_features
 
     img = Image.open(io.BytesIO(png)).convert("RGB")
     w, h = img.size
     gray = img.convert("L")
     k = draft_factor(w, h)
     gray = gray.reduce(k) if k > 1 else gray
-    phash = int(str(imagehash.phash(gray)), 16)
     return {"width": w, "height": h, "content_sha": hashlib.sha256(png).hexdigest(), "source_bytes": len(png),
-            "phash": phash - (1 << 64) if phash >= (1 << 63) else phash,
-            "phash256": np.packbits(imagehash.dhash(gray, hash_size=16).hash.ravel()).tobytes(),
-            "pixel_std": float(np.asarray(gray.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32).std())}
+            **gray_features(gray)}
 
 
 def page_url(url: str | None, path: str | None) -> str:

@@ -138,8 +138,9 @@ class SampleFrames(Stage):
         ]
 
     def sample(self, path: str, start: int, end: int, fps: Fraction) -> dict[str, Any]:
-        import imagehash
         from PIL import Image
+
+        from filters.decode import phash, signed64
 
         rel = glm_frame_indices(end - start, fps, self.sample_fps, self.max_seconds, self.max_frames)
         absolute = [start + i for i in rel]
@@ -156,8 +157,7 @@ class SampleFrames(Stage):
             pos = blob.tell()
             img.save(blob, format="JPEG", quality=self.jpeg_quality)
             sizes.append(blob.tell() - pos)
-            ph = int(str(imagehash.phash(img)), 16)
-            hashes.append(ph - (1 << 64) if ph >= (1 << 63) else ph)
+            hashes.append(signed64(phash(img)))
             shown.append(img)
         return {S.FRAMES: blob.getvalue(), S.FRAME_SIZES: sizes, S.FRAME_INDICES: absolute,
                 S.TIMESTAMPS: pair_timestamps(rel, fps), S.FRAME_PHASH: hashes, S.FRAME_WIDTH: w, S.FRAME_HEIGHT: h,

@@ -208,3 +208,37 @@ def test_features_do_not_depend_on_the_decode_path():
     assert abs(a["pixel_std"] - b["pixel_std"]) < 0.05, (a["pixel_std"], b["pixel_std"])
     assert a["phash"] == b["phash"]
     assert (a["pixel_std"] < 2.0) == (b["pixel_std"] < 2.0)  # the same solid_color verdict both ways
+
+
+def test_phash_is_imagehash_phash_without_scipy():
+    """filters.decode.phash gives imagehash.phash's bits on photos (every 64 px crop of the bundled
+    photos, at several scales) and on noise, and a fixed hash where coefficients are exactly zero. A fresh
+    Python that decodes an image never imports scipy (~26 MiB per Python worker)."""
+    import subprocess
+    import sys
+
+    import imagehash
+
+    from filters.decode import phash
+    from jobs.make_sample import load_photo
+
+    grays = []
+    for name in ("astronaut", "coffee", "chelsea"):
+        g = load_photo(name).convert("L")
+        for scale in (1, 2, 4):
+            s = g.reduce(scale)
+            grays += [s.crop((x, y, x + 64, y + 64)) for x in range(0, s.width - 63, 64) for y in range(0, s.height - 63, 64)]
+    rng = np.random.default_rng(0)
+    grays += [Image.fromarray(rng.integers(0, 256, (int(h), int(w)), dtype=np.uint8))
+              for h, w in rng.integers(8, 300, (50, 2))]
+    assert len(grays) > 150
+    assert [phash(g) for g in grays] == [int(str(imagehash.phash(g)), 16) for g in grays]
+    # a gradient along one axis: all but one column of coefficients are exactly zero in theory
+    ramp = Image.fromarray(np.outer(np.linspace(0, 255, 100), np.ones(50)).astype(np.uint8))
+    assert phash(ramp) == 0x8000000000008000
+    assert phash(ramp.transpose(Image.Transpose.TRANSPOSE)) == 0x8200000000000000
+    code = ("import io, sys; from PIL import Image; from filters.decode import Decode; b = io.BytesIO(); "
+            "Image.new('RGB', (80, 70), (9, 99, 199)).save(b, format='PNG'); Decode().decode_one(b.getvalue()); "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'scipy'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
