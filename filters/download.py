@@ -7,48 +7,62 @@ an http(s) `url`; writes `image` (the body bytes, unchanged), `error` / `error_d
 are passed through untouched), "opted_out", or the failure's reason code.
 
 An X-Robots-Tag `noai` / `noimageai` answer gives `download_status="opted_out"` with `image` and
-`error` null: the rules drop the row with reason `opted_out` (a decision, not a quarantine).
+`error` null: the rules drop the row with reason `opted_out` (a decision, not a quarantine). It is
+checked on every hop (a redirect that says noai is the site's answer for this image too).
 
-Safety: every connection resolves the host itself, refuses private, link-local (cloud metadata),
-multicast, reserved, unspecified and (unless `allow_loopback`) loopback addresses *before* a socket is
-opened, and then connects to the very address it checked (no second DNS lookup an attacker could
-rebind). Redirects are followed by hand, one checked hop at a time. Bodies are streamed and cut at
-`max_bytes`; each attempt has a wall-clock deadline; cookies, proxies and .netrc from the
-environment are ignored (plain urllib3 has none of them; requests cost ~0.4 ms more CPU per URL).
+HTTP: 200 is the image; 301/302/303/307/308 with a Location are followed by hand, one checked hop at a
+time, at most `max_redirects`; 429 and 5xx are retried with jittered exponential back-off (a
+Retry-After in seconds is honoured, capped at `timeout_s`), as are connection errors and timeouts;
+any other status is `download_http_error` ("HTTP 404"). When the server answered with an HTTP error
+and a later attempt got no answer, the HTTP error is the reason ("HTTP 503, then ..."). Bodies over
+`max_bytes` are refused from their Content-Length before the body, or cut while streaming
+(`download_too_large`). Non-http(s) URLs, also as a redirect target, are `download_bad_url`.
+
+Engine: libcurl's multi interface (pycurl), driven from the ONE thread that calls run() / process()
+(pycurl releases the GIL while libcurl works and waits): up to `concurrency` transfers in flight, a
+pool of `concurrency` reused easy handles, connections kept alive between requests to one host
+(HTTP/1.1; https may negotiate HTTP/2 through ALPN, libcurl's default).
+A retry is not slept on: it is scheduled for its due time and the loop waits in select() no longer
+than the nearest due time, so the other transfers keep going. Transfers only advance while the stage
+is being pulled (the kernel still buffers what arrives in between). `timeout_s` is each attempt's
+connect timeout and its wall-clock budget.
+
+Safety: libcurl may speak only http and https (redirects are ours anyway: FOLLOWLOCATION is off); no
+proxy (`http_proxy` & co. in the environment are ignored), no cookies, no .netrc; TLS verified against
+certifi's bundle, with SNI. The address policy is enforced in libcurl's open-socket callback on the
+very address libcurl is about to connect to: a refused address gets no socket at all (never created,
+never connected), and since the checked address is the one used, DNS rebinding cannot slip past the
+check. A host whose every address is refused is `download_blocked_address` ("internal.test resolves
+to 10.1.2.3 (private)"). Changed against the urllib3 version, which refused a host whole when ANY of
+its records was bad: now each address libcurl tries is judged on its own, refused ones are never
+contacted, and an allowed one of the same host may still be used. `resolve` pins host names to
+addresses like curl's --resolve ("HOST:PORT:ADDR[,ADDR...]"; local mirrors, tests); the policy still
+applies to those addresses. `opensocket_log` (tests) records every address libcurl asked a socket for.
+
+Weak spot: libcurl's select() path (curl_multi_fdset) cannot watch file descriptors >= 1024; in a
+process with that many open files the loop falls back to waking every `_MAX_WAIT_S`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import heapq
 import ipaddress
 import random
 import re
 import socket
-import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, NamedTuple
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import certifi
 import pyarrow as pa
-import urllib3
-from urllib3.connection import HTTPConnection, HTTPSConnection
-from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
-from urllib3.exceptions import (
-    ConnectTimeoutError,
-    HTTPError,
-    LocationParseError,
-    LocationValueError,
-    NameResolutionError,
-    NewConnectionError,
-    SSLError,
-)
-from urllib3.exceptions import TimeoutError as TimeoutErrorU3
-from urllib3.util import connection as u3_connection
+import pycurl
 
 from filters.base import Stage
 from schemas import image_text as S
@@ -66,15 +80,20 @@ TOO_MANY_REDIRECTS, BLOCKED, BAD_URL = (
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _OPT_OUT = frozenset({"noai", "noimageai"})
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_CHUNK = 64 * 1024
+_CHUNK = 64 * 1024  # most body bytes read (and thrown away) from an answer that is not the image
 _MAX_PENDING_BATCHES = 32  # batches held while an earlier one waits for a slow URL (bounds memory)
+_MAX_WAIT_S = 1.0  # longest single wait in select()
 
+# libcurl error codes (CURLE_*), by what they mean for us
+_E_OK, _E_WRITE, _E_TOO_BIG, _E_TIMEOUT, _E_CONNECT = 0, 23, 63, 28, 7
+_E_BAD_URL = frozenset({1, 3})  # unsupported protocol, malformed URL
+_E_TLS = frozenset({35, 53, 54, 58, 59, 60, 64, 66, 77, 80, 82, 83, 90, 91, 98})  # a bad cert stays bad
+# resolve, connect, weird reply, HTTP/2 framing, partial body, empty reply, send/recv, HTTP/2 stream, HTTP/3
+_E_TRANSIENT = frozenset({5, 6, 7, 8, 16, 18, 52, 55, 56, 92, 95, 96})
 
-class BlockedAddress(Exception):
-    """A host resolved to an address the policy refuses; raised before any socket is opened.
-
-    Deliberately not an OSError, so urllib3 lets it through unwrapped and un-retried.
-    """
+# TEST HOOK: when a list, every address libcurl asks a socket for is appended as (ip, port, refusal or
+# None); a refused address got no socket.
+opensocket_log: list[tuple[str, int, str | None]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,64 +127,6 @@ class AddressPolicy:
             if hit:
                 return why
         return None
-
-
-def _open_checked_socket(conn: HTTPConnection, policy: AddressPolicy) -> socket.socket:
-    """urllib3's `_new_conn`, but resolve once, check every address, then connect to a checked one."""
-    host = conn._dns_host.strip("[]")
-    try:
-        infos = socket.getaddrinfo(host, conn.port, u3_connection.allowed_gai_family(), socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise NameResolutionError(conn.host, conn, e) from e
-    # Refuse the host if *any* record is bad: a public/private mix is a rebinding trick, not a CDN.
-    for *_, sockaddr in infos:
-        why = policy.refusal(sockaddr[0])
-        if why is not None:
-            raise BlockedAddress(f"{conn.host} resolves to {sockaddr[0]} ({why})")
-    err: OSError | None = None
-    for *_, sockaddr in infos:
-        try:
-            sock = u3_connection.create_connection(
-                (sockaddr[0], conn.port),
-                conn.timeout,
-                source_address=conn.source_address,
-                socket_options=conn.socket_options,
-            )
-        except OSError as e:  # includes socket timeouts; try the next address like urllib3 does
-            err = e
-            continue
-        sys.audit("http.client.connect", conn, conn.host, conn.port)
-        return sock
-    if isinstance(err, TimeoutError):
-        raise ConnectTimeoutError(
-            conn, f"Connection to {conn.host} timed out. (connect timeout={conn.timeout})"
-        )
-    raise NewConnectionError(conn, f"Failed to establish a new connection: {err}")
-
-
-def checked_pools(policy: AddressPolicy, pool_size: int, headers: dict[str, str]) -> urllib3.PoolManager:
-    """A urllib3 pool manager whose every new connection goes through the address policy. Retries and
-    redirects are ours (with back-off and our own classification), so urllib3 does neither; TLS verifies
-    against certifi's bundle and sends SNI for the host name."""
-
-    class CheckedHTTPConnection(HTTPConnection):
-        def _new_conn(self) -> socket.socket:
-            return _open_checked_socket(self, policy)
-
-    class CheckedHTTPSConnection(HTTPSConnection):  # TLS still verifies and sends SNI for the host name
-        def _new_conn(self) -> socket.socket:
-            return _open_checked_socket(self, policy)
-
-    class CheckedHTTPPool(HTTPConnectionPool):
-        ConnectionCls = CheckedHTTPConnection
-
-    class CheckedHTTPSPool(HTTPSConnectionPool):
-        ConnectionCls = CheckedHTTPSConnection
-
-    pools = urllib3.PoolManager(num_pools=pool_size, maxsize=pool_size, retries=False, headers=headers,
-                                cert_reqs="CERT_REQUIRED", ca_certs=certifi.where())
-    pools.pool_classes_by_scheme = {"http": CheckedHTTPPool, "https": CheckedHTTPSPool}
-    return pools
 
 
 def opted_out(x_robots_tag: str | None) -> bool:
@@ -209,11 +170,21 @@ def _bad_url(url: str) -> str | None:
     return None
 
 
-def _describe(e: Exception) -> str:
-    """The innermost useful message of an error (the reason inside a wrapper that carries one)."""
-    inner = getattr(e.args[0], "reason", None) if e.args else None
-    cause = inner if isinstance(inner, Exception) else e
-    return f"{type(cause).__name__}: {cause}"[:300]
+_UNSAFE = re.compile(r'[^\x21-\x7e]|["<>\\^`{|}]')
+
+
+def _wire_url(url: str) -> str:
+    """`url` as libcurl takes it: non-ASCII and unsafe characters of the path and query percent-encoded
+    (UTF-8), a non-ASCII host name IDNA-encoded (as urllib3 did), the fragment dropped."""
+    if _UNSAFE.search(url) is None:
+        return url
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    host = parts.hostname or ""
+    if not host.isascii():
+        netloc = netloc.replace(host, host.encode("idna").decode("ascii"))  # raises UnicodeError: bad URL
+    safe = "!$%&'()*+,/:;=?@[]~"
+    return urlunsplit((parts.scheme, netloc, quote(parts.path, safe=safe), quote(parts.query, safe=safe), ""))
 
 
 def _retry_after(value: str | None, cap: float) -> float:
@@ -223,11 +194,380 @@ def _retry_after(value: str | None, cap: float) -> float:
         return 0.0
 
 
+_WANTED = {b"x-robots-tag": "x-robots-tag", b"location": "location", b"retry-after": "retry-after",
+           b"content-length": "content-length"}
+
+
+def _head(lines: list[bytes]) -> tuple[int, dict[str, str]]:
+    """The status and the headers we act on, of the last response in `lines` (the raw header lines
+    libcurl handed over; pycurl forbids getinfo() while a transfer runs)."""
+    status, out = 0, {}
+    for raw in lines:
+        if raw[:5] == b"HTTP/":  # a status line (an informational answer may have come first): start over
+            parts = raw.split(None, 2)
+            status = int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else 0
+            out = {}
+            continue
+        name, sep, value = raw.partition(b":")
+        key = _WANTED.get(name.strip().lower()) if sep else None
+        if key is not None:
+            v = value.strip().decode("latin-1")
+            out[key] = f"{out[key]}, {v}" if key in out else v  # repeated headers joined, as HTTP says
+    return status, out
+
+
+class Body:
+    """Where one URL's body goes: in memory by default. A subclass (the video stage's) may stream it to a
+    file instead. `restart()` starts over (a retry or the next hop), `finish()` makes the OK outcome, and
+    `discard()` drops whatever was written (a failure, or the run was abandoned)."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def restart(self) -> None:
+        self.chunks.clear()
+
+    def finish(self) -> Outcome:
+        return Outcome(OK, image=b"".join(self.chunks))
+
+    def discard(self) -> None:
+        self.chunks = []
+
+
+class _Job:
+    """One URL on its way: the current hop's URL, attempt and redirect counts, and this attempt's state."""
+
+    __slots__ = ("answered", "attempt", "body", "cut", "done", "dropped", "head", "opened", "redirects",
+                 "refused", "size", "url", "write_error")
+
+    def __init__(self, url: str, done: Callable[[Outcome], None], body: Body | None):
+        self.url, self.done, self.body = url, done, body
+        self.attempt = self.redirects = 0
+        self.answered: _Retry | None = None  # the last HTTP error the server answered with on this hop
+        self.fresh()
+
+    def fresh(self) -> None:
+        self.size = 0
+        self.cut = self.dropped = False  # body over max_bytes / an answer that is not the image
+        self.head: dict[str, str] | None = None
+        self.refused: list[str] = []  # "ip (why)" of every address refused on this attempt
+        self.opened = 0  # sockets handed to libcurl on this attempt
+        self.write_error: str | None = None
+
+
+class _Slot:
+    """One reusable libcurl easy handle and its callbacks (set once; only the URL changes per use)."""
+
+    def __init__(self, client: _Client):
+        self.client = client
+        self.job: _Job | None = None
+        self.sock: socket.SocketType | None = None
+        self.lines: list[bytes] = []
+        self.handle = h = pycurl.Curl()
+        h.slot = self  # type: ignore[attr-defined]
+        for option, value in client.options:
+            h.setopt(option, value)
+        h.setopt(pycurl.HEADERFUNCTION, self.lines.append)
+        h.setopt(pycurl.WRITEFUNCTION, self.write)
+        h.setopt(pycurl.OPENSOCKETFUNCTION, self.opensocket)
+
+    def opensocket(self, purpose: int, address: Any) -> Any:
+        """libcurl wants a socket for `address`: only an address the policy allows gets one. Fails
+        closed: any surprise here (not an IP address, no descriptors left) hands out no socket."""
+        job = self.job
+        try:
+            ip, port = address.addr[0], address.addr[1]
+            why = self.client.refusal(ip)
+            if opensocket_log is not None:
+                opensocket_log.append((ip, port, why))
+            if why is None:
+                # the C socket type (socket.socket's base): pycurl only dups its fileno(), cheaper to make
+                sock = socket.SocketType(address.family, address.socktype, address.protocol)
+                if job is not None:
+                    job.opened += 1
+                self.close_socket()
+                self.sock = sock  # pycurl hands libcurl a dup: our copy is closed once libcurl has it
+                return sock
+            if job is not None:
+                job.refused.append(f"{ip} ({why})")
+        except Exception:  # noqa: BLE001 - a callback must not raise into libcurl: no socket
+            return pycurl.SOCKET_BAD
+        return pycurl.SOCKET_BAD
+
+    def close_socket(self) -> None:
+        """Close our copy of the last socket handed out (an unclosed one would cost a ResourceWarning)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+    def write(self, data: bytes) -> int | None:
+        """A piece of the body: kept when the answer is the image and under max_bytes; returning 0 aborts."""
+        job = self.job
+        if job is None:
+            return 0
+        try:
+            if job.head is None:  # the first piece: the headers are all there, decide about this body
+                status, job.head = _head(self.lines)
+                job.dropped = status != 200 or (self.client.respect_opt_out
+                                                and opted_out(job.head.get("x-robots-tag")))
+            job.size += len(data)
+            if job.dropped:  # a redirect's or an error's body: read a little (keeps the connection), no more
+                return 0 if job.size > _CHUNK else None
+            if job.size > self.client.max_bytes:
+                job.cut = True
+                return 0
+            job.body.write(data)
+        except Exception as e:  # noqa: BLE001 - a full disk; a callback must not raise into libcurl
+            job.write_error = f"{type(e).__name__}: {e}"
+            return 0
+        return None
+
+
+class _Client:
+    """A worker's download state (Stage.setup): the easy-handle options, the address policy, and a
+    reusable engine (its connections stay alive between tasks)."""
+
+    def __init__(self, stage: Download):
+        self.stage = stage
+        self.policy = AddressPolicy(stage.block_private, stage.allow_loopback)
+        self.respect_opt_out = stage.respect_opt_out
+        self.max_bytes = max(0, stage.max_bytes)
+        ms = max(1, int(stage.timeout_s * 1000))
+        web = pycurl.PROTO_HTTP | pycurl.PROTO_HTTPS
+        self.options: list[tuple[int, Any]] = [
+            (pycurl.PROTOCOLS, web),
+            (pycurl.REDIR_PROTOCOLS, web),
+            (pycurl.FOLLOWLOCATION, 0),  # redirects are followed by hand, every hop checked
+            (pycurl.PROXY, ""),  # "" = no proxy, whatever http_proxy / https_proxy / all_proxy say
+            (pycurl.NOSIGNAL, 1),
+            (pycurl.CAINFO, certifi.where()),
+            (pycurl.SSL_VERIFYPEER, 1),
+            (pycurl.SSL_VERIFYHOST, 2),
+            (pycurl.CONNECTTIMEOUT_MS, ms),
+            (pycurl.TIMEOUT_MS, ms),  # the whole attempt: a trickling server cannot hold a slot
+            (pycurl.MAXFILESIZE_LARGE, self.max_bytes),  # refuses a too large Content-Length up front
+            (pycurl.USERAGENT, stage.user_agent),
+            (pycurl.HTTPHEADER, [f"Accept: {stage.accept}"]),
+        ]
+        if stage.resolve:
+            self.options.append((pycurl.RESOLVE, list(stage.resolve)))
+        self._lock = threading.Lock()
+        self._idle: _Engine | None = None
+        self._verdicts: dict[str, str | None] = {}
+
+    def refusal(self, ip: str) -> str | None:
+        """The policy's verdict on `ip`, remembered (a CDN's few addresses serve many URLs)."""
+        try:
+            return self._verdicts[ip]
+        except KeyError:
+            pass
+        if len(self._verdicts) >= 100_000:
+            self._verdicts.clear()
+        why = self._verdicts[ip] = self.policy.refusal(ip)
+        return why
+
+    @contextlib.contextmanager
+    def engine(self) -> Iterator[_Engine]:
+        """The worker's engine when it is free (a nested or concurrent user gets a fresh one)."""
+        with self._lock:
+            engine, self._idle = self._idle, None
+        if engine is None:
+            engine = _Engine(self)
+        try:
+            yield engine
+        finally:
+            engine.abandon()
+            with self._lock:
+                if self._idle is None:
+                    self._idle, engine = engine, None
+            if engine is not None:
+                engine.close()
+
+
+class _Engine:
+    """A CurlMulti, `concurrency` easy handles, jobs waiting for a handle and retries waiting for their
+    time. Only ever used from one thread at a time."""
+
+    def __init__(self, client: _Client):
+        self.client, self.stage = client, client.stage
+        self.multi = pycurl.CurlMulti()
+        self.slots = [_Slot(client) for _ in range(max(1, self.stage.concurrency))]
+        self.free = list(self.slots)
+        self.ready: deque[_Job] = deque()  # to start as soon as a handle is free
+        self.later: list[tuple[float, int, _Job]] = []  # (due, seq, job): retries waiting for their time
+        self.seq = 0
+        self.active = 0  # handles in the multi
+        self.pending = 0  # jobs submitted and not finished
+
+    # --- jobs ---------------------------------------------------------------------------------
+    def submit(self, url: str, done: Callable[[Outcome], None]) -> None:
+        """Fetch `url`; `done(outcome)` is called once, from submit() itself or from a later step()."""
+        self.pending += 1
+        job = _Job(url.strip(), done, None)
+        try:
+            known = self.stage._known(job.url)
+            if known is not None:  # nothing to fetch (the subclass already has it)
+                self._finish(job, known)
+                return
+            why = _bad_url(job.url)
+            if why is not None:
+                self._finish(job, Outcome(BAD_URL, detail=f"{why}: {job.url[:200]}"))
+                return
+            job.body = self.stage._body(job.url)
+        except Exception as e:  # noqa: BLE001 - a per-URL surprise must not fail the partition
+            self._finish(job, Outcome(FAILED, detail=f"{type(e).__name__}: {e}"[:300]))
+            return
+        self.ready.append(job)
+
+    def _finish(self, job: _Job, outcome: Outcome) -> None:
+        if outcome.status != OK and job.body is not None:
+            with contextlib.suppress(Exception):
+                job.body.discard()
+        self.pending -= 1
+        job.done(outcome)
+
+    def _start(self, job: _Job, slot: _Slot) -> None:
+        job.fresh()
+        slot.lines.clear()
+        try:
+            job.body.restart()
+            slot.handle.setopt(pycurl.URL, _wire_url(job.url))
+        except (UnicodeError, ValueError) as e:
+            self.free.append(slot)
+            self._finish(job, Outcome(BAD_URL, detail=f"{type(e).__name__}: {e}"[:300]))
+            return
+        except Exception as e:  # noqa: BLE001
+            self.free.append(slot)
+            self._finish(job, Outcome(FAILED, detail=f"{type(e).__name__}: {e}"[:300]))
+            return
+        slot.job = job
+        self.multi.add_handle(slot.handle)
+        self.active += 1
+
+    def _complete(self, slot: _Slot, errno: int, message: str) -> None:
+        job = slot.job
+        handle = slot.handle
+        self.multi.remove_handle(handle)
+        slot.close_socket()
+        self.active -= 1
+        try:
+            result = self.stage._judge(job, handle.getinfo(pycurl.RESPONSE_CODE), slot.lines, errno, message)
+        except Exception as e:  # noqa: BLE001
+            result = Outcome(FAILED, detail=f"{type(e).__name__}: {e}"[:300])
+        slot.job = None
+        self.free.append(slot)
+        if isinstance(result, _Redirect):
+            job.redirects += 1
+            if job.redirects > self.stage.max_redirects:
+                self._finish(job, Outcome(TOO_MANY_REDIRECTS,
+                                          detail=f"more than {self.stage.max_redirects} redirects, "
+                                                 f"stopped at {job.url[:200]}"))
+                return
+            job.url = urljoin(job.url, result.location)
+            why = _bad_url(job.url)
+            if why is not None:
+                self._finish(job, Outcome(BAD_URL, detail=f"{why}: {job.url[:200]}"))
+                return
+            job.attempt, job.answered = 0, None  # a new hop gets its own attempts
+            self.ready.appendleft(job)
+        elif isinstance(result, _Retry):
+            if result.reason == HTTP_ERROR:
+                job.answered = result
+            attempts = max(0, self.stage.retries) + 1
+            if job.attempt + 1 >= attempts:
+                suffix = f" after {attempts} attempts" if attempts > 1 else ""
+                answered = job.answered
+                if answered is not None and result is not answered:
+                    self._finish(job, Outcome(HTTP_ERROR, detail=f"{answered.detail}, then {result.detail}{suffix}"))
+                else:
+                    self._finish(job, Outcome(result.reason, detail=f"{result.detail}{suffix}"))
+                return
+            # Jitter keeps a batch of rows that failed together from retrying in lock-step.
+            wait = self.stage.backoff_s * (2**job.attempt) * random.uniform(0.5, 1.0)
+            job.attempt += 1
+            self.seq += 1
+            heapq.heappush(self.later, (time.monotonic() + max(wait, result.wait_s), self.seq, job))
+        else:
+            self._finish(job, result)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def step(self, max_wait: float = _MAX_WAIT_S) -> None:
+        """Start what can start, let libcurl work, hand out what finished; wait (in select, GIL released)
+        at most until the next thing is due when nothing finished."""
+        later, ready, free = self.later, self.ready, self.free
+        now = time.monotonic()
+        while later and later[0][0] <= now:  # retries due: ahead of jobs that never started
+            ready.appendleft(heapq.heappop(later)[2])
+        while ready and free:
+            self._start(ready.popleft(), free.pop())
+        if self.active:
+            self.multi.perform()
+            if self._collect():
+                return
+            wait = max_wait
+            hint = self.multi.timeout()  # ms until libcurl's own next timer (-1: none)
+            if hint >= 0:
+                wait = min(wait, hint / 1000)
+            if later:
+                wait = min(wait, later[0][0] - now)
+            if wait > 0:
+                self.multi.select(wait)
+            self.multi.perform()
+            self._collect()
+        elif later:
+            time.sleep(max(0.0, min(later[0][0] - now, max_wait)))
+
+    def _collect(self) -> bool:
+        got = False
+        while True:
+            queued, ok, failed = self.multi.info_read()
+            for handle in ok:
+                self._complete(handle.slot, _E_OK, "")
+            for handle, errno, message in failed:
+                self._complete(handle.slot, errno, message)
+            got = got or bool(ok or failed)
+            if not queued:
+                return got
+
+    def abandon(self) -> None:
+        """Drop every unfinished job (their bodies discarded): the engine is clean for its next user."""
+        jobs = [job for *_, job in self.later] + list(self.ready)
+        self.later.clear()
+        self.ready.clear()
+        for slot in self._busy():
+            with contextlib.suppress(Exception):
+                self.multi.remove_handle(slot.handle)
+            slot.close_socket()
+            jobs.append(slot.job)
+            slot.job = None
+            self.free.append(slot)
+        self.active = self.pending = 0
+        for job in jobs:
+            if job is not None and job.body is not None:
+                with contextlib.suppress(Exception):
+                    job.body.discard()
+
+    def _busy(self) -> list[_Slot]:
+        return [slot for slot in self.slots if slot.job is not None]  # the handles in the multi
+
+    def close(self) -> None:
+        self.abandon()
+        for slot in self.slots:
+            slot.handle.close()
+        self.multi.close()
+
+
 @dataclasses.dataclass(frozen=True)
 class Download(Stage):
     name: ClassVar[str] = "download"
-    concurrency: int = 16  # parallel requests per batch (threads; the work is I/O bound)
-    timeout_s: float = 10.0  # connect timeout, read timeout, and wall-clock budget of one attempt
+    accept: ClassVar[str] = "image/*,*/*;q=0.8"  # the Accept header
+    concurrency: int = 16  # requests in flight (libcurl transfers driven from one thread)
+    timeout_s: float = 10.0  # connect timeout, and wall-clock budget of one attempt
     max_bytes: int = 20_000_000  # larger bodies are cut off -> download_too_large
     retries: int = 2  # extra attempts after connection errors, timeouts, 429 and 5xx
     backoff_s: float = 0.5  # first retry waits about this long, doubling each time (with jitter)
@@ -236,6 +576,7 @@ class Download(Stage):
     respect_opt_out: bool = True  # X-Robots-Tag noai / noimageai -> download_status "opted_out"
     block_private: bool = True  # refuse private, link-local, multicast, reserved addresses
     allow_loopback: bool = False  # 127/8 and ::1; only tests and local mirrors want this
+    resolve: tuple[str, ...] = ()  # curl --resolve pins, "HOST:PORT:ADDR[,ADDR...]" (policy still applies)
 
     def adds(self) -> list[pa.Field]:
         return [
@@ -245,109 +586,70 @@ class Download(Stage):
             pa.field(DOWNLOAD_STATUS, pa.string()),
         ]
 
-    def setup(self, threads: int) -> urllib3.PoolManager:
-        # no proxy, .netrc or cookie jar: the address check must see the origin, and one pool serves
-        # millions of unrelated hosts
-        return checked_pools(AddressPolicy(self.block_private, self.allow_loopback), max(1, self.concurrency),
-                             {"User-Agent": self.user_agent, "Accept": "image/*,*/*;q=0.8"})
+    def setup(self, threads: int) -> _Client:
+        return _Client(self)
+
+    # --- hooks for subclasses (the video stage) -------------------------------------------------
+    def _known(self, url: str) -> Outcome | None:
+        """The outcome of `url` without fetching it (e.g. already on disk), or None to fetch it."""
+        return None
+
+    def _body(self, url: str) -> Body:
+        """Where `url`'s body goes; its finish() makes the OK outcome."""
+        return Body()
 
     # --- one URL ------------------------------------------------------------------------------
-    def fetch(self, session: urllib3.PoolManager, url: str) -> Outcome:
-        """Download one URL; never raises: every problem becomes an Outcome with a reason code."""
+    def fetch(self, state: _Client, url: str) -> Outcome:
+        """Download one URL on its own; never raises: every problem becomes an Outcome with a reason code."""
+        got: list[Outcome] = []
         try:
-            return self._follow(session, url.strip())
+            with state.engine() as engine:
+                engine.submit(url, got.append)
+                while not got:
+                    engine.step()
         except Exception as e:  # noqa: BLE001 - a per-URL surprise must not fail the partition
             return Outcome(FAILED, detail=f"{type(e).__name__}: {e}"[:300])
+        return got[0]
 
-    def _follow(self, session: urllib3.PoolManager, url: str) -> Outcome:
-        redirects = 0
-        while True:
-            why = _bad_url(url)
-            if why is not None:
-                return Outcome(BAD_URL, detail=f"{why}: {url[:200]}")
-            result = self._with_retries(session, url)
-            if not isinstance(result, _Redirect):
-                return result
-            redirects += 1
-            if redirects > self.max_redirects:
-                return Outcome(
-                    TOO_MANY_REDIRECTS,
-                    detail=f"more than {self.max_redirects} redirects, stopped at {url[:200]}",
-                )
-            url = urljoin(url, result.location)
-
-    def _with_retries(self, session: urllib3.PoolManager, url: str) -> Outcome | _Redirect:
-        attempts = max(0, self.retries) + 1
-        answered = None  # the last HTTP error the server answered with: it says more than a later reset
-        for attempt in range(attempts):
-            result = self._attempt(session, url)
-            if not isinstance(result, _Retry):
-                return result
-            if result.reason == HTTP_ERROR:
-                answered = result
-            if attempt + 1 == attempts:
-                suffix = f" after {attempts} attempts" if attempts > 1 else ""
-                if answered is not None and result is not answered:
-                    return Outcome(HTTP_ERROR, detail=f"{answered.detail}, then {result.detail}{suffix}")
-                return Outcome(result.reason, detail=f"{result.detail}{suffix}")
-            # Jitter keeps a batch of rows that failed together from retrying in lock-step.
-            wait = self.backoff_s * (2**attempt) * random.uniform(0.5, 1.0)
-            time.sleep(max(wait, result.wait_s))
-        raise AssertionError("unreachable")
-
-    def _attempt(self, session: urllib3.PoolManager, url: str) -> Outcome | _Redirect | _Retry:
-        deadline = time.monotonic() + self.timeout_s
-        try:
-            # the body is streamed (preload_content=False): a redirect's body is never read at all
-            resp = session.urlopen("GET", url, redirect=False, retries=False, preload_content=False,
-                                   timeout=urllib3.Timeout(connect=self.timeout_s, read=self.timeout_s))
-        except BlockedAddress as e:
-            return Outcome(BLOCKED, detail=str(e)[:300])
-        except (LocationParseError, LocationValueError, UnicodeError) as e:
-            return Outcome(BAD_URL, detail=f"{type(e).__name__}: {e}"[:300])
-        except SSLError as e:  # a bad certificate does not get better on retry
-            return Outcome(FAILED, detail=_describe(e))
-        except NewConnectionError as e:  # refused, unreachable, no such host (a ConnectTimeoutError to urllib3)
-            return _Retry(FAILED, f"connection error: {_describe(e)}")
-        except TimeoutErrorU3 as e:
-            return _Retry(FAILED, f"timeout: {_describe(e)}")
-        except (HTTPError, OSError) as e:  # reset, protocol errors
-            return _Retry(FAILED, f"connection error: {_describe(e)}")
-        try:
-            return self._read(resp, deadline)
-        finally:
-            # a body read to its end has already given its connection back to the pool; one left unread
-            # (a redirect, a body over max_bytes) must not: close it, then give the closed slot back
-            resp.close()
-            resp.release_conn()
-
-    def _read(self, resp: urllib3.BaseHTTPResponse, deadline: float) -> Outcome | _Redirect | _Retry:
-        status = resp.status
-        # Checked on every hop: a redirect that says noai is the site's answer for this image too.
-        if self.respect_opt_out and opted_out(resp.headers.get("X-Robots-Tag")):
-            return Outcome(OPTED_OUT, detail=f"X-Robots-Tag: {resp.headers.get('X-Robots-Tag')}"[:300])
-        if status in _REDIRECTS and resp.headers.get("Location"):
-            return _Redirect(resp.headers["Location"])
-        if status == 429 or 500 <= status < 600:
-            return _Retry(
-                HTTP_ERROR, f"HTTP {status}", _retry_after(resp.headers.get("Retry-After"), self.timeout_s)
-            )
-        if status != 200:
-            return Outcome(HTTP_ERROR, detail=f"HTTP {status}")
-        length = resp.headers.get("Content-Length", "")
-        if length.strip().isdigit() and int(length) > self.max_bytes:
-            return Outcome(TOO_LARGE, detail=f"Content-Length {int(length)} > max_bytes {self.max_bytes}")
-        body = bytearray()
-        try:
-            for chunk in resp.stream(_CHUNK):
-                body += chunk
-                if len(body) > self.max_bytes:
-                    return Outcome(TOO_LARGE, detail=f"body over max_bytes {self.max_bytes}")
-                if time.monotonic() > deadline:  # a trickling server must not hold a thread forever
-                    return _Retry(FAILED, f"timeout: body not complete within {self.timeout_s}s")
-        except (HTTPError, OSError) as e:  # read timeout, reset, short or bad chunked body
-            return _Retry(FAILED, f"connection error while reading body: {_describe(e)}")
-        return Outcome(OK, image=bytes(body))
+    def _judge(self, job: _Job, status: int, lines: list[bytes], errno: int,
+               message: str) -> Outcome | _Redirect | _Retry:
+        """What one finished attempt means: `status` 0 when no answer came, `errno` libcurl's error."""
+        if job.write_error is not None:  # our side failed (a full disk): not the server's fault
+            return Outcome(FAILED, detail=f"cannot write the body: {job.write_error}"[:300])
+        # an answer whose head we judge: complete, cut by us, or refused by libcurl for its Content-Length
+        if status and (errno == _E_OK or errno == _E_TOO_BIG or (errno == _E_WRITE and (job.dropped or job.cut))):
+            head = job.head if job.head is not None else _head(lines)[1]
+            robots = head.get("x-robots-tag")
+            if self.respect_opt_out and opted_out(robots):
+                return Outcome(OPTED_OUT, detail=f"X-Robots-Tag: {robots}"[:300])
+            if status in _REDIRECTS and head.get("location"):
+                return _Redirect(head["location"])
+            if status == 429 or 500 <= status < 600:
+                return _Retry(HTTP_ERROR, f"HTTP {status}", _retry_after(head.get("retry-after"), self.timeout_s))
+            if status != 200:
+                return Outcome(HTTP_ERROR, detail=f"HTTP {status}")
+            length = head.get("content-length", "").strip()
+            if length.isdigit() and int(length) > self.max_bytes:
+                return Outcome(TOO_LARGE, detail=f"Content-Length {int(length)} > max_bytes {self.max_bytes}")
+            if errno != _E_OK or job.cut:
+                return Outcome(TOO_LARGE, detail=f"body over max_bytes {self.max_bytes}")
+            return job.body.finish()
+        refused = ", ".join(job.refused)
+        if job.refused and not job.opened and errno == _E_CONNECT:
+            host = urlsplit(job.url).hostname or ""
+            what = refused if refused.startswith(f"{host} ") else f"{host} resolves to {refused}"
+            return Outcome(BLOCKED, detail=what[:300])
+        message = (message or f"libcurl error {errno}") + (f" (refused {refused})" if refused else "")
+        if errno == _E_TIMEOUT:
+            return _Retry(FAILED, f"timeout: {message}"[:300])
+        if errno in _E_TRANSIENT:
+            where = " while reading body" if status else ""
+            return _Retry(FAILED, f"connection error{where}: {message}"[:300])
+        if errno in _E_BAD_URL:
+            return Outcome(BAD_URL, detail=f"{message}: {job.url[:200]}"[:300])
+        if errno in _E_TLS:
+            return Outcome(FAILED, detail=f"TLS: {message}"[:300])
+        return Outcome(FAILED, detail=f"libcurl error {errno}: {message}"[:300])
 
     # --- batches ------------------------------------------------------------------------------
     @staticmethod
@@ -383,10 +685,11 @@ class Download(Stage):
         todo = self._todo(batch)
         outcomes: dict[int, Outcome] = {}
         if todo:
-            workers = max(1, min(self.concurrency, len(todo)))
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
-                # map keeps input order, so the outcomes line up with `todo`.
-                outcomes = dict(zip((i for i, _ in todo), pool.map(lambda t: self.fetch(state, t[1]), todo)))
+            with state.engine() as engine:
+                for i, url in todo:
+                    engine.submit(url, functools.partial(outcomes.__setitem__, i))
+                while len(outcomes) < len(todo):
+                    engine.step()
         return self._columns(batch, outcomes)
 
     def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
@@ -395,7 +698,8 @@ class Download(Stage):
         batch, the next batches' URLs are already being fetched (a pool per batch would wait for each
         batch's slowest URL in turn). Batches still come out whole and in input order, each once all
         its rows are done; at most _MAX_PENDING_BATCHES wait behind an unfinished one. `timing[0]` gets
-        this stage's seconds (waiting on requests included), not those spent producing the input."""
+        this stage's seconds (waiting on requests included), not those spent producing the input.
+        Everything runs in the calling thread; requests advance while this generator is being pulled."""
         clock: list[Any] = [0.0, time.perf_counter()]  # [seconds spent here, start of this stretch or None]
 
         def pause() -> None:
@@ -406,69 +710,51 @@ class Download(Stage):
         def resume() -> None:
             clock[1] = time.perf_counter()
 
-        state = self.state(threads)
         limit = max(1, self.concurrency)
-        pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="download")
-        # each request's completion is counted by a callback under `changed`: the loop below sleeps until
-        # the oldest batch is complete or a request slot frees up, and never polls futures (polling every
-        # pending future at each completion cost ~1 ms of CPU per URL)
-        changed = threading.Condition()
-        in_flight = [0]  # requests submitted and not finished
         pending: deque[_Pending] = deque()
         source, exhausted = iter(batches), False
-
-        def finished(entry: _Pending):
-            def callback(_: Future) -> None:
-                with changed:
-                    entry.left -= 1
-                    in_flight[0] -= 1
-                    changed.notify()
-            return callback
-
-        def can_pull() -> bool:
-            return not exhausted and in_flight[0] < limit and len(pending) < _MAX_PENDING_BATCHES
-
         try:
-            while pending or not exhausted:
-                # top up: pull input while a request slot is free
-                while can_pull():
-                    pause()
-                    batch = next(source, None)
-                    resume()
-                    if batch is None:
-                        exhausted = True
-                    elif batch.num_rows:
-                        todo = self._todo(batch)
-                        entry = _Pending(batch, {}, len(todo))
-                        with changed:
-                            in_flight[0] += len(todo)
-                        for i, url in todo:
-                            entry.futures[i] = future = pool.submit(self.fetch, state, url)
-                            future.add_done_callback(finished(entry))
-                        pending.append(entry)
-                # hand out finished batches, in input order
-                while pending and pending[0].left == 0:
-                    entry = pending.popleft()
-                    out = self.apply(entry.batch, _Fetched({i: f.result() for i, f in entry.futures.items()}))
-                    pause()
-                    yield out
-                    resume()
-                with changed:
-                    changed.wait_for(lambda: not pending or pending[0].left == 0 or can_pull())
+            with self.state(threads).engine() as engine:
+                while pending or not exhausted:
+                    # top up: pull input while a request slot is free
+                    while not exhausted and engine.pending < limit and len(pending) < _MAX_PENDING_BATCHES:
+                        pause()
+                        batch = next(source, None)
+                        resume()
+                        if batch is None:
+                            exhausted = True
+                        elif batch.num_rows:
+                            entry = _Pending(batch)
+                            pending.append(entry)
+                            for i, url in self._todo(batch):
+                                entry.left += 1
+                                engine.submit(url, functools.partial(entry.done, i))
+                    # hand out finished batches, in input order
+                    while pending and pending[0].left == 0:
+                        entry = pending.popleft()
+                        out = self.apply(entry.batch, _Fetched(entry.outcomes))
+                        pause()
+                        yield out
+                        resume()
+                    if pending:
+                        engine.step()
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
             pause()
             if timing is not None:
                 timing[0] += clock[0]
 
 
 class _Pending:
-    """A batch whose requests are in flight: their futures by row, and how many are not finished."""
+    """A batch whose requests are in flight: the outcomes so far by row, and how many are not finished."""
 
-    __slots__ = ("batch", "futures", "left")
+    __slots__ = ("batch", "left", "outcomes")
 
-    def __init__(self, batch: pa.RecordBatch, futures: dict[int, Future], left: int):
-        self.batch, self.futures, self.left = batch, futures, left
+    def __init__(self, batch: pa.RecordBatch):
+        self.batch, self.outcomes, self.left = batch, {}, 0
+
+    def done(self, row: int, outcome: Outcome) -> None:
+        self.outcomes[row] = outcome
+        self.left -= 1
 
 
 class _Fetched(NamedTuple):

@@ -7,8 +7,7 @@ writes the body once to `directory/{sha1(url)}{ext}` (atomically; a URL already 
 again). Writes `path` (the local file, which the probe, scene and frame stages then read unchanged) and
 `error` / `error_detail`: the shared `download_*` reason codes of schemas.ledger on failure, `opted_out`
 (a drop, not a quarantine) for an X-Robots-Tag noai answer. Other rows pass through untouched.
-
-Weak spot: the body is held in memory until written (up to `max_bytes` per request in flight).
+Bodies are never held in memory (a retry or a redirect hop starts the temporary file over).
 """
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ from typing import ClassVar
 from urllib.parse import urlsplit
 
 import pyarrow as pa
-import urllib3
 
-from filters.download import OK, OPTED_OUT, Download, Outcome
+from filters.download import FAILED, OK, OPTED_OUT, Body, Download, Outcome
 from schemas import video as S
 from schemas.common import ERROR, ERROR_DETAIL
 
@@ -44,6 +42,7 @@ class DownloadVideo(Download):
     """The recipe section `video.download`: `filters.download.Download`'s knobs, video-sized."""
 
     name: ClassVar[str] = "video_download"
+    accept: ClassVar[str] = "video/*,*/*;q=0.8"
     concurrency: int = 4
     timeout_s: float = 60.0
     max_bytes: int = 200_000_000
@@ -55,28 +54,15 @@ class DownloadVideo(Download):
     def adds(self) -> list[pa.Field]:
         return [pa.field(S.PATH, pa.string()), pa.field(ERROR, pa.string()), pa.field(ERROR_DETAIL, pa.string())]
 
-    def setup(self, threads: int) -> urllib3.PoolManager:
-        session = super().setup(threads)
-        session.headers["Accept"] = "video/*,*/*;q=0.8"
-        return session
-
-    def fetch(self, session: urllib3.PoolManager, url: str) -> Outcome:
-        url = url.strip()
+    # --- hooks of Download: a file already there is the outcome; bodies go straight to a file -------
+    def _known(self, url: str) -> Outcome | None:
         target = os.path.join(self.directory, local_name(url))
         if os.path.isfile(target):  # fetched before (the same URL on another row, or a resumed run)
             return Outcome(OK, detail=target)
-        got = super().fetch(session, url)
-        if got.status != OK:
-            return got
-        try:
-            os.makedirs(self.directory, exist_ok=True)
-            tmp = f"{target}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(got.image)
-            os.replace(tmp, target)
-        except OSError as e:
-            return Outcome("download_failed", detail=f"cannot write {target}: {e}"[:300])
-        return Outcome(OK, detail=target)
+        return None
+
+    def _body(self, url: str) -> Body:
+        return _FileBody(self.directory, os.path.join(self.directory, local_name(url)))
 
     # --- batches (Download.run keeps requests in flight across batches and calls these) ---------
     @staticmethod
@@ -109,3 +95,50 @@ class DownloadVideo(Download):
             for name, value in zip(out, row):
                 out[name].append(value)
         return out
+
+
+class _FileBody(Body):
+    """A body written to `{target}.{random}.tmp` as it arrives (the file opened at the first byte) and
+    renamed to `target` by finish(); discard() removes the temporary file."""
+
+    __slots__ = ("directory", "file", "target", "tmp")
+
+    def __init__(self, directory: str, target: str):
+        super().__init__()
+        self.directory, self.target = directory, target
+        self.file = None
+        self.tmp: str | None = None
+
+    def _open(self) -> None:
+        os.makedirs(self.directory, exist_ok=True)
+        self.tmp = f"{self.target}.{uuid.uuid4().hex}.tmp"
+        self.file = open(self.tmp, "wb")  # noqa: SIM115 - closed by finish() or discard()
+
+    def write(self, data: bytes) -> None:
+        if self.file is None:
+            self._open()
+        self.file.write(data)
+
+    def restart(self) -> None:
+        if self.file is not None:
+            self.file.seek(0)
+            self.file.truncate()
+
+    def finish(self) -> Outcome:
+        try:
+            if self.file is None:  # an empty body: still a file
+                self._open()
+            self.file.close()
+            os.replace(self.tmp, self.target)
+        except OSError as e:
+            self.discard()
+            return Outcome(FAILED, detail=f"cannot write {self.target}: {e}"[:300])
+        self.file = self.tmp = None
+        return Outcome(OK, detail=self.target)
+
+    def discard(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tmp is not None and os.path.exists(self.tmp):
+            os.unlink(self.tmp)
+        self.file = self.tmp = None

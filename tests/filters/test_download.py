@@ -1,8 +1,10 @@
 """Download stage against a real HTTP server on 127.0.0.1.
 
-Every test runs with `socket.socket.connect` wrapped: connections to anything but loopback are
-recorded and refused, so no packet can leave the machine even if the address guard were broken,
-and the tests can assert that refused addresses were never even attempted.
+libcurl opens its sockets through the stage's open-socket callback, which reports every address it
+was asked for to `filters.download.opensocket_log`. Every test runs with that log set to a guard:
+a socket for anything but loopback is recorded and refused (the callback fails closed), so no packet
+can leave the machine even if the address policy were broken, and the tests can assert that refused
+addresses never got a socket at all.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import ClassVar
 
 import pyarrow as pa
+import pycurl
 import pytest
 from PIL import Image
 
+from filters import download
 from filters.download import DOWNLOAD_STATUS, AddressPolicy, Download, opted_out
 from schemas import image_text as S
 from schemas import ledger
@@ -42,6 +46,7 @@ BIG = 50_000  # bytes the oversized endpoints send; the stage under test allows 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, so connection pooling is exercised too
     hits: ClassVar[Counter] = Counter()  # path -> requests seen, across the module's tests
+    seen: ClassVar[list] = []  # (monotonic time, path) of every request, in arrival order
     lock = threading.Lock()
 
     def log_message(self, *args: object) -> None:
@@ -71,14 +76,19 @@ class Handler(BaseHTTPRequestHandler):
         with self.lock:
             self.hits[self.path] += 1
             hits = self.hits[self.path]
+            self.seen.append((time.monotonic(), self.path))
         path = self.path.split("?")[0]
         img = {"Content-Type": "image/jpeg"}
         if path == "/img.jpg":
             self._send(200, JPEG, img)
+        elif path == "/echo-host":
+            self._send(200, (self.headers.get("Host") or "").encode())
         elif path == "/missing":
             self._send(404, b"not found")
         elif path == "/flaky":  # 500 the first time, then the image
             self._send(500, b"oops") if hits == 1 else self._send(200, JPEG, img)
+        elif path.startswith("/503-once/"):  # 503 the first time, then the image
+            self._send(503, b"down") if hits == 1 else self._send(200, JPEG, img)
         elif path == "/always500":
             self._send(503, b"down")
         elif path == "/503-then-reset":  # an HTTP error, then the connection dropped without an answer
@@ -99,6 +109,17 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"\xff" * BIG, img)
         elif path == "/big-nocl":
             self._send(200, b"\xff" * BIG, img, length=False)
+        elif path == "/big-chunked":  # no Content-Length: chunked transfer coding, 10 x 5 kB
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            try:
+                for _ in range(10):
+                    self.wfile.write(b"1388\r\n" + b"\xff" * 5000 + b"\r\n")
+                self.wfile.write(b"0\r\n\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                self.close_connection = True
         elif path == "/noai":
             self._send(200, JPEG, {**img, "X-Robots-Tag": "noai"})
         elif path == "/googlebot-noimageai":
@@ -126,21 +147,39 @@ def server() -> Iterator[str]:
     httpd.server_close()
 
 
+LOOPBACK = ("127.0.0.1", "::1")
+
+
+class SocketAudit(list):
+    """Every (ip, port, refusal) libcurl asked a socket for. A socket for a non-loopback address is
+    refused here too (appending raises, and the callback then hands out no socket) and kept in
+    `escaped`, so a broken policy cannot reach the network and fails the test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.escaped: list = []
+
+    def append(self, entry: tuple) -> None:
+        super().append(entry)
+        if entry[2] is None and entry[0] not in LOOPBACK:
+            self.escaped.append(entry)
+            raise ConnectionRefusedError(f"test guard: no socket for {entry}")
+
+    def given(self, ip: str | None = None) -> list:
+        """Addresses that got a socket (all of them, or those equal to `ip`)."""
+        return [e for e in self if e[2] is None and (ip is None or e[0] == ip)]
+
+    def refused(self, ip: str) -> list:
+        return [e for e in self if e[2] is not None and e[0] == ip]
+
+
 @pytest.fixture(autouse=True)
-def outside_connects(monkeypatch: pytest.MonkeyPatch) -> list:
-    """Destinations of every non-loopback connect() attempted during the test (all refused)."""
-    attempted: list = []
-    real_connect = socket.socket.connect
-
-    def guarded(self: socket.socket, address: object) -> None:
-        host = address[0] if isinstance(address, tuple) else str(address)
-        if host not in ("127.0.0.1", "::1", "localhost"):
-            attempted.append(address)
-            raise ConnectionRefusedError(f"test guard: refusing to connect to {address}")
-        return real_connect(self, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    return attempted
+def sockets(monkeypatch: pytest.MonkeyPatch) -> Iterator[SocketAudit]:
+    """The open-socket audit of the test; no non-loopback address ever gets a socket."""
+    audit = SocketAudit()
+    monkeypatch.setattr(download, "opensocket_log", audit)
+    yield audit
+    assert audit.escaped == []
 
 
 def closed_port() -> int:
@@ -177,7 +216,7 @@ STAGE = Download(
 )
 
 
-def test_every_row_gets_its_outcome_in_order(server: str, outside_connects: list) -> None:
+def test_every_row_gets_its_outcome_in_order(server: str, sockets: SocketAudit) -> None:
     port = closed_port()
     rows = [
         ("ok", {"url": f"{server}/img.jpg"}),
@@ -260,7 +299,7 @@ def test_every_row_gets_its_outcome_in_order(server: str, outside_connects: list
     assert Handler.hits["/missing"] == 1  # a 404 is not retried
     assert Handler.hits["/loop"] == STAGE.max_redirects + 1
     assert not any("should-not" in path for path in Handler.hits)
-    assert outside_connects == []
+    assert sockets and all(ip == "127.0.0.1" for ip, _, _ in sockets.given())
     # the slow endpoint costs (1 + retries) timeouts, run in parallel with everything else
     assert elapsed < 4.0, elapsed
 
@@ -278,10 +317,13 @@ def test_every_row_gets_its_outcome_in_order(server: str, outside_connects: list
         "http://[::ffff:10.0.0.1]/x.jpg",
     ],
 )
-def test_private_addresses_refused_without_any_connection(url: str, outside_connects: list) -> None:
+def test_private_addresses_refused_without_any_connection(url: str, sockets: SocketAudit) -> None:
+    ip = url.split("//")[1].split("/")[0].strip("[]")
     out = STAGE.apply(batch([{"url": url}])).to_pylist()[0]
     assert out[DOWNLOAD_STATUS] == out[ERROR] == "download_blocked_address"
-    assert outside_connects == []  # refused by the address check, before any socket connect
+    assert ip in out[ERROR_DETAIL]
+    # refused in the open-socket callback: libcurl asked for exactly that address, and got no socket
+    assert sockets.refused(ip) and sockets.given() == []
 
 
 def test_an_http_error_is_the_reason_when_a_later_retry_is_reset(server: str) -> None:
@@ -289,44 +331,114 @@ def test_an_http_error_is_the_reason_when_a_later_retry_is_reset(server: str) ->
     assert out[ERROR] == "download_http_error" and "503" in out[ERROR_DETAIL] and "then" in out[ERROR_DETAIL]
 
 
-def test_redirect_target_is_checked_too(server: str, outside_connects: list) -> None:
+def test_redirect_target_is_checked_too(server: str, sockets: SocketAudit) -> None:
     out = STAGE.apply(batch([{"url": f"{server}/redirect-metadata"}])).to_pylist()[0]
     assert out[DOWNLOAD_STATUS] == "download_blocked_address"
-    assert "169.254.169.254" in out[ERROR_DETAIL]
-    assert outside_connects == []
+    assert "169.254.169.254 (link-local)" in out[ERROR_DETAIL]
+    assert sockets.refused("169.254.169.254") and sockets.given("169.254.169.254") == []
 
 
-def test_host_names_are_resolved_and_every_record_checked(
-    server: str, outside_connects: list, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    real = socket.getaddrinfo
-    fake = {
-        "internal.test": ["10.1.2.3"],
-        "mixed.test": ["127.0.0.1", "192.168.0.7"],
-        "local.test": ["127.0.0.1"],
-    }
-
-    def getaddrinfo(host, port, *args, **kwargs):
-        if host in fake:
-            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, port)) for ip in fake[host]]
-        return real(host, port, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+def test_host_names_are_resolved_and_every_address_checked(server: str, sockets: SocketAudit) -> None:
     port = server.rsplit(":", 1)[1]
+    pins = (f"internal.test:{port}:10.1.2.3", f"mixed.test:{port}:192.168.0.7,127.0.0.1",
+            f"local.test:{port}:127.0.0.1")
     rows = [
         {"url": f"http://internal.test:{port}/img.jpg"},
         {"url": f"http://mixed.test:{port}/img.jpg"},
-        {"url": f"http://local.test:{port}/img.jpg"},
+        {"url": f"http://local.test:{port}/echo-host"},
     ]
-    out = STAGE.apply(batch(rows)).to_pylist()
-    assert [r[DOWNLOAD_STATUS] for r in out] == ["download_blocked_address", "download_blocked_address", "ok"]
-    assert out[2][S.IMAGE] == JPEG  # connected to the checked address, Host header kept
-    assert outside_connects == []
+    stage = Download(timeout_s=2.0, retries=0, concurrency=1, allow_loopback=True, resolve=pins)
+    out = stage.apply(batch(rows)).to_pylist()
+    assert [r[DOWNLOAD_STATUS] for r in out] == ["download_blocked_address", "ok", "ok"]
+    assert out[0][ERROR_DETAIL] == "internal.test resolves to 10.1.2.3 (private)"
+    # a host with a private and a loopback address: the private one is refused (never gets a socket),
+    # then libcurl tries the next address, which the policy allows
+    assert out[1][S.IMAGE] == JPEG
+    assert sockets.refused("192.168.0.7") and sockets.given("192.168.0.7") == []
+    assert sockets.refused("10.1.2.3") and sockets.given("10.1.2.3") == []
+    assert out[2][S.IMAGE] == f"local.test:{port}".encode()  # the pinned address, Host header kept
+
+    # without loopback, every address of mixed.test is refused: blocked, each address named
+    strict = Download(timeout_s=2.0, retries=0, resolve=pins)
+    out = strict.apply(batch(rows[1:2])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == "download_blocked_address"
+    assert "192.168.0.7 (private)" in out[ERROR_DETAIL] and "127.0.0.1 (loopback)" in out[ERROR_DETAIL]
 
 
-def test_loopback_refused_by_default(server: str) -> None:
-    out = Download(retries=0).apply(batch([{"url": f"{server}/img.jpg"}])).to_pylist()[0]
-    assert out[DOWNLOAD_STATUS] == "download_blocked_address" and "loopback" in out[ERROR_DETAIL]
+def test_loopback_refused_by_default_reaches_no_listener(sockets: SocketAudit) -> None:
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/img.jpg"
+        out = Download(retries=0, timeout_s=1.0).apply(batch([{"url": url}])).to_pylist()[0]
+        assert out[DOWNLOAD_STATUS] == "download_blocked_address" and "loopback" in out[ERROR_DETAIL]
+        assert out[ERROR_DETAIL] == "127.0.0.1 (loopback)"
+        with pytest.raises(BlockingIOError):  # not even a TCP handshake reached the listener
+            listener.accept()
+        assert sockets.refused("127.0.0.1") and sockets.given() == []
+    finally:
+        listener.close()
+
+
+def test_proxy_settings_in_the_environment_are_ignored(server: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there: a used proxy would fail
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    # a configuration of its own: a fresh worker state, no connection left open by another test
+    stage = Download(timeout_s=2.0, retries=0, allow_loopback=True, user_agent="proxy-test")
+    out = stage.apply(batch([{"url": f"{server}/img.jpg?proxy-test"}])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == "ok" and out[S.IMAGE] == JPEG
+    assert Handler.hits["/img.jpg?proxy-test"] == 1
+
+
+def test_bodies_without_content_length_are_cut_at_max_bytes(server: str) -> None:
+    stage = Download(timeout_s=2.0, retries=0, max_bytes=10_000, allow_loopback=True)
+    urls = [f"{server}/big-nocl", f"{server}/big-chunked", f"{server}/img.jpg"]
+
+    def run(state):
+        return [(r[DOWNLOAD_STATUS], r[ERROR_DETAIL]) for r in stage.apply(batch([{"url": u} for u in urls]),
+                                                                         state).to_pylist()]
+
+    expect = [("download_too_large", "body over max_bytes 10000")] * 2 + [("ok", None)]
+    assert run(stage.setup(1)) == expect  # libcurl's own max-file-size check cuts them
+    # the write callback's own cut, without libcurl's check: the same outcome
+    client = stage.setup(1)
+    client.options = [(k, v) for k, v in client.options if k != pycurl.MAXFILESIZE_LARGE]
+    assert run(client) == expect
+
+
+def test_a_retry_waits_without_holding_up_other_urls(server: str) -> None:
+    # one request in flight at a time: a retry that slept in place would hold the only slot
+    stage = Download(timeout_s=2.0, retries=1, backoff_s=0.4, concurrency=1, allow_loopback=True)
+    tag = time.monotonic_ns()
+    rows = [{"url": f"{server}/503-once/{tag}"}] + [{"url": f"{server}/img.jpg?{tag}-{i}"} for i in range(5)]
+    t0 = time.monotonic()
+    out = stage.apply(batch(rows)).to_pylist()
+    assert [r[DOWNLOAD_STATUS] for r in out] == ["ok"] * 6 and out[0][S.IMAGE] == JPEG
+    assert Handler.hits[f"/503-once/{tag}"] == 2
+    seen = [(t, path) for t, path in Handler.seen if t >= t0 and str(tag) in path]
+    retried_at = [t for t, path in seen if path.startswith("/503-once/")][1]
+    others = [t for t, path in seen if path.startswith("/img.jpg")]
+    assert len(others) == 5 and max(others) < retried_at  # all the others went while the retry waited
+    assert retried_at - t0 >= 0.2  # and the retry did wait its back-off (0.4 s x jitter 0.5..1)
+
+
+def test_connections_are_kept_alive(server: str, sockets: SocketAudit) -> None:
+    stage = Download(timeout_s=2.0, retries=0, concurrency=1, allow_loopback=True)
+    tag = time.monotonic_ns()
+    out = stage.apply(batch([{"url": f"{server}/img.jpg?{tag}-{i}"} for i in range(5)])).to_pylist()
+    assert [r[DOWNLOAD_STATUS] for r in out] == ["ok"] * 5
+    assert len(sockets.given()) == 1  # five requests over one connection
+
+
+def test_non_ascii_urls_are_encoded(server: str) -> None:
+    stage = Download(timeout_s=2.0, retries=0, allow_loopback=True)
+    out = stage.apply(batch([{"url": f"{server}/img.jpg?q=été&x=a b"}])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == "ok" and out[S.IMAGE] == JPEG
+    assert Handler.hits["/img.jpg?q=%C3%A9t%C3%A9&x=a%20b"] == 1
 
 
 def test_address_policy() -> None:
