@@ -164,7 +164,7 @@ def ledger_checks(kind: Kind) -> list:
                 column=L.SHARD, row_condition=_when(L.STATUS, "!=", L.KEPT)),
         _expect("ExpectColumnValuesToMatchRegex", f"{p}.shard_name",
                 f"shard names are {' or '.join(kind.all_shard_sets)}-NNNNNN.tar",
-                column=L.SHARD, regex=rf"^({'|'.join(kind.all_shard_sets)})-\d{{6}}\.tar$"),
+                column=L.SHARD, regex=rf"^(?:{'|'.join(kind.all_shard_sets)})-\d{{6}}\.tar$"),
         _expect("ExpectColumnValuesToNotBeNull", f"{p}.duplicate_names_keeper", "duplicates name the item they duplicate",
                 column=L.DUPLICATE_OF, row_condition=_when(L.REASON, "in", list(L.DUPLICATE_REASONS))),
         _expect("ExpectColumnValuesToBeInSet", f"{p}.duplicate_keeper_exists",
