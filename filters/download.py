@@ -18,13 +18,13 @@ and a later attempt got no answer, the HTTP error is the reason ("HTTP 503, then
 `max_bytes` are refused from their Content-Length before the body, or cut while streaming
 (`download_too_large`). Non-http(s) URLs, also as a redirect target, are `download_bad_url`.
 
-Engine: libcurl's multi interface (pycurl), driven from the ONE thread that calls run() / process()
-(pycurl releases the GIL while libcurl works and waits): up to `concurrency` transfers in flight, a
+Engine: libcurl's multi interface (pycurl), driven from ONE thread (run(): a thread of its own, so the
+transfers go on while the next stages decode; process() and fetch(): the caller's), which pycurl lets
+go of the GIL while libcurl works and waits: up to `concurrency` transfers in flight, a
 pool of `concurrency` reused easy handles, connections kept alive between requests to one host
 (HTTP/1.1; https may negotiate HTTP/2 through ALPN, libcurl's default).
 A retry is not slept on: it is scheduled for its due time and the loop waits in select() no longer
-than the nearest due time, so the other transfers keep going. Transfers only advance while the stage
-is being pulled (the kernel still buffers what arrives in between). `timeout_s` is each attempt's
+than the nearest due time, so the other transfers keep going. `timeout_s` is each attempt's
 connect timeout and its wall-clock budget.
 
 Safety: libcurl may speak only http and https (redirects are ours anyway: FOLLOWLOCATION is off); no
@@ -697,51 +697,102 @@ class Download(Stage):
         """Keep up to `concurrency` requests in flight ACROSS batches: while one slow URL holds back its
         batch, the next batches' URLs are already being fetched (a pool per batch would wait for each
         batch's slowest URL in turn). Batches still come out whole and in input order, each once all
-        its rows are done; at most _MAX_PENDING_BATCHES wait behind an unfinished one. `timing[0]` gets
-        this stage's seconds (waiting on requests included), not those spent producing the input.
-        Everything runs in the calling thread; requests advance while this generator is being pulled."""
-        clock: list[Any] = [0.0, time.perf_counter()]  # [seconds spent here, start of this stretch or None]
+        its rows are done; at most _MAX_PENDING_BATCHES wait behind an unfinished one.
 
-        def pause() -> None:
-            if clock[1] is not None:
-                clock[0] += time.perf_counter() - clock[1]
-                clock[1] = None
-
-        def resume() -> None:
-            clock[1] = time.perf_counter()
-
-        limit = max(1, self.concurrency)
-        pending: deque[_Pending] = deque()
-        source, exhausted = iter(batches), False
+        The loop (pulling the input, driving libcurl, completing batches) runs in a thread of its own, so
+        transfers go on while the stages after this one decode the batches already handed out; it reads
+        at most _AHEAD finished batches ahead of them. `timing[0]` gets the seconds the caller waited for
+        a batch: the downloads the pipeline could not hide behind its other work."""
+        loop = _Loop(self, batches, threads)
+        thread = threading.Thread(target=loop.work, name="download-loop", daemon=True)
+        thread.start()
+        waited = 0.0
         try:
-            with self.state(threads).engine() as engine:
-                while pending or not exhausted:
-                    # top up: pull input while a request slot is free
-                    while not exhausted and engine.pending < limit and len(pending) < _MAX_PENDING_BATCHES:
-                        pause()
-                        batch = next(source, None)
-                        resume()
+            while True:
+                t0 = time.perf_counter()
+                batch = loop.take()
+                waited += time.perf_counter() - t0
+                if batch is None:
+                    return
+                yield batch
+        finally:
+            loop.stop()
+            thread.join()
+            if timing is not None:
+                timing[0] += waited
+
+
+_AHEAD = 2  # finished batches the download loop may hold before the next stage takes them
+
+
+class _Loop:
+    """Download.run's loop, in a thread of its own; hands finished batches to the caller through `take`."""
+
+    def __init__(self, stage: Download, batches: Iterable[pa.RecordBatch], threads: int):
+        self.stage, self.source, self.threads = stage, iter(batches), threads
+        self.cond = threading.Condition()
+        self.out: deque[pa.RecordBatch] = deque()
+        self.over = self.stopped = False
+        self.error: BaseException | None = None
+
+    def take(self) -> pa.RecordBatch | None:
+        """The next batch in input order, None at the end; the loop's exception, if it failed."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.out or self.over)
+            if self.out:
+                batch = self.out.popleft()
+                self.cond.notify_all()  # room for one more
+                return batch
+            if self.error is not None:
+                raise self.error
+            return None
+
+    def stop(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+    def _room(self) -> bool:
+        with self.cond:
+            return len(self.out) < _AHEAD and not self.stopped
+
+    def work(self) -> None:
+        stage, limit = self.stage, max(1, self.stage.concurrency)
+        pending: deque[_Pending] = deque()
+        exhausted = False
+        try:
+            with stage.state(self.threads).engine() as engine:
+                while (pending or not exhausted) and not self.stopped:
+                    # top up: pull input while a request slot is free and the caller keeps up
+                    while (not exhausted and engine.pending < limit and len(pending) < _MAX_PENDING_BATCHES
+                           and self._room()):
+                        batch = next(self.source, None)
                         if batch is None:
                             exhausted = True
                         elif batch.num_rows:
                             entry = _Pending(batch)
                             pending.append(entry)
-                            for i, url in self._todo(batch):
+                            for i, url in stage._todo(batch):
                                 entry.left += 1
                                 engine.submit(url, functools.partial(entry.done, i))
                     # hand out finished batches, in input order
                     while pending and pending[0].left == 0:
                         entry = pending.popleft()
-                        out = self.apply(entry.batch, _Fetched(entry.outcomes))
-                        pause()
-                        yield out
-                        resume()
-                    if pending:
+                        out = stage.apply(entry.batch, _Fetched(entry.outcomes))
+                        with self.cond:
+                            self.out.append(out)
+                            self.cond.notify_all()
+                    if engine.pending:
                         engine.step()
+                    elif pending or not exhausted:  # nothing in flight: wait until the caller takes a batch
+                        with self.cond:
+                            self.cond.wait_for(lambda: len(self.out) < _AHEAD or self.stopped, timeout=_MAX_WAIT_S)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread, which raises it
+            self.error = e
         finally:
-            pause()
-            if timing is not None:
-                timing[0] += clock[0]
+            with self.cond:
+                self.over = True
+                self.cond.notify_all()
 
 
 class _Pending:

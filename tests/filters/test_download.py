@@ -542,3 +542,35 @@ def test_rolling_pool_keeps_order_with_many_small_batches(server: str) -> None:
     out = list(stage.run(iter(batches)))
     assert [b.column("sample_id")[0].as_py() for b in out] == [f"s{i}" for i in range(len(delays))]
     assert all(b.column(DOWNLOAD_STATUS)[0].as_py() == "ok" for b in out)
+
+
+def test_transfers_go_on_while_the_next_stage_works_on_a_batch(server: str) -> None:
+    """run() drives libcurl from a thread of its own: while the caller works on one batch (a decoder),
+    the next batch's download proceeds. One request at a time, each answered after 0.4 s, and 0.4 s of
+    work per batch: about 0.4 + 3 x 0.4 s overlapped, 2.4 s if the downloads waited for the caller."""
+    stage = Download(timeout_s=5.0, retries=0, concurrency=1, allow_loopback=True)
+    batches = [batch([{"url": f"{server}/sleep/0.4/overlap-{i}"}]).set_column(0, "sample_id", pa.array([f"o{i}"]))
+               for i in range(3)]
+    timing = [0.0]
+    t0 = time.perf_counter()
+    got = []
+    for b in stage.run(iter(batches), 1, timing):
+        got.append(b.column("sample_id")[0].as_py())
+        assert b.column(DOWNLOAD_STATUS)[0].as_py() == "ok"
+        time.sleep(0.4)  # the next stage's work on this batch
+    elapsed = time.perf_counter() - t0
+    assert got == ["o0", "o1", "o2"]
+    assert elapsed < 2.1, elapsed
+    assert 0.35 < timing[0] < 1.0, timing  # the caller waited for the first download, hardly for the others
+
+
+def test_a_caller_that_stops_early_stops_the_loop(server: str) -> None:
+    stage = Download(timeout_s=5.0, retries=0, concurrency=2, allow_loopback=True)
+    batches = [batch([{"url": f"{server}/sleep/0.2/stop-{i}"}]) for i in range(20)]
+    gen = stage.run(iter(batches))
+    first = next(gen)
+    assert first.column(DOWNLOAD_STATUS)[0].as_py() == "ok"
+    t0 = time.perf_counter()
+    gen.close()  # the loop thread ends, its transfers are dropped
+    assert time.perf_counter() - t0 < 1.5
+    assert not [t for t in threading.enumerate() if t.name == "download-loop"]
