@@ -15,7 +15,8 @@ OUT ?= out
 setup: system venv jvm
 
 # Debian packages the pipeline needs: a Java 17+ runtime for Spark, ffmpeg for video, chromium (and its
-# driver) for the report's browser test (playwright drives Debian's chromium; it never downloads one).
+# driver) for the report's browser test (playwright drives Debian's chromium; it never downloads one),
+# openssl for the download test's self-signed HTTPS server.
 system:
 	@missing=""; \
 	java -version 2>&1 | grep -Eq 'version "(1[7-9]|2[0-9])' || missing="$$missing openjdk-17-jre-headless"; \
@@ -24,6 +25,7 @@ system:
 	command -v pandoc >/dev/null || missing="$$missing pandoc"; \
 	command -v dot >/dev/null || missing="$$missing graphviz"; \
 	command -v wget >/dev/null || missing="$$missing wget"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
 	[ -d /usr/share/fonts/opentype/noto ] || missing="$$missing fonts-noto-cjk"; \
 	[ -d /usr/share/fonts/truetype/dejavu ] || missing="$$missing fonts-dejavu-core"; \
 	[ -d /usr/share/fonts/truetype/liberation ] || missing="$$missing fonts-liberation"; \

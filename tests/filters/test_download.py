@@ -574,3 +574,45 @@ def test_a_caller_that_stops_early_stops_the_loop(server: str) -> None:
     gen.close()  # the loop thread ends, its transfers are dropped
     assert time.perf_counter() - t0 < 1.5
     assert not [t for t in threading.enumerate() if t.name == "download-loop"]
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """The same handler over HTTPS on 127.0.0.1, with a self-signed certificate made by openssl:
+    (base URL, the certificate's path)."""
+    import ssl
+    import subprocess
+
+    d = tmp_path_factory.mktemp("tls")
+    key, cert = str(d / "key.pem"), str(d / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"https://127.0.0.1:{httpd.server_address[1]}", cert
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_tls_is_verified_and_an_untrusted_certificate_is_not_retried(tls_server, monkeypatch) -> None:
+    """HTTPS: a certificate that certifi's bundle does not vouch for fails at the handshake, before any
+    request reaches the server, and is not retried; the same server with its certificate trusted serves
+    the image over TLS."""
+    base, cert = tls_server
+    stage = Download(timeout_s=2.0, retries=2, backoff_s=0.01, allow_loopback=True)
+    before = Handler.hits["/img.jpg?tls"]
+    out = stage.apply(batch([{"url": f"{base}/img.jpg?tls"}])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == "download_failed" and out[ERROR_DETAIL].startswith("TLS:"), out[ERROR_DETAIL]
+    assert "after" not in out[ERROR_DETAIL]  # a bad certificate is final, not retried
+    assert Handler.hits["/img.jpg?tls"] == before  # no request was sent over the untrusted connection
+    monkeypatch.setattr(download.certifi, "where", lambda: cert)  # trust it: read when a worker's state is made
+    trusting = Download(timeout_s=2.5, retries=0, allow_loopback=True)  # another stage: a state of its own
+    out = trusting.apply(batch([{"url": f"{base}/img.jpg?tls"}])).to_pylist()[0]
+    assert out[DOWNLOAD_STATUS] == "ok" and out[S.IMAGE] == JPEG, out[ERROR_DETAIL]
+    assert Handler.hits["/img.jpg?tls"] == before + 1
