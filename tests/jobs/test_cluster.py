@@ -142,6 +142,11 @@ def _executor_python(path: str) -> str:
     return path
 
 
+# these tests read the driver's INFO lines (executors granted, speculative attempts killed); the job's
+# default is WARN (spark-defaults.conf)
+INFO = ["--conf", "spark.log.level=INFO"]
+
+
 def test_cluster_run_equals_the_local_run(cluster, clean_run, sample_dir, tmp_path):
     python = _executor_python(str(tmp_path / "python"))
     # without the zip the executors' interpreter cannot see the project at all
@@ -154,7 +159,7 @@ def test_cluster_run_equals_the_local_run(cluster, clean_run, sample_dir, tmp_pa
               FAULT_SITES_ENV: "decode,shards", FAULT_STALL_ENV: "8"}
     proc = submit("--input", f"image_text={sample_dir}", "--output", out, *ARGS, master=cluster, env=faults,
                   spark_args=["--py-files", src, "--conf", f"spark.pyspark.python={python}",
-                              "--conf", f"spark.pyspark.driver.python={sys.executable}", *SPECULATION])
+                              "--conf", f"spark.pyspark.driver.python={sys.executable}", *SPECULATION, *INFO])
     (tmp_path / "driver.log").write_text(proc.stderr)
     executors = set(re.findall(r"Granted executor ID \S+ on hostPort (127\.0\.0\.\d+)", proc.stderr))
     assert executors == set(HOSTS), executors
@@ -184,7 +189,7 @@ def test_a_driver_only_clip_checkpoint_is_shipped_to_every_executor(cluster, sam
                   "--set", f"image_text.clip.model={model_name}", "--set", f"image_text.clip.pretrained={pretrained}",
                   "--set", "image_text.clip.threshold=-1",  # keep every scored pair, to read its score back
                   master=cluster, spark_args=["--py-files", src, "--conf", f"spark.pyspark.python={python}",
-                                              "--conf", f"spark.pyspark.driver.python={sys.executable}"])
+                                              "--conf", f"spark.pyspark.driver.python={sys.executable}", *INFO])
     (tmp_path / "driver.log").write_text(proc.stderr)
     assert set(re.findall(r"Granted executor ID \S+ on hostPort (127\.0\.0\.\d+)", proc.stderr)) == set(HOSTS)
     executor_dirs = [d for w in cluster.work for d in glob.glob(os.path.join(w, "*", "*")) if os.path.isdir(d)]
