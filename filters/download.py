@@ -19,7 +19,7 @@ and a later attempt got no answer, the HTTP error is the reason ("HTTP 503, then
 (`download_too_large`). Non-http(s) URLs, also as a redirect target, are `download_bad_url`.
 
 Engine: libcurl's multi interface (pycurl), driven from ONE thread (run(): a thread of its own, so the
-transfers go on while the next stages decode; process() and fetch(): the caller's), which pycurl lets
+transfers go on while the next stages decode; process(): the caller's), which pycurl lets
 go of the GIL while libcurl works and waits: up to `concurrency` transfers in flight, a
 pool of `concurrency` reused easy handles, connections kept alive between requests to one host
 (HTTP/1.1; https may negotiate HTTP/2 through ALPN, libcurl's default).
@@ -597,19 +597,6 @@ class Download(Stage):
     def _body(self, url: str) -> Body:
         """Where `url`'s body goes; its finish() makes the OK outcome."""
         return Body()
-
-    # --- one URL ------------------------------------------------------------------------------
-    def fetch(self, state: _Client, url: str) -> Outcome:
-        """Download one URL on its own; never raises: every problem becomes an Outcome with a reason code."""
-        got: list[Outcome] = []
-        try:
-            with state.engine() as engine:
-                engine.submit(url, got.append)
-                while not got:
-                    engine.step()
-        except Exception as e:  # noqa: BLE001 - a per-URL surprise must not fail the partition
-            return Outcome(FAILED, detail=f"{type(e).__name__}: {e}"[:300])
-        return got[0]
 
     def _judge(self, job: _Job, status: int, lines: list[bytes], errno: int,
                message: str) -> Outcome | _Redirect | _Retry:
