@@ -8,6 +8,9 @@ export PYSPARK_PYTHON := $(CURDIR)/$(VENV)/bin/python
 export PYSPARK_DRIVER_PYTHON := $(CURDIR)/$(VENV)/bin/python
 # SPARK_LOCAL_IP: a value of your own (a cluster's address) is kept
 export SPARK_LOCAL_IP ?= 127.0.0.1
+# pip keeps no cache of what it downloads: CI and new machines install once, and the venv alone takes
+# ~7.5 GB (torch's build); a full disk failed one CI run's install
+export PIP_NO_CACHE_DIR := 1
 OUT ?= out
 
 .PHONY: setup system venv jvm demo run test bench bench-compare package clean
