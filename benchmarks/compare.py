@@ -813,11 +813,11 @@ def notes(r: dict) -> list[str]:
             out.append(
                 f"URL list, {cores} core(s), rules + dedup off: {_rate(off) / _rate(base):.2f}x img2dataset's "
                 f"samples/s; {_cpu_per_k(off)} CPU s per 1k samples against img2dataset's {_cpu_per_k(base)}. Both "
-                "fetch with 16 threads per core and keep the original JPEG bytes; img2dataset decodes with OpenCV, "
+                "keep 16 transfers in flight per core and the original JPEG bytes; img2dataset decodes with OpenCV, "
                 "hashes and writes. Ours also decodes (JPEG draft mode), computes sha256, pHash, dHash and a pixel "
                 "std, cleans the caption and identifies its language, writes the features checkpoint, a ledger, a "
-                "report and runs the gates, and starts a JVM: the same fixed costs as above; its download "
-                "threads share a process, and so the GIL, with the decode.")
+                "report and runs the gates, and starts a JVM: the same fixed costs as above; its libcurl loop "
+                "runs in a thread of the process that decodes, and so shares its GIL.")
     peak = [x for _, x in _our_runs(r) if x.get("rc") == 0]
     if peak:
         x = max(peak, key=lambda y: y["peak_rss_mib"])
@@ -829,11 +829,12 @@ def notes(r: dict) -> list[str]:
             f"{_kind(x, 'peak_rss_mib', 'python driver')} (pyspark, pandas, pyarrow, great-expectations). The plain "
             f"script's {plain['peak_rss_mib']} MiB is mostly torch, which webdataset 1.x imports.")
     out += [
-        ("What is left of the gap: the per-run costs of a JVM and of each Spark job (session start ~5 s; each "
-        "of the ~40 jobs 0.1-0.5 s on 2 cores), which are the same at 2k as at 2M samples; the JIT compiling on "
-        "the cores the Python workers need (C1-only JIT, -XX:TieredStopAtLevel=1, cut the features pass at 20k by "
-        "~20% but slowed 1M-item dedup by ~20%, so it is not the default); requests' per-URL overhead. On corpora "
-        "of millions the per-sample cost decides, so rerun with a larger --n before judging throughput at scale."),
+        ("What is left of the gap: the per-run costs of a JVM and of each Spark job (JVM and session start ~2 s; "
+        "some 60 jobs of 0.05-0.5 s each on 2 cores for the rules, dedup, shard assignment and writing, the ledger "
+        "and its accounting, the report material and the gates), the same at 2k as at 2M samples. The driver JVM "
+        "compiles with C1 only (spark-defaults.conf: at 20k its CPU went 25 -> 18 s; JVM-only work such as a "
+        "1M-item dedup in local mode is ~27% slower with it). On corpora of millions the per-sample cost decides, "
+        "so rerun with a larger --n before judging throughput at scale."),
         ("The plain script's near dedup is an O(n^2) loop over kept hashes (~n^2/2 popcounts: 2M at 2k items, "
         "1.25e9 at 50k) and keeps the first copy seen, not the largest; it cannot use a second core or machine "
         "without a rewrite, while ours scales by adding executors."),
