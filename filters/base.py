@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.abc
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
@@ -17,6 +19,43 @@ from typing import Any, ClassVar
 import pyarrow as pa
 
 _STATE: dict[Any, Any] = {}  # per Python worker: stage config -> loaded state (models, automata)
+_PANDAS_CHECKED = False
+
+
+class _NoPandas(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "pandas":
+            raise ModuleNotFoundError("pandas is kept out of this Python worker (filters.base.arrow_only)", name=name)
+        return None
+
+
+def _give_back() -> None:
+    import ctypes
+    import gc
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def arrow_only() -> None:
+    """Keep pandas out of this Python worker. The first time pyarrow converts a Python list it imports
+    pandas (~80 MiB resident, per worker), only to ask whether the list is a pandas object; no worker
+    code uses pandas. Here pyarrow's one check runs with pandas absent, and pyarrow remembers that for
+    the process; an explicit `import pandas` later still works (and so does `to_pandas()`). Called at
+    the start of every Python task of the pipeline; a no-op once done or where pandas is loaded."""
+    global _PANDAS_CHECKED
+    if _PANDAS_CHECKED or "pandas" in sys.modules:
+        return
+    _PANDAS_CHECKED = True
+    finder = _NoPandas()
+    sys.meta_path.insert(0, finder)
+    try:
+        pa.array([None])  # pyarrow's pandas check, once per process
+    finally:
+        sys.meta_path.remove(finder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -242,6 +281,7 @@ def apply_stages(df, stages: list[Stage], timer: StageTimer | None = None):
     losing = [s.name in (os.environ.get(FAULT_DROP_ENV) or "").split(",") for s in stages]  # tests only
 
     def run_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        arrow_only()
         threads = task_threads()
         spent = [[0.0] for _ in stages]
         for stage, fault, t, lose in zip(stages, faults, spent, losing):
@@ -262,6 +302,7 @@ def apply_stages(df, stages: list[Stage], timer: StageTimer | None = None):
                 acc.add(rows)
         if passes is not None:
             passes.add(rows)
+        _give_back()
 
     return df.mapInArrow(run_partition, from_arrow_schema(out_schema))
 

@@ -69,6 +69,7 @@ import logging
 
 import numpy as np
 
+from filters.base import arrow_only
 from schemas import image_text as S
 from schemas.common import SAMPLE_ID
 
@@ -426,6 +427,7 @@ def near_edges(items, cfg: Dedup):
     ).select("key", S.PHASH, S.PHASH256, "b.block", "b.value")
 
     def shards(batches):
+        arrow_only()
         return _partition_edges(radius, second, batches)
 
     # rows of one (block, value) shard together and in a run: the shards of a partition are handed to

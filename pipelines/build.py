@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from importlib import metadata
 from typing import Any
 
-from filters.base import StageTimer
+from filters.base import StageTimer, arrow_only
 from pipelines import checkpoint, gates, kinds, progress
 from pipelines.io import runs, storage
 from pipelines.io import shards as shard_io
@@ -57,6 +57,7 @@ def write_parquet(df, uri: str) -> None:
     def write(batches):
         import tempfile
 
+        arrow_only()
         part = TaskContext.get().partitionId()
         fd, tmp = tempfile.mkstemp(suffix=".parquet")
         os.close(fd)

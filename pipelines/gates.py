@@ -40,6 +40,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from filters.base import arrow_only
 from pipelines.io import readers, storage
 from pipelines.io import shards as shard_io
 from pipelines.kind import Kind
@@ -399,6 +400,7 @@ def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contra
     if tasks:
         # one task per shard; each sends back its rows pickled (their cells keep their Python types)
         def read_back(batches):
+            arrow_only()
             for b in batches:
                 rows = [pickle.dumps(shard_rows(d, n, contract)) for d, n in zip(*b.to_pydict().values())]
                 yield pa.record_batch([pa.array(rows, pa.binary())], names=["rows"])

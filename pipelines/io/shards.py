@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from filters.base import FaultPlan
+from filters.base import FaultPlan, arrow_only
 from pipelines.checkpoint import cached
 from pipelines.io import storage
 from schemas.common import SAMPLE_ID
@@ -226,6 +226,7 @@ def write_partition(batches: Iterator[pa.RecordBatch], out_dir: str, to_sample: 
     against the kind's `contract` first: one that breaks it is a pipeline bug and fails the task
     (ContractViolation), never a silently malformed shard. `fault`: test only, fails a chosen first
     attempt right after its first sample, mid-shard."""
+    arrow_only()
     staging = storage.staging_dir(out_dir)
     current, writer, tmp_path, count = None, None, None, 0
 
