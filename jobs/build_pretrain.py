@@ -37,6 +37,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def stop(spark) -> None:
+    """spark.stop(), without then waiting for pyspark's accumulator server thread to notice it should
+    end: that wait is up to its 0.5 s poll interval, and this process exits right after (the thread
+    is a daemon). The JVM's SparkContext stops as usual."""
+    sc = spark.sparkContext
+    if getattr(sc, "_accumulatorServer", None) is not None:
+        sc._accumulatorServer.server_shutdown = True  # its handlers stop reading updates
+        sc._accumulatorServer = None
+    spark.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("py4j", "botocore", "urllib3", "PIL"):
@@ -85,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"build_pretrain: recipe error: {e}", file=sys.stderr)
         return 2
     finally:
-        spark.stop()
+        stop(spark)
     for kind, k in summary["kinds"].items():
         print(f"{kind}: {k['input']} in, {k['kept']} kept, dropped {k['dropped']}, quarantined {k['quarantined']}")
     print(f"shards:  {storage.join(out, 'shards')}")

@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -29,6 +30,32 @@ VERSIONED = ["pyspark", "pyarrow", "pillow", "imagehash", "open-clip-torch", "to
              "webdataset", "pyahocorasick", "numpy", "boto3"]
 
 
+
+
+_preloading: threading.Thread | None = None
+
+
+def preload() -> None:
+    """Start importing what the end of a run needs in a background thread: great_expectations for the
+    gates (~2 s: pandas, scipy, its registry of expectations) and matplotlib for the report's charts
+    (~0.3 s). The run's curation hides it instead of the end of the run waiting for it; importing either
+    later simply waits for the import in progress. Once per process."""
+    global _preloading
+    if _preloading is not None:
+        return
+
+    def load() -> None:
+        try:
+            import great_expectations.expectations  # noqa: F401
+
+            from pipelines.report import plots
+
+            plots.pyplot()
+        except Exception:  # the gates and the report import them again and report the error there
+            log.debug("preload failed", exc_info=True)
+
+    _preloading = threading.Thread(target=load, name="vlcurate-preload", daemon=True)
+    _preloading.start()
 
 
 def versions() -> dict[str, str | None]:
@@ -202,7 +229,7 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     (pipelines/io/runs.py): OUT's ledger, reports/summary.json, report and shards; return the summary."""
     started = started or time.time()
     check_work_dir(recipe, out, spark.sparkContext.master)
-    gates.preload()  # great_expectations takes seconds to import: in the background, while the kinds run
+    preload()  # great_expectations and matplotlib: in the background, while the kinds run
     timer = StageTimer(spark)
     work_dir = default_work_dir(recipe, out)
     work = checkpoint.begin(spark, work_dir, owner=checkpoint.fingerprint(out), ours=not recipe.work_dir)

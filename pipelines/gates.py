@@ -31,10 +31,8 @@ import math
 import os
 import pickle
 import shutil
-import sys
 import tarfile
 import tempfile
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -59,27 +57,6 @@ SHARD_SAMPLE_CAP = 5_000  # shard samples read back (contract and fields checked
 GX_DOCS = "gx/uncommitted/data_docs/local_site/index.html"  # relative to OUT/reports
 SAMPLE_ID_PATTERN = f"^{SAMPLE_ID_REGEX}$"
 READ_BACK = ("key", "shard_file", "contract_ok", "contract_problems")  # columns the read-back adds
-
-
-_preloading: threading.Thread | None = None
-
-
-def preload() -> None:
-    """Start importing great_expectations in a background thread: it takes seconds (pandas, scipy, its
-    registry of expectations), which the run's curation then hides instead of the gates phase waiting
-    for it. The driver calls this once at the start of a run; importing it later simply waits for it."""
-    global _preloading
-    if _preloading is not None or "great_expectations.expectations" in sys.modules:
-        return
-
-    def load() -> None:
-        try:
-            import great_expectations.expectations  # noqa: F401
-        except Exception:  # the gates import it again and report the error there
-            log.debug("great_expectations preload failed", exc_info=True)
-
-    _preloading = threading.Thread(target=load, name="gx-preload", daemon=True)
-    _preloading.start()
 
 
 class GateFailed(RuntimeError):

@@ -27,7 +27,8 @@ RC = {
 }
 
 
-def _plt():
+def pyplot():
+    """(matplotlib, pyplot) on the Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -38,7 +39,7 @@ def _plt():
 
 def to_uri(fig) -> str:
     """A figure as a data:image/svg+xml URI (and closes it)."""
-    _, plt = _plt()
+    _, plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="svg", bbox_inches="tight",
                 metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
@@ -47,7 +48,7 @@ def to_uri(fig) -> str:
 
 
 def _figure(title: str, figsize=None):
-    matplotlib, plt = _plt()
+    matplotlib, plt = pyplot()
     with matplotlib.rc_context(RC):
         fig, ax = plt.subplots(figsize=figsize or RC["figure.figsize"], layout="constrained")
     ax.set_title(title, loc="left")
@@ -56,7 +57,7 @@ def _figure(title: str, figsize=None):
 
 def _render(build):
     """Run a figure builder with the fixed settings and return its data URI."""
-    matplotlib, _ = _plt()
+    matplotlib, _ = pyplot()
     with matplotlib.rc_context(RC):
         return to_uri(build())
 
