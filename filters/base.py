@@ -30,6 +30,8 @@ class _NoPandas(importlib.abc.MetaPathFinder):
 
 
 def _give_back() -> None:
+    """At the end of a task: return the memory it freed to the system (Python's cycles, Arrow's pool,
+    glibc's heap), so an idle worker, waiting for the next task, holds what it needs and not its peak."""
     import ctypes
     import gc
     gc.collect()
