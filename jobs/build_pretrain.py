@@ -54,6 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
     started = time.time()
+    # The driver's main thread plans queries in hundreds of short py4j round trips while other threads
+    # run Python (the background imports, the gates beside the report): each round trip waits for the
+    # GIL up to the switch interval, 5 ms by default. `python -m benchmarks.driver_threads`: 300
+    # planning rounds 2.2-2.8 s alone; beside a busy thread 86-90 s at 5 ms, 12.5-13.5 at 0.5, 5.6-6.1 at 0.1.
+    sys.setswitchinterval(0.0001)
     try:
         recipe = load(args.recipe, args.set, args.input, args.output)
     except (RecipeError, OSError) as e:
