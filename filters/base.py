@@ -30,11 +30,11 @@ class _NoPandas(importlib.abc.MetaPathFinder):
 
 
 def _give_back() -> None:
-    """At the end of a task: return the memory it freed to the system (Python's cycles, Arrow's pool,
-    glibc's heap), so an idle worker, waiting for the next task, holds what it needs and not its peak."""
+    """At the end of a task: hand the memory it freed back to the system (Arrow's pool, glibc's heap),
+    so an idle worker waiting for its next task holds what it uses, not its peak. (No gc.collect():
+    in workers holding models it costs CPU for little.)"""
     import ctypes
-    import gc
-    gc.collect()
+
     pa.default_memory_pool().release_unused()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -47,7 +47,8 @@ def arrow_only() -> None:
     pandas (~80 MiB resident, per worker), only to ask whether the list is a pandas object; no worker
     code uses pandas. Here pyarrow's one check runs with pandas absent, and pyarrow remembers that for
     the process; an explicit `import pandas` later still works (and so does `to_pandas()`). Called at
-    the start of every Python task of the pipeline; a no-op once done or where pandas is loaded."""
+    the start of every Arrow task of the pipeline (mapInArrow); a no-op once done or where pandas is
+    loaded."""
     global _PANDAS_CHECKED
     if _PANDAS_CHECKED or "pandas" in sys.modules:
         return

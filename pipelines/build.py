@@ -28,10 +28,6 @@ from schemas.common import READ_UNIT, SAMPLE_ID
 log = logging.getLogger(__name__)
 VERSIONED = ["pyspark", "pyarrow", "pillow", "imagehash", "open-clip-torch", "torch", "fasttext-numpy2",
              "webdataset", "pyahocorasick", "numpy", "boto3"]
-
-
-
-
 _preloading: threading.Thread | None = None
 
 
