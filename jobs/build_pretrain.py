@@ -17,6 +17,9 @@ import time
 # spark-submit runs this file as a script: make the project's packages importable from a checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pipelines.pyspark_daemon import prefer_installed  # noqa: E402
+
+prefer_installed()  # pyspark from the installed package's compiled files, not spark-submit's pyspark.zip
 from pipelines.recipe import RecipeError, load  # noqa: E402
 
 log = logging.getLogger("build_pretrain")

@@ -25,6 +25,7 @@ def spark():
         .config("spark.sql.execution.arrow.maxRecordsPerBatch", "64")
         .config("spark.ui.enabled", "false")
         .config("spark.driver.memory", "2g")
+        .config("spark.python.daemon.module", "pipelines.pyspark_daemon")  # as bin/vlcurate's local runs
         .getOrCreate()
     )
     session.sparkContext.setLogLevel("ERROR")

@@ -39,6 +39,9 @@ def fake_venv(root) -> str:
     return str(root / "venv")
 
 
+DAEMON = ["arg --conf", "arg spark.python.daemon.module=pipelines.pyspark_daemon"]
+
+
 def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
     venv = fake_venv(tmp_path)
     python = os.path.join(venv, "bin", "python")
@@ -46,8 +49,8 @@ def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
     lines = subprocess.run([VLCURATE, "--input", "image_text=in dir", "--set", "a.b=1"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
     assert lines == [os.path.dirname(pyspark.__file__), python, python, ROOT, "127.0.0.1",
-                     "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", f"arg {ROOT}/jobs/build_pretrain.py",
-                     "arg --input", "arg image_text=in dir", "arg --set", "arg a.b=1"]
+                     "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", *DAEMON,
+                     f"arg {ROOT}/jobs/build_pretrain.py", "arg --input", "arg image_text=in dir", "arg --set", "arg a.b=1"]
 
     def handed(**extra) -> list[str]:
         return subprocess.run([VLCURATE], cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True,
@@ -56,8 +59,12 @@ def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
     # spark-submit flags go before the job, as written (no glob expansion of local[2] against the folder)
     (tmp_path / "local2").touch()  # what an unquoted local[2] would match
     assert handed(VLCURATE_SPARK_ARGS="--master local[2] --conf spark.ui.enabled=false") == [
-        "127.0.0.1", "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", "arg --master", "arg local[2]",
-        "arg --conf", "arg spark.ui.enabled=false", f"arg {ROOT}/jobs/build_pretrain.py"]
+        "127.0.0.1", "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", *DAEMON, "arg --master",
+        "arg local[2]", "arg --conf", "arg spark.ui.enabled=false", f"arg {ROOT}/jobs/build_pretrain.py"]
+    # a local master's workers start from pipelines/pyspark_daemon.py; a cluster's executors keep Spark's daemon
+    # (they may not have this checkout)
+    cluster = handed(VLCURATE_SPARK_ARGS="--master spark://h:7077")
+    assert not any("pyspark_daemon" in line for line in cluster) and "arg spark://h:7077" in cluster
     # a user's SPARK_LOCAL_IP is kept; a cluster master gets Spark's own choice of address
     assert handed(SPARK_LOCAL_IP="10.1.2.3")[0] == "10.1.2.3"
     assert handed(VLCURATE_SPARK_ARGS="--master spark://h:7077")[0] == "SPARK_LOCAL_IP unset"
