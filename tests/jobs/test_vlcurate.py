@@ -39,7 +39,10 @@ def fake_venv(root) -> str:
     return str(root / "venv")
 
 
-DAEMON = ["arg --conf", "arg spark.python.daemon.module=pipelines.pyspark_daemon"]
+def local_conf(cores: int) -> list[str]:
+    """What bin/vlcurate adds for a local master of `cores` cores."""
+    return ["arg --conf", "arg spark.python.daemon.module=pipelines.pyspark_daemon", "arg --conf",
+            "arg spark.sql.adaptive.enabled=false", "arg --conf", f"arg spark.sql.shuffle.partitions={2 * cores}"]
 
 
 def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
@@ -49,8 +52,8 @@ def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
     lines = subprocess.run([VLCURATE, "--input", "image_text=in dir", "--set", "a.b=1"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60, check=True).stdout.splitlines()
     assert lines == [os.path.dirname(pyspark.__file__), python, python, ROOT, "127.0.0.1",
-                     "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", *DAEMON,
-                     f"arg {ROOT}/jobs/build_pretrain.py", "arg --input", "arg image_text=in dir", "arg --set", "arg a.b=1"]
+                     "arg --properties-file", f"arg {ROOT}/spark-defaults.conf",
+                     *local_conf(len(os.sched_getaffinity(0))), f"arg {ROOT}/jobs/build_pretrain.py", "arg --input", "arg image_text=in dir", "arg --set", "arg a.b=1"]
 
     def handed(**extra) -> list[str]:
         return subprocess.run([VLCURATE], cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True,
@@ -59,12 +62,16 @@ def test_environment_and_arguments_handed_to_spark_submit(tmp_path):
     # spark-submit flags go before the job, as written (no glob expansion of local[2] against the folder)
     (tmp_path / "local2").touch()  # what an unquoted local[2] would match
     assert handed(VLCURATE_SPARK_ARGS="--master local[2] --conf spark.ui.enabled=false") == [
-        "127.0.0.1", "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", *DAEMON, "arg --master",
+        "127.0.0.1", "arg --properties-file", f"arg {ROOT}/spark-defaults.conf", *local_conf(2), "arg --master",
         "arg local[2]", "arg --conf", "arg spark.ui.enabled=false", f"arg {ROOT}/jobs/build_pretrain.py"]
-    # a local master's workers start from pipelines/pyspark_daemon.py; a cluster's executors keep Spark's daemon
-    # (they may not have this checkout)
-    cluster = handed(VLCURATE_SPARK_ARGS="--master spark://h:7077")
-    assert not any("pyspark_daemon" in line for line in cluster) and "arg spark://h:7077" in cluster
+    # local settings follow the master's cores (local = 1); a cluster keeps spark-defaults.conf's AQE and Spark's
+    # own daemon (its executors may not have this checkout)
+    assert handed(VLCURATE_SPARK_ARGS="--master local")[3:9] == local_conf(1)
+    assert handed(VLCURATE_SPARK_ARGS="--master=local[8,2]")[3:9] == local_conf(8)
+    for master in ("spark://h:7077", "local-cluster[2,1,1024]"):
+        cluster = handed(VLCURATE_SPARK_ARGS=f"--master {master}")
+        assert not any("pyspark_daemon" in line or "adaptive" in line for line in cluster)
+        assert f"arg {master}" in cluster
     # a user's SPARK_LOCAL_IP is kept; a cluster master gets Spark's own choice of address
     assert handed(SPARK_LOCAL_IP="10.1.2.3")[0] == "10.1.2.3"
     assert handed(VLCURATE_SPARK_ARGS="--master spark://h:7077")[0] == "SPARK_LOCAL_IP unset"
