@@ -194,3 +194,31 @@ def test_a_step_that_drops_nothing_leaves_no_join_behind(spark):
     # shuffled every row in play); a non-empty one stays and is broadcast
     assert "Join" not in plan(nothing)
     assert "BroadcastHashJoin" in plan(some) and "SortMergeJoin" not in plan(some)
+
+
+def test_small_tables_travel_in_the_plan_and_large_ones_are_checkpoints(spark, monkeypatch):
+    """Up to LOCAL_ROWS rows a truncated table is a local relation (a broadcast of it runs no Spark job);
+    above, a local checkpoint. Both keep the rows and the schema."""
+    from pyspark.sql import functions as F
+
+    from pipelines import kind
+
+    rows = spark.range(200).select(F.format_string("%032x", "id").alias("sample_id"),
+                                   (F.col("id") / 7).cast("float").alias("score"),
+                                   F.array(F.col("id").cast("string")).alias("tags"))
+    monkeypatch.setattr(kind, "LOCAL_ROWS", 200)
+    small = kind.truncated(rows)
+    monkeypatch.setattr(kind, "LOCAL_ROWS", 199)
+    large = kind.truncated(rows)
+    for table in (small, large):
+        assert table.schema == rows.schema
+        assert sorted(map(tuple, table.collect())) == sorted(map(tuple, rows.collect()))
+
+    def plan(df):
+        return df._jdf.queryExecution().executedPlan().toString()
+
+    assert "LocalTableScan" in plan(small) and "ExistingRDD" not in plan(small)
+    assert "ExistingRDD" in plan(large) and "LocalTableScan" not in plan(large)
+    joined = spark.range(1000).select(F.format_string("%032x", "id").alias("sample_id")).join(
+        small.select("sample_id"), "sample_id", "left_anti")
+    assert "BroadcastHashJoin" in plan(joined) and joined.count() == 800
