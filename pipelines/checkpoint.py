@@ -134,7 +134,9 @@ def checkpoint(df, work_dir: str, name: str, key: str, timer=None):
     if timer is not None:
         timer.add_wall(name, time.perf_counter() - t0)
         timer.mark_checkpoint(name, reused=False)
-    return spark.read.parquet(path)
+    # read back with the schema just written: inferring it would run a Spark job to read a file's footer
+    # (a file source makes every field nullable, as inference gives)
+    return spark.read.schema(df.schema).parquet(path)
 
 
 def cached(df):
