@@ -309,15 +309,28 @@ def collect_documents(kind, res, ledger, rows, scalars: list[str], mdir: str, ti
             "off_text": DOC_OFF_TEXT, "layout": list(declared)}
 
 
-def _duplicate_groups(led) -> tuple[dict[int, int], list[str]]:
-    """(duplicate groups per size, the first DUP_GROUPS keepers in sample_id order) of a kind's rows."""
+def _ledger_stats(led) -> tuple[dict, int, dict[int, int], list[str]]:
+    """Of a kind's sectioned ledger rows, in one query: rows per section, duplicates dropped, duplicate
+    groups per size, and the first DUP_GROUPS keepers in sample_id order."""
     from pyspark.sql import functions as F
 
+    def part(name, key, n, dups):
+        return [F.lit(name).alias("part"), key.cast("string").alias("key"), n.cast("long").alias("n"),
+                dups.cast("long").alias("dups")]
+
+    none = F.lit(None)
+    sections = led.groupBy("section").agg(F.count("*").alias("n"), F.count(L.DUPLICATE_OF).alias("dups")).select(
+        *part("section", F.col("section"), F.col("n"), F.col("dups")))
     groups = led.filter(F.col(L.DUPLICATE_OF).isNotNull()).groupBy(L.DUPLICATE_OF).agg(F.count("*").alias("members"))
-    sizes = {int(r["size"]): int(r["n"]) for r in
-             groups.groupBy((F.col("members") + 1).alias("size")).agg(F.count("*").alias("n")).collect()}
-    keepers = [r[0] for r in groups.select(L.DUPLICATE_OF).orderBy(L.DUPLICATE_OF).limit(DUP_GROUPS).collect()]
-    return sizes, keepers
+    sizes = groups.groupBy((F.col("members") + 1).alias("size")).agg(F.count("*").alias("n")).select(
+        *part("size", F.col("size"), F.col("n"), none))
+    keepers = groups.select(L.DUPLICATE_OF).orderBy(L.DUPLICATE_OF).limit(DUP_GROUPS).select(
+        *part("keeper", F.col(L.DUPLICATE_OF), none, none))
+    got = sections.unionByName(sizes).unionByName(keepers).collect()
+    per_section = {r["key"]: int(r["n"]) for r in got if r["part"] == "section"}
+    dropped = sum(int(r["dups"]) for r in got if r["part"] == "section")
+    dup_sizes = {int(r["key"]): int(r["n"]) for r in got if r["part"] == "size"}
+    return per_section, dropped, dup_sizes, sorted(r["key"] for r in got if r["part"] == "keeper")
 
 
 def _gallery_picks(led, sizes: dict, keepers: list[str]) -> list[tuple[str, str, str | None]]:
@@ -348,9 +361,11 @@ def _tagged(name: str):
     return lambda x: F.struct(F.lit(name).alias("field"), x.cast("string").alias("value"))
 
 
-def _bars(rows, fields: list[str], lists: list[str]) -> dict[str, tuple[pa.Table, int]]:
-    """Per field drawn as bars: (exact counts per (value, status) of its BARS_TOP most frequent values,
-    its number of distinct values), all fields in one query. A list field counts its elements."""
+def _bars(rows, fields: list[str], lists: list[str]) -> dict[str, dict]:
+    """Per field drawn as bars, all fields in one query: `table`, the exact counts per (value, status) of
+    its BARS_TOP most frequent values; `distinct`, its number of distinct values; `rows`, the rows where
+    it is not null; `with_values`, those with a value (a list field counts its elements, and a row with an
+    empty list has none)."""
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -368,17 +383,28 @@ def _bars(rows, fields: list[str], lists: list[str]) -> dict[str, tuple[pa.Table
     totals = per.groupBy("field", "value").agg(F.sum("n").alias("total"))
     top = (totals.withColumn("_rn", F.row_number().over(Window.partitionBy("field").orderBy(F.desc("total"), "value")))
            .filter(F.col("_rn") <= BARS_TOP).select("field", "value"))
-    counts = per.join(top, ["field", "value"], "left_semi").withColumn("distinct", F.lit(None).cast("long"))
-    distinct = totals.groupBy("field").agg(F.count("*").alias("distinct")).select(
-        "field", F.lit(None).cast("string").alias("value"), F.lit(None).cast("string").alias(L.STATUS),
-        F.lit(None).cast("long").alias("n"), "distinct")
-    table = counts.unionByName(distinct).toArrow()
+    none = {"value": F.lit(None).cast("string"), L.STATUS: F.lit(None).cast("string"), "n": F.lit(None).cast("long"),
+            "distinct": F.lit(None).cast("long"), "rows": F.lit(None).cast("long"), "with_values": F.lit(None).cast("long")}
+
+    def shaped(df, **have):
+        return df.select("field", *[(have[c] if c in have else none[c]).alias(c) for c in none])
+
+    counts = shaped(per.join(top, ["field", "value"], "left_semi"), value=F.col("value"), **{L.STATUS: F.col(L.STATUS)},
+                    n=F.col("n"))
+    distinct = shaped(totals.groupBy("field").agg(F.count("*").alias("distinct")), distinct=F.col("distinct"))
+    reached = rows.agg(F.array(*[F.struct(F.lit(f).alias("field"), F.count(f).alias("rows"),
+                                          (F.count(F.when(F.size(f) > 0, 1)) if f in lists else F.count(f)).alias("with"))
+                                 for f in fields]).alias("_r")).select(F.explode("_r").alias("_r"))
+    reached = shaped(reached.select("_r.*"), rows=F.col("rows"), with_values=F.col("with"))
+    table = counts.unionByName(distinct).unionByName(reached).toArrow()
     out = {}
     for name in fields:
         mine = table.filter(pc.equal(table.column("field"), name))
-        is_count = pc.is_null(mine.column("distinct"))
-        n_distinct = pc.max(mine.column("distinct")).as_py() or 0
-        out[name] = (_sorted(mine.filter(is_count).select(["value", L.STATUS, "n"]), ["value", L.STATUS]), n_distinct)
+        is_count = pc.is_valid(mine.column("n"))
+        out[name] = {"table": _sorted(mine.filter(is_count).select(["value", L.STATUS, "n"]), ["value", L.STATUS]),
+                     "distinct": pc.max(mine.column("distinct")).as_py() or 0,
+                     "rows": pc.max(mine.column("rows")).as_py() or 0,
+                     "with_values": pc.max(mine.column("with_values")).as_py() or 0}
     return out
 
 
@@ -405,12 +431,9 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
     led = _sectioned(of_kind.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF))
 
     # --- the ledger alone: rows per section, duplicate groups, the gallery's picks ------------------
-    stats = led.groupBy("section").agg(F.count("*").alias("n"), F.count(L.DUPLICATE_OF).alias("dups")).collect()
-    sizes = {r["section"]: int(r["n"]) for r in stats}
+    sizes, dropped_dups, dup_sizes, keepers = _ledger_stats(led)
     n = sum(sizes.values())
-    dropped_dups = sum(int(r["dups"]) for r in stats)
     led = led.coalesce(_partitions(n))
-    dup_sizes, keepers = _duplicate_groups(led) if dropped_dups else ({}, [])
     picks = _gallery_picks(led, sizes, keepers)
     by_id = {sid: dup for sid, _, dup in picks}
     wanted = sorted(set(by_id) | {d for d in by_id.values() if d is not None})  # the cards and their keepers
@@ -448,12 +471,10 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
         drawn = [f.name for f in contract.fields if f.plot == "bars" and f.name in types]
         bars = {}
         if drawn:
-            reached = rows.agg(*[F.count(f).alias(f"rows_{f}") for f in drawn],
-                               *[F.count(F.when(F.size(f) > 0, 1)).alias(f"with_{f}") for f in drawn if f in lists]).first()
-            for f, (table, distinct) in _bars(rows, drawn, lists).items():
-                _write_table(table, storage.join(mdir, f"bars-{f}.parquet"))
-                bars[f] = {"rows": int(reached[f"rows_{f}"]), "distinct": int(distinct), "list": f in lists,
-                           "with_values": int(reached[f"with_{f}"] if f in lists else reached[f"rows_{f}"])}
+            for f, got in _bars(rows, drawn, lists).items():
+                _write_table(got["table"], storage.join(mdir, f"bars-{f}.parquet"))
+                bars[f] = {"rows": int(got["rows"]), "distinct": int(got["distinct"]), "list": f in lists,
+                           "with_values": int(got["with_values"])}
 
         # the gallery: the picked rows with thumbnails made in the executors, each duplicate beside its keeper
         chosen = rows.filter(F.col("_pick")).drop("_pick")
