@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -101,12 +102,22 @@ def _counts() -> dict:
 
 
 def ledger_counts(ledger) -> list:
-    """The ledger's rows counted by (kind, unit, status, reason, read unit of the items): one small job whose
-    rows feed the accounting, the reconciliation of read units and summary.json."""
+    """The ledger's rows counted by (kind, unit, status, reason, read unit of the items), and in the same
+    job the number of distinct sample ids (one more row, with `ids` set and the keys null): the rows feed
+    the accounting, the reconciliation of read units and summary.json."""
     from pyspark.sql import functions as F
 
     unit = F.when(F.col(L.PARENT_ID).isNull(), F.col(READ_UNIT)).alias(READ_UNIT)  # items only: sub-items are not read
-    return ledger.groupBy("kind", L.UNIT, L.STATUS, L.REASON, unit).agg(F.count("*").alias("n")).collect()
+    keys = ["kind", L.UNIT, L.STATUS, L.REASON, READ_UNIT]
+    counts = ledger.groupBy("kind", L.UNIT, L.STATUS, L.REASON, unit).agg(
+        F.count("*").alias("n"), F.lit(None).cast("long").alias("ids"))
+    ids = ledger.agg(*[F.lit(None).cast("string").alias(k) for k in keys], F.count("*").alias("n"),
+                     F.countDistinct(SAMPLE_ID).alias("ids"))
+    return counts.unionByName(ids).collect()
+
+
+def _grouped(counts: list) -> list:
+    return [r for r in counts if r["ids"] is None]
 
 
 def summarize(counts: list, results: dict, recipe: Recipe, timer: StageTimer, started: float, out: str) -> dict:
@@ -114,7 +125,7 @@ def summarize(counts: list, results: dict, recipe: Recipe, timer: StageTimer, st
     quarantined by reason) and every unit's under `units`; the shards; the kind's facts.
     `counts`: `ledger_counts(ledger)`."""
     per: dict = {}
-    for r in counts:
+    for r in _grouped(counts):
         u = per.setdefault(r["kind"], {}).setdefault(r[L.UNIT], _counts())
         u["input"] += r["n"]
         if r[L.STATUS] == L.KEPT:
@@ -163,12 +174,12 @@ def check_accounting(ledger, results: dict, counts: list) -> None:
     kind that is in the ledger. `counts`: `ledger_counts(ledger)`."""
     from pyspark.sql import functions as F
 
-    row = ledger.agg(F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids")).first()
+    row = next(r for r in counts if r["ids"] is not None)
     if row["n"] != row["ids"]:
         raise AccountingError(f"ledger has {row['n']} rows but {row['ids']} distinct sample ids")
     kept: dict = {}
     read: dict = {}
-    for r in counts:
+    for r in _grouped(counts):
         if r[L.STATUS] == L.KEPT:
             kept[(r["kind"], r[L.UNIT])] = kept.get((r["kind"], r[L.UNIT]), 0) + r["n"]
         if r[READ_UNIT] is not None:
@@ -249,43 +260,46 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     ledger = ledgers[0]
     for other in ledgers[1:]:
         ledger = ledger.unionByName(other)
-    with progress.phase(spark, "ledger"):
-        ledger = ledger.localCheckpoint()
-        counts = ledger_counts(ledger)
-        check_accounting(ledger, results, counts)
-        ledger = ledger.select([f.name for f in L.SCHEMA])
-        t0 = time.perf_counter()
-        write_parquet(ledger.orderBy(SAMPLE_ID), storage.join(root, "ledger"))
-        timer.add_wall("ledger", time.perf_counter() - t0)
-        summary = summarize(counts, results, recipe, timer, started, out)
-    # the curation itself (shards staged, ledger written), apart from the report and gates that follow
-    summary["curated_seconds"] = summary["elapsed_seconds"]
-    storage.write_bytes(storage.join(root, "reports", "summary.json"),
-                        json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
-    # --- report material and quality gates, while the DataFrames and checkpoints still exist ---------
-    # Side by side: both are chains of small Spark jobs whose planning (one JVM thread per Python thread)
-    # and driver-side work (great-expectations in pandas) leave the cores idle between jobs.
-    from pipelines import gates, report
+    # --- the ledger, then the report material beside the accounting, summary.json and the gates ------
+    # Each is a chain of small Spark jobs whose planning (one JVM thread per Python thread) and driver-side
+    # work (great-expectations in pandas) leave the cores idle between jobs; the material needs only the
+    # ledger and the kinds' rows, so it starts as soon as the ledger is materialised.
+    from pipelines import report
 
-    def run_gates() -> dict:
+    def run_material(ledger) -> dict:
         t0 = time.perf_counter()
-        with progress.phase(spark, "gates", items=False):
-            found = gates.run_gates(results, ledger, summary, recipe, root)
-        timer.add_wall("gates", time.perf_counter() - t0)
+        with progress.phase(spark, "report"):
+            found = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind))
+                     for kind, res in results.items()}
+        timer.add_wall("report_material", time.perf_counter() - t0)
         return found
 
-    t0 = time.perf_counter()
-    with progress.phase(spark, "report"):
-        gated = beside(run_gates, "vlcurate-gates")  # its phase begins after this one: summary order
-        try:
-            material = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind))
-                        for kind, res in results.items()}
-        except BaseException:
+    collected = None
+    try:
+        with progress.phase(spark, "ledger"):
+            ledger = ledger.localCheckpoint()
+            collected = beside(functools.partial(run_material, ledger), "vlcurate-report")
+            counts = ledger_counts(ledger)
+            check_accounting(ledger, results, counts)
+            ledger = ledger.select([f.name for f in L.SCHEMA])
+            t0 = time.perf_counter()
+            write_parquet(ledger.orderBy(SAMPLE_ID), storage.join(root, "ledger"))
+            timer.add_wall("ledger", time.perf_counter() - t0)
+            summary = summarize(counts, results, recipe, timer, started, out)
+        # the curation itself (shards staged, ledger written), apart from the report and gates that follow
+        summary["curated_seconds"] = summary["elapsed_seconds"]
+        storage.write_bytes(storage.join(root, "reports", "summary.json"),
+                            json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
+        t0 = time.perf_counter()
+        with progress.phase(spark, "gates", items=False):
+            summary["gates"] = gates.run_gates(results, ledger, summary, recipe, root)
+        timer.add_wall("gates", time.perf_counter() - t0)
+    except BaseException:
+        if collected is not None:
             with contextlib.suppress(BaseException):  # no Spark job of this run outlives it
-                gated()
-            raise
-    timer.add_wall("report_material", time.perf_counter() - t0)
-    summary["gates"] = gated()
+                collected()
+        raise
+    material = collected()
     for kind, m in material.items():
         summary["kinds"][kind]["report_material"] = {k: m[k] for k in ("rows", "rows_in_material", "sampled")}
     return summary, results, ledger
@@ -318,7 +332,7 @@ def beside(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
 def _check_and_publish(spark, recipe: Recipe, out: str, root: str, work, summary: dict, results: dict, ledger,
                        timer: StageTimer, started: float) -> dict:
     """summary.json final, the report page, the gates enforced, then the one-step publish and clean-up."""
-    from pipelines import gates, report
+    from pipelines import report
 
     summary["versions"].update(gates.tool_versions())
     summary["report"] = {"html": "index.html", "material": "material/", "data_docs": summary["gates"]["data_docs"]}
