@@ -93,7 +93,7 @@ class TreeMeter:
         name, cmd = p.name(), " ".join(p.cmdline()[:4])
         if name == "java":
             return "jvm"
-        if "pyspark.daemon" in cmd or "pyspark/daemon" in cmd:
+        if any(daemon in cmd for daemon in ("pyspark.daemon", "pyspark/daemon", "pipelines.pyspark_daemon")):
             return "python workers"
         if "build_pretrain.py" in cmd:
             return "python driver"
