@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 
 import pytest
 
@@ -63,3 +64,6 @@ def test_rows_lost_mid_pipeline_fail_the_run_naming_the_unit(spark, corpus, tmp_
                                               r"the ledger holds \d+"):
         run_build(spark, recipe, dict(recipe.inputs), out)
     assert not os.path.exists(os.path.join(out, "shards", "image_text", "index.json"))  # nothing published
+    # the report material, started beside the accounting, was waited for: no thread or Spark job of the run is left
+    assert not [t for t in threading.enumerate() if t.name == "vlcurate-report"]
+    assert spark.sparkContext.statusTracker().getActiveJobsIds() == []
