@@ -18,7 +18,7 @@ from importlib import metadata
 from typing import Any
 
 from filters.base import StageTimer, arrow_only
-from pipelines import checkpoint, gates, kinds, progress
+from pipelines import checkpoint, codegen, gates, kinds, progress
 from pipelines.io import runs, storage
 from pipelines.io import shards as shard_io
 from pipelines.kind import AccountingError, Context, reconcile, run_kind
@@ -256,6 +256,8 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
 def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: float, out: str, root: str):
     """Every kind's pipeline, the ledger and summary.json, then the report material and the gates."""
     results = {kind: run_kind(kinds.get(kind), ctx, plan) for kind, (ctx, plan) in planned.items()}
+    read = [r.read["items"] if r.read else None for r in results.values()]
+    codegen.choose(spark, None if None in read else sum(read))  # the ledger, report and gates: by the run's size
     ledgers = [r.ledger for r in results.values()]
     ledger = ledgers[0]
     for other in ledgers[1:]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from filters.base import Stage, StageTimer, apply_stage
-from pipelines import progress
+from pipelines import codegen, progress
 from pipelines.checkpoint import checkpoint, checkpoint_path, fingerprint
 from pipelines.io import shards
 from schemas import ledger as L
@@ -203,9 +203,11 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
             feats = feats.withColumn(col, default)
     if plan.read_counts is not None:
         _forget_features_without_counts(kind, ctx, plan)
+    codegen.choose(ctx.spark, None)  # the features pass: Spark's default (an earlier kind may have changed it)
     with progress.phase(ctx.spark, f"{kind.name} features"):
         feats = checkpoint(feats, ctx.work_dir, f"{kind.name}-features", plan.key, ctx.timer)
     counts = _read_counts(kind, ctx, plan)
+    codegen.choose(ctx.spark, None if counts is None else sum(counts.values()))
 
     # --- decisions, in order, on the rows still in play -------------------------------------------
     error = plan.error_reason(F) if plan.error_reason else F.col(ERROR)
