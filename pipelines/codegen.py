@@ -7,12 +7,12 @@ material, gates) over narrow rows, one per item at most, so a small run spends i
 2,000 URLs, JFR put 21 % of the driver JVM's samples there in Janino. Measured with Spark's event log
 (README **Benchmarks**): interpreted (no whole-stage code, expressions evaluated instead of compiled),
 the queries after the features pass of 2,000 URLs took 0.5-2.0 s less in each of 4 pairs (whole runs
-0.8-1.8 s less); at 20,000 URLs, interpreting every query of the run made no difference (3 pairs). So:
+0.8-1.8 s less); at 20,000 URLs, 0.7-1.6 s less after the features pass in each of 3 pairs (whole runs
+within the features pass's noise). Above 20,000 it was not measured. So:
 
 - the queries after a kind's features pass are interpreted when the kind read at most
-  `spark.vlcurate.interpretedRows` items (default INTERPRETED_ROWS, the largest run measured no
-  slower) and compiled above, as Spark does by default; the ledger, report and gates follow the
-  run's total;
+  `spark.vlcurate.interpretedRows` items (default INTERPRETED_ROWS, the largest run measured) and
+  compiled above, as Spark does by default; the ledger, report and gates follow the run's total;
 - a features pass itself keeps Spark's default (its size is not known before it runs), and so does a
   kind that does not count what it reads.
 
