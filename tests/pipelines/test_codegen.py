@@ -52,7 +52,7 @@ def test_a_users_own_setting_is_left_alone():
     class Session:
         conf = Conf()
 
-        class sparkContext:  # noqa: N801 - stands in for SparkContext
+        class sparkContext:  # stands in for SparkContext
             @staticmethod
             def getConf():
                 return Conf({codegen.WHOLE_STAGE: "true"})
