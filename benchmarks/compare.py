@@ -49,6 +49,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import psutil
 
+from benchmarks import processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 PER_SHARD = 500  # input tars, URL tables and output shards alike
@@ -90,13 +92,10 @@ class TreeMeter:
         return self
 
     def kind(self, p: psutil.Process) -> str:
-        name, cmd = p.name(), " ".join(p.cmdline()[:4])
-        if name == "java":
-            return "jvm"
-        if any(daemon in cmd for daemon in ("pyspark.daemon", "pyspark/daemon", "pipelines.pyspark_daemon")):
-            return "python workers"
-        if "build_pretrain.py" in cmd:
-            return "python driver"
+        found = processes.role(p)
+        if found is not None:
+            return found
+        name = p.name()
         return self.default_kind or (name if not name.startswith("python") else "python")
 
     def _sample(self) -> None:

@@ -33,6 +33,7 @@ import time
 
 import psutil
 
+from benchmarks import processes
 from benchmarks.pipeline_throughput import RESULTS, pipeline
 
 FAST_CORPUS_ABOVE = 20_000
@@ -64,15 +65,7 @@ class TreeMemory:
 
     @staticmethod
     def _role(p: psutil.Process) -> str:
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            return "other"
-        if "pyspark.daemon" in cmd or "pyspark.worker" in cmd or "pyspark/worker" in cmd:
-            return "python_worker"
-        if os.path.basename(p.name()) == "java" or " org.apache.spark" in cmd:
-            return "jvm"
-        return "other"
+        return {processes.JVM: "jvm", processes.WORKERS: "python_worker"}.get(processes.role(p), "other")
 
     def _run(self) -> None:
         me = psutil.Process()
