@@ -8,11 +8,12 @@ material, gates) over narrow rows, one per item at most, so a small run spends i
 (README **Benchmarks**): interpreted (no whole-stage code, expressions evaluated instead of compiled),
 the queries after the features pass of 2,000 URLs took 0.5-2.0 s less in each of 4 pairs (whole runs
 0.8-1.8 s less); at 20,000 URLs, 0.7-1.6 s less after the features pass in each of 3 pairs (whole runs
-within the features pass's noise). Above 20,000 it was not measured. So:
+within the features pass's noise); at 50,000 local pairs, interpreted took 1.6 s less after the features
+in one of 3 pairs and 4.2 and 4.1 s more in the other two (16.2-18.1 s compiled). So:
 
 - the queries after a kind's features pass are interpreted when the kind read at most
-  `spark.vlcurate.interpretedRows` items (default INTERPRETED_ROWS, the largest run measured) and
-  compiled above, as Spark does by default; the ledger, report and gates follow the run's total;
+  `spark.vlcurate.interpretedRows` items (default INTERPRETED_ROWS: faster there, slower at 50,000)
+  and compiled above, as Spark does by default; the ledger, report and gates follow the run's total;
 - a features pass itself keeps Spark's default (its size is not known before it runs), and so does a
   kind that does not count what it reads.
 
