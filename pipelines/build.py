@@ -101,31 +101,30 @@ def _counts() -> dict:
     return {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}}
 
 
-def ledger_counts(ledger) -> list:
+def ledger_counts(ledger) -> tuple[list, dict]:
     """The ledger's rows counted by (kind, unit, status, reason, read unit of the items), and in the same
-    job the number of distinct sample ids (one more row, with `ids` set and the keys null): the rows feed
-    the accounting, the reconciliation of read units and summary.json."""
+    job its rows and distinct sample ids (`{"n": ..., "ids": ...}`): the counts feed the accounting, the
+    reconciliation of read units and summary.json."""
     from pyspark.sql import functions as F
 
     unit = F.when(F.col(L.PARENT_ID).isNull(), F.col(READ_UNIT)).alias(READ_UNIT)  # items only: sub-items are not read
     keys = ["kind", L.UNIT, L.STATUS, L.REASON, READ_UNIT]
     counts = ledger.groupBy("kind", L.UNIT, L.STATUS, L.REASON, unit).agg(
         F.count("*").alias("n"), F.lit(None).cast("long").alias("ids"))
+    # the totals as one more row, keys null and `ids` set: one job instead of two
     ids = ledger.agg(*[F.lit(None).cast("string").alias(k) for k in keys], F.count("*").alias("n"),
                      F.countDistinct(SAMPLE_ID).alias("ids"))
-    return counts.unionByName(ids).collect()
-
-
-def _grouped(counts: list) -> list:
-    return [r for r in counts if r["ids"] is None]
+    rows = counts.unionByName(ids).collect()
+    total = next(r for r in rows if r["ids"] is not None)
+    return [r for r in rows if r["ids"] is None], {"n": total["n"], "ids": total["ids"]}
 
 
 def summarize(counts: list, results: dict, recipe: Recipe, timer: StageTimer, started: float, out: str) -> dict:
     """summary.json: per kind, the counts of its sample unit at the top (input, kept, dropped and
     quarantined by reason) and every unit's under `units`; the shards; the kind's facts.
-    `counts`: `ledger_counts(ledger)`."""
+    `counts`: `ledger_counts(ledger)[0]`."""
     per: dict = {}
-    for r in _grouped(counts):
+    for r in counts:
         u = per.setdefault(r["kind"], {}).setdefault(r[L.UNIT], _counts())
         u["input"] += r["n"]
         if r[L.STATUS] == L.KEPT:
@@ -168,18 +167,17 @@ def summarize(counts: list, results: dict, recipe: Recipe, timer: StageTimer, st
     }
 
 
-def check_accounting(ledger, results: dict, counts: list) -> None:
+def check_accounting(ledger, results: dict, counts: list, total: dict) -> None:
     """One ledger row per id; per kind, kept sample-unit rows = samples in its shards; every read unit's
     items, as its reader counted them, in the ledger (`reconcile`); every sub-item points at an item of its
-    kind that is in the ledger. `counts`: `ledger_counts(ledger)`."""
+    kind that is in the ledger. `counts, total`: `ledger_counts(ledger)`."""
     from pyspark.sql import functions as F
 
-    row = next(r for r in counts if r["ids"] is not None)
-    if row["n"] != row["ids"]:
-        raise AccountingError(f"ledger has {row['n']} rows but {row['ids']} distinct sample ids")
+    if total["n"] != total["ids"]:
+        raise AccountingError(f"ledger has {total['n']} rows but {total['ids']} distinct sample ids")
     kept: dict = {}
     read: dict = {}
-    for r in _grouped(counts):
+    for r in counts:
         if r[L.STATUS] == L.KEPT:
             kept[(r["kind"], r[L.UNIT])] = kept.get((r["kind"], r[L.UNIT]), 0) + r["n"]
         if r[READ_UNIT] is not None:
@@ -281,8 +279,8 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
         with progress.phase(spark, "ledger"):
             ledger = ledger.localCheckpoint()
             collected = beside(functools.partial(run_material, ledger), "vlcurate-report")
-            counts = ledger_counts(ledger)
-            check_accounting(ledger, results, counts)
+            counts, total = ledger_counts(ledger)
+            check_accounting(ledger, results, counts, total)
             ledger = ledger.select([f.name for f in L.SCHEMA])
             t0 = time.perf_counter()
             write_parquet(ledger.orderBy(SAMPLE_ID), storage.join(root, "ledger"))

@@ -207,7 +207,8 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     with progress.phase(ctx.spark, f"{kind.name} features"):
         feats = checkpoint(feats, ctx.work_dir, f"{kind.name}-features", plan.key, ctx.timer)
     counts = _read_counts(kind, ctx, plan)
-    codegen.choose(ctx.spark, None if counts is None else sum(counts.values()))
+    read = None if counts is None else {"units": len(counts), "items": sum(counts.values())}
+    codegen.choose(ctx.spark, None if read is None else read["items"])
 
     # --- decisions, in order, on the rows still in play -------------------------------------------
     error = plan.error_reason(F) if plan.error_reason else F.col(ERROR)
@@ -274,7 +275,6 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     thumbnail = plan.thumbnail and _media(plan.thumbnail, everything.columns)
     shown = [c for c in dict.fromkeys((thumbnail, plan.text, *kind.layout)) if c]
     rows = everything.select(SAMPLE_ID, *report_cols, *shown)
-    read = None if counts is None else {"units": len(counts), "items": sum(counts.values())}
     return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
                   read_counts=counts, thumbnail=thumbnail, text=plan.text,
                   report_columns=tuple(plan.report), stages_run=tuple(s.name for s in plan.steps))
