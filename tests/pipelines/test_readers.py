@@ -414,6 +414,39 @@ def test_task_table_makes_each_list_one_partition_in_order(spark):
     assert readers.task_table(spark, many, schema).rdd.glom().map(lambda rows: [(r["uri"], r["n"]) for r in rows]).collect() == many
 
 
+def test_small_tables_share_read_tasks_and_ids_do_not_depend_on_it(tmp_path, spark):
+    """URL lists in many small tables: a task per table pays a task's fixed cost per 500 URLs; they are
+    read a few together (about TASKS_PER_CORE tasks per core, at least MIN_ROWS_PER_TASK rows each), in
+    listing order, and every item keeps the id it has when each table is a task of its own."""
+    from pipelines.io.readers import MIN_ROWS_PER_TASK, ReadUnits
+
+    paths = []
+    for i in range(7):
+        p = tmp_path / f"urls-{i}.parquet"
+        pq.write_table(pa.table({"url": [f"http://h/{i}/{j}.jpg" for j in range(300)],
+                                 "caption": [f"item {j} of table {i}" for j in range(300)]}), p)
+        paths.append(p)
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps({"url": f"http://h/j/{j}.jpg"}) + "\n" for j in range(5)))
+    assert MIN_ROWS_PER_TASK == 1_000  # 7 x 300 rows on 2 cores: 3 tables a task at most
+    tasks = readers.plan_units([str(tmp_path)], 10, cores=2)
+    shapes = sorted([u["uri"].rsplit("/", 1)[1] for u in t] for t in tasks)
+    assert shapes == [["more.jsonl"], ["urls-0.parquet", "urls-1.parquet", "urls-2.parquet"],
+                      ["urls-3.parquet", "urls-4.parquet", "urls-5.parquet"], ["urls-6.parquet"]]
+    assert len(readers.plan_units([str(tmp_path)], 10)) == 8  # no cores given: a task per table
+    # many cores: the target falls to MIN_ROWS_PER_TASK, never below; few: up to the split size
+    assert [len(t) for t in readers.group_tables([{"rows": 300}] * 7, 64, 50_000)] == [3, 3, 1]
+    assert [len(t) for t in readers.group_tables([{"rows": 3000}] * 40, 1, 50_000)] == [10] * 4
+    assert [len(t) for t in readers.group_tables([{"rows": 3000}] * 4, 1, 5_000)] == [1] * 4
+
+    plan = readers.read_plan(spark, [str(tmp_path)], 10)
+    assert plan.rdd.getNumPartitions() == 4
+    got = readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect()
+    key = lambda r: (r["source"], r["source_key"], r["sample_id"], r["url"], r["caption"])  # noqa: E731
+    assert sorted(map(key, got)) == sorted(map(key, _rows([u for t in readers.plan_units([str(tmp_path)], 10)
+                                                            for u in t])))
+    assert len(got) == 7 * 300 + 5
+
+
 def test_a_split_unit_reads_only_its_part(tmp_path, monkeypatch):
     paths = _split_fixtures(tmp_path)
     units = [u for t in readers.plan_units([str(paths[1])], 10, rows_per_unit=4) for u in t]
