@@ -35,8 +35,9 @@ _preloading: threading.Thread | None = None
 def preload() -> None:
     """Start importing what the end of a run needs in a background thread: great_expectations for the
     gates (~2 s: pandas, scipy, its registry of expectations) and matplotlib for the report's charts
-    (~0.3 s). The run's curation hides it instead of the end of the run waiting for it; importing either
-    later simply waits for the import in progress. Once per process."""
+    (~0.3 s, then ~0.5 s for its first chart, drawn and thrown away: plots.warm). The run's curation
+    hides it instead of the end of the run waiting for it; importing either later simply waits for the
+    import in progress, and the report waits for the whole (`preloaded`). Once per process."""
     global _preloading
     if _preloading is not None:
         return
@@ -48,11 +49,18 @@ def preload() -> None:
             from pipelines.report import plots
 
             plots.pyplot()
+            plots.warm()
         except Exception:  # the gates and the report import them again and report the error there
             log.debug("preload failed", exc_info=True)
 
     _preloading = threading.Thread(target=load, name="vlcurate-preload", daemon=True)
     _preloading.start()
+
+
+def preloaded() -> None:
+    """Wait for `preload` (matplotlib may not draw in two threads at once)."""
+    if _preloading is not None:
+        _preloading.join()
 
 
 def versions() -> dict[str, str | None]:
@@ -341,6 +349,7 @@ def _check_and_publish(spark, recipe: Recipe, out: str, root: str, work, summary
     storage.write_bytes(storage.join(root, "reports", "summary.json"),
                         json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
     try:
+        preloaded()
         report.write_report(root, in_run=True)
     except Exception:
         log.exception("could not render %s; `python -m jobs.report OUT` retries from the material",

@@ -229,3 +229,27 @@ def test_decided_by_names_the_value_and_the_threshold():
     assert R.decided_by({"status": "kept", "clip_score": 0.31234}, k, recipe) == "CLIP 0.312 ≥ 0.3"
     assert R.decided_by({"status": "quarantined", "reason": "image_truncated", "detail": "ends early"}, k, recipe) \
         == "ends early"
+
+
+def test_log_axes_are_labelled_in_plain_numbers_and_warm_draws_nothing_lasting():
+    """Log-scale charts label ticks as plain numbers (matplotlib's default mathtext, 2×10², was a third
+    of the drawing); warm() draws throw-away charts so that a run's first real one is not the slow one."""
+    import base64
+
+    import numpy as np
+
+    from pipelines.report import plots
+
+    plt = plots.pyplot()[1]
+    before = plt.get_fignums()
+    plots.warm()
+    assert plt.get_fignums() == before  # every warm-up figure closed
+    uri = plots.histogram("Short side", "short_side (log scale)",
+                          {"kept": np.array([210.0, 300, 450, 640]), "dropped": np.array([40.0, 90])}, log=True,
+                          lines=[(200.0, "min_side")])
+    svg = base64.b64decode(uri.split(",", 1)[1]).decode()
+    labels = re.findall(r"<text[^>]*>([^<]*)</text>", svg)
+    assert "100" in labels and not [t for t in labels if "$" in t or "times" in t or "10^" in t], labels
+    assert uri == plots.histogram("Short side", "short_side (log scale)",
+                                  {"kept": np.array([210.0, 300, 450, 640]), "dropped": np.array([40.0, 90])},
+                                  log=True, lines=[(200.0, "min_side")])
