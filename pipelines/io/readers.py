@@ -171,7 +171,7 @@ def _open_seekable(uri: str) -> io.BufferedReader:
 
 TABLE_ROWS_PER_UNIT = 50_000  # a Parquet table above this many rows is split by row groups
 # Small Parquet tables are read together (group_tables): about TASKS_PER_CORE read tasks per core, but
-# no fewer than MIN_ROWS_PER_TASK rows a task. A task has a fixed cost (its hand-off to a Python worker,
+# no fewer than MIN_ROWS_PER_TASK rows a task unless the cores need more tasks. A task has a fixed cost (its hand-off to a Python worker,
 # and for URLs the downloads' fill at its start and drain at its end): 20,000 URLs in 40 tables of 500
 # on 2 cores took 20.4 s as 40 tasks, 16.3 s as 8; 2,000 in 4 tables 3.7-3.9 s as 4 tasks (6 with the
 # plan's own), 2.9-3.1 s as 2.
@@ -253,30 +253,33 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
 
 
 def group_tables(units: list[dict], cores: int, rows_per_unit: int) -> list[list[dict]]:
-    """Read tasks for table units: consecutive ones (in listing order) whose row counts are known share
-    a task up to `target` rows: the rows over TASKS_PER_CORE tasks per core, at least MIN_ROWS_PER_TASK,
-    at most rows_per_unit. A unit of unknown size (JSONL, CSV, img2dataset's shard tables) or one over
-    the target is a task of its own; cores <= 0: every unit is. Ids, keys and outputs do not depend
-    on the grouping (tests/pipelines/test_readers.py)."""
-    known = [u["rows"] for u in units if u.get("rows") is not None]
-    if cores <= 0 or not known:
+    """Read tasks for table units. Those whose row count is known (Parquet) are cut, in listing order,
+    into k runs of consecutive units of near-equal rows (a unit goes to the run its middle row falls
+    in): k = TASKS_PER_CORE tasks per core, fewer where that would leave under MIN_ROWS_PER_TASK rows a
+    task, never fewer than the cores (a small corpus on a big cluster keeps its tables apart), and
+    never more rows a task than rows_per_unit where the units allow it. A unit of unknown size (JSONL,
+    CSV, img2dataset's shard tables) is a task of its own; cores <= 0: every unit is. Ids, keys and
+    outputs do not depend on the grouping (tests/pipelines/test_readers.py)."""
+    known = [u for u in units if u.get("rows") is not None]
+    total = sum(u["rows"] for u in known)
+    if cores <= 0 or total == 0:
         return [[u] for u in units]
-    target = min(rows_per_unit, max(MIN_ROWS_PER_TASK, -(-sum(known) // (TASKS_PER_CORE * cores))))
+    k = max(cores, min(TASKS_PER_CORE * cores, -(-total // MIN_ROWS_PER_TASK)), -(-total // rows_per_unit))
     tasks: list[list[dict]] = []
-    shared: list[dict] = []
-    rows = 0
+    last, rows, seen = -1, 0, 0
     for u in units:
         n = u.get("rows")
         if n is None:
             tasks.append([u])
+            last = -1  # alone: the next table starts a task
             continue
-        if shared and rows + n > target:
-            tasks.append(shared)
-            shared, rows = [], 0
-        shared.append(u)
+        run = min(k - 1, int((seen + n / 2) * k / total))
+        seen += n
+        if run != last or rows + n > rows_per_unit:
+            tasks.append([])
+            last, rows = run, 0
+        tasks[-1].append(u)
         rows += n
-    if shared:
-        tasks.append(shared)
     return tasks
 
 

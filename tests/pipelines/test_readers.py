@@ -427,16 +427,24 @@ def test_small_tables_share_read_tasks_and_ids_do_not_depend_on_it(tmp_path, spa
                                  "caption": [f"item {j} of table {i}" for j in range(300)]}), p)
         paths.append(p)
     (tmp_path / "more.jsonl").write_text("".join(json.dumps({"url": f"http://h/j/{j}.jpg"}) + "\n" for j in range(5)))
-    assert MIN_ROWS_PER_TASK == 1_000  # 7 x 300 rows on 2 cores: 3 tables a task at most
+    assert MIN_ROWS_PER_TASK == 1_000  # 7 x 300 rows on 2 cores: 3 tasks of near-equal rows
     tasks = readers.plan_units([str(tmp_path)], 10, cores=2)
     shapes = sorted([u["uri"].rsplit("/", 1)[1] for u in t] for t in tasks)
-    assert shapes == [["more.jsonl"], ["urls-0.parquet", "urls-1.parquet", "urls-2.parquet"],
-                      ["urls-3.parquet", "urls-4.parquet", "urls-5.parquet"], ["urls-6.parquet"]]
+    assert shapes == [["more.jsonl"], ["urls-0.parquet", "urls-1.parquet"],
+                      ["urls-2.parquet", "urls-3.parquet", "urls-4.parquet"], ["urls-5.parquet", "urls-6.parquet"]]
     assert len(readers.plan_units([str(tmp_path)], 10)) == 8  # no cores given: a task per table
-    # many cores: the target falls to MIN_ROWS_PER_TASK, never below; few: up to the split size
-    assert [len(t) for t in readers.group_tables([{"rows": 300}] * 7, 64, 50_000)] == [3, 3, 1]
-    assert [len(t) for t in readers.group_tables([{"rows": 3000}] * 40, 1, 50_000)] == [10] * 4
-    assert [len(t) for t in readers.group_tables([{"rows": 3000}] * 4, 1, 5_000)] == [1] * 4
+
+    def sizes(rows, cores, per_unit=50_000):
+        return [[u["rows"] for u in t] for t in readers.group_tables([{"rows": n} for n in rows], cores, per_unit)]
+
+    assert sizes([500] * 40, 2) == [[500] * 5] * 8  # 20,000 URLs on 2 cores: 8 tasks
+    assert sizes([500] * 4, 2) == [[500, 500]] * 2  # 2,000: one task per core, 1,000 rows each
+    assert sizes([500] * 40, 400) == [[500]] * 40  # a big cluster keeps every table a task
+    assert sizes([3000] * 40, 1, 5_000) == [[3000]] * 40  # never over rows_per_unit where units allow
+    assert sizes([300, 300, 50_000, 300], 2) == [[300, 300], [50_000], [300]]
+    assert readers.group_tables([{"uri": "a.jsonl"}, {"rows": 0}], 2, 50_000) == [[{"uri": "a.jsonl"}], [{"rows": 0}]]
+    mixed = readers.group_tables([{"rows": 500}, {"uri": "a.jsonl"}, {"rows": 500}], 1, 50_000)
+    assert mixed == [[{"rows": 500}], [{"uri": "a.jsonl"}], [{"rows": 500}]]  # a JSONL table stays alone
 
     plan = readers.read_plan(spark, [str(tmp_path)], 10)
     assert plan.rdd.getNumPartitions() == 4
