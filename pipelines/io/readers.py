@@ -170,13 +170,16 @@ def _open_seekable(uri: str) -> io.BufferedReader:
 
 
 TABLE_ROWS_PER_UNIT = 50_000  # a Parquet table above this many rows is split by row groups
-# Small Parquet tables are read together (group_tables): about TASKS_PER_CORE read tasks per core, but
-# no fewer than MIN_ROWS_PER_TASK rows a task unless the cores need more tasks. A task has a fixed cost (its hand-off to a Python worker,
-# and for URLs the downloads' fill at its start and drain at its end): 20,000 URLs in 40 tables of 500
-# on 2 cores took 20.4 s as 40 tasks, 16.3 s as 8; 2,000 in 4 tables 3.7-3.9 s as 4 tasks (6 with the
-# plan's own), 2.9-3.1 s as 2.
+# Small tables and tars are read together (group_units): about TASKS_PER_CORE read tasks per core, but
+# no fewer than MIN_ROWS_PER_TASK rows (tables) or MIN_TAR_BYTES_PER_TASK (tars) a task unless the cores
+# need more tasks. A task has a fixed cost (its hand-off to a Python worker, and for URLs the downloads'
+# fill at its start and drain at its end): 20,000 URLs in 40 tables of 500 on 2 cores took 20.4 s as
+# 40 tasks, 16.3 s as 8; 2,000 in 4 tables 3.7-3.9 s as 4 tasks (6 with the plan's own), 2.9-3.1 s as
+# 2; 20,000 pairs in 40 tars of 18 MB 15.6 s as 40 tasks, 13.6 s as 8 (README, Benchmarks).
 TASKS_PER_CORE = 4
 MIN_ROWS_PER_TASK = 1_000
+MIN_TAR_BYTES_PER_TASK = 64 << 20
+MAX_TAR_BYTES_PER_TASK = 1 << 30
 JSONL_BYTES_PER_UNIT = 64 << 20  # a JSONL table above this many bytes is split by byte ranges
 
 
@@ -188,7 +191,7 @@ def _unit(fmt: str, uri: str, caption_uri=None, meta_uri=None, part: dict | None
 def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TABLE_ROWS_PER_UNIT,
                bytes_per_unit: int = JSONL_BYTES_PER_UNIT, cores: int = 0) -> list[list[dict]]:
     """Group input files into read units (one list per Spark task). `cores`: the cores the read runs
-    on; with it, small Parquet tables share tasks (group_tables), without it each table is a task.
+    on; with it, small Parquet tables and small tars share tasks (group_units), without it each is a task.
 
     img2dataset's output folder (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json) is read as its samples,
     once: the tar gives the successful ones and the Parquet only the rows whose `status` is not
@@ -197,21 +200,23 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
     listed: list[str] = []
     seen: set[str] = set()
     roots: dict[str, str] = {}
+    sizes: dict[str, int | None] = {}
     for uri in uris:
         root = input_root(uri)
-        for f in storage.list_files(uri):
+        for f, size in storage.list_sized(uri):
             f = _valid_text(f, name=True)  # undecodable bytes in a name: '\\udcXX', see _local_path
             if f not in seen:  # overlapping inputs (a folder and a file inside it): one item, not two
                 seen.add(f)
                 listed.append(f)
                 roots[f] = root
+                sizes[f] = size
     tar_stems = {f[: -len(".tar")] for f in listed if f.lower().endswith(".tar")}
     pq_stems = {f[: -len(".parquet")] for f in listed if f.lower().endswith(".parquet")}
     tars, tables, loose = [], [], {}
     for f in listed:
         lower = f.rsplit("/", 1)[-1].lower()
         if lower.endswith(".tar"):
-            tars.append([_unit("tar", f)])
+            tars.append({**_unit("tar", f), "bytes": sizes[f] if sizes[f] is not None else _local_size(f)})
         elif lower.endswith(TABLE_EXTS):
             if lower.endswith(".parquet") and f[: -len(".parquet")] in tar_stems:
                 tables.append([_unit("table", f, part={"failed_only": True})])  # img2dataset's shard metadata
@@ -243,8 +248,10 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
         items.append(_unit("file", g.get("image") or g.get("caption") or g.get("meta"), g.get("caption"),
                            g.get("meta") if "image" in g or "caption" in g else None))
     chunks = [items[i : i + files_per_task] for i in range(0, len(items), files_per_task)]
-    tables = group_tables([u for t in tables for u in (split_table(t, rows_per_unit, bytes_per_unit)
-                                                       if isinstance(t, str) else t)], cores, rows_per_unit)
+    tables = group_units([u for t in tables for u in (split_table(t, rows_per_unit, bytes_per_unit)
+                                                      if isinstance(t, str) else t)],
+                         cores, "rows", MIN_ROWS_PER_TASK, rows_per_unit)
+    tars = group_units(tars, cores, "bytes", MIN_TAR_BYTES_PER_TASK, MAX_TAR_BYTES_PER_TASK)
     tasks = tars + tables + chunks
     for task in tasks:  # ids are made from paths relative to the input root (see item_id)
         for u in task:
@@ -252,35 +259,45 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
     return tasks
 
 
-def group_tables(units: list[dict], cores: int, rows_per_unit: int) -> list[list[dict]]:
-    """Read tasks for table units. Those whose row count is known (Parquet) are cut, in listing order,
-    into k runs of consecutive units of near-equal rows (a unit goes to the run its middle row falls
-    in): k = TASKS_PER_CORE tasks per core, fewer where that would leave under MIN_ROWS_PER_TASK rows a
-    task, never fewer than the cores (a small corpus on a big cluster keeps its tables apart), and
-    never more rows a task than rows_per_unit where the units allow it. A unit of unknown size (JSONL,
-    CSV, img2dataset's shard tables) is a task of its own; cores <= 0: every unit is. Ids, keys and
-    outputs do not depend on the grouping (tests/pipelines/test_readers.py)."""
-    known = [u for u in units if u.get("rows") is not None]
-    total = sum(u["rows"] for u in known)
+def group_units(units: list[dict], cores: int, size: str, least: int, most: int) -> list[list[dict]]:
+    """Read tasks for tables (`size` "rows") or tars ("bytes"). Units whose size is known are cut, in
+    listing order, into k runs of consecutive units of near-equal size (a unit goes to the run its
+    middle falls in): k = TASKS_PER_CORE tasks per core, fewer where that would leave under `least` a
+    task, never fewer than the cores (a small corpus on a big cluster keeps its units apart), and
+    never over `most` a task where the units allow it. A unit of unknown size (JSONL, CSV,
+    img2dataset's shard tables, a tar that cannot be stat'ed) is a task of its own; cores <= 0: every
+    unit is. Ids, keys and outputs do not depend on the grouping (tests/pipelines/test_readers.py)."""
+    total = sum(u[size] for u in units if u.get(size) is not None)
     if cores <= 0 or total == 0:
         return [[u] for u in units]
-    k = max(cores, min(TASKS_PER_CORE * cores, -(-total // MIN_ROWS_PER_TASK)), -(-total // rows_per_unit))
+    k = max(cores, min(TASKS_PER_CORE * cores, -(-total // least)), -(-total // most))
     tasks: list[list[dict]] = []
-    last, rows, seen = -1, 0, 0
+    last, held, seen = -1, 0, 0
     for u in units:
-        n = u.get("rows")
+        n = u.get(size)
         if n is None:
             tasks.append([u])
-            last = -1  # alone: the next table starts a task
+            last = -1  # alone: the next unit starts a task
             continue
         run = min(k - 1, int((seen + n / 2) * k / total))
         seen += n
-        if run != last or rows + n > rows_per_unit:
+        if run != last or held + n > most:
             tasks.append([])
-            last, rows = run, 0
+            last, held = run, 0
         tasks[-1].append(u)
-        rows += n
+        held += n
     return tasks
+
+
+def _local_size(uri: str) -> int | None:
+    """A local file's size (None on S3, whose listing gives it, or where the file cannot be stat'ed:
+    its reader reports why)."""
+    if storage.is_s3(uri):
+        return None
+    try:
+        return os.path.getsize(_local_path(uri))
+    except OSError:
+        return None
 
 
 def input_root(uri: str) -> str:
@@ -349,7 +366,7 @@ def split_table(uri: str, rows_per_unit: int, bytes_per_unit: int) -> list[dict]
                 keyed = any(c in md.schema.to_arrow_schema().names for c in KEY_COLUMNS)
                 sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
             if md.num_rows <= rows_per_unit or len(sizes) < 2:
-                return [{**_unit("table", uri), "rows": md.num_rows}]  # rows: for group_tables only
+                return [{**_unit("table", uri), "rows": md.num_rows}]  # rows: for group_units only
             units, groups, first, rows = [], [], 0, 0
             for g, n in enumerate(sizes):
                 if groups and rows + n > rows_per_unit:

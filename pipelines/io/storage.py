@@ -47,6 +47,12 @@ def normalize(uri: str) -> str:
 
 def list_files(uri: str) -> list[str]:
     """Files under a folder / prefix, matching a glob, or the file itself; sorted."""
+    return [f for f, _ in list_sized(uri)]
+
+
+def list_sized(uri: str) -> list[tuple[str, int | None]]:
+    """list_files with each file's size in bytes where the listing gives it for free (S3's); None for
+    local files (a stat per file is left to callers that need it)."""
     uri = normalize(uri)
     if is_s3(uri):
         bucket, key = split_s3(uri)
@@ -62,18 +68,18 @@ def list_files(uri: str) -> list[str]:
                     continue
                 if not has_glob and k != key and not k.startswith(key.rstrip("/") + "/"):
                     continue
-                out.append(f"s3://{bucket}/{k}")
+                out.append((f"s3://{bucket}/{k}", obj.get("Size")))
         return sorted(out)
     if any(c in uri for c in GLOB_CHARS):
-        return sorted(p for p in glob.glob(uri, recursive=True) if os.path.isfile(p))
+        return [(p, None) for p in sorted(p for p in glob.glob(uri, recursive=True) if os.path.isfile(p))]
     if os.path.isdir(uri):
         found = []
         for dirpath, dirnames, files in os.walk(uri):
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found.extend(os.path.join(dirpath, f) for f in files if not f.startswith("."))
-        return sorted(found)
+        return [(p, None) for p in sorted(found)]
     if os.path.exists(uri) or os.path.islink(uri):
-        return [uri]
+        return [(uri, None)]
     raise FileNotFoundError(f"input {uri} does not exist")
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import tarfile
 
@@ -435,15 +436,17 @@ def test_small_tables_share_read_tasks_and_ids_do_not_depend_on_it(tmp_path, spa
     assert len(readers.plan_units([str(tmp_path)], 10)) == 8  # no cores given: a task per table
 
     def sizes(rows, cores, per_unit=50_000):
-        return [[u["rows"] for u in t] for t in readers.group_tables([{"rows": n} for n in rows], cores, per_unit)]
+        tasks = readers.group_units([{"rows": n} for n in rows], cores, "rows", MIN_ROWS_PER_TASK, per_unit)
+        return [[u["rows"] for u in t] for t in tasks]
 
     assert sizes([500] * 40, 2) == [[500] * 5] * 8  # 20,000 URLs on 2 cores: 8 tasks
     assert sizes([500] * 4, 2) == [[500, 500]] * 2  # 2,000: one task per core, 1,000 rows each
     assert sizes([500] * 40, 400) == [[500]] * 40  # a big cluster keeps every table a task
     assert sizes([3000] * 40, 1, 5_000) == [[3000]] * 40  # never over rows_per_unit where units allow
     assert sizes([300, 300, 50_000, 300], 2) == [[300, 300], [50_000], [300]]
-    assert readers.group_tables([{"uri": "a.jsonl"}, {"rows": 0}], 2, 50_000) == [[{"uri": "a.jsonl"}], [{"rows": 0}]]
-    mixed = readers.group_tables([{"rows": 500}, {"uri": "a.jsonl"}, {"rows": 500}], 1, 50_000)
+    assert readers.group_units([{"uri": "a.jsonl"}, {"rows": 0}], 2, "rows", 1000, 50_000) == [
+        [{"uri": "a.jsonl"}], [{"rows": 0}]]
+    mixed = readers.group_units([{"rows": 500}, {"uri": "a.jsonl"}, {"rows": 500}], 1, "rows", 1000, 50_000)
     assert mixed == [[{"rows": 500}], [{"uri": "a.jsonl"}], [{"rows": 500}]]  # a JSONL table stays alone
 
     plan = readers.read_plan(spark, [str(tmp_path)], 10)
@@ -453,6 +456,42 @@ def test_small_tables_share_read_tasks_and_ids_do_not_depend_on_it(tmp_path, spa
     assert sorted(map(key, got)) == sorted(map(key, _rows([u for t in readers.plan_units([str(tmp_path)], 10)
                                                             for u in t])))
     assert len(got) == 7 * 300 + 5
+
+
+def test_small_tars_share_read_tasks_by_size_local_and_on_s3(tmp_path, spark, s3_server, monkeypatch):
+    """Tars are grouped like tables, by bytes: a local tar's size from a stat, an S3 one's from the listing
+    (no request per object); ids and rows as when each tar is a task."""
+    from pipelines.io import storage
+    from pipelines.io.readers import ReadUnits
+
+    monkeypatch.setattr(readers, "MIN_TAR_BYTES_PER_TASK", 45_000)
+    for i in range(6):
+        _tar(tmp_path / f"part-{i}.tar", [m for j in range(5) for m in (
+            (f"k{i}-{j}.jpg", bytes([i, j]) * 1000), (f"k{i}-{j}.txt", f"caption {i} {j}".encode()))])
+    size = os.path.getsize(tmp_path / "part-0.tar")
+    assert size == 20_480  # 6 tars of 20 KB: 3 tasks of 2 on 2 cores, none under 45 KB
+    tasks = readers.plan_units([str(tmp_path)], 10, cores=2)
+    assert [[u["uri"].rsplit("/", 1)[1] for u in t] for t in tasks] == [
+        ["part-0.tar", "part-1.tar"], ["part-2.tar", "part-3.tar"], ["part-4.tar", "part-5.tar"]]
+    assert all(u["bytes"] == size for t in tasks for u in t)
+    assert len(readers.plan_units([str(tmp_path)], 10)) == 6
+
+    plan = readers.read_plan(spark, [str(tmp_path)], 10)
+    assert plan.rdd.getNumPartitions() == 3
+    got = readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect()
+    key = lambda r: (r["source"], r["source_key"], r["sample_id"], r["caption"], r["image"])  # noqa: E731
+    whole = _rows([u for t in readers.plan_units([str(tmp_path)], 10) for u in t])
+    assert sorted(map(key, got)) == sorted(map(key, whole)) and len(got) == 30
+
+    storage.s3_client.cache_clear()
+    client = storage.s3_client()
+    client.create_bucket(Bucket="tars")
+    for i in range(6):
+        client.upload_file(str(tmp_path / f"part-{i}.tar"), "tars", f"in/part-{i}.tar")
+    assert storage.list_sized("s3://tars/in/") == [(f"s3://tars/in/part-{i}.tar", size) for i in range(6)]
+    remote = readers.plan_units(["s3://tars/in/"], 10, cores=2)
+    assert [[u["uri"].rsplit("/", 1)[1] for u in t] for t in remote] == [
+        [u["uri"].rsplit("/", 1)[1] for u in t] for t in tasks]
 
 
 def test_a_split_unit_reads_only_its_part(tmp_path, monkeypatch):
