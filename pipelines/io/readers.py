@@ -181,6 +181,13 @@ MIN_ROWS_PER_TASK = 1_000
 MIN_TAR_BYTES_PER_TASK = 64 << 20
 MAX_TAR_BYTES_PER_TASK = 1 << 30
 JSONL_BYTES_PER_UNIT = 64 << 20  # a JSONL table above this many bytes is split by byte ranges
+# A Parquet row group above the rows a unit may hold is cut into row slices, each read by decoding the
+# group up to its end (Parquet has no cheaper row access in pyarrow): only groups of at most
+# SLICED_GROUP_BYTES uncompressed (URL lists, not tables of image bytes), in at most
+# SLICES_PER_GROUP slices. pandas and pyarrow write up to 1,048,576 rows a group: a URL list of 10
+# million rows would otherwise be 10 read tasks, and 20,000 in one group one task, whatever the cores.
+SLICED_GROUP_BYTES = 256 << 20
+SLICES_PER_GROUP = 32
 
 
 def _unit(fmt: str, uri: str, caption_uri=None, meta_uri=None, part: dict | None = None) -> dict:
@@ -248,9 +255,14 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
         items.append(_unit("file", g.get("image") or g.get("caption") or g.get("meta"), g.get("caption"),
                            g.get("meta") if "image" in g or "caption" in g else None))
     chunks = [items[i : i + files_per_task] for i in range(0, len(items), files_per_task)]
-    tables = group_units([u for t in tables for u in (split_table(t, rows_per_unit, bytes_per_unit)
-                                                      if isinstance(t, str) else t)],
-                         cores, "rows", MIN_ROWS_PER_TASK, rows_per_unit)
+    split = [(t, split_table(t, rows_per_unit, bytes_per_unit) if isinstance(t, str) else t) for t in tables]
+    total = sum(u.get("rows") or 0 for _, units in split for u in units)
+    if cores > 0 and total:  # a table larger than a task's share is split to that share (a 20,000-row
+        # URL list on 2 cores: 8 tasks, not 1), the rest grouped
+        share = -(-total // task_count(total, cores, MIN_ROWS_PER_TASK, rows_per_unit))
+        split = [(t, split_table(t, share, bytes_per_unit) if isinstance(t, str)
+                  and any((u.get("rows") or 0) > share for u in units) else units) for t, units in split]
+    tables = group_units([u for _, units in split for u in units], cores, "rows", MIN_ROWS_PER_TASK, rows_per_unit)
     tars = group_units(tars, cores, "bytes", MIN_TAR_BYTES_PER_TASK, MAX_TAR_BYTES_PER_TASK)
     tasks = tars + tables + chunks
     for task in tasks:  # ids are made from paths relative to the input root (see item_id)
@@ -270,7 +282,7 @@ def group_units(units: list[dict], cores: int, size: str, least: int, most: int)
     total = sum(u[size] for u in units if u.get(size) is not None)
     if cores <= 0 or total == 0:
         return [[u] for u in units]
-    k = max(cores, min(TASKS_PER_CORE * cores, -(-total // least)), -(-total // most))
+    k = task_count(total, cores, least, most)
     tasks: list[list[dict]] = []
     last, held, seen = -1, 0, 0
     for u in units:
@@ -287,6 +299,22 @@ def group_units(units: list[dict], cores: int, size: str, least: int, most: int)
         tasks[-1].append(u)
         held += n
     return tasks
+
+
+def slice_rows(rows: int, size: int, rows_per_unit: int) -> int:
+    """Rows per slice of a row group of `rows` rows and `size` uncompressed bytes: near-equal slices of
+    at most rows_per_unit rows, at most SLICES_PER_GROUP of them; the whole group (`rows`) where it
+    fits in a unit or is too large to decode once per slice."""
+    if rows <= rows_per_unit or size > SLICED_GROUP_BYTES:
+        return max(rows, 1)
+    pieces = min(SLICES_PER_GROUP, -(-rows // rows_per_unit))
+    return -(-rows // pieces)
+
+
+def task_count(total: int, cores: int, least: int, most: int) -> int:
+    """Read tasks for units of `total` size (rows or bytes): TASKS_PER_CORE per core, fewer where that
+    would leave under `least` a task, never fewer than the cores nor than `total` / `most`."""
+    return max(cores, min(TASKS_PER_CORE * cores, -(-total // least)), -(-total // most))
 
 
 def _local_size(uri: str) -> int | None:
@@ -354,9 +382,10 @@ def _referenced_paths(uri: str) -> set[str]:
 
 def split_table(uri: str, rows_per_unit: int, bytes_per_unit: int) -> list[dict]:
     """Read units for one table, from metadata only: Parquet row groups up to rows_per_unit rows per
-    unit; JSONL byte ranges of bytes_per_unit (a line belongs to the range its first byte is in). A
-    JSONL range's first line number, and the keys of rows whose key is not unique on its own, are
-    filled in by resolve_splits, so no key or sample id depends on the split."""
+    unit, a row group above that cut into row slices (slice_rows); JSONL byte ranges of bytes_per_unit
+    (a line belongs to the range its first byte is in). A JSONL range's first line number, and the keys
+    of rows whose key is not unique on its own, are filled in by resolve_splits, so no key or sample id
+    depends on the split."""
     try:
         if uri.lower().endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -364,17 +393,24 @@ def split_table(uri: str, rows_per_unit: int, bytes_per_unit: int) -> list[dict]
             with _open_seekable(uri) as f:
                 md = pq.ParquetFile(f).metadata
                 keyed = any(c in md.schema.to_arrow_schema().names for c in KEY_COLUMNS)
-                sizes = [md.row_group(g).num_rows for g in range(md.num_row_groups)]
-            if md.num_rows <= rows_per_unit or len(sizes) < 2:
+                groups = [(md.row_group(g).num_rows, md.row_group(g).total_byte_size) for g in range(md.num_row_groups)]
+            step = [slice_rows(n, size, rows_per_unit) for n, size in groups]
+            if md.num_rows <= rows_per_unit or (len(groups) < 2 and step[0] >= md.num_rows):
                 return [{**_unit("table", uri), "rows": md.num_rows}]  # rows: for group_units only
-            units, groups, first, rows = [], [], 0, 0
-            for g, n in enumerate(sizes):
-                if groups and rows + n > rows_per_unit:
-                    units.append({"row_groups": groups, "first": first, "rows": rows, "keyed": keyed})
-                    groups, first, rows = [], first + rows, 0
-                groups.append(g)
+            units, held, first, rows = [], [], 0, 0
+            for g, (n, _) in enumerate(groups):
+                if held and (rows + n > rows_per_unit or step[g] < n):
+                    units.append({"row_groups": held, "first": first, "rows": rows, "keyed": keyed})
+                    held, first, rows = [], first + rows, 0
+                if step[g] < n:
+                    units += [{"row_groups": [g], "first": first + a, "rows": min(step[g], n - a), "skip": a,
+                               "keyed": keyed} for a in range(0, n, step[g])]
+                    first += n
+                    continue
+                held.append(g)
                 rows += n
-            units.append({"row_groups": groups, "first": first, "rows": rows, "keyed": keyed})
+            if held:
+                units.append({"row_groups": held, "first": first, "rows": rows, "keyed": keyed})
             return [{**_unit("table", uri, part=p), "rows": p["rows"]} for p in units]
         if uri.lower().endswith(TABLE_EXTS):
             size = _object_size(uri)
@@ -631,14 +667,23 @@ def _table_rows(uri: str, part: dict) -> Iterator[tuple[int, str, dict | None, s
             pf = pq.ParquetFile(f if f is not None else path)
             groups = part.get("row_groups")
             groups = list(range(pf.num_row_groups)) if groups is None else groups
-            total = n + sum(pf.metadata.row_group(g).num_rows for g in groups)
-            for g in groups:  # one damaged row group costs its own rows, not the ones after it
-                end = n + pf.metadata.row_group(g).num_rows
+            # (row group, rows to skip in it, rows to read): a slice of one group, or whole groups
+            spans = ([(groups[0], part["skip"], part["rows"])] if "skip" in part else
+                     [(g, 0, pf.metadata.row_group(g).num_rows) for g in groups])
+            total = n + sum(c for _, _, c in spans)
+            for g, skip, count in spans:  # one damaged row group costs its own rows, not the ones after it
+                end = n + count
                 try:
                     for batch in pf.iter_batches(batch_size=256, row_groups=[g]):
-                        for r in batch.to_pylist():
+                        if skip >= batch.num_rows:
+                            skip -= batch.num_rows
+                            continue
+                        for r in batch.slice(skip, end - n).to_pylist():
                             yield n, f"row{n}", r, None
                             n += 1
+                        skip = 0
+                        if n >= end:
+                            break
                 except Exception as e:
                     if is_transient(e):
                         raise

@@ -458,6 +458,41 @@ def test_small_tables_share_read_tasks_and_ids_do_not_depend_on_it(tmp_path, spa
     assert len(got) == 7 * 300 + 5
 
 
+def test_a_large_row_group_is_read_in_row_slices_and_keys_do_not_depend_on_it(tmp_path, spark, monkeypatch):
+    """A URL list written as one row group (pandas and pyarrow write up to 1,048,576 rows a group) is cut
+    into row slices, so it is not one read task whatever the cores; duplicate keys across slices are
+    claimed as one reader of the whole table claims them."""
+    from pipelines.io.readers import ReadUnits
+
+    keys = [["a", "b", "a", None, "row4", "c"][i % 6] if i % 5 else f"k{i}" for i in range(3000)]
+    pq.write_table(pa.table({"key": keys, "url": [f"http://h/{i}.jpg" for i in range(3000)]}), tmp_path / "one.parquet")
+    pq.write_table(pa.table({"url": [f"http://h/{i}.jpg" for i in range(2500)]}), tmp_path / "two.parquet",
+                   row_group_size=1000)  # groups of 1000, 1000, 500
+    whole = sorted((r["source"], r["source_key"], r["sample_id"], r["error"], r["url"])
+                   for r in _plan_rows([tmp_path / "one.parquet", tmp_path / "two.parquet"]))
+    tasks = readers.plan_units([str(tmp_path)], 10, cores=1)  # 5,500 rows, 4 tasks: a share is 1,375
+    parts = [json.loads(u["part"]) for t in tasks for u in t]
+    assert [(p["row_groups"], p.get("skip"), p["rows"]) for p in parts] == [
+        ([0], 0, 1000), ([0], 1000, 1000), ([0], 2000, 1000), ([0], None, 1000), ([1], None, 1000), ([2], None, 500)]
+    assert [len(t) for t in tasks] == [1, 2, 1, 2]  # then grouped by rows
+    assert len(readers.plan_units([str(tmp_path)], 10)) == 2  # no cores given: a task per table
+    assert readers.slice_rows(2_000_000, 100 << 20, 50_000) == 62_500  # at most 32 slices a group
+    assert readers.slice_rows(20_000, 300 << 20, 2_500) == 20_000  # too large to decode once per slice
+
+    plan = readers.read_plan(spark, [str(tmp_path)], 10)  # the test session's 2 cores: 6 tasks
+    assert plan.rdd.getNumPartitions() == 6
+    got = sorted((r["source"], r["source_key"], r["sample_id"], r["error"], r["url"])
+                 for r in readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect())
+    assert got == whole and len(got) == 5500
+    one = {r[1]: r[3] for r in whole if r[0].split("::")[0].endswith("one.parquet")}
+    assert one["a"] is None and one["a#1"] == "duplicate_member" and one["row4"] is None
+    # 2,000 rows carry one of 4 keys (400 more have none, 600 a unique one): all but 4 are repeats
+    assert sum(e == "duplicate_member" for e in one.values()) == 2000 - 4
+
+    monkeypatch.setattr(readers, "SLICED_GROUP_BYTES", 1000)  # a group of image bytes stays whole
+    assert [len(t) for t in readers.plan_units([str(tmp_path / "one.parquet")], 10, cores=2)] == [1]
+
+
 def test_small_tars_share_read_tasks_by_size_local_and_on_s3(tmp_path, spark, s3_server, monkeypatch):
     """Tars are grouped like tables, by bytes: a local tar's size from a stat, an S3 one's from the listing
     (no request per object); ids and rows as when each tar is a task."""
