@@ -52,10 +52,8 @@ def test_a_users_own_setting_is_left_alone():
     class Session:
         conf = Conf()
 
-        class sparkContext:  # stands in for SparkContext
-            @staticmethod
-            def getConf():
-                return Conf({codegen.WHOLE_STAGE: "true"})
+        class sparkContext:  # stands in for SparkContext: its SparkConf, as set at launch
+            _conf = Conf({codegen.WHOLE_STAGE: "true"})
 
     assert codegen.choose(Session(), 10) is None
 
