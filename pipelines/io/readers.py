@@ -258,9 +258,9 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
     chunks = [items[i : i + files_per_task] for i in range(0, len(items), files_per_task)]
     split = list(zip(tables, _split_tables(tables, rows_per_unit, bytes_per_unit)))
     total = sum(u.get("rows") or 0 for _, units in split for u in units)
-    if cores > 0 and total:  # a table larger than a task's share is split to that share (a 20,000-row
-        # URL list on 2 cores: 8 tasks, not 1), the rest grouped
-        share = -(-total // task_count(total, cores, MIN_ROWS_PER_TASK, rows_per_unit))
+    if cores > 0 and total:  # a table larger than a task's share (and MIN_ROWS_PER_TASK) is split to that
+        # share (a 20,000-row URL list on 2 cores: 8 tasks, not 1), the rest grouped
+        share = max(MIN_ROWS_PER_TASK, -(-total // task_count(total, cores, MIN_ROWS_PER_TASK, rows_per_unit)))
         big = [t for t, units in split if isinstance(t, str) and any((u.get("rows") or 0) > share for u in units)]
         again = dict(zip(big, _split_tables(big, share, bytes_per_unit)))
         split = [(t, again.get(t, units) if isinstance(t, str) else units) for t, units in split]

@@ -476,6 +476,9 @@ def test_a_large_row_group_is_read_in_row_slices_and_keys_do_not_depend_on_it(tm
         ([0], 0, 1000), ([0], 1000, 1000), ([0], 2000, 1000), ([0], None, 1000), ([1], None, 1000), ([2], None, 500)]
     assert [len(t) for t in tasks] == [1, 2, 1, 2]  # then grouped by rows
     assert len(readers.plan_units([str(tmp_path)], 10)) == 2  # no cores given: a task per table
+    many = readers.plan_units([str(tmp_path / "two.parquet")], 10, cores=8)  # no slice under 1,000 rows
+    assert [(json.loads(u["part"])["row_groups"], json.loads(u["part"])["rows"]) for t in many for u in t] == [
+        ([0], 1000), ([1], 1000), ([2], 500)]
     assert readers.slice_rows(2_000_000, 100 << 20, 50_000) == 62_500  # at most 32 slices a group
     assert readers.slice_rows(20_000, 300 << 20, 2_500) == 20_000  # too large to decode once per slice
 
