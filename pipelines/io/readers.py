@@ -224,7 +224,7 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
     for f in listed:
         lower = f.rsplit("/", 1)[-1].lower()
         if lower.endswith(".tar"):
-            tars.append({**_unit("tar", f), "bytes": sizes[f] if sizes[f] is not None else _local_size(f)})
+            tars.append({**_unit("tar", f), "bytes": _size_or_none(f, sizes[f])})
         elif lower.endswith(TABLE_EXTS):
             if lower.endswith(".parquet") and f[: -len(".parquet")] in tar_stems:
                 tables.append([_unit("table", f, part={"failed_only": True})])  # img2dataset's shard metadata
@@ -256,13 +256,13 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
         items.append(_unit("file", g.get("image") or g.get("caption") or g.get("meta"), g.get("caption"),
                            g.get("meta") if "image" in g or "caption" in g else None))
     chunks = [items[i : i + files_per_task] for i in range(0, len(items), files_per_task)]
-    split = list(zip(tables, _split_tables(tables, rows_per_unit, bytes_per_unit)))
+    split = list(zip(tables, _split_tables(tables, rows_per_unit, bytes_per_unit, sizes)))
     total = sum(u.get("rows") or 0 for _, units in split for u in units)
     if cores > 0 and total:  # a table larger than a task's share (and MIN_ROWS_PER_TASK) is split to that
         # share (a 20,000-row URL list on 2 cores: 8 tasks, not 1), the rest grouped
         share = max(MIN_ROWS_PER_TASK, -(-total // task_count(total, cores, MIN_ROWS_PER_TASK, rows_per_unit)))
         big = [t for t, units in split if isinstance(t, str) and any((u.get("rows") or 0) > share for u in units)]
-        again = dict(zip(big, _split_tables(big, share, bytes_per_unit)))
+        again = dict(zip(big, _split_tables(big, share, bytes_per_unit, sizes)))
         split = [(t, again.get(t, units) if isinstance(t, str) else units) for t, units in split]
     tables = group_units([u for _, units in split for u in units], cores, "rows", MIN_ROWS_PER_TASK, rows_per_unit)
     tars = group_units(tars, cores, "bytes", MIN_TAR_BYTES_PER_TASK, MAX_TAR_BYTES_PER_TASK)
@@ -273,14 +273,16 @@ def plan_units(uris: Iterable[str], files_per_task: int, rows_per_unit: int = TA
     return tasks
 
 
-def _split_tables(tables: list, rows_per_unit: int, bytes_per_unit: int) -> list[list[dict]]:
+def _split_tables(tables: list, rows_per_unit: int, bytes_per_unit: int,
+                  sizes: dict[str, int | None]) -> list[list[dict]]:
     """split_table for each table (a list of units already made passes through), PLAN_THREADS at a
     time: each Parquet table costs a footer read, on S3 two or three requests, and the driver plans
-    before any executor starts (10,000 tables at ~40 ms a request would be minutes one at a time)."""
+    before any executor starts (10,000 tables at ~40 ms a request would be minutes one at a time).
+    sizes: what the listing gave (storage.list_sized), so a JSONL table on S3 needs no HEAD request."""
     from concurrent.futures import ThreadPoolExecutor
 
     def one(t):
-        return split_table(t, rows_per_unit, bytes_per_unit) if isinstance(t, str) else t
+        return split_table(t, rows_per_unit, bytes_per_unit, sizes.get(t)) if isinstance(t, str) else t
 
     if sum(isinstance(t, str) for t in tables) < 2:
         return [one(t) for t in tables]
@@ -334,13 +336,10 @@ def task_count(total: int, cores: int, least: int, most: int) -> int:
     return max(cores, min(TASKS_PER_CORE * cores, -(-total // least)), -(-total // most))
 
 
-def _local_size(uri: str) -> int | None:
-    """A local file's size (None on S3, whose listing gives it, or where the file cannot be stat'ed:
-    its reader reports why)."""
-    if storage.is_s3(uri):
-        return None
+def _size_or_none(uri: str, listed: int | None) -> int | None:
+    """_object_size, or None where the file cannot be stat'ed (its reader reports why)."""
     try:
-        return os.path.getsize(_local_path(uri))
+        return _object_size(uri, listed)
     except OSError:
         return None
 
@@ -397,12 +396,12 @@ def _referenced_paths(uri: str) -> set[str]:
     return out
 
 
-def split_table(uri: str, rows_per_unit: int, bytes_per_unit: int) -> list[dict]:
+def split_table(uri: str, rows_per_unit: int, bytes_per_unit: int, listed: int | None = None) -> list[dict]:
     """Read units for one table, from metadata only: Parquet row groups up to rows_per_unit rows per
     unit, a row group above that cut into row slices (slice_rows); JSONL byte ranges of bytes_per_unit
     (a line belongs to the range its first byte is in). A JSONL range's first line number, and the keys
     of rows whose key is not unique on its own, are filled in by resolve_splits, so no key or sample id
-    depends on the split."""
+    depends on the split. listed: the table's size where the listing gave it."""
     try:
         if uri.lower().endswith(".parquet"):
             import pyarrow.parquet as pq
@@ -430,7 +429,7 @@ def split_table(uri: str, rows_per_unit: int, bytes_per_unit: int) -> list[dict]
                 units.append({"row_groups": held, "first": first, "rows": rows, "keyed": keyed})
             return [{**_unit("table", uri, part=p), "rows": p["rows"]} for p in units]
         if uri.lower().endswith(TABLE_EXTS):
-            size = _object_size(uri)
+            size = _object_size(uri, listed)
             if size <= bytes_per_unit:
                 return [_unit("table", uri)]
             return [_unit("table", uri, part={"start": a, "end": min(a + bytes_per_unit, size), "first": None,
@@ -442,7 +441,10 @@ def split_table(uri: str, rows_per_unit: int, bytes_per_unit: int) -> list[dict]
     return [_unit("table", uri)]
 
 
-def _object_size(uri: str) -> int:
+def _object_size(uri: str, listed: int | None = None) -> int:
+    """An input file's size: the listing's where it gave one (S3's does), else a stat or a HEAD request."""
+    if listed is not None:
+        return listed
     uri = _local_path(uri)
     if storage.is_s3(uri):
         bucket, key = storage.split_s3(uri)

@@ -557,9 +557,12 @@ def test_split_tables_on_s3_are_read_by_ranges(tmp_path, s3_server):
         return [(r["source"].rsplit("/", 1)[-1], r["source_key"], r["error"], r["url"]) for r in _rows(units)]
 
     local = keys([u for t in readers.plan_units([str(plain), str(lines)], 10) for u in t])
+    heads = []
+    client.meta.events.register("before-parameter-build.s3.HeadObject", lambda params, **kw: heads.append(params["Key"]))
     units = [u for t in readers.plan_units(["s3://splits/in/plain.parquet", "s3://splits/in/urls.jsonl"], 10,
                                            rows_per_unit=4, bytes_per_unit=300) for u in t]
     assert len(units) > 5 and all(u["part"] for u in units)
+    assert "in/urls.jsonl" not in heads  # its byte ranges come from the listing's size, not a HEAD request
     first = 0  # what resolve_splits does with Spark: each JSONL range's first line number
     for u in units:
         part = json.loads(u["part"])
