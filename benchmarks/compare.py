@@ -22,7 +22,10 @@ server on 127.0.0.1, and the same inputs go through:
 Every tool runs as a child process; each measurement records wall seconds (process start to exit),
 CPU seconds and peak resident memory of the child's whole process tree (sampled every 0.1 s; the
 HTTP server is not in it), and `os.getloadavg()` before and after: figures from a busy machine are
-noisy, rerun on a quiet one. Writes benchmarks/results/compare.json and compare.md.
+noisy, rerun on a quiet one. `--rounds K` runs the timed parts K times, the tools one after the other
+within a round (img2dataset, then ours; the plain script, then ours), so that each round's tools share
+the machine's load of the moment: a tool's row is its run of median wall time, and a ratio is the
+median of the K per-round ratios, with their range. Writes benchmarks/results/compare.json and compare.md.
 """
 from __future__ import annotations
 
@@ -174,6 +177,30 @@ def measure(cmd: list[str], log_path: str, env: dict | None = None, timeout: flo
     return out
 
 
+def median_run(runs: list[dict]) -> dict:
+    """Of one tool's rounds: the run of median wall time (the lower one of an even count), with every
+    round's wall seconds in `rounds_wall_s`; the last run where none finished."""
+    ok = sorted((x for x in runs if x.get("rc") == 0 and x.get("wall_s")), key=lambda x: x["wall_s"])
+    pick = ok[(len(ok) - 1) // 2] if ok else runs[-1]
+    return {**pick, "rounds_wall_s": [x.get("wall_s") for x in runs]} if len(runs) > 1 else pick
+
+
+def round_ratios(runs: list[dict], base: list[dict], key: str = "input") -> list[float]:
+    """samples/s of `runs` over `base`'s, round by round (the two ran back to back), where both finished."""
+    return [round((x[key] / x["wall_s"]) / (b[key] / b["wall_s"]), 3) for x, b in zip(runs, base)
+            if x.get("rc") == 0 and b.get("rc") == 0 and _rate(x, key) and _rate(b, key)]
+
+
+def with_ratios(run: dict, ratios: list[float]) -> dict:
+    """`run` with the median of its per-round ratios (`ratio`) and all of them (`round_ratios`)."""
+    if not ratios:
+        return run
+    ordered = sorted(ratios)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {**run, "ratio": round(median, 3), "round_ratios": ratios}
+
+
 # --- the corpus and the server ----------------------------------------------------------------------
 
 
@@ -271,6 +298,13 @@ class ImageServer:
 
 
 # --- the tools --------------------------------------------------------------------------------------
+
+
+def fresh(work: str, name: str) -> str:
+    """work/name, emptied: every round's run writes into a folder of its own making."""
+    path = os.path.join(work, name)
+    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def _read_json(path: str):
@@ -655,6 +689,27 @@ def _cpu_per_k(r: dict) -> float | None:
     return round(1000 * r["cpu_s"] / r["input"], 1) if r.get("input") and r.get("cpu_s") else None
 
 
+def _ratio(x: dict, base: dict | None) -> float | None:
+    """x against base in samples/s: the median per-round ratio where there were rounds, else the one."""
+    if x.get("ratio") is not None:
+        return x["ratio"]
+    return _rate(x) / _rate(base) if base and not base.get("skipped") and _rate(x) and _rate(base) else None
+
+
+def _ratio_text(x: dict, base: dict | None) -> str:
+    ratio = _ratio(x, base)
+    if ratio is None:
+        return ""
+    rounds = x.get("round_ratios") or []
+    spread = f" (rounds {min(rounds):.2f}-{max(rounds):.2f}, median of {len(rounds)})" if len(rounds) > 1 else ""
+    return f"{ratio:.2f}x{spread}"
+
+
+def _wall_text(x: dict) -> str:
+    rounds = x.get("rounds_wall_s") or []
+    return f"{x['wall_s']} ({', '.join(str(w) for w in rounds)})" if len(rounds) > 1 else str(x["wall_s"])
+
+
 def _load(r: dict) -> str:
     return f"{r['load_before'][0]} -> {r['load_after'][0]}"
 
@@ -668,7 +723,10 @@ def markdown(r: dict) -> str:
          (f"Corpus: {r['corpus']['pairs']} image-text pairs ({r['corpus']['image_mib']} MiB of JPEG), "
          f"{PER_SHARD} per input tar / URL table / output shard. samples/s = input samples / wall seconds from "
          "process start to exit (JVM start-up included for ours). CPU s/1k = CPU seconds of the whole process "
-         "tree per 1,000 inputs (less sensitive to a busy machine than wall time)."), ""]
+         "tree per 1,000 inputs (less sensitive to a busy machine than wall time)."),
+         *([f"Rounds: {r['rounds']}, the tools back to back within each. A row is the tool's run of median wall "
+            "time (every round's wall seconds in brackets); a ratio is the median of the per-round ratios, with "
+            "their range."] if r.get("rounds", 1) > 1 else []), ""]
     d = r["download"]
     L += ["## URL list -> WebDataset shards (served from 127.0.0.1)", "",
           "| tool | cores | settings | in | written | wall s | samples/s | vs img2dataset | CPU s/1k | peak RSS MiB | load |",
@@ -684,9 +742,9 @@ def markdown(r: dict) -> str:
             if x.get("skipped"):
                 L.append(f"| {name} | {cores} | skipped: {x['skipped']} | | | | | | | | |")
                 continue
-            ratio = f"{_rate(x) / _rate(base):.2f}x" if base and not base.get("skipped") and _rate(x) and _rate(base) else ""
+            ratio = _ratio_text(x, base)
             tool = "img2dataset " + (r.get("img2dataset_version") or "") if name == "img2dataset" else "vlcurate"
-            L.append(f"| {tool} | {cores} | {label} | {x.get('input')} | {x.get('written')} | {x['wall_s']} | "
+            L.append(f"| {tool} | {cores} | {label} | {x.get('input')} | {x.get('written')} | {_wall_text(x)} | "
                      f"{_rate(x)} | {ratio} | {_cpu_per_k(x)} | {x['peak_rss_mib']} | {_load(x)} |")
     lc = r["local"]
     plain = lc["plain_script"]
@@ -694,7 +752,7 @@ def markdown(r: dict) -> str:
           "| tool | cores | in | kept | wall s | samples/s | vs plain script | scaling vs 1 core | CPU s/1k | peak RSS MiB | load |",
           "|---|---|---|---|---|---|---|---|---|---|---|",
           (f"| plain script (PIL + imagehash + webdataset, O(n^2) Hamming loop) | 1 | {plain.get('input')} | "
-          f"{plain.get('kept')} | {plain['wall_s']} | {_rate(plain)} | 1.00x | | {_cpu_per_k(plain)} | "
+          f"{plain.get('kept')} | {_wall_text(plain)} | {_rate(plain)} | 1.00x | | {_cpu_per_k(plain)} | "
           f"{plain['peak_rss_mib']} | {_load(plain)} |")]
     one = next((x for x in lc["ours"] if x["cores"] == 1 and x["rc"] == 0), None)
     for x in lc["ours"]:
@@ -703,7 +761,7 @@ def markdown(r: dict) -> str:
             continue
         scale = f"{_rate(x) / _rate(one):.2f}x" if one else ""
         L.append(f"| vlcurate local[{x['cores']}] (bin/vlcurate, CLIP + balancing off) | {x['cores']} | {x['input']} | "
-                 f"{x['kept']} | {x['wall_s']} | {_rate(x)} | {_rate(x) / _rate(plain):.2f}x | {scale} | "
+                 f"{x['kept']} | {_wall_text(x)} | {_rate(x)} | {_ratio_text(x, plain)} | {scale} | "
                  f"{_cpu_per_k(x)} | {x['peak_rss_mib']} | {_load(x)} |")
     L += ["", ("Where our job's time and memory go (wall seconds; task-seconds are summed over cores; CPU and "
           "resident memory per kind of process, memory at the moment of the peak):"), "",
@@ -787,7 +845,7 @@ def notes(r: dict) -> list[str]:
             continue
         ts = x.get("task_s", {})
         out.append(
-            f"Local tars, local[{x['cores']}]: {_rate(x)} samples/s, {_rate(x) / _rate(plain):.2f}x the plain "
+            f"Local tars, local[{x['cores']}]: {_rate(x)} samples/s, {_ratio(x, plain):.2f}x the plain "
             f"script's {_rate(plain)}; {_cpu_per_k(x)} CPU s per 1k samples against {_cpu_per_k(plain)}. Of "
             f"{x['wall_s']} s wall, {x['wall_s'] - x['in_job_s']:.1f} s is outside the job's clock (JVM start-up, "
             "publishing, shut-down) and "
@@ -810,7 +868,7 @@ def notes(r: dict) -> list[str]:
         base, off = runs.get("img2dataset"), runs.get("ours_rules_dedup_off")
         if base and off and not base.get("skipped") and off.get("rc") == 0 and _rate(base) and _rate(off):
             out.append(
-                f"URL list, {cores} core(s), rules + dedup off: {_rate(off) / _rate(base):.2f}x img2dataset's "
+                f"URL list, {cores} core(s), rules + dedup off: {_ratio(off, base):.2f}x img2dataset's "
                 f"samples/s; {_cpu_per_k(off)} CPU s per 1k samples against img2dataset's {_cpu_per_k(base)}. Both "
                 "keep 16 transfers in flight per core and the original JPEG bytes; img2dataset decodes with OpenCV, "
                 "hashes and writes. Ours also decodes (JPEG draft mode), computes sha256, pHash, dHash and a pixel "
@@ -866,6 +924,8 @@ def main(argv=None) -> int:
                    help="what to measure: download (URL path), local (local tars: plain script and ours), quality (dedup)")
     p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe overrides for our local-tars runs (e.g. image_text.dedup.near=false)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the timed parts this many times, the tools alternating (medians and per-round ratios)")
     p.add_argument("--results", default=None, help="folder for compare.json/.md (default: benchmarks/results)")
     p.add_argument("--render", metavar="JSON", help="measure nothing: rewrite the notes and compare.md from a compare.json")
     a = p.parse_args(argv)
@@ -883,7 +943,8 @@ def main(argv=None) -> int:
     exe = find_img2dataset(a.img2dataset)
     r = {"command": "python -m benchmarks.compare " + " ".join(argv), "n": a.n, "cpu_count": os.cpu_count(),
          "machine": f"{platform.machine()}, {round(psutil.virtual_memory().total / 2**30)} GiB, Python {platform.python_version()}",
-         "load_start": load_avg(), "img2dataset": exe, "img2dataset_version": img2dataset_version(exe) if exe else None}
+         "load_start": load_avg(), "img2dataset": exe, "img2dataset_version": img2dataset_version(exe) if exe else None,
+         "rounds": a.rounds}
     t_start = time.perf_counter()
     try:
         c = prepare(work, a.n)
@@ -895,29 +956,44 @@ def main(argv=None) -> int:
         with ImageServer(c["www"]) if "download" in parts else contextlib.nullcontext() as server:
             if server:
                 write_url_tables(c["rows"], c["tables"], server.url)
+            loopback = ["image_text.download.allow_loopback=true", f"image_text.download.concurrency={DOWNLOAD_THREADS}"]
+            ours = (("ours_rules_dedup_off", RULES_DEDUP_OFF), ("ours_defaults", []))
             for cores in [int(x) for x in a.download_cores.split(",")] if server else []:
+                rounds: dict[str, list[dict]] = {"img2dataset": [], **{name: [] for name, _ in ours}}
+                for k in range(a.rounds):
+                    if exe:
+                        rounds["img2dataset"].append(run_img2dataset(
+                            exe, c["tables"], fresh(work, f"i2d-{cores}"), cores,
+                            os.path.join(logs, f"img2dataset-{cores}-{k}.log")))
+                        print(f"img2dataset {cores} round {k}: {rounds['img2dataset'][-1]}", flush=True)
+                    for name, extra in ours:
+                        rounds[name].append(run_ours(c["tables"], fresh(work, f"{name}-{cores}"), cores,
+                                                     OURS_COMMON + loopback + extra,
+                                                     os.path.join(logs, f"{name}-{cores}-{k}.log")))
+                        x = rounds[name][-1]
+                        print(f"{name} {cores} round {k}: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
                 runs = r["download"][str(cores)] = {}
-                if exe:
-                    runs["img2dataset"] = run_img2dataset(exe, c["tables"], os.path.join(work, f"i2d-{cores}"), cores,
-                                                          os.path.join(logs, f"img2dataset-{cores}.log"))
-                else:
-                    runs["img2dataset"] = {"skipped": "img2dataset not found (pass --img2dataset PATH)"}
-                print(f"img2dataset {cores}: {runs['img2dataset']}", flush=True)
-                loopback = ["image_text.download.allow_loopback=true", f"image_text.download.concurrency={DOWNLOAD_THREADS}"]
-                for name, extra in (("ours_rules_dedup_off", RULES_DEDUP_OFF), ("ours_defaults", [])):
-                    runs[name] = run_ours(c["tables"], os.path.join(work, f"{name}-{cores}"), cores,
-                                          OURS_COMMON + loopback + extra, os.path.join(logs, f"{name}-{cores}.log"))
-                    print(f"{name} {cores}: { {k: v for k, v in runs[name].items() if k != 'command'} }", flush=True)
+                runs["img2dataset"] = (median_run(rounds["img2dataset"]) if exe
+                                       else {"skipped": "img2dataset not found (pass --img2dataset PATH)"})
+                for name, _ in ours:
+                    runs[name] = with_ratios(median_run(rounds[name]), round_ratios(rounds[name], rounds["img2dataset"]))
             r["server_requests"] = server.requests if server else None
         r["local"] = {"ours": []}
-        if "local" in parts:
-            r["local"]["plain_script"] = run_plain(c["tars"], os.path.join(work, "plain"), os.path.join(logs, "plain.log"))
-            print(f"plain: {r['local']['plain_script']}", flush=True)
-        for cores in [int(x) for x in a.cores.split(",")] if "local" in parts else []:
-            x = run_ours(os.path.dirname(c["tars"][0]), os.path.join(work, f"local-{cores}"), cores,
-                         OURS_COMMON + a.ours_set, os.path.join(logs, f"local-{cores}.log"))
-            r["local"]["ours"].append(x)
-            print(f"ours local[{cores}]: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
+        local_cores = [int(x) for x in a.cores.split(",")] if "local" in parts else []
+        plain_runs: list[dict] = []
+        local_runs: dict[int, list[dict]] = {cores: [] for cores in local_cores}
+        for k in range(a.rounds if "local" in parts else 0):
+            plain_runs.append(run_plain(c["tars"], fresh(work, "plain"), os.path.join(logs, f"plain-{k}.log")))
+            print(f"plain round {k}: {plain_runs[-1]}", flush=True)
+            for cores in local_cores:
+                local_runs[cores].append(run_ours(os.path.dirname(c["tars"][0]), fresh(work, f"local-{cores}"), cores,
+                                                  OURS_COMMON + a.ours_set, os.path.join(logs, f"local-{cores}-{k}.log")))
+                x = local_runs[cores][-1]
+                print(f"ours local[{cores}] round {k}: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
+        if plain_runs:
+            r["local"]["plain_script"] = median_run(plain_runs)
+        r["local"]["ours"] = [with_ratios(median_run(runs), round_ratios(runs, plain_runs))
+                              for runs in local_runs.values()]
         if "quality" in parts:
             before = load_avg()
             spark = quality_session(2)

@@ -69,3 +69,22 @@ def test_plain_script_writes_readable_shards(corpus, tmp_path):
     for s in samples:
         assert Image.open(io.BytesIO(s["jpg"])).size == tuple(json.loads(s["json"])[k] for k in ("width", "height"))
         assert s["txt"].decode()
+
+
+def test_rounds_give_the_median_run_and_the_median_of_per_round_ratios():
+    from benchmarks.compare import _ratio_text, _wall_text, median_run, round_ratios, with_ratios
+
+    def run(wall, rc=0, n=1000):
+        return {"rc": rc, "wall_s": wall, "input": n}
+
+    base = [run(10.0), run(20.0), run(12.0)]  # the machine slowed down in round 2: both tools felt it
+    ours = [run(20.0), run(30.0), run(30.0, rc=1)]
+    ratios = round_ratios(ours, base)
+    assert ratios == [0.5, 0.667]  # the failed round is no ratio
+    picked = with_ratios(median_run(ours), ratios)
+    assert picked["wall_s"] == 20.0 and picked["rounds_wall_s"] == [20.0, 30.0, 30.0]  # median of the finished
+    assert picked["ratio"] == 0.584
+    assert _ratio_text(picked, median_run(base)) == "0.58x (rounds 0.50-0.67, median of 2)"
+    assert _wall_text(picked) == "20.0 (20.0, 30.0, 30.0)"
+    one = median_run([run(8.0)])  # one round: the run as it was, the ratio from the rates
+    assert "rounds_wall_s" not in one and _ratio_text(one, run(16.0)) == "2.00x" and _wall_text(one) == "8.0"
