@@ -84,7 +84,7 @@ build/i2d-venv/bin/img2dataset:
 	build/i2d-venv/bin/pip install -q img2dataset
 
 bench-compare: setup build/i2d-venv/bin/img2dataset
-	$(PY) -m benchmarks.compare --img2dataset build/i2d-venv/bin/img2dataset
+	$(PY) -m benchmarks.compare --img2dataset build/i2d-venv/bin/img2dataset --rounds 3
 
 # A relocatable environment for executors (venv-pack refuses editable installs, so pack a fresh one).
 package: setup

@@ -887,8 +887,9 @@ def notes(r: dict) -> list[str]:
             f"script's {plain['peak_rss_mib']} MiB is mostly torch, which webdataset 1.x imports.")
     out += [
         ("What is left of the gap: the per-run costs of a JVM and of each Spark job (JVM and session start ~2 s; "
-        "some 60 jobs of 0.05-0.5 s each on 2 cores for the rules, dedup, shard assignment and writing, the ledger "
-        "and its accounting, the report material and the gates), the same at 2k as at 2M samples. The driver JVM "
+        "some 30 jobs of 0.02-0.5 s each on 2 cores after the features pass, for the rules, dedup, shard assignment "
+        "and writing, the ledger and its accounting, the report material and the gates), the same at 2k as at 2M "
+        "samples. The driver JVM "
         "compiles with C1 only (spark-defaults.conf: at 20k its CPU went 25 -> 18 s; JVM-only work such as a "
         "1M-item dedup in local mode is ~27% slower with it). On corpora of millions the per-sample cost decides, "
         "so rerun with a larger --n before judging throughput at scale."),
@@ -929,6 +930,8 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=None, help="folder for compare.json/.md (default: benchmarks/results)")
     p.add_argument("--render", metavar="JSON", help="measure nothing: rewrite the notes and compare.md from a compare.json")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error("--rounds must be at least 1")
     argv = sys.argv[1:] if argv is None else argv
     parts = set(a.parts.split(","))
     global RESULTS
