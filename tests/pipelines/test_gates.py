@@ -290,3 +290,27 @@ def test_failed_run_publishes_no_shards(failed_run):
     page = read_bytes(os.path.join(out, "reports", "index.html")).decode("utf-8")
     assert "Quality gates FAILED" in page and "image_text.totals.no_clip_score_invalid" in page
     assert "not published" in page
+
+
+def test_great_expectations_is_imported_without_what_no_suite_uses():
+    """scipy.stats and altair (imported by great_expectations for its KL-divergence expectation) stay
+    unloaded through the import and a validation, and load when something does use them."""
+    code = """
+import json, sys, tempfile
+import pandas as pd
+from pipelines import gates
+gx = gates.import_gx()
+suite = {"t.rows": [gates._expect("ExpectColumnValuesToNotBeNull", "t.rows.id", "ids", column="id")]}
+result = gates.validate({"t.rows": pd.DataFrame({"id": [1, 2, 3]})}, suite, tempfile.mkdtemp())
+unused = [m for m in ("scipy.stats._stats_py", "altair.vegalite") if m in sys.modules]
+from scipy import stats  # what great_expectations's expectation module holds: the stand-in
+import altair as alt
+entropy = float(stats.entropy([0.5, 0.5], [0.9, 0.1]))
+print(json.dumps({"unused_loaded": unused, "ok": result["t.rows"]["success"], "entropy": round(entropy, 4),
+                  "chart": alt.Chart.__name__, "real": type(sys.modules["scipy.stats"]).__name__}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {"unused_loaded": [], "ok": True, "entropy": 0.5108, "chart": "Chart", "real": "module"}
