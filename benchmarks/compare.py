@@ -41,6 +41,7 @@ import os
 import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -195,10 +196,7 @@ def with_ratios(run: dict, ratios: list[float]) -> dict:
     """`run` with the median of its per-round ratios (`ratio`) and all of them (`round_ratios`)."""
     if not ratios:
         return run
-    ordered = sorted(ratios)
-    mid = len(ordered) // 2
-    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
-    return {**run, "ratio": round(median, 3), "round_ratios": ratios}
+    return {**run, "ratio": round(statistics.median(ratios), 3), "round_ratios": ratios}
 
 
 # --- the corpus and the server ----------------------------------------------------------------------
