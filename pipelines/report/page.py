@@ -604,8 +604,15 @@ def _secs(v: Any) -> str:
     return "—" if v is None else f"{float(v):.2f}"
 
 
-def render(out: str, in_run: bool = False) -> str:
-    """The report page for the output at `out`, as a string."""
+def draw(out: str, kind: str) -> str:
+    """The charts of `kind` (its Distributions section), drawn from its material: what `render` draws
+    for it, or takes from `drawn`."""
+    return distributions(load_material(out, kind))
+
+
+def render(out: str, in_run: bool = False, drawn: dict[str, str] | None = None) -> str:
+    """The report page for the output at `out`, as a string. `drawn`: kinds' charts already drawn
+    (`draw`), e.g. by the run while its gates were validated."""
     summary = _read_json(storage.join(out, "reports", "summary.json"))
     recipe = summary.get("recipe", {})
     kinds = sorted(summary.get("kinds", {}))
@@ -624,7 +631,7 @@ def render(out: str, in_run: bool = False) -> str:
             f"<section id='kind-{esc(kind)}'><h2>{esc(kind)}: {fmt_int(k['input'])} in, {fmt_int(k['kept'])} kept</h2>"
             f"{warn}<h3 id='funnel-{esc(kind)}'>Funnel</h3>{funnel(k)}"
             f"<h3 id='units-{esc(kind)}'>Units</h3>{units_section(k)}"
-            f"<h3 id='distributions-{esc(kind)}'>Distributions</h3>{distributions(m)}"
+            f"<h3 id='distributions-{esc(kind)}'>Distributions</h3>{(drawn or {}).get(kind) or distributions(m)}"
             f"{docs}<h3 id='galleries-{esc(kind)}'>Galleries</h3>{galleries(m, k, section)}"
             f"<h3 id='duplicates-{esc(kind)}'>Duplicate groups</h3>{duplicate_groups(m, k, section)}"
             f"<h3 id='shards-{esc(kind)}'>Shards</h3>{shards_section(out, kind, k, summary, in_run)}"
@@ -648,8 +655,8 @@ def render(out: str, in_run: bool = False) -> str:
     return page
 
 
-def write_report(out: str, in_run: bool = False) -> str:
+def write_report(out: str, in_run: bool = False, drawn: dict[str, str] | None = None) -> str:
     """Render and write OUT/reports/index.html; returns its URI."""
     uri = storage.join(out, "reports", "index.html")
-    storage.write_bytes(uri, render(out, in_run).encode("utf-8"))
+    storage.write_bytes(uri, render(out, in_run, drawn).encode("utf-8"))
     return uri

@@ -41,7 +41,7 @@ def to_uri(fig) -> str:
     """A figure as a data:image/svg+xml URI (and closes it)."""
     _, plt = pyplot()
     buf = io.BytesIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight",
+    fig.savefig(buf, format="svg",
                 metadata={"Date": None, "Creator": None, "Format": None, "Type": None})
     plt.close(fig)
     return "data:image/svg+xml;base64," + base64.b64encode(buf.getvalue()).decode("ascii")

@@ -186,6 +186,21 @@ def test_material_runs_a_few_small_spark_jobs(result, tmp_path, spark):
     assert tasks <= 60, tasks
 
 
+def test_charts_drawn_beforehand_give_the_same_page(out, monkeypatch):
+    """A run draws each kind's charts while its gates validate (build.draw_charts) and hands them to
+    the page: the same bytes as drawing them in render; a chart that failed is drawn by render."""
+    from pipelines import build
+    from pipelines.report import page as P
+
+    out, _ = out
+    drawn = build.draw_charts(out, ["image_text"])
+    assert "id='plot-short_side'" in drawn["image_text"]
+    assert R.render(out, in_run=True, drawn=drawn) == R.render(out, in_run=True)
+    monkeypatch.setattr(P, "draw", lambda out, kind: 1 / 0)
+    assert build.draw_charts(out, ["image_text"]) == {}
+    assert "id='plot-short_side'" in R.render(out, in_run=True, drawn={})
+
+
 def test_render_is_deterministic_and_complete(out):
     out, _ = out
     page = R.render(out, in_run=True)
