@@ -725,11 +725,27 @@ def markdown(r: dict) -> str:
          *([f"Rounds: {r['rounds']}, the tools back to back within each. A row is the tool's run of median wall "
             "time (every round's wall seconds in brackets); a ratio is the median of the per-round ratios, with "
             "their range."] if r.get("rounds", 1) > 1 else []), ""]
-    d = r["download"]
-    L += ["## URL list -> WebDataset shards (served from 127.0.0.1)", "",
-          "| tool | cores | settings | in | written | wall s | samples/s | vs img2dataset | CPU s/1k | peak RSS MiB | load |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for cores, runs in sorted(d.items()):
+    parts = [name for name, have in (("download", r.get("download")), ("local", r.get("local", {}).get("plain_script")),
+                                     ("quality", r.get("dedup_quality"))) if have]
+    if len(parts) < 3:
+        L += [f"Parts measured: {', '.join(parts) or 'none'} (`--parts`); the others are left out.", ""]
+    if r.get("download"):
+        L += _download_table(r)
+    if r.get("local", {}).get("plain_script"):
+        L += _local_table(r)
+    if any(x.get("rc") == 0 and "in_job_s" in x for _, x in _our_runs(r)):
+        L += _breakdown_table(r)
+    if r.get("dedup_quality"):
+        L += _quality_tables(r)
+    L += ["## Notes", ""] + [f"- {n}" for n in r.get("notes") or notes(r)]
+    return "\n".join(L) + "\n"
+
+
+def _download_table(r: dict) -> list[str]:
+    L = ["## URL list -> WebDataset shards (served from 127.0.0.1)", "",
+         "| tool | cores | settings | in | written | wall s | samples/s | vs img2dataset | CPU s/1k | peak RSS MiB | load |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cores, runs in sorted(r["download"].items()):
         base = runs.get("img2dataset")
         for name, label in (("img2dataset", f"resize_mode=no, skip_reencode, {DOWNLOAD_THREADS} threads/process"),
                             ("ours_rules_dedup_off", "rules + dedup off (img2dataset's work)"),
@@ -744,9 +760,13 @@ def markdown(r: dict) -> str:
             tool = "img2dataset " + (r.get("img2dataset_version") or "") if name == "img2dataset" else "vlcurate"
             L.append(f"| {tool} | {cores} | {label} | {x.get('input')} | {x.get('written')} | {_wall_text(x)} | "
                      f"{_rate(x)} | {ratio} | {_cpu_per_k(x)} | {x['peak_rss_mib']} | {_load(x)} |")
+    return L + [""]
+
+
+def _local_table(r: dict) -> list[str]:
     lc = r["local"]
     plain = lc["plain_script"]
-    L += ["", "## Local tars -> curated shards (decode, rules, exact + near dedup, write)", "",
+    L = ["## Local tars -> curated shards (decode, rules, exact + near dedup, write)", "",
           "| tool | cores | in | kept | wall s | samples/s | vs plain script | scaling vs 1 core | CPU s/1k | peak RSS MiB | load |",
           "|---|---|---|---|---|---|---|---|---|---|---|",
           (f"| plain script (PIL + imagehash + webdataset, O(n^2) Hamming loop) | 1 | {plain.get('input')} | "
@@ -761,7 +781,11 @@ def markdown(r: dict) -> str:
         L.append(f"| vlcurate local[{x['cores']}] (bin/vlcurate, CLIP + balancing off) | {x['cores']} | {x['input']} | "
                  f"{x['kept']} | {_wall_text(x)} | {_rate(x)} | {_ratio_text(x, plain)} | {scale} | "
                  f"{_cpu_per_k(x)} | {x['peak_rss_mib']} | {_load(x)} |")
-    L += ["", ("Where our job's time and memory go (wall seconds; task-seconds are summed over cores; CPU and "
+    return L + [""]
+
+
+def _breakdown_table(r: dict) -> list[str]:
+    L = [("Where our job's time and memory go (wall seconds; task-seconds are summed over cores; CPU and "
           "resident memory per kind of process, memory at the moment of the peak):"), "",
           ("| run | wall | outside the job clock: JVM start, publish, stop | report + gates | decode task-s "
            "| caption + LID task-s | download task-s | CPU s: JVM / driver / workers "
@@ -776,6 +800,10 @@ def markdown(r: dict) -> str:
         L.append(f"| {label} | {x['wall_s']} | {round(x['wall_s'] - x['in_job_s'], 1)} | {x['report_and_gates_s']} | "
                  f"{ts.get('decode', '')} | {ts.get('caption', '')} | {ts.get('download', '')} | "
                  f"{' / '.join(str(cpu.get(k, 0)) for k in kinds)} | {' / '.join(str(mem.get(k, 0)) for k in kinds)} |")
+    return L + [""]
+
+
+def _quality_tables(r: dict) -> list[str]:
     q = r["dedup_quality"]
     pl, co = q["planted"], q["corpus"]
     o, e = pl["ours"], pl["exact_phash_equality"]
@@ -783,7 +811,7 @@ def markdown(r: dict) -> str:
     def v(x):
         return "n/a (no pairs)" if x is None else x
 
-    L += ["", (f"## Near-duplicate detection quality: {pl['copies']} planted copies of {pl['originals']} originals "
+    L = [(f"## Near-duplicate detection quality: {pl['copies']} planted copies of {pl['originals']} originals "
           f"among {pl['distinct']} distinct images"), "",
           ("Distinct images: the non-overlapping 128 px tiles of the scikit-image photos, scaled to 256 px "
           "(near-solid tiles left out), JPEG q=90. Copies: re-encoded at q=35, resized to half, cropped 2 % and "
@@ -805,7 +833,7 @@ def markdown(r: dict) -> str:
           f"loses {o['distinct_lost']} distinct images and leaves {o['copies_left']} copies in; exact pHash equality "
           f"removes {e['removed']}, loses {e['distinct_lost']} and leaves {e['copies_left']} copies in."), ""]
     oc, ec = co["ours"], co["exact_phash_equality"]
-    plain_counts = r["local"]["plain_script"].get("counts", {})
+    plain_counts = (r.get("local", {}).get("plain_script") or {}).get("counts", {})
     plain_removed = plain_counts.get("near_duplicate", 0) + plain_counts.get("exact_duplicate", 0)
     L += [(f"On the throughput corpus itself ({co['items']} crops of 18 photos, {co['copies']} of them 0.9x "
           "re-encoded copies of earlier items), overlapping crops of one photo are often within 10 bits of each "
@@ -817,16 +845,15 @@ def markdown(r: dict) -> str:
           (f"| exact pHash equality | {ec['removed']} | {ec['per_transform']['corpus_copy_0.9']['found']} | "
           f"{ec['distinct_lost']} | {ec['copies_left']} | {ec['false_pairs']} ({ec['false_pairs_same_source_photo']}) |"),
           f"| plain script (greedy: radius 10 against kept hashes, after rules) | {plain_removed} | | | | |", ""]
-    L += ["## Notes", ""] + [f"- {n}" for n in r["notes"]]
-    return "\n".join(L) + "\n"
+    return L
 
 
 def _our_runs(r: dict):
-    for cores, runs in sorted(r["download"].items()):
+    for cores, runs in sorted((r.get("download") or {}).items()):
         for name in ("ours_rules_dedup_off", "ours_defaults"):
             if runs.get(name):
                 yield f"URL list, {name.replace('ours_', '')}, local[{cores}]", runs[name]
-    for x in r["local"]["ours"]:
+    for x in r.get("local", {}).get("ours", []):
         yield f"local tars, defaults, local[{x['cores']}]", x
 
 
@@ -837,8 +864,8 @@ def _kind(x: dict, what: str, kind: str) -> float:
 def notes(r: dict) -> list[str]:
     """What the figures say, and why we are slower where we are (from the measured breakdown)."""
     out = []
-    plain = r["local"]["plain_script"]
-    for x in r["local"]["ours"]:
+    plain = r.get("local", {}).get("plain_script") or {}
+    for x in r.get("local", {}).get("ours", []) if plain else []:
         if x.get("rc") != 0 or not _rate(x) or not _rate(plain) or "in_job_s" not in x:
             continue
         ts = x.get("task_s", {})
@@ -855,14 +882,14 @@ def notes(r: dict) -> list[str]:
             f"{_kind(x, 'cpu_s', 'jvm')} CPU s (start-up, JIT, planning and shuffles), the Python workers "
             f"{_kind(x, 'cpu_s', 'python workers')}, the Python driver {_kind(x, 'cpu_s', 'python driver')}; the "
             f"plain script's whole run took {plain['cpu_s']} CPU s.")
-    one = next((x for x in r["local"]["ours"] if x.get("cores") == 1 and x.get("rc") == 0), None)
+    one = next((x for x in r.get("local", {}).get("ours", []) if x.get("cores") == 1 and x.get("rc") == 0), None)
     if one:
         out.append(
             f"Scaling: local[1] used {one['cpu_s']} CPU s in {one['wall_s']} s wall ({one['cpu_s'] / one['wall_s']:.1f} "
             f"cores busy; JVM {_kind(one, 'cpu_s', 'jvm')} CPU s): the JVM's own threads (JIT, garbage collection, "
             f"planning, shuffle) occupy the second core, so on this {r['cpu_count']}-core machine local[2] has "
             "little left to gain. The executor-side work itself parallelises (one task per input tar).")
-    for cores, runs in sorted(r["download"].items()):
+    for cores, runs in sorted((r.get("download") or {}).items()):
         base, off = runs.get("img2dataset"), runs.get("ours_rules_dedup_off")
         if base and off and not base.get("skipped") and off.get("rc") == 0 and _rate(base) and _rate(off):
             out.append(
@@ -881,8 +908,9 @@ def notes(r: dict) -> list[str]:
             f"Peak memory: ours up to {x['peak_rss_mib']} MiB: JVM {_kind(x, 'peak_rss_mib', 'jvm')} (spark-defaults.conf "
             f"gives the driver a 2 GB heap, filled lazily), Python workers {_kind(x, 'peak_rss_mib', 'python workers')} "
             f"in {workers} processes alive at the peak (Spark keeps idle workers for reuse), driver "
-            f"{_kind(x, 'peak_rss_mib', 'python driver')} (pyspark, pandas, pyarrow, great-expectations). The plain "
-            f"script's {plain['peak_rss_mib']} MiB is mostly torch, which webdataset 1.x imports.")
+            f"{_kind(x, 'peak_rss_mib', 'python driver')} (pyspark, pandas, pyarrow, great-expectations)."
+            + (f" The plain script's {plain['peak_rss_mib']} MiB is mostly torch, which webdataset 1.x imports."
+               if plain else ""))
     out += [
         ("What is left of the gap: the per-run costs of a JVM and of each Spark job (JVM and session start ~2 s; "
         "some 30 jobs of 0.02-0.5 s each on 2 cores after the features pass, for the rules, dedup, shard assignment "
@@ -1020,10 +1048,7 @@ def write_outputs(r: dict) -> None:
     path = os.path.join(RESULTS, "compare.json")
     with open(path, "w") as f:
         json.dump(r, f, indent=1, default=str)
-    if not (r.get("download") and r.get("dedup_quality") and r.get("local", {}).get("plain_script")):
-        print(json.dumps(r.get("local"), indent=1, default=str))  # a partial run (--parts): the table needs all
-        return
-    r["notes"] = notes(r)
+    r["notes"] = notes(r)  # a partial run (--parts) gets the tables and notes of the parts it measured
     with open(path, "w") as f:
         json.dump(r, f, indent=1, default=str)
     md = markdown(r)

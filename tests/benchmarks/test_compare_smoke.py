@@ -88,3 +88,33 @@ def test_rounds_give_the_median_run_and_the_median_of_per_round_ratios():
     assert _wall_text(picked) == "20.0 (20.0, 30.0, 30.0)"
     one = median_run([run(8.0)])  # one round: the run as it was, the ratio from the rates
     assert "rounds_wall_s" not in one and _ratio_text(one, run(16.0)) == "2.00x" and _wall_text(one) == "8.0"
+
+
+def test_a_partial_run_writes_the_tables_of_its_parts(tmp_path, monkeypatch):
+    """`--parts download` (the 20,000-URL measurement) gets compare.md with the URL table, our runs'
+    breakdown and the notes that apply; no table of a part it did not run."""
+    from benchmarks import compare as C
+
+    def run(tool, wall, cpu, peak, **kw):
+        x = {"rc": 0, "wall_s": wall, "cpu_s": cpu, "peak_rss_mib": peak, "input": 20000, "written": 20000,
+             "tool": tool, "load_before": [2.0], "load_after": [2.5],
+             "by_process": {"cpu_s": {"jvm": 20.0, "python driver": 6.0, "python workers": 30.0},
+                            "peak_rss_mib": {"jvm": 600.0, "python driver": 350.0, "python workers": 330.0}}}
+        return x | kw
+
+    ours = dict(in_job_s=45.0, report_and_gates_s=9.0, task_s={"decode": 40.0, "caption": 2.0, "download": 1.0})
+    r = {"command": "python -m benchmarks.compare --n 20000 --parts download", "n": 20000, "cpu_count": 2,
+         "machine": "x86_64", "load_start": [2.0], "load_end": [3.0], "img2dataset_version": "1.47.0", "rounds": 1,
+         "corpus": {"pairs": 20000, "image_mib": 671.2},
+         "download": {"2": {"img2dataset": run("img2dataset", 40.0, 58.0, 826.0),
+                            "ours_rules_dedup_off": run("vlcurate", 50.0, 74.0, 1278.0, **ours),
+                            "ours_defaults": run("vlcurate", 47.0, 67.0, 1313.0, **ours)}},
+         "local": {"ours": []}}
+    monkeypatch.setattr(C, "RESULTS", str(tmp_path))
+    C.write_outputs(r)
+    md = (tmp_path / "compare.md").read_text()
+    assert "Parts measured: download" in md and "## URL list -> WebDataset shards" in md
+    assert "| vlcurate | 2 | rules + dedup off (img2dataset's work) | 20000 | 20000 | 50.0 |" in md
+    assert "0.80x" in md and "| URL list, defaults, local[2] | 47.0 | 2.0 | 9.0 |" in md
+    assert "## Local tars" not in md and "## Near-duplicate" not in md
+    assert json.loads((tmp_path / "compare.json").read_text())["notes"] == r["notes"]
