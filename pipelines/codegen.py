@@ -5,7 +5,7 @@ before it runs it. On many rows that pays many times over; on a few thousand it 
 After the features pass, a run is some 30 queries (rules, dedup, shard assignment, ledger, report
 material, gates) over narrow rows, one per item at most, so a small run spends its end compiling: at
 2,000 URLs, JFR put 21 % of the driver JVM's samples there in Janino. Measured with Spark's event log
-(README **Benchmarks**): interpreted (no whole-stage code, expressions evaluated instead of compiled),
+(benchmarks/HISTORY.md): interpreted (no whole-stage code, expressions evaluated instead of compiled),
 the queries after the features pass of 2,000 URLs took 0.5-2.0 s less in each of 4 pairs (whole runs
 0.8-1.8 s less); at 20,000 URLs, 0.7-1.6 s less after the features pass in each of 3 pairs (whole runs
 within the features pass's noise); at 50,000 local pairs, interpreted took 1.6 s less after the features

@@ -175,7 +175,7 @@ TABLE_ROWS_PER_UNIT = 50_000  # a Parquet table above this many rows is split by
 # need more tasks. A task has a fixed cost (its hand-off to a Python worker, and for URLs the downloads'
 # fill at its start and drain at its end): 20,000 URLs in 40 tables of 500 on 2 cores took 20.4 s as
 # 40 tasks, 16.3 s as 8; 2,000 in 4 tables 3.7-3.9 s as 4 tasks (6 with the plan's own), 2.9-3.1 s as
-# 2; 20,000 pairs in 40 tars of 18 MB 15.6 s as 40 tasks, 13.6 s as 8 (README, Benchmarks).
+# 2; 20,000 pairs in 40 tars of 18 MB 15.6 s as 40 tasks, 13.6 s as 8 (benchmarks/HISTORY.md).
 TASKS_PER_CORE = 4
 MIN_ROWS_PER_TASK = 1_000
 MIN_TAR_BYTES_PER_TASK = 64 << 20
