@@ -171,6 +171,7 @@ def _bucket_table(spark, first: list[tuple[str, int]], bounds: dict[str, list[st
     }))
 
 
+SHARDS_PER_TASK = 16
 BLOCK, RECORD = 512, 20 * 512  # tar block; a tar file is a whole number of records (tarfile's default)
 _OWNER = b"vlcurate".ljust(32, b"\0")
 # a ustar header after its name field: mode 0444, uid/gid 0 | size | mtime 0, checksum (spaces while summed),
@@ -353,48 +354,62 @@ def write_index(out_dir: str, stats: list[dict], base: str | None = None) -> Non
     storage.write_bytes(storage.join(out_dir, "index.json"), json.dumps(index, indent=1).encode())
 
 
-def one_shard_per_task(rows, num_shards: int):
-    """`rows` (with `_shard`, the shard's number) in num_shards partitions, shard i in partition i: one
-    task writes exactly one shard. Spark 4.1+ sends a row to the partition its `_shard` names
-    (repartitionById). Before that, hash partitioning on the number itself put several shards in one task
-    and left others empty, and range partitioning samples the lineage once more for its bounds and does
-    not cut exactly either: there, each shard i gets a routing key k_i with pmod(murmur3(k_i), n) == i (see
+def shards_per_task(num_shards: int, cores: int) -> int:
+    """How many consecutive shards one writer task writes: enough tasks to keep every core busy
+    twice over, no more. A Python task costs ~0.1-0.2 s to start whatever it writes, and a stage of one
+    task per shard is millions of tasks at a billion items; at most SHARDS_PER_TASK, so that a retried
+    task rewrites little."""
+    return max(1, min(SHARDS_PER_TASK, num_shards // max(1, 2 * cores)))
+
+
+def route_to_tasks(rows, num_tasks: int):
+    """`rows` (with `_task`, the number of the writer task) in num_tasks partitions, task i's rows in
+    partition i. Spark 4.1+ sends a row to the partition its `_task` names (repartitionById). Before
+    that, hash partitioning on the number itself put several tasks' rows in one partition and left
+    others empty, and range partitioning samples the lineage once more for its bounds and does not cut
+    exactly either: there, each task i gets a routing key k_i with pmod(murmur3(k_i), n) == i (see
     `_route_by_hash`)."""
     if hasattr(rows, "repartitionById"):
-        return rows.repartitionById(num_shards, "_shard").drop("_shard")
-    return _route_by_hash(rows, num_shards)
+        return rows.repartitionById(num_tasks, "_task").drop("_task")
+    return _route_by_hash(rows, num_tasks)
 
 
-def _route_by_hash(rows, num_shards: int):
-    """Spark 4.0: keys found by hashing a few candidates per shard in one tiny job (Spark's own hash(),
-    the function hash partitioning uses), the rows hash-partitioned on their shard's key."""
+def _route_by_hash(rows, num_tasks: int):
+    """Spark 4.0: keys found by hashing a few candidates per task in one tiny job (Spark's own hash(),
+    the function hash partitioning uses), the rows hash-partitioned on their task's key."""
     from pyspark.sql import functions as F
 
     spark = rows.sparkSession
-    for per in (32, 256):  # a shard without a candidate among 32 has odds of about e^-32
-        keys = (spark.range(0, num_shards * per)
-                .select(F.expr(f"pmod(hash(id), {num_shards})").cast("int").alias("_index"), F.col("id").alias("_key"))
+    for per in (32, 256):  # a task without a candidate among 32 has odds of about e^-32
+        keys = (spark.range(0, num_tasks * per)
+                .select(F.expr(f"pmod(hash(id), {num_tasks})").cast("int").alias("_index"), F.col("id").alias("_key"))
                 .groupBy("_index").agg(F.min("_key").alias("_key")))
-        keys = cached(keys.coalesce(1))  # num_shards small rows, broadcast below: one partition, not 64
-        if keys.count() == num_shards:
+        keys = cached(keys.coalesce(1))  # num_tasks small rows, broadcast below: one partition, not 64
+        if keys.count() == num_tasks:
             break
     else:
-        raise RuntimeError(f"no routing key found for some of {num_shards} shards")
-    routed = rows.join(F.broadcast(keys), F.col("_shard") == F.col("_index")).drop("_index", "_shard")
-    return routed.repartition(num_shards, "_key").drop("_key")
+        raise RuntimeError(f"no routing key found for some of {num_tasks} tasks")
+    routed = rows.join(F.broadcast(keys), F.col("_task") == F.col("_index")).drop("_index", "_task")
+    return routed.repartition(num_tasks, "_key").drop("_key")
 
 
 def write_shards(rows, assigned: Assignment, out_dir: str, to_sample: Callable[[dict], dict],
                  contract: Contract | None = None) -> list[dict]:
-    """Write `rows` (those `assigned` was made from) as tars under out_dir, each shard by one task; returns
-    per-shard stats (small), checked against the assignment's exact sizes."""
+    """Write `rows` (those `assigned` was made from) as tars under out_dir, each shard whole by one task,
+    a few consecutive shards per task (`shards_per_task`); returns per-shard stats (small), checked
+    against the assignment's exact sizes."""
+    from pyspark.sql import functions as F
+
     from schemas.common import spark_type
 
     if not storage.is_s3(out_dir):
         storage.remove_tree(out_dir)  # leftovers of an earlier, failed run must not be published
     if assigned.count == 0:
         return []
-    parts = one_shard_per_task(assigned.of(rows), assigned.count).sortWithinPartitions(SAMPLE_ID)
+    per = shards_per_task(assigned.count, rows.sparkSession.sparkContext.defaultParallelism)
+    tasks = assigned.of(rows).withColumn("_task", F.expr(f"_shard div {per}").cast("int")).drop("_shard")
+    # a task's shards are consecutive, so its rows sorted by sample_id come shard by shard
+    parts = route_to_tasks(tasks, math.ceil(assigned.count / per)).sortWithinPartitions(SAMPLE_ID)
     fault = FaultPlan.from_env("shards")  # None outside fault-injection tests
     stats = parts.mapInArrow(lambda it: write_partition(it, out_dir, to_sample, contract, fault), spark_type(SHARD_STATS))
     # sorted here, not with orderBy: its range-partitioning sample would run the writer a second time

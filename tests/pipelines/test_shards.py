@@ -95,10 +95,18 @@ def _read_tars(folder):
     return out
 
 
-@pytest.mark.parametrize("num_shards", [5, 8])
-def test_each_shard_is_written_by_a_task_of_its_own(spark, tmp_path, num_shards):
-    """Shard i goes to task i: no task writes two shards and none is left empty (hashing the shard
-    names gave, for 5 shards, tasks of 3, 1 and 1 shards and two idle ones)."""
+def test_shards_per_task_keeps_every_core_busy_twice_and_caps_a_retry():
+    assert shards.shards_per_task(4, 2) == 1  # fewer shards than 2 tasks per core: one each
+    assert shards.shards_per_task(24, 2) == 6
+    assert shards.shards_per_task(41, 2) == 10
+    assert shards.shards_per_task(2_000_000, 500) == shards.SHARDS_PER_TASK
+
+
+@pytest.mark.parametrize("num_shards", [5, 8, 17])
+def test_each_task_writes_its_own_consecutive_shards(spark, tmp_path, num_shards):
+    """Shard i goes to task i // per: each shard is written whole by one task, tasks get equal runs of
+    consecutive shards and none is left empty (hashing the shard names gave, for 5 shards, tasks of 3,
+    1 and 1 shards and two idle ones)."""
     from pyspark.sql import functions as F
 
     df = spark.createDataFrame([(f"{i:05d}", f"caption {i}") for i in range(num_shards * 4)],
@@ -110,7 +118,8 @@ def test_each_shard_is_written_by_a_task_of_its_own(spark, tmp_path, num_shards)
     tars = _read_tars(tmp_path / "s")
     assert len(tars) == n
     tasks = {name: {d["task"] for d in docs} for name, docs in tars.items()}
-    assert tasks == {shards.shard_name("k", i): {i} for i in range(n)}
+    per = shards.shards_per_task(n, spark.sparkContext.defaultParallelism)
+    assert tasks == {shards.shard_name("k", i): {i // per} for i in range(n)}
 
 
 def test_write_shards_gives_the_bytes_of_one_pass_per_shard(spark, tmp_path):
@@ -208,12 +217,12 @@ def test_rows_that_differ_from_the_assignment_fail_the_write(spark, tmp_path):
         shards.write_shards(df.filter(F.col("sample_id") != "00003"), assigned, str(tmp_path / "s"), _sample)
 
 
-def test_hash_routing_of_older_sparks_writes_one_shard_per_task(spark):
-    """Spark 4.0 has no repartitionById: rows are routed by a key whose hash lands in their shard's partition."""
+def test_hash_routing_of_older_sparks_gives_each_task_its_partition(spark):
+    """Spark 4.0 has no repartitionById: rows are routed by a key whose hash lands in their task's partition."""
     from pyspark.sql import functions as F
 
-    rows = spark.range(0, 60).select(F.col("id").cast("string").alias("sample_id"), (F.col("id") % 6).cast("int").alias("_shard"))
-    routed = shards._route_by_hash(rows.withColumn("s", F.col("_shard")), 6)
+    rows = spark.range(0, 60).select(F.col("id").cast("string").alias("sample_id"), (F.col("id") % 6).cast("int").alias("_task"))
+    routed = shards._route_by_hash(rows.withColumn("s", F.col("_task")), 6)
     placed = routed.select("s", F.spark_partition_id().alias("p")).distinct().collect()
     assert sorted((r.s, r.p) for r in placed) == [(i, i) for i in range(6)]
 
