@@ -111,7 +111,7 @@ def histogram(title: str, xlabel: str, values: dict[str, np.ndarray], *, log: bo
             hi = lo + (abs(lo) * 0.1 if lo else 1.0)
         edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
         order = [s for s in STATUSES if s in data and data[s].size]
-        ax.hist([data[s] for s in order], bins=edges, stacked=True, color=[COLORS[s] for s in order],
+        ax.hist([data[s] for s in order], bins=edges, stacked=True, histtype="stepfilled", color=[COLORS[s] for s in order],
                 label=[f"{s} ({data[s].size})" for s in order])
         if log:
             ax.set_xscale("log")
