@@ -314,3 +314,16 @@ print(json.dumps({"unused_loaded": unused, "ok": result["t.rows"]["success"], "e
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"unused_loaded": [], "ok": True, "entropy": 0.5108, "chart": "Chart", "real": "module"}
+
+
+def test_data_docs_templates_are_compiled_once_per_user():
+    """great-expectations makes a Jinja environment per Data Docs page; each gets Jinja's bytecode cache."""
+    import jinja2
+    gates.import_gx()
+    from great_expectations.render.view import view
+
+    env = view.Environment(loader=jinja2.DictLoader({"t.html": "{{ 1 + 1 }} {{ x }}"}))
+    assert isinstance(env.bytecode_cache, jinja2.FileSystemBytecodeCache)
+    assert env.get_template("t.html").render(x="<b>") == "2 <b>"  # as GE's own: its options still apply
+    again = view.Environment(loader=jinja2.DictLoader({"t.html": "{{ 1 + 1 }} {{ x }}"}))
+    assert again.get_template("t.html").render(x="a") == "2 a"  # loaded from the cache
