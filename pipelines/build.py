@@ -110,20 +110,28 @@ def _counts() -> dict:
 
 def ledger_counts(ledger) -> tuple[list, dict]:
     """The ledger's rows counted by (kind, unit, status, reason, read unit of the items), and in the same
-    job its rows and distinct sample ids (`{"n": ..., "ids": ...}`): the counts feed the accounting, the
-    reconciliation of read units and summary.json."""
+    job its rows and distinct sample ids, overall and per kind with the kind's kept rows and rows naming a
+    shard (`{"n", "ids", "kinds": {kind: {"n", "ids", "kept", "with_shard"}}}`): the counts feed the
+    accounting, the reconciliation of read units and summary.json, the totals the gates' totals table."""
     from pyspark.sql import functions as F
 
     unit = F.when(F.col(L.PARENT_ID).isNull(), F.col(READ_UNIT)).alias(READ_UNIT)  # items only: sub-items are not read
     keys = ["kind", L.UNIT, L.STATUS, L.REASON, READ_UNIT]
+    none = F.lit(None).cast("long")
     counts = ledger.groupBy("kind", L.UNIT, L.STATUS, L.REASON, unit).agg(
-        F.count("*").alias("n"), F.lit(None).cast("long").alias("ids"))
-    # the totals as one more row, keys null and `ids` set: one job instead of two
-    ids = ledger.agg(*[F.lit(None).cast("string").alias(k) for k in keys], F.count("*").alias("n"),
-                     F.countDistinct(SAMPLE_ID).alias("ids"))
-    rows = counts.unionByName(ids).collect()
-    total = next(r for r in rows if r["ids"] is not None)
-    return [r for r in rows if r["ids"] is None], {"n": total["n"], "ids": total["ids"]}
+        F.count("*").alias("n"), none.alias("ids"), none.alias("kept"), none.alias("with_shard"))
+    # the totals as more rows, `ids` set (keys null but for the kind's): one job instead of three
+    totals = [F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids"),
+              F.sum((F.col(L.STATUS) == L.KEPT).cast("long")).alias("kept"),
+              F.sum(F.col(L.SHARD).isNotNull().cast("long")).alias("with_shard")]
+    per_kind = ledger.groupBy("kind").agg(*[F.lit(None).cast("string").alias(k) for k in keys[1:]], *totals)
+    overall = ledger.agg(*[F.lit(None).cast("string").alias(k) for k in keys], *totals)
+    rows = counts.unionByName(per_kind).unionByName(overall).collect()
+    total = next(r for r in rows if r["ids"] is not None and r["kind"] is None)
+    return [r for r in rows if r["ids"] is None], {
+        "n": total["n"], "ids": total["ids"],
+        "kinds": {r["kind"]: {k: int(r[k] or 0) for k in ("n", "ids", "kept", "with_shard")}
+                  for r in rows if r["ids"] is not None and r["kind"] is not None}}
 
 
 def summarize(counts: list, results: dict, recipe: Recipe, timer: StageTimer, started: float, out: str) -> dict:
@@ -300,7 +308,7 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
                             json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
         t0 = time.perf_counter()
         with progress.phase(spark, "gates", items=False):
-            summary["gates"] = gates.run_gates(results, ledger, summary, recipe, root)
+            summary["gates"] = gates.run_gates(results, ledger, summary, recipe, root, total["kinds"])
         timer.add_wall("gates", time.perf_counter() - t0)
     except BaseException:
         if collected is not None:

@@ -259,18 +259,30 @@ def shard_checks(contract: Contract, expected_rows: int) -> list:
 # --- the tables ---------------------------------------------------------------------------------
 
 
-def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None):
+LEDGER_COLUMNS = [SAMPLE_ID, "kind", L.UNIT, L.PARENT_ID, L.STATUS, L.REASON, L.DUPLICATE_OF, L.SHARD]
+
+
+def fetch_ledger(ledger):
+    """The whole ledger's LEDGER_COLUMNS as pandas, in one scan (for a ledger of at most LEDGER_CAP rows):
+    every kind's ledger table is then made from it on the driver, without a Spark query per kind."""
+    return ledger.select(LEDGER_COLUMNS).toArrow().to_pandas()
+
+
+def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None, whole=None):
     """(the ledger rows of `kind` with keeper_status and parent_status, info). keeper_status: the
     status of the row named by duplicate_of ('none' when the row is no duplicate, 'missing' when no
     such row exists); parent_status likewise for parent_id, among the rows of the same kind. Up to
-    `cap` rows the table comes back as pandas (one fetch; great-expectations' pandas engine is faster
-    than a dozen Spark jobs on a small table); above it, it is the Spark DataFrame, validated where it
-    lies. Every row is checked at any size. `n`: the kind's ledger rows when already counted (the
-    totals count them)."""
+    `cap` rows the table is pandas (great-expectations' pandas engine is faster than a dozen Spark jobs
+    on a small table): made from `whole` (`fetch_ledger`) where given, else fetched with the statuses
+    joined in Spark; above it, it is the Spark DataFrame, validated where it lies. Every row is checked
+    at any size. `n`: the kind's ledger rows when already counted."""
     from pyspark.sql import functions as F
 
     rows = ledger.filter(F.col("kind") == kind)
     n = rows.count() if n is None else n
+    engine = "spark" if n > cap else "pandas"
+    if engine == "pandas" and whole is not None:
+        return _with_statuses(whole, kind), {"rows": n, "engine": engine}
     # one status per id, so a duplicated id (which sample_id_unique reports) does not repeat the rows naming it
     keepers = ledger.select(F.col(SAMPLE_ID).alias("_keeper"), F.col(L.STATUS).alias("_keeper_status"))
     keepers = keepers.dropDuplicates(["_keeper"])
@@ -283,27 +295,38 @@ def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None)
                            .otherwise(F.coalesce(F.col("_keeper_status"), F.lit("missing"))))
     rows = rows.withColumn("parent_status", F.when(F.col(L.PARENT_ID).isNull(), "none")
                            .otherwise(F.coalesce(F.col("_parent_status"), F.lit("missing"))))
-    cols = [SAMPLE_ID, "kind", L.UNIT, L.PARENT_ID, L.STATUS, L.REASON, L.DUPLICATE_OF, L.SHARD, "keeper_status",
-            "parent_status"]
-    rows = rows.select(cols)
-    engine = "spark" if n > cap else "pandas"
+    rows = rows.select(*LEDGER_COLUMNS, "keeper_status", "parent_status")
     return (rows if engine == "spark" else rows.toArrow().to_pandas()), {"rows": n, "engine": engine}
 
 
-def totals_table(ledger, kind: Kind, summary_kind: dict, assertions: list[dict]):
-    """One row of exact counts (Spark aggregates over the whole ledger, and the shard writer's stats)."""
+def _with_statuses(whole, kind: str):
+    """ledger_table's pandas table from the whole ledger on the driver: the same statuses, looked up by id."""
     import pandas as pd
-    from pyspark.sql import functions as F
 
-    agg = ledger.filter(F.col("kind") == kind.name).agg(
-        F.count("*").alias("n"), F.countDistinct(SAMPLE_ID).alias("ids"),
-        F.sum((F.col(L.STATUS) == L.KEPT).cast("int")).alias("kept"),
-        F.sum(F.col(L.SHARD).isNotNull().cast("int")).alias("with_shard")).first()
+    def status_of(rows, ids):
+        first = rows.drop_duplicates(SAMPLE_ID)  # one status per id, as in Spark
+        found = ids.map(pd.Series(first[L.STATUS].to_numpy(), index=first[SAMPLE_ID].to_numpy()))
+        return found.where(ids.isna(), found.fillna("missing")).fillna("none")
+
+    mine = whole[whole["kind"] == kind]
+    table = mine.reset_index(drop=True)
+    table["keeper_status"] = status_of(whole, table[L.DUPLICATE_OF])
+    table["parent_status"] = status_of(mine, table[L.PARENT_ID])
+    return table
+
+
+def totals_table(kind: Kind, summary_kind: dict, assertions: list[dict], counted: dict):
+    """One row of exact counts: `counted`, the kind's ledger rows, distinct ids, kept rows and rows naming
+    a shard (Spark aggregates over the whole ledger: `pipelines.build.ledger_counts`), beside the
+    summary's counts per unit and reason and the shard writer's stats."""
+    import pandas as pd
+
+    agg = {"n": 0, "ids": 0, "kept": 0, "with_shard": 0} | counted
     k = summary_kind
     units = k.get("units", {})
     n_all = int(agg["n"])
     row: dict[str, Any] = {"distinct_ids": int(agg["ids"]), "input_all_units": n_all,
-                           "kept_all_units": int(agg["kept"] or 0), "rows_with_shard": int(agg["with_shard"] or 0),
+                           "kept_all_units": int(agg["kept"]), "rows_with_shard": int(agg["with_shard"]),
                            "shard_samples": int(k["shards"]["samples"])}
     for i, unit in enumerate(kind.units):
         u = units.get(unit) or {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}}
@@ -557,25 +580,28 @@ def enforce(gates: dict) -> None:
         raise GateFailed([c["name"] for c in bad], [describe(c) for c in bad])
 
 
-def run_gates(results: dict, ledger, summary: dict, recipe, out: str) -> dict:
+def run_gates(results: dict, ledger, summary: dict, recipe, out: str, counted: dict) -> dict:
     """Build every kind's tables, validate them, build Data Docs under OUT/reports/gx; the plain
-    results (for summary.json). Call before publishing; then `enforce`."""
+    results (for summary.json). `counted`: per kind, its ledger's rows, distinct ids, kept rows and rows
+    naming a shard (`pipelines.build.ledger_counts`). Call before publishing; then `enforce`."""
     from pipelines import kinds
 
     tables: dict = {}
     suites: dict = {}
     sampling: dict = {}
+    whole = fetch_ledger(ledger) if sum(c["n"] for c in counted.values()) <= LEDGER_CAP else None
     for name, res in results.items():
         kind = kinds.get(name)
         contract = kind.contract(recipe.section(name), res.facts)
-        totals = totals_table(ledger, kind, summary["kinds"][name], res.assertions)
-        tables[f"{name}.ledger"], led_info = ledger_table(ledger, name, n=int(totals["input_all_units"][0]))
+        totals = totals_table(kind, summary["kinds"][name], res.assertions, counted.get(name, {}))
+        tables[f"{name}.ledger"], led_info = ledger_table(ledger, name, n=int(totals["input_all_units"][0]),
+                                                          whole=whole)
         suites[f"{name}.ledger"] = ledger_checks(kind)
         tables[f"{name}.totals"] = totals
         suites[f"{name}.totals"] = totals_checks(kind, res.assertions)
-        whole = tables[f"{name}.ledger"] if led_info["engine"] == "pandas" else None  # no second look-up
+        mine = tables[f"{name}.ledger"] if led_info["engine"] == "pandas" else None  # no second look-up
         tables[f"{name}.shards"], expected, shard_info = shard_table(ledger, name, out, res.shards, contract,
-                                                                         unit=kind.samples_unit, rows=whole)
+                                                                         unit=kind.samples_unit, rows=mine)
         suites[f"{name}.shards"] = shard_checks(contract, expected)
         sampling[name] = {"ledger": led_info, "shards": shard_info}
     reports = storage.join(out, "reports")

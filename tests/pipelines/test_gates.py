@@ -80,7 +80,7 @@ def test_planted_violations_fail_by_name(tmp_path):
     assert unique["unexpected_count"] == 2 and unique["severity"] == "critical"
 
 
-def test_above_the_cap_the_ledger_suite_runs_in_spark_with_the_same_results(spark, tmp_path):
+def test_the_ledger_suite_gives_the_same_results_in_pandas_and_above_the_cap_in_spark(spark, tmp_path):
     from schemas import ledger as L
     from schemas.common import spark_type
 
@@ -92,6 +92,14 @@ def test_above_the_cap_the_ledger_suite_runs_in_spark_with_the_same_results(spar
          for n, (i, st, r, d, sh) in enumerate(rows)], spark_type(L.SCHEMA))
     name = f"{KIND}.ledger"
     results = {}
+    # the statuses joined in Spark and looked up on the driver in the whole ledger fetched once: the same table
+    joined, _ = gates.ledger_table(ledger, KIND)
+    looked_up, info = gates.ledger_table(ledger, KIND, whole=gates.fetch_ledger(ledger))
+    assert info == {"rows": 8, "engine": "pandas"}
+    order = ["sample_id", "status"]
+    pd.testing.assert_frame_equal(looked_up.sort_values(order).reset_index(drop=True),
+                                  joined.sort_values(order).reset_index(drop=True))
+    assert set(looked_up["keeper_status"]) == {"none", "kept", "missing"} and set(looked_up["parent_status"]) == {"none"}
     for cap in (gates.LEDGER_CAP, 3):
         table, info = gates.ledger_table(ledger, KIND, cap=cap)
         assert info == {"rows": 8, "engine": "pandas" if cap > 8 else "spark"}
