@@ -1,7 +1,8 @@
-"""filters/clip_gpu.py on CPU: the overlapped scorer gives the sequential loop's scores exactly (real open_clip
-code, random weights, real photos as JPEG), decoding overlaps the model, the GPU a task gets from Spark, the
-driver-side check of the Spark settings, and bin/gpu-discovery with a fake nvidia-smi. The same code on a
-GPU is measured by benchmarks/clip_gpu.py; the cluster test is tests/jobs/test_clip_gpu_cluster.py."""
+"""filters/clip_gpu.py on CPU: the overlapped scorer gives the sequential loop's scores to one unit of their
+rounding (real open_clip code, random weights, real photos as JPEG), decoding overlaps the model, the GPU a
+task gets from Spark, the driver-side check of the Spark settings, and bin/gpu-discovery with a fake
+nvidia-smi. The same code on a GPU is measured by benchmarks/clip_gpu.py; the cluster test is
+tests/jobs/test_clip_gpu_cluster.py."""
 from __future__ import annotations
 
 import copy
@@ -82,6 +83,13 @@ def sequential(encoder, pixels, tokenizer, images, captions, batch_size):
     return scores
 
 
+def same(got, want):
+    """Scores are rounded to 6 decimals; the same rows in another batch or through torch rather than numpy
+    may sum in another order on some CPUs (CI's gave -0.006980 for -0.006981), so one unit of rounding."""
+    return [s is None for s in got] == [s is None for s in want] and all(
+        abs(a - b) <= 1.5e-6 for a, b in zip(got, want) if a is not None)
+
+
 def test_overlapped_scores_equal_the_sequential_loop(clip_parts, rows):
     model, pixels, tokenizer = clip_parts
     images, captions = rows
@@ -92,7 +100,7 @@ def test_overlapped_scores_equal_the_sequential_loop(clip_parts, rows):
                                     (clip._TorchClip(model, "cpu"), 1, 3)):
         scorer = OverlappedScorer(encoder, pixels, tokenizer, batch_size=4, threads=threads, piece=piece)
         try:
-            assert scorer(images, captions) == want, (type(encoder).__name__, threads, piece)
+            assert same(scorer(images, captions), want), (type(encoder).__name__, threads, piece)
         finally:
             scorer.close()
 
@@ -105,7 +113,7 @@ def test_overlapped_scores_equal_clip_score_process(clip_parts, rows):
     batch = pa.RecordBatch.from_pydict({"image": images, "caption": captions})
     want = stage.process(batch, (encoder, pixels, tokenizer))["clip_score"]
     scorer = OverlappedScorer(GpuClip(encoder.model, "cpu", "float32"), pixels, tokenizer, stage.batch_size, 2)
-    assert scorer(images, captions) == want
+    assert same(scorer(images, captions), want)
     scorer.close()
 
 
@@ -117,7 +125,7 @@ def test_half_precision_scores_equal_its_sequential_loop_and_are_near_fp32(clip_
     scorer = OverlappedScorer(half, pixels, tokenizer, batch_size=8, threads=2)
     got = scorer(images, captions)
     scorer.close()
-    assert got == sequential(half, pixels, tokenizer, images, captions, 8)
+    assert same(got, sequential(half, pixels, tokenizer, images, captions, 8))
     assert got != fp32  # it really ran in bfloat16 ...
     assert max(abs(a - b) for a, b in zip(got, fp32) if a is not None) < 0.02  # ... and scores barely move
 
@@ -136,7 +144,7 @@ def test_stream_spans_batches_and_keeps_their_order(clip_parts, rows):
     scorer.close()
     assert [len(s) for s in got] == [len(c[0]) for c in chunks]
     assert got.pop(4) == [None, None]
-    assert [s for part in got for s in part] == want
+    assert same([s for part in got for s in part], want)
 
 
 def test_decoding_overlaps_the_model():
@@ -176,8 +184,8 @@ def test_a_corrupt_image_fails_the_batch_and_the_scorer_carries_on(clip_parts, r
     scorer = OverlappedScorer(GpuClip(model, "cpu", "float32"), pixels, tokenizer, batch_size=2, threads=2)
     with pytest.raises(Exception, match="cannot identify image file"):
         scorer([images[0], b"not a jpeg", *images[1:4]], captions[:5])
-    assert scorer(images[:4], captions[:4]) == sequential(GpuClip(model, "cpu", "float32"), pixels, tokenizer,
-                                                          images[:4], captions[:4], 2)
+    assert same(scorer(images[:4], captions[:4]),
+                sequential(GpuClip(model, "cpu", "float32"), pixels, tokenizer, images[:4], captions[:4], 2))
     scorer.close()
 
 
