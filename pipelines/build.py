@@ -72,6 +72,20 @@ def versions() -> dict[str, str | None]:
     return out
 
 
+LEDGER_ONE_FILE = 500_000  # ledger rows written as one file, sorted in one task
+
+
+def sorted_ledger(ledger, rows: int):
+    """The ledger in sample_id order: up to LEDGER_ONE_FILE rows, one partition sorted in one task (one
+    job; a global sort first samples the keys in a job of its own, then shuffles); above, a global sort
+    into as many files as Spark's shuffle makes."""
+    from pyspark.sql import functions as F
+
+    if rows <= LEDGER_ONE_FILE:
+        return ledger.coalesce(1).sortWithinPartitions(F.col(SAMPLE_ID))
+    return ledger.orderBy(SAMPLE_ID)
+
+
 def write_parquet(df, uri: str) -> None:
     """Spark's writer for paths it can reach; for s3://, each task writes its part with boto3."""
     if not storage.is_s3(uri):
@@ -279,13 +293,15 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     # --- the ledger, then the report material beside the accounting, summary.json and the gates ------
     # Each is a chain of small Spark jobs whose planning (one JVM thread per Python thread) and driver-side
     # work (great-expectations in pandas) leave the cores idle between jobs; the material needs only the
-    # ledger and the kinds' rows, so it starts as soon as the ledger is materialised.
+    # ledger and the kinds' rows, so it starts as soon as the ledger is materialised and counted (a kind
+    # of at most report.ROW_CAP rows gets its material from one fetch, computed on the driver).
     from pipelines import report
 
-    def run_material(ledger) -> tuple[dict, dict]:
+    def run_material(ledger, rows: dict) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         with progress.phase(spark, "report"):
-            found = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind))
+            found = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind),
+                                                   known_rows=rows.get(kind, {}).get("n", 0))
                      for kind, res in results.items()}
         timer.add_wall("report_material", time.perf_counter() - t0)
         return found, draw_charts(root, list(results))
@@ -294,12 +310,12 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     try:
         with progress.phase(spark, "ledger"):
             ledger = ledger.localCheckpoint()
-            collected = beside(functools.partial(run_material, ledger), "vlcurate-report")
-            counts, total = ledger_counts(ledger)
+            counts, total = ledger_counts(ledger)  # the material needs each kind's rows to choose where it works
+            collected = beside(functools.partial(run_material, ledger, total["kinds"]), "vlcurate-report")
             check_accounting(ledger, results, counts, total)
             ledger = ledger.select([f.name for f in L.SCHEMA])
             t0 = time.perf_counter()
-            write_parquet(ledger.orderBy(SAMPLE_ID), storage.join(root, "ledger"))
+            write_parquet(sorted_ledger(ledger, total["n"]), storage.join(root, "ledger"))
             timer.add_wall("ledger", time.perf_counter() - t0)
             summary = summarize(counts, results, recipe, timer, started, out)
         # the curation itself (shards staged, ledger written), apart from the report and gates that follow

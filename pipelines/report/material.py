@@ -29,6 +29,7 @@ import dataclasses
 import io
 import json
 import logging
+from collections import Counter
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -408,87 +409,64 @@ def _bars(rows, fields: list[str], lists: list[str]) -> dict[str, dict]:
     return out
 
 
-def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
+def collect_material(kind, res, ledger, out: str, timer=None, cfg=None, known_rows: int | None = None) -> dict:
     """Write OUT/reports/material/<kind>/ from a kind's Result and the run's ledger; returns the
     material.json content. Only capped, small tables come back to the driver.
 
-    A handful of jobs: the ledger's sections, duplicate groups and gallery picks (narrow ledger columns);
-    then one pass joining the ledger with the plan's report columns (and, for the few picked rows only,
-    their text, media reference, source key and detail) into one persisted table of about
-    ROWS_PER_PARTITION rows a partition, from which the rows sample, the bar counts and the gallery
-    (thumbnails made in the executors) are read."""
+    `known_rows`: the kind's ledger rows, when the caller has counted them (build: the ledger-counts
+    job). At most ROW_CAP, rows.parquet holds every row anyway: that one fetch (the ledger's narrow
+    columns joined with the plan's report columns) is all the driver needs, and the sections,
+    duplicate groups, gallery picks and bar counts are computed from it in Arrow (`_on_driver`): two
+    Spark jobs in all, the gallery's included. Otherwise (a big run, or the count unknown) the same
+    figures come from Spark: a handful of jobs over one persisted table of about ROWS_PER_PARTITION
+    rows a partition, from which the rows sample and the bar counts are read (`_in_spark`). Both give
+    the same tables (tests/pipelines/test_report.py). The gallery's rows (text, media reference, source
+    key and detail of a few hundred picked rows, thumbnails made in the executors) are one more query."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType
-
-    from filters.base import apply_stage
-    from filters.media import REF
 
     name = kind.name
     mdir = material_dir(out, name)
     storage.remove_tree(mdir)  # an earlier run's tables must not mix with this run's
     of_kind = ledger.filter(F.col("kind") == name)
-    led = _sectioned(of_kind.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF))
-
-    # --- the ledger alone: rows per section, duplicate groups, the gallery's picks ------------------
-    sizes, dropped_dups, dup_sizes, keepers = _ledger_stats(led)
-    n = sum(sizes.values())
-    led = led.coalesce(_partitions(n))
-    picks = _gallery_picks(led, sizes, keepers)
-    by_id = {sid: dup for sid, _, dup in picks}
-    wanted = sorted(set(by_id) | {d for d in by_id.values() if d is not None})  # the cards and their keepers
-
-    # --- one pass: every row's report values; text, media and source only for the wanted rows -------
     report = list(res.report_columns)
-    spark = ledger.sparkSession
-    flag = F.broadcast(spark.createDataFrame(pa.table({SAMPLE_ID: pa.array(wanted, pa.string()),
-                                                       "_pick": pa.array([True] * len(wanted), pa.bool_())})))
-    picked = F.coalesce(F.col("_pick"), F.lit(False))
-    text = F.substring(res.text, 1, TEXT_CHARS) if res.text else F.lit(None).cast("string")
-    media = F.col(res.thumbnail) if res.thumbnail else F.lit(None).cast("binary")
-    values = res.rows.join(flag, SAMPLE_ID, "left").select(
-        SAMPLE_ID, *report, F.when(picked, text).alias("text"), F.when(picked, media).alias("_media"))
-    info = of_kind.join(flag, SAMPLE_ID, "left").select(
-        SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF, picked.alias("_pick"),
-        F.when(picked, F.col(SOURCE_KEY)).alias(SOURCE_KEY),
-        F.when(picked, F.substring(L.DETAIL, 1, DETAIL_CHARS)).alias(L.DETAIL))
-    rows = info.join(values, SAMPLE_ID, "left").coalesce(_partitions(n)).persist(StorageLevel.DISK_ONLY)
+    info = of_kind.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF, _hash_fraction(F).alias("_h"))
+    types = {f.name: f.dataType for f in res.rows.select(*report).schema.fields}
+    lists = [c for c in report if isinstance(types[c], ArrayType)]
+    scalars = [c for c in report if c not in lists]
+    contract = kind.contract(cfg, res.facts)
+    drawn = [f.name for f in contract.fields if f.plot == "bars" and f.name in types]
+
+    led = _sectioned(info)
+    rows = led.join(res.rows.select(SAMPLE_ID, *report), SAMPLE_ID, "left")
+    on_driver = known_rows is not None and known_rows <= ROW_CAP
+    if on_driver:
+        stats, picks, dist_t, bars_t = _on_driver(rows.toArrow(), scalars, lists, drawn)
+    else:  # the ledger alone first (rows per section, duplicate groups, picks), then one persisted table
+        stats = _ledger_stats(led)
+        parts = _partitions(sum(stats[0].values()))
+        picks = _gallery_picks(led.coalesce(parts), stats[0], stats[3])
+        rows = rows.coalesce(parts).persist(StorageLevel.DISK_ONLY)
+    sizes, dropped_dups, dup_sizes, _ = stats
+    n = sum(sizes.values())
     try:
-        types = {f.name: f.dataType for f in rows.schema.fields}
-        lists = [c for c in report if isinstance(types[c], ArrayType)]
-        scalars = [c for c in report if c not in lists]
-
-        # per-row values for the distributions: all rows, or a hash sample above ROW_CAP
-        sampled = n > ROW_CAP
-        dist = rows.filter(_hash_fraction(F) < ROW_CAP / n) if sampled else rows
-        dist = dist.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, *scalars,
-                           *[F.when(F.col(c).isNotNull(), F.size(c)).alias(f"n_{c}") for c in lists])
-        dist_t = _sorted(dist.toArrow(), [SAMPLE_ID])
+        if not on_driver:
+            dist_t, bars_t = _in_spark(rows, n, scalars, lists, drawn)
         _write_table(dist_t, storage.join(mdir, "rows.parquet"))
-
-        # exact counts of the fields drawn as bars
-        contract = kind.contract(cfg, res.facts)
-        drawn = [f.name for f in contract.fields if f.plot == "bars" and f.name in types]
         bars = {}
-        if drawn:
-            for f, got in _bars(rows, drawn, lists).items():
-                _write_table(got["table"], storage.join(mdir, f"bars-{f}.parquet"))
-                bars[f] = {"rows": int(got["rows"]), "distinct": int(got["distinct"]), "list": f in lists,
-                           "with_values": int(got["with_values"])}
-
-        # the gallery: the picked rows with thumbnails made in the executors, each duplicate beside its keeper
-        chosen = rows.filter(F.col("_pick")).drop("_pick")
-        if res.thumbnail:
-            chosen = apply_stage(chosen.withColumnRenamed("_media", res.thumbnail),
-                                 Thumbnail(column=res.thumbnail.removesuffix(REF)), timer).drop(res.thumbnail)
-        else:
-            chosen = chosen.drop("_media").withColumn("thumb", F.lit(None).cast("binary"))
-        gallery_t = _gallery(chosen.toArrow(), picks, scalars)
+        for f, got in bars_t.items():
+            _write_table(got["table"], storage.join(mdir, f"bars-{f}.parquet"))
+            bars[f] = {"rows": int(got["rows"]), "distinct": int(got["distinct"]), "list": f in lists,
+                       "with_values": int(got["with_values"])}
+        gallery_t = _gallery(_chosen(of_kind, res, picks, report, timer).toArrow(), picks, scalars)
         _write_table(gallery_t, storage.join(mdir, "gallery.parquet"))
         documents = collect_documents(kind, res, ledger, rows, scalars, mdir, timer)
     finally:
-        rows.unpersist()
+        if not on_driver:
+            rows.unpersist()
 
+    sampled = n > ROW_CAP
     meta = {
         "kind": name, "rows": n, "rows_in_material": dist_t.num_rows, "sampled": sampled, "row_cap": ROW_CAP,
         "gallery": {"kept": GALLERY_KEPT, "per_reason": GALLERY_PER_REASON, "dup_groups": DUP_GROUPS,
@@ -505,6 +483,104 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None) -> dict:
     }
     storage.write_bytes(storage.join(mdir, "material.json"), json.dumps(meta, indent=1, sort_keys=True).encode())
     return meta
+
+
+def _in_spark(rows, n: int, scalars: list[str], lists: list[str], drawn: list[str]):
+    """rows.parquet's table (all rows, or a hash sample above ROW_CAP) and the bar tables, from the
+    persisted `rows` in Spark."""
+    from pyspark.sql import functions as F
+
+    dist = rows.filter(F.col("_h") < ROW_CAP / n) if n > ROW_CAP else rows
+    dist = dist.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, *scalars,
+                       *[F.when(F.col(c).isNotNull(), F.size(c)).alias(f"n_{c}") for c in lists])
+    return _sorted(dist.toArrow(), [SAMPLE_ID]), (_bars(rows, drawn, lists) if drawn else {})
+
+
+def _on_driver(t: pa.Table, scalars: list[str], lists: list[str], drawn: list[str]):
+    """(ledger stats as `_ledger_stats` gives them, gallery picks as `_gallery_picks`, rows.parquet's
+    table, bar tables as `_bars`) from the whole of `rows` fetched as one Arrow table (at most ROW_CAP
+    rows): the same sections, thinning by the same hash, ranking and caps."""
+    sections = t.column("section").to_pylist()
+    dups = t.column(L.DUPLICATE_OF).to_pylist()
+    ids = t.column(SAMPLE_ID).to_pylist()
+    per_section = Counter(sections)
+    members = Counter(d for d in dups if d is not None)
+    keepers = sorted(members)[:DUP_GROUPS]
+    stats = (dict(per_section), len(dups) - dups.count(None), dict(Counter(m + 1 for m in members.values())), keepers)
+
+    # the gallery's picks: each section thinned by the hash as _thin does, then its first rows by sample_id
+    keep = {s: OVERSAMPLE * (GALLERY_KEPT if s == "kept" else GALLERY_PER_REASON) for s in per_section}
+    keep = {s: (w / per_section[s] if s is not None and per_section[s] > w else 1.0) for s, w in keep.items()}
+    by_section: dict = {}
+    for sid, s, h in zip(ids, sections, t.column("_h").to_pylist()):
+        if h < keep[s]:
+            by_section.setdefault(s, []).append(sid)
+    picks = []
+    where = {sid: i for i, sid in enumerate(ids)}
+    for s, got in by_section.items():
+        for sid in sorted(got)[:GALLERY_KEPT if s == "kept" else GALLERY_PER_REASON]:
+            picks.append((sid, s, dups[where[sid]]))
+    chosen = set(keepers)
+    group: dict = {}
+    for sid, d in sorted(zip(ids, dups)):
+        if d in chosen and len(group.setdefault(d, [])) < DUP_MEMBERS:
+            group[d].append(sid)
+            picks.append((sid, f"dup:{d}", d))
+        if sid in chosen:
+            picks.append((sid, f"dup:{sid}", d))
+
+    dist_t = t.select([SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, *scalars])
+    for c in lists:
+        dist_t = dist_t.append_column(f"n_{c}", pc.list_value_length(t.column(c)).cast(pa.int32()))
+    dist_t = _sorted(dist_t, [SAMPLE_ID])
+    return stats, picks, dist_t, {f: _arrow_bars(t, f, f in lists) for f in drawn}
+
+
+def _arrow_bars(t: pa.Table, name: str, is_list: bool) -> dict:
+    """One field's `_bars` entry from the fetched rows: counts per (value, status) of its BARS_TOP most
+    frequent values (by count, then value), its distinct values, rows with it and rows with a value."""
+    col = t.column(name)
+    if is_list:
+        flat = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+        values = pc.list_flatten(flat)
+        status = pc.take(t.column(L.STATUS), pc.list_parent_indices(flat))
+        with_values = pc.sum(pc.greater(pc.list_value_length(col), 0)).as_py() or 0
+    else:
+        valid = pc.is_valid(col)
+        values, status = pc.filter(col, valid), pc.filter(t.column(L.STATUS), valid)
+        with_values = len(col) - col.null_count
+    pairs = pa.table({"value": pc.cast(values, pa.string()), L.STATUS: status})
+    per = pairs.group_by(["value", L.STATUS]).aggregate([([], "count_all")]).rename_columns(["value", L.STATUS, "n"])
+    totals = per.group_by("value").aggregate([("n", "sum")])
+    ranked = totals.take(pc.sort_indices(totals, [("n_sum", "descending", "at_end"),
+                                                  ("value", "ascending", "at_start")]))  # Spark: nulls first
+    top = pc.drop_null(ranked.column("value").slice(0, BARS_TOP))
+    counts = per.filter(pc.is_in(per.column("value"), value_set=top))
+    return {"table": _sorted(counts, ["value", L.STATUS]), "distinct": totals.num_rows,
+            "rows": len(col) - col.null_count, "with_values": with_values}
+
+
+def _chosen(of_kind, res, picks: list[tuple[str, str, str | None]], report: list[str], timer):
+    """The gallery's rows: every pick and the keeper of each picked duplicate, with their ledger facts,
+    report values, text and thumbnail (made in the executors: never full images on the driver). Both
+    sides are filtered by sample_id before the join: a few hundred rows."""
+    from pyspark.sql import functions as F
+
+    from filters.base import apply_stage
+    from filters.media import REF
+
+    wanted = sorted({sid for sid, _, _ in picks} | {d for _, _, d in picks if d is not None})
+    pick = F.col(SAMPLE_ID).isin(wanted)
+    text = F.substring(res.text, 1, TEXT_CHARS) if res.text else F.lit(None).cast("string")
+    media = F.col(res.thumbnail) if res.thumbnail else F.lit(None).cast("binary")
+    info = of_kind.filter(pick).select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF, SOURCE_KEY,
+                                       F.substring(L.DETAIL, 1, DETAIL_CHARS).alias(L.DETAIL))
+    values = res.rows.filter(pick).select(SAMPLE_ID, *report, text.alias("text"), media.alias("_media"))
+    chosen = info.join(F.broadcast(values), SAMPLE_ID, "left")
+    if not res.thumbnail:
+        return chosen.drop("_media").withColumn("thumb", F.lit(None).cast("binary"))
+    return apply_stage(chosen.withColumnRenamed("_media", res.thumbnail),
+                       Thumbnail(column=res.thumbnail.removesuffix(REF)), timer).drop(res.thumbnail)
 
 
 def _gallery(chosen: pa.Table, picks: list[tuple[str, str, str | None]], scalars: list[str]) -> pa.Table:

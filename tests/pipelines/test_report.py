@@ -169,6 +169,33 @@ def test_bars_keep_the_top_values_with_exact_counts(result, tmp_path, monkeypatc
     assert meta["bars"]["concepts"]["distinct"] == 1
 
 
+def material_files(out: str) -> dict:
+    """Every material table as (column names and types, rows), and material.json, by file name."""
+    mdir = M.material_dir(out, KIND)
+    got = {}
+    for name in sorted(os.listdir(mdir)):
+        if name.endswith(".parquet"):
+            t = pq.read_table(os.path.join(mdir, name))
+            got[name] = ([(f.name, str(f.type)) for f in t.schema], t.to_pylist())
+        else:
+            got[name] = read_json(os.path.join(mdir, name))
+    return got
+
+
+@pytest.mark.parametrize("caps", [{}, {"GALLERY_KEPT": 1, "OVERSAMPLE": 1, "GALLERY_PER_REASON": 1},
+                                  {"BARS_TOP": 1, "DUP_GROUPS": 0}, {"DUP_MEMBERS": 0, "GALLERY_KEPT": 0}])
+def test_driver_and_spark_give_the_same_material(result, tmp_path, monkeypatch, caps):
+    """A kind of at most ROW_CAP rows (its count known) is computed on the driver from one fetch: the
+    same tables, picks and counts as the Spark path gives, under caps that thin, cut and empty sections."""
+    for k, v in caps.items():
+        monkeypatch.setattr(M, k, v)
+    spark_out, driver_out = str(tmp_path / "spark"), str(tmp_path / "driver")
+    in_spark = report.collect_material(SPEC, result, result.ledger, spark_out, None, CFG)
+    on_driver = report.collect_material(SPEC, result, result.ledger, driver_out, None, CFG, known_rows=len(ITEMS))
+    assert on_driver == in_spark
+    assert material_files(driver_out) == material_files(spark_out)
+
+
 def test_material_runs_a_few_small_spark_jobs(result, tmp_path, spark):
     """The report reads its rows in one pass and derives every table from one persisted table: a
     bounded number of jobs, each over few partitions, whatever the run's size."""
@@ -184,6 +211,13 @@ def test_material_runs_a_few_small_spark_jobs(result, tmp_path, spark):
                 if tracker.getStageInfo(s) is not None)
     assert len(jobs) <= 20, len(jobs)
     assert tasks <= 60, tasks
+
+    sc.setJobGroup("report-driver", "report-driver")  # the count known and small: one fetch and the gallery
+    try:
+        report.collect_material(SPEC, result, result.ledger, str(tmp_path), None, CFG, known_rows=len(ITEMS))
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert len(tracker.getJobIdsForGroup("report-driver")) < len(jobs) - 2, (jobs, tracker.getJobIdsForGroup("report-driver"))
 
 
 def test_charts_drawn_beforehand_give_the_same_page(out, monkeypatch):
