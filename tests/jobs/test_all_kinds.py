@@ -127,6 +127,8 @@ def run(sample_dir, detector, tmp_path_factory) -> dict:
               *(f"grounding={g}" for g in grounding_corpus(tmp))]
     settings = [
         "image_text.clip.pretrained=", "interleaved.clip.pretrained=", "video.dedup.clip.pretrained=",
+        # random weights: the small model (tests/jobs/conftest.py ARGS); video's dedup loads none without real ones
+        "image_text.clip.model=ViT-S-32-alt", "interleaved.clip.model=ViT-S-32-alt",
         "shards.max_samples=1",  # one shard per sample: the shard index of every kind has several entries
         "video.frames.max_side=112",
         "gui.viewports=['desktop:1024x768@1', 'phone:390x844@2']", "gui.renders_per_page=1",

@@ -245,7 +245,8 @@ def _recipe(sample_dir: str, out: str, *sets: str):
 
     extra = ["image_text.clip.allow_random_weights=true"] if "allow_random_weights" in {
         f.name for f in dataclasses.fields(ClipScore)} else []
-    return load(None, ["image_text.clip.pretrained=", *extra, *sets], [f"image_text={sample_dir}"], out)
+    return load(None, ["image_text.clip.pretrained=", "image_text.clip.model=ViT-S-32-alt", *extra, *sets],
+                [f"image_text={sample_dir}"], out)  # the small model, as tests/jobs/conftest.py ARGS
 
 
 def test_publishing_is_all_or_nothing(spark, sample_dir, tmp_path, monkeypatch):
