@@ -290,11 +290,12 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     ledger = ledgers[0]
     for other in ledgers[1:]:
         ledger = ledger.unionByName(other)
-    # --- the ledger, then the report material beside the accounting, summary.json and the gates ------
+    # --- the ledger; the report material and the gates beside the accounting and summary.json ---------
     # Each is a chain of small Spark jobs whose planning (one JVM thread per Python thread) and driver-side
-    # work (great-expectations in pandas) leave the cores idle between jobs; the material needs only the
-    # ledger and the kinds' rows, so it starts as soon as the ledger is materialised and counted (a kind
-    # of at most report.ROW_CAP rows gets its material from one fetch, computed on the driver).
+    # work (great-expectations in pandas) leave the cores idle between jobs. The material and the gates'
+    # ledger and shard suites need only the ledger and the kinds' rows, so they start as soon as the
+    # ledger is materialised and counted (a kind of at most report.ROW_CAP rows gets its material from
+    # one fetch, computed on the driver); the gates' totals wait for summary.json's counts.
     from pipelines import report
 
     def run_material(ledger, rows: dict) -> tuple[dict, dict]:
@@ -306,12 +307,21 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
         timer.add_wall("report_material", time.perf_counter() - t0)
         return found, draw_charts(root, list(results))
 
-    collected = None
+    def run_gates(ledger, summary: Callable[[], dict], rows: dict) -> dict:
+        t0 = time.perf_counter()
+        with progress.phase(spark, "gates", items=False):
+            found = gates.run_gates(results, ledger, summary, recipe, root, rows)
+        timer.add_wall("gates", time.perf_counter() - t0)
+        return found
+
+    collected = gated = None
+    summarized: Future = Future()  # the gates' totals wait for it; their ledger and shard suites do not
     try:
         with progress.phase(spark, "ledger"):
             ledger = ledger.localCheckpoint()
             counts, total = ledger_counts(ledger)  # the material needs each kind's rows to choose where it works
             collected = beside(functools.partial(run_material, ledger, total["kinds"]), "vlcurate-report")
+            gated = beside(functools.partial(run_gates, ledger, summarized.result, total["kinds"]), "vlcurate-gates")
             check_accounting(ledger, results, counts, total)
             ledger = ledger.select([f.name for f in L.SCHEMA])
             t0 = time.perf_counter()
@@ -322,14 +332,15 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
         summary["curated_seconds"] = summary["elapsed_seconds"]
         storage.write_bytes(storage.join(root, "reports", "summary.json"),
                             json.dumps(summary, indent=1, ensure_ascii=False, default=str).encode("utf-8"))
-        t0 = time.perf_counter()
-        with progress.phase(spark, "gates", items=False):
-            summary["gates"] = gates.run_gates(results, ledger, summary, recipe, root, total["kinds"])
-        timer.add_wall("gates", time.perf_counter() - t0)
-    except BaseException:
-        if collected is not None:
-            with contextlib.suppress(BaseException):  # no Spark job of this run outlives it
-                collected()
+        summarized.set_result(summary)
+        summary["gates"] = gated()
+    except BaseException as e:
+        if not summarized.done():
+            summarized.set_exception(e)
+        for waiting in (collected, gated):  # no Spark job of this run outlives it
+            if waiting is not None:
+                with contextlib.suppress(BaseException):
+                    waiting()
         raise
     material, drawn = collected()
     for kind, m in material.items():

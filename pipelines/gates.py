@@ -35,7 +35,8 @@ import shutil
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -504,59 +505,77 @@ def _context(root: str):
     return ctx
 
 
-def validate(tables: dict, suites: dict, root: str, rows: dict[str, int] | None = None) -> dict:
-    """Run each suite (name '<kind>.<table>') on its table, pandas or Spark (validated by
-    great-expectations' Spark engine, in Spark jobs), in a file context under root/gx, build Data Docs
-    there, and return plain results per suite. `rows`: a Spark table's row count where already known
-    (else it is counted)."""
-    import pandas as pd
+class Validation:
+    """Suites validated one by one (each on its table, pandas or Spark: great-expectations' Spark engine
+    validates in Spark jobs) in one in-memory context whose Data Docs go under root/gx; `finish` builds
+    the docs and returns the plain results per suite. Suites are named '<kind>.<table>'."""
 
-    gx = import_gx()
+    def __init__(self, root: str):
+        self.root = root
+        self.ctx = _context(root)
+        self.sources: dict = {}
+        self.out: dict = {}
 
-    ctx = _context(root)
-    sources: dict = {}
-    out: dict = {}
-    for name, expectations in suites.items():
-        table = tables[name]
+    def run(self, name: str, table, expectations: list, rows: int | None = None) -> None:
+        """Validate one suite. `rows`: a Spark table's row count where already known (else it is counted)."""
+        import pandas as pd
+
+        gx = import_gx()
         local = isinstance(table, pd.DataFrame)
-        if local not in sources:
-            sources[local] = (ctx.data_sources.add_pandas("vlcurate") if local
-                              else ctx.data_sources.add_spark("vlcurate-spark"))
-        batch = sources[local].add_dataframe_asset(name).add_batch_definition_whole_dataframe("run")
-        suite = ctx.suites.add(gx.ExpectationSuite(name=name, expectations=list(expectations)))
-        vd = ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
+        if local not in self.sources:
+            self.sources[local] = (self.ctx.data_sources.add_pandas("vlcurate") if local
+                                   else self.ctx.data_sources.add_spark("vlcurate-spark"))
+        batch = self.sources[local].add_dataframe_asset(name).add_batch_definition_whole_dataframe("run")
+        suite = self.ctx.suites.add(gx.ExpectationSuite(name=name, expectations=list(expectations)))
+        vd = self.ctx.validation_definitions.add(gx.ValidationDefinition(name=name, data=batch, suite=suite))
         result = vd.run(batch_parameters={"dataframe": table}, result_format="BASIC")
-        checks = []
-        for r in result.results:
-            cfg = r.expectation_config
-            res = r.result or {}
-            severity = getattr(cfg.severity, "value", cfg.severity) or CRITICAL
-            exc = (r.exception_info or {}).get("exception_message") if r.exception_info else None
-            if exc is None and isinstance(r.exception_info, dict):  # keyed by metric when several raised
-                msgs = [v.get("exception_message") for v in r.exception_info.values() if isinstance(v, dict)]
-                exc = "; ".join(m for m in msgs if m) or None
-            checks.append({
-                "name": (cfg.meta or {}).get("name", cfg.type), "type": cfg.type,
-                "column": cfg.kwargs.get("column") or ",".join(
-                    str(cfg.kwargs[c]) for c in ("column_A", "column_B") if c in cfg.kwargs) or None,
-                "description": cfg.description, "severity": str(severity), "success": bool(r.success),
-                "observed": _plain(res.get("observed_value")),
-                "unexpected_count": _plain(res.get("unexpected_count")),
-                "unexpected_sample": _plain(list(res.get("partial_unexpected_list") or [])[:5]),
-                "details": _plain(res.get("details")) if not r.success else None,
-                "exception": exc,
-            })
-        checks.sort(key=lambda c: c["name"])
-        n = len(table) if local else (rows or {}).get(name)
-        out[name] = {"rows": table.count() if n is None else n, "success": all(c["success"] for c in checks if c["severity"] == CRITICAL),
-                     "expectations": checks}
-    ctx.build_data_docs()
-    # each suite's validation page: static HTML that reads offline too (the site's index needs its CDN scripts)
-    site = os.path.join(root, os.path.dirname(GX_DOCS))
-    for name, suite in out.items():
-        pages = sorted(glob.glob(os.path.join(site, "validations", *name.split("."), "**", "*.html"), recursive=True))
-        suite["data_docs"] = os.path.relpath(pages[0], root).replace(os.sep, "/") if pages else None
-    return out
+        checks = sorted((_check(r) for r in result.results), key=lambda c: c["name"])
+        n = len(table) if local else rows
+        self.out[name] = {"rows": table.count() if n is None else n,
+                          "success": all(c["success"] for c in checks if c["severity"] == CRITICAL),
+                          "expectations": checks}
+
+    def finish(self, order: list[str] | None = None) -> dict:
+        """Build the Data Docs; the results per suite (in `order` where given, else as validated)."""
+        self.ctx.build_data_docs()
+        # each suite's validation page: static HTML that reads offline too (the site's index needs its CDN scripts)
+        site = os.path.join(self.root, os.path.dirname(GX_DOCS))
+        out = {name: self.out[name] for name in (order or self.out)}
+        for name, suite in out.items():
+            pages = sorted(glob.glob(os.path.join(site, "validations", *name.split("."), "**", "*.html"),
+                                     recursive=True))
+            suite["data_docs"] = os.path.relpath(pages[0], self.root).replace(os.sep, "/") if pages else None
+        return out
+
+
+def _check(r) -> dict:
+    """One expectation's plain result."""
+    cfg = r.expectation_config
+    res = r.result or {}
+    severity = getattr(cfg.severity, "value", cfg.severity) or CRITICAL
+    exc = (r.exception_info or {}).get("exception_message") if r.exception_info else None
+    if exc is None and isinstance(r.exception_info, dict):  # keyed by metric when several raised
+        msgs = [v.get("exception_message") for v in r.exception_info.values() if isinstance(v, dict)]
+        exc = "; ".join(m for m in msgs if m) or None
+    return {
+        "name": (cfg.meta or {}).get("name", cfg.type), "type": cfg.type,
+        "column": cfg.kwargs.get("column") or ",".join(
+            str(cfg.kwargs[c]) for c in ("column_A", "column_B") if c in cfg.kwargs) or None,
+        "description": cfg.description, "severity": str(severity), "success": bool(r.success),
+        "observed": _plain(res.get("observed_value")),
+        "unexpected_count": _plain(res.get("unexpected_count")),
+        "unexpected_sample": _plain(list(res.get("partial_unexpected_list") or [])[:5]),
+        "details": _plain(res.get("details")) if not r.success else None,
+        "exception": exc,
+    }
+
+
+def validate(tables: dict, suites: dict, root: str, rows: dict[str, int] | None = None) -> dict:
+    """Every suite on its table (see Validation); `rows`: Spark tables' row counts where known."""
+    v = Validation(root)
+    for name, expectations in suites.items():
+        v.run(name, tables[name], expectations, (rows or {}).get(name))
+    return v.finish()
 
 
 def failed(gates: dict, severity: str = CRITICAL) -> list[dict]:
@@ -585,39 +604,48 @@ def enforce(gates: dict) -> None:
         raise GateFailed([c["name"] for c in bad], [describe(c) for c in bad])
 
 
-def run_gates(results: dict, ledger, summary: dict, recipe, out: str, counted: dict) -> dict:
+def run_gates(results: dict, ledger, summary: dict | Callable[[], dict], recipe, out: str, counted: dict) -> dict:
     """Build every kind's tables, validate them, build Data Docs under OUT/reports/gx; the plain
     results (for summary.json). `counted`: per kind, its ledger's rows, distinct ids, kept rows and rows
-    naming a shard (`pipelines.build.ledger_counts`). Call before publishing; then `enforce`."""
+    naming a shard (`pipelines.build.ledger_counts`). `summary`: summary.json's content, or a callable
+    that waits for it: only the totals need it, so the ledger and shard suites are built and validated
+    first (a run starts the gates beside its ledger write and summary). Call before publishing; then
+    `enforce`."""
     from pipelines import kinds
 
-    tables: dict = {}
-    suites: dict = {}
+    t0 = time.perf_counter()
+    reports = storage.join(out, "reports")
+    root = reports if not storage.is_s3(out) else tempfile.mkdtemp(prefix="vlcurate-gx-")
+    v = Validation(root)
     sampling: dict = {}
     whole = fetch_ledger(ledger) if sum(c["n"] for c in counted.values()) <= LEDGER_CAP else None
     for name, res in results.items():
         kind = kinds.get(name)
         contract = kind.contract(recipe.section(name), res.facts)
-        totals = totals_table(kind, summary["kinds"][name], res.assertions, counted.get(name, {}))
-        tables[f"{name}.ledger"], led_info = ledger_table(ledger, name, n=int(totals["input_all_units"][0]),
-                                                          whole=whole)
-        suites[f"{name}.ledger"] = ledger_checks(kind)
-        tables[f"{name}.totals"] = totals
-        suites[f"{name}.totals"] = totals_checks(kind, res.assertions)
-        mine = tables[f"{name}.ledger"] if led_info["engine"] == "pandas" else None  # no second look-up
-        tables[f"{name}.shards"], expected, shard_info = shard_table(ledger, name, out, res.shards, contract,
-                                                                         unit=kind.samples_unit, rows=mine)
-        suites[f"{name}.shards"] = shard_checks(contract, expected)
+        n = int(counted.get(name, {}).get("n", 0))
+        table, led_info = ledger_table(ledger, name, n=n, whole=whole)
+        v.run(f"{name}.ledger", table, ledger_checks(kind), n)
+        mine = table if led_info["engine"] == "pandas" else None  # no second look-up
+        table, expected, shard_info = shard_table(ledger, name, out, res.shards, contract,
+                                                  unit=kind.samples_unit, rows=mine)
+        v.run(f"{name}.shards", table, shard_checks(contract, expected))
         sampling[name] = {"ledger": led_info, "shards": shard_info}
-    reports = storage.join(out, "reports")
-    root = reports if not storage.is_s3(out) else tempfile.mkdtemp(prefix="vlcurate-gx-")
-    counted = {f"{k}.ledger": v["ledger"]["rows"] for k, v in sampling.items()}
-    suite_results = validate(tables, suites, root, counted)
+    t1 = time.perf_counter()
+    summary = summary() if callable(summary) else summary
+    t2 = time.perf_counter()
+    for name, res in results.items():
+        kind = kinds.get(name)
+        totals = totals_table(kind, summary["kinds"][name], res.assertions, counted.get(name, {}))
+        v.run(f"{name}.totals", totals, totals_checks(kind, res.assertions))
+    suite_results = v.finish([f"{k}.{t}" for k in results for t in ("ledger", "totals", "shards")])
     if storage.is_s3(out):
         _upload_tree(os.path.join(root, "gx"), storage.join(reports, "gx"))
         shutil.rmtree(root, ignore_errors=True)
     gates = {"suites": suite_results, "sampling": sampling, "data_docs": GX_DOCS,
-             "limits": {"ledger_rows_on_driver": LEDGER_CAP, "shard_samples": SHARD_SAMPLE_CAP}}
+             "limits": {"ledger_rows_on_driver": LEDGER_CAP, "shard_samples": SHARD_SAMPLE_CAP},
+             # ledger and shard suites; waiting for the summary; totals suites and Data Docs
+             "seconds": {"ledger_and_shards": round(t1 - t0, 3), "waiting": round(t2 - t1, 3),
+                         "totals_and_docs": round(time.perf_counter() - t2, 3)}}
     gates["failed_critical"] = [c["name"] for c in failed(gates, CRITICAL)]
     gates["failed_warnings"] = [c["name"] for c in failed(gates, WARNING)]
     gates["passed"] = not gates["failed_critical"]

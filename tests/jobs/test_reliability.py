@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -283,6 +284,16 @@ def test_publishing_is_all_or_nothing(spark, sample_dir, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="executor lost"):
         build.run_build(spark, _recipe(sample_dir, out, work, "shards.max_samples=4"), {"image_text": [sample_dir]}, out)
     assert _published(out) == good
+    monkeypatch.undo()
+
+    def no_summary(*args, **kwargs):  # the gates' thread waits for the summary: it must end, not hang
+        raise RuntimeError("summary lost")
+
+    monkeypatch.setattr(build, "summarize", no_summary)
+    with pytest.raises(RuntimeError, match="summary lost"):
+        build.run_build(spark, _recipe(sample_dir, out, work, "shards.max_samples=4"), {"image_text": [sample_dir]}, out)
+    assert _published(out) == good
+    assert not [t.name for t in threading.enumerate() if t.name in ("vlcurate-gates", "vlcurate-report")]
     monkeypatch.undo()
 
     last = build.run_build(spark, _recipe(sample_dir, out, work, "shards.max_samples=16"), {"image_text": [sample_dir]}, out)
