@@ -13,9 +13,11 @@ recorded and the pipeline does not apply the threshold (never drop data on noise
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import io
 import logging
 import os
+import pathlib
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -306,13 +308,11 @@ def resolve_weights(stage: ClipScore, key: str = "image_text.clip",
     when the weights cannot be loaded and `allow_random_weights` is false. `pretrained: ""` asks for
     random weights explicitly and never fails.
     """
-    import open_clip
-
     if spark is not None:
         sc = spark.sparkContext
         check_gpu_scheduling(stage, key, dict(sc.getConf().getAll()), sc.master)
         ship = ship or sc.addFile
-    if stage.model not in open_clip.list_models():
+    if stage.model not in known_models():
         raise ClipConfigError(f"{key}.model '{stage.model}' is not an open_clip model")
     if not stage.pretrained:
         msg = (f"{key}.pretrained is empty: RANDOM weights by request; scores are recorded but the "
@@ -336,6 +336,16 @@ def resolve_weights(stage: ClipScore, key: str = "image_text.clip",
         ship(path)  # executors read it with SparkFiles.get when the path is not on their machine
     what = f"local checkpoint {path}" if path == stage.pretrained else f"{stage.model}/{stage.pretrained} from {path}"
     return dataclasses.replace(stage, pretrained=path), True, what
+
+
+def known_models() -> list[str]:
+    """open_clip's model names (`open_clip.list_models()`), read from the configs the package ships,
+    without importing it: importing open_clip imports torch, torchvision (and through it torch._dynamo)
+    and timm, ~8 CPU s and ~0.8 GB, which a driver that scores nothing itself (random weights, checked
+    here) need not pay before its first Spark job."""
+    spec = importlib.util.find_spec("open_clip")
+    folders = [pathlib.Path(p, "model_configs") for p in (spec.submodule_search_locations or [])] if spec else []
+    return sorted(f.stem for folder in folders for f in folder.glob("*.json"))
 
 
 class _Unavailable(Exception):

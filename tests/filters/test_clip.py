@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from filters.clip import ClipConfigError, ClipScore, local_weights, resolve_weights
+from filters.clip import ClipConfigError, ClipScore, known_models, local_weights, resolve_weights
 from jobs.make_sample import load_photo
 
 # the smallest open_clip architecture keeps the test fast; the default recipe uses ViT-B-32
@@ -144,6 +144,22 @@ def test_executor_reads_the_copy_shipped_with_the_job(tmp_path, monkeypatch):
 def test_unknown_model_is_a_config_error():
     with pytest.raises(ClipConfigError, match="image_text.clip.model 'ViT-Nope' is not an open_clip model"):
         resolve_weights(ClipScore(model="ViT-Nope"))
+
+
+def test_random_weights_are_resolved_without_importing_open_clip():
+    """The driver checks the model name against the configs open_clip ships (the same names as its
+    list_models) and, for random weights, never imports it (torch, torchvision, timm: ~8 CPU s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from filters.clip import ClipScore, resolve_weights; "
+            f"resolve_weights(ClipScore(model={MODEL!r}, pretrained='')); "
+            "print(sorted(m for m in ('open_clip', 'torch', 'torchvision', 'timm') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    assert done.stdout.strip() == "[]", done.stderr
+    import open_clip
+
+    assert known_models() == sorted(open_clip.list_models())
 
 
 @pytest.mark.parametrize("model", ["RN50", "ViT-B-32"])
