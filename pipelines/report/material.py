@@ -512,14 +512,13 @@ def _on_driver(t: pa.Table, scalars: list[str], lists: list[str], drawn: list[st
     keep = {s: OVERSAMPLE * (GALLERY_KEPT if s == "kept" else GALLERY_PER_REASON) for s in per_section}
     keep = {s: (w / per_section[s] if s is not None and per_section[s] > w else 1.0) for s, w in keep.items()}
     by_section: dict = {}
-    for sid, s, h in zip(ids, sections, t.column("_h").to_pylist()):
+    for sid, s, h, d in zip(ids, sections, t.column("_h").to_pylist(), dups):
         if h < keep[s]:
-            by_section.setdefault(s, []).append(sid)
+            by_section.setdefault(s, []).append((sid, d))
     picks = []
-    where = {sid: i for i, sid in enumerate(ids)}
     for s, got in by_section.items():
-        for sid in sorted(got)[:GALLERY_KEPT if s == "kept" else GALLERY_PER_REASON]:
-            picks.append((sid, s, dups[where[sid]]))
+        first = sorted(got, key=lambda x: x[0])[:GALLERY_KEPT if s == "kept" else GALLERY_PER_REASON]
+        picks += [(sid, s, d) for sid, d in first]
     chosen = set(keepers)
     group: dict = {}
     for sid, d in sorted(zip(ids, dups)):
