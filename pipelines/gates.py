@@ -24,6 +24,7 @@ run: no shards are published) or a warning (recorded only). Data Docs are built 
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import json
@@ -614,33 +615,29 @@ def run_gates(results: dict, ledger, summary: dict | Callable[[], dict], recipe,
     from pipelines import kinds
 
     t0 = time.perf_counter()
-    reports = storage.join(out, "reports")
-    root = reports if not storage.is_s3(out) else tempfile.mkdtemp(prefix="vlcurate-gx-")
-    v = Validation(root)
-    sampling: dict = {}
-    whole = fetch_ledger(ledger) if sum(c["n"] for c in counted.values()) <= LEDGER_CAP else None
-    for name, res in results.items():
-        kind = kinds.get(name)
-        contract = kind.contract(recipe.section(name), res.facts)
-        n = int(counted.get(name, {}).get("n", 0))
-        table, led_info = ledger_table(ledger, name, n=n, whole=whole)
-        v.run(f"{name}.ledger", table, ledger_checks(kind), n)
-        mine = table if led_info["engine"] == "pandas" else None  # no second look-up
-        table, expected, shard_info = shard_table(ledger, name, out, res.shards, contract,
-                                                  unit=kind.samples_unit, rows=mine)
-        v.run(f"{name}.shards", table, shard_checks(contract, expected))
-        sampling[name] = {"ledger": led_info, "shards": shard_info}
-    t1 = time.perf_counter()
-    summary = summary() if callable(summary) else summary
-    t2 = time.perf_counter()
-    for name, res in results.items():
-        kind = kinds.get(name)
-        totals = totals_table(kind, summary["kinds"][name], res.assertions, counted.get(name, {}))
-        v.run(f"{name}.totals", totals, totals_checks(kind, res.assertions))
-    suite_results = v.finish([f"{k}.{t}" for k in results for t in ("ledger", "totals", "shards")])
-    if storage.is_s3(out):
-        _upload_tree(os.path.join(root, "gx"), storage.join(reports, "gx"))
-        shutil.rmtree(root, ignore_errors=True)
+    with _docs_root(out) as root:
+        v = Validation(root)
+        sampling: dict = {}
+        whole = fetch_ledger(ledger) if sum(c["n"] for c in counted.values()) <= LEDGER_CAP else None
+        for name, res in results.items():
+            kind = kinds.get(name)
+            contract = kind.contract(recipe.section(name), res.facts)
+            n = int(counted.get(name, {}).get("n", 0))
+            table, led_info = ledger_table(ledger, name, n=n, whole=whole)
+            v.run(f"{name}.ledger", table, ledger_checks(kind), n)
+            mine = table if led_info["engine"] == "pandas" else None  # no second look-up
+            table, expected, shard_info = shard_table(ledger, name, out, res.shards, contract,
+                                                      unit=kind.samples_unit, rows=mine)
+            v.run(f"{name}.shards", table, shard_checks(contract, expected))
+            sampling[name] = {"ledger": led_info, "shards": shard_info}
+        t1 = time.perf_counter()
+        summary = summary() if callable(summary) else summary
+        t2 = time.perf_counter()
+        for name, res in results.items():
+            kind = kinds.get(name)
+            totals = totals_table(kind, summary["kinds"][name], res.assertions, counted.get(name, {}))
+            v.run(f"{name}.totals", totals, totals_checks(kind, res.assertions))
+        suite_results = v.finish([f"{k}.{t}" for k in results for t in ("ledger", "totals", "shards")])
     gates = {"suites": suite_results, "sampling": sampling, "data_docs": GX_DOCS,
              "limits": {"ledger_rows_on_driver": LEDGER_CAP, "shard_samples": SHARD_SAMPLE_CAP},
              # ledger and shard suites; waiting for the summary; totals suites and Data Docs
@@ -650,6 +647,23 @@ def run_gates(results: dict, ledger, summary: dict | Callable[[], dict], recipe,
     gates["failed_warnings"] = [c["name"] for c in failed(gates, WARNING)]
     gates["passed"] = not gates["failed_critical"]
     return gates
+
+
+@contextlib.contextmanager
+def _docs_root(out: str) -> Iterator[str]:
+    """Where great-expectations writes the Data Docs: OUT/reports, or for s3:// output a local temp dir
+    whose gx/ is uploaded to OUT/reports/gx once they are built, and which is removed whether or not
+    they were (a run whose summary fails stops its gates' thread half-way)."""
+    reports = storage.join(out, "reports")
+    if not storage.is_s3(out):
+        yield reports
+        return
+    root = tempfile.mkdtemp(prefix="vlcurate-gx-")
+    try:
+        yield root
+        _upload_tree(os.path.join(root, "gx"), storage.join(reports, "gx"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _upload_tree(local: str, uri: str) -> None:

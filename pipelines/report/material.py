@@ -417,8 +417,8 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None, known_ro
     job). At most ROW_CAP, rows.parquet holds every row anyway: that one fetch (the ledger's narrow
     columns joined with the plan's report columns) is all the driver needs, and the sections,
     duplicate groups, gallery picks and bar counts are computed from it in Arrow (`_on_driver`): two
-    Spark queries in all, the gallery's included (6 jobs on the test's items, their joins' stages). Otherwise (a big run, or the count unknown) the same
-    figures come from Spark: a handful of jobs over one persisted table of about ROWS_PER_PARTITION
+    Spark queries in all, the gallery's included (6 jobs on the test's items, their joins' stages).
+    Otherwise (a big run, or the count unknown) the same figures come from Spark: a handful of jobs over one persisted table of about ROWS_PER_PARTITION
     rows a partition, from which the rows sample and the bar counts are read (`_in_spark`). Both give
     the same tables (tests/pipelines/test_report.py). The gallery's rows (text, media reference, source
     key and detail of a few hundred picked rows, thumbnails made in the executors) are one more query."""

@@ -335,3 +335,15 @@ def test_data_docs_templates_are_compiled_once_per_user():
     assert env.get_template("t.html").render(x="<b>") == "2 <b>"  # as GE's own: its options still apply
     again = view.Environment(loader=jinja2.DictLoader({"t.html": "{{ 1 + 1 }} {{ x }}"}))
     assert again.get_template("t.html").render(x="a") == "2 a"  # loaded from the cache
+
+
+def test_s3_data_docs_staging_is_removed_when_the_gates_stop_half_way():
+    """For s3:// output the Data Docs are built in a local temp dir and uploaded; a gates thread stopped
+    by a failed summary (before the upload) leaves no temp dir behind."""
+    with pytest.raises(RuntimeError, match="summary lost"), gates._docs_root("s3://bucket/curated") as root:
+        staged = root
+        assert os.path.isdir(staged) and not staged.startswith("s3://")
+        raise RuntimeError("summary lost")
+    assert not os.path.exists(staged)
+    with gates._docs_root(str(os.sep + "out")) as root:  # local output: OUT/reports itself, nothing made
+        assert root == os.path.join(os.sep + "out", "reports")
