@@ -25,7 +25,7 @@ from typing import Any
 
 from filters.base import Stage, StageTimer, apply_stage
 from pipelines import codegen, progress
-from pipelines.checkpoint import checkpoint, checkpoint_path, fingerprint
+from pipelines.checkpoint import checkpoint, checkpoint_path, fingerprint, truncated
 from pipelines.io import shards
 from schemas import ledger as L
 from schemas.common import ERROR, ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY
@@ -143,31 +143,6 @@ def decisions(df, F):
     """A decision table normalised to (sample_id, reason, duplicate_of)."""
     dup = F.col("duplicate_of") if "duplicate_of" in df.columns else F.lit(None).cast("string")
     return df.select(SAMPLE_ID, F.col("reason").cast("string"), dup.cast("string").alias("duplicate_of"))
-
-
-LOCAL_ROWS = 50_000  # a narrow table of at most this many rows travels inside the query plan (truncated)
-
-
-def truncated(df):
-    """Materialise a narrow table (decisions, a stage's columns) and cut its lineage. Each step joins
-    its table back onto the rows in play it was computed from, so with lineage kept the plan doubles at
-    every step (seven steps made plans Spark ran out of heap analysing).
-
-    One limited collect (it stops early on a big table) both materialises a small table and tells the two
-    cases apart. A table of at most LOCAL_ROWS rows (a few MB: every step's drops in most runs) comes back
-    to the driver and becomes a local relation made from Arrow: its rows travel inside the plan with their
-    exact size, so joins broadcast it, and an empty one is removed from the joins altogether by the
-    optimizer (an empty checkpoint's size was unknown: every join with it became a sort-merge join
-    shuffling all rows in play, 383 shard tasks instead of 55 at 20,000 URLs with rules and dedup off).
-    That is one Spark job per step where a local checkpoint and its emptiness test were two (37 -> 35
-    jobs at 2,000 URLs). A larger table is a local checkpoint (the rows the collect read, a few times
-    LOCAL_ROWS at most, are then computed twice), which keeps its size statistics, so the
-    planner still broadcasts it when it is small enough; executor loss then fails the job (no lineage to
-    recompute from) and the restart reuses the Parquet stage checkpoints."""
-    head = df.limit(LOCAL_ROWS + 1).toArrow()
-    if head.num_rows <= LOCAL_ROWS:
-        return df.sparkSession.createDataFrame(head, schema=df.schema)
-    return df.localCheckpoint(eager=True)
 
 
 def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: list, found: list):

@@ -180,7 +180,7 @@ def test_trainer_formatter_reads_the_shards_the_writer_made(toy_run):
 def test_a_step_that_drops_nothing_leaves_no_join_behind(spark):
     from pyspark.sql import functions as F
 
-    from pipelines.kind import truncated
+    from pipelines.checkpoint import truncated
 
     rows = spark.range(1000).select(F.col("id").cast("string").alias("sample_id"))
     nothing = truncated(spark.createDataFrame([], "sample_id string, reason string"))
@@ -201,15 +201,15 @@ def test_small_tables_travel_in_the_plan_and_large_ones_are_checkpoints(spark, m
     above, a local checkpoint. Both keep the rows and the schema."""
     from pyspark.sql import functions as F
 
-    from pipelines import kind
+    from pipelines import checkpoint
 
     rows = spark.range(200).select(F.format_string("%032x", "id").alias("sample_id"),
                                    (F.col("id") / 7).cast("float").alias("score"),
                                    F.array(F.col("id").cast("string")).alias("tags"))
-    monkeypatch.setattr(kind, "LOCAL_ROWS", 200)
-    small = kind.truncated(rows)
-    monkeypatch.setattr(kind, "LOCAL_ROWS", 199)
-    large = kind.truncated(rows)
+    monkeypatch.setattr(checkpoint, "LOCAL_ROWS", 200)
+    small = checkpoint.truncated(rows)
+    monkeypatch.setattr(checkpoint, "LOCAL_ROWS", 199)
+    large = checkpoint.truncated(rows)
     for table in (small, large):
         assert table.schema == rows.schema
         assert sorted(map(tuple, table.collect())) == sorted(map(tuple, rows.collect()))

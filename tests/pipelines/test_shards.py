@@ -18,6 +18,17 @@ def _batches(rows):
     return [pa.RecordBatch.from_pylist(rows)]
 
 
+@pytest.fixture(params=["driver", "jvm"])
+def assign_on(request, monkeypatch):
+    """Shard assignment both ways: a table of at most LOCAL_ROWS rows is assigned on the driver, a
+    larger one in the JVM; LOCAL_ROWS = 0 sends every non-empty table to the JVM path."""
+    from pipelines import checkpoint
+
+    if request.param == "jvm":
+        monkeypatch.setattr(checkpoint, "LOCAL_ROWS", 0)
+    return request.param
+
+
 def test_partition_writes_one_tar_per_shard_and_reports_stats(tmp_path):
     rows = [{"sample_id": f"{i:04d}", "text": f"t{i}", "shard": f"k-{i // 3:06d}.tar"} for i in range(7)]
     stats = [r for b in shards.write_partition(iter(_batches(rows)), str(tmp_path), _sample) for r in b.to_pylist()]
@@ -42,7 +53,7 @@ def test_a_failing_attempt_leaves_no_partial_shard(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_assign_and_write_make_even_shards(spark, tmp_path):
+def test_assign_and_write_make_even_shards(spark, tmp_path, assign_on):
     df = spark.createDataFrame([(f"{i:05d}", f"caption {i}") for i in range(23)], "sample_id string, text string")
     from pyspark.sql import functions as F
 
@@ -103,7 +114,7 @@ def test_shards_per_task_keeps_every_core_busy_twice_and_caps_a_retry():
 
 
 @pytest.mark.parametrize("num_shards", [5, 8, 17])
-def test_each_task_writes_its_own_consecutive_shards(spark, tmp_path, num_shards):
+def test_each_task_writes_its_own_consecutive_shards(spark, tmp_path, num_shards, assign_on):
     """Shard i goes to task i // per: each shard is written whole by one task, tasks get equal runs of
     consecutive shards and none is left empty (hashing the shard names gave, for 5 shards, tasks of 3,
     1 and 1 shards and two idle ones)."""
@@ -122,7 +133,7 @@ def test_each_task_writes_its_own_consecutive_shards(spark, tmp_path, num_shards
     assert tasks == {shards.shard_name("k", i): {i // per} for i in range(n)}
 
 
-def test_write_shards_gives_the_bytes_of_one_pass_per_shard(spark, tmp_path):
+def test_write_shards_gives_the_bytes_of_one_pass_per_shard(spark, tmp_path, assign_on):
     """The exact partitioning changes who writes a shard, not its bytes: the same as writing each
     shard's rows, sorted by sample_id, in one write_partition pass."""
     from pyspark.sql import functions as F
@@ -171,7 +182,7 @@ def _reference_shards(ids, per_shard):
 
 
 @pytest.mark.parametrize("partitions", [1, 3, 7])
-def test_assignment_is_exact_and_independent_of_partitioning(spark, partitions):
+def test_assignment_is_exact_and_independent_of_partitioning(spark, partitions, assign_on):
     """Hash-like ids and skewed ones (a third share one prefix, some are shorter than a bucket's prefix):
     every id gets its shard by global rank, whatever the partitioning of the input."""
     import hashlib
@@ -188,7 +199,7 @@ def test_assignment_is_exact_and_independent_of_partitioning(spark, partitions):
     assert assigned.count == 44 and counts == [6, 7] and sum(assigned.sizes) == len(ids)
 
 
-def test_one_bucket_holding_every_row_is_cut_exactly(spark):
+def test_one_bucket_holding_every_row_is_cut_exactly(spark, assign_on):
     from pyspark.sql import functions as F
 
     ids = [f"abc{i:05d}" for i in range(50)]
@@ -197,7 +208,7 @@ def test_one_bucket_holding_every_row_is_cut_exactly(spark):
     assert {r.sample_id: r.shard for r in assigned.index.collect()} == _reference_shards(ids, 3)
 
 
-def test_empty_input_assigns_and_writes_nothing(spark, tmp_path):
+def test_empty_input_assigns_and_writes_nothing(spark, tmp_path, assign_on):
     from pyspark.sql import functions as F
 
     df = spark.createDataFrame([], "sample_id string, text string")
@@ -206,7 +217,7 @@ def test_empty_input_assigns_and_writes_nothing(spark, tmp_path):
     assert shards.write_shards(df, assigned, str(tmp_path / "s"), _sample) == []
 
 
-def test_rows_that_differ_from_the_assignment_fail_the_write(spark, tmp_path):
+def test_rows_that_differ_from_the_assignment_fail_the_write(spark, tmp_path, assign_on):
     """The writer checks each shard's count against the assignment: rows that changed between the reads
     (a nondeterministic input) fail the run rather than give uneven or missing shards."""
     from pyspark.sql import functions as F
