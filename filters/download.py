@@ -750,9 +750,11 @@ class _Loop:
         try:
             with stage.state(self.threads).engine() as engine:
                 while (pending or not exhausted) and not self.stopped:
-                    # top up: pull input while a request slot is free and the caller keeps up
+                    # top up: pull input while a request slot is free and the caller keeps up, and hand
+                    # out a finished batch before reading on (rows with nothing to fetch, local files:
+                    # read ahead at most _AHEAD batches, not _MAX_PENDING_BATCHES before the first)
                     while (not exhausted and engine.pending < limit and len(pending) < _MAX_PENDING_BATCHES
-                           and self._room()):
+                           and self._room() and not (pending and pending[0].left == 0)):
                         batch = next(self.source, None)
                         if batch is None:
                             exhausted = True
