@@ -183,11 +183,14 @@ def _assign_fetched(spark, kind: str, table: pa.Table, max_samples: int, max_byt
         raise RuntimeError(f"{kind}: sample_ids repeat or are missing: shards cannot be assigned")
     ids = pc.take(ids, pc.sort_indices(ids)).to_pylist()
     n, size = len(ids), table.column("_size")
-    num_shards = shard_count(n, float(pc.sum(size).as_py() or 0), n - size.null_count, max_samples, max_bytes) if n else 0
+    if n == 0:  # as the JVM path: no shards, an empty index
+        none = pa.array([], pa.string())
+        index = spark.createDataFrame(pa.table({SAMPLE_ID: none, "shard": none}))
+        return Assignment(kind, 0, [], _bucket_table(spark, [], {}), index)
+    num_shards = shard_count(n, float(pc.sum(size).as_py() or 0), n - size.null_count, max_samples, max_bytes)
     counts = [(b, len(list(g))) for b, g in itertools.groupby(i[:BUCKET_CHARS] for i in ids)]
-    first, inside = plan_buckets(counts, num_shards) if n else ([], [])
-    sizes = shard_sizes(n, num_shards) if n else []
-    offset, at = {}, 0
+    first, inside = plan_buckets(counts, num_shards)
+    offset, at = {}, 0  # each bucket's first rank
     for b, c in counts:
         offset[b], at = at, at + c
     bounds: dict[str, list[str]] = {}
@@ -197,7 +200,7 @@ def _assign_fetched(spark, kind: str, table: pa.Table, max_samples: int, max_byt
         SAMPLE_ID: pa.array(ids, pa.string()),
         "shard": pa.array([shard_name(kind, r * num_shards // n) for r in range(n)], pa.string()),
     }))
-    return Assignment(kind, num_shards, sizes, _bucket_table(spark, first, bounds), index)
+    return Assignment(kind, num_shards, shard_sizes(n, num_shards), _bucket_table(spark, first, bounds), index)
 
 
 def _assignment(kind: str, count: int, sizes: list[int], buckets, narrow) -> Assignment:

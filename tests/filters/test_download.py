@@ -564,7 +564,7 @@ def test_transfers_go_on_while_the_next_stage_works_on_a_batch(server: str) -> N
     assert 0.35 < timing[0] < 1.0, timing  # the caller waited for the first download, hardly for the others
 
 
-def test_rows_with_nothing_to_fetch_stream_through(server: str) -> None:
+def test_rows_with_nothing_to_fetch_stream_through() -> None:
     """Batches whose rows need no request (bytes already read from a local tar) are handed out as they
     come: the loop reads at most _AHEAD batches ahead of the caller, and the first batch reaches it
     before the rest of the input is read (it read all 32 pending batches first: 0.85 s of a 2,000-pair
