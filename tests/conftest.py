@@ -1,6 +1,7 @@
 """Shared fixtures: one local[2] SparkSession for the whole run, and the sample corpus."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -34,6 +35,10 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
+    # py4j's finalizer thread may still release Python proxies after the JVM is gone; its INFO record of
+    # the refused connection then went to pytest's closed capture stream ("--- Logging error ---" after
+    # the summary). jobs/build_pretrain.py quiets py4j the same way.
+    logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
