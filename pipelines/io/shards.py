@@ -56,8 +56,8 @@ BUCKET_CHARS = 3  # sample ids are 32 hex digits: at most 16^3 = 4,096 buckets, 
 
 def shard_starts(n: int, num_shards: int) -> list[int]:
     """The global rank at which each shard starts, and n at the end: shard i holds the ranks
-    [ceil(i n / S), ceil((i + 1) n / S)), so shard sizes differ by at most one."""
-    return [-(-i * n // num_shards) for i in range(num_shards + 1)]
+    [ceil(i n / S), ceil((i + 1) n / S)), so shard sizes differ by at most one. No rows: no shards, [0]."""
+    return [-(-i * n // num_shards) for i in range(num_shards)] + [n]
 
 
 def plan_buckets(counts: list[tuple[str, int]], num_shards: int) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
@@ -137,8 +137,6 @@ def assign_shards(alive, kind: str, max_samples: int, max_bytes: int, size_col) 
     # Python orders str by code point, Spark by UTF-8 bytes: the same order
     counts = sorted((r["_bucket"], int(r["n"])) for r in rows)
     n = sum(c for _, c in counts)
-    if n == 0:
-        return _assignment(kind, 0, [], _bucket_table(spark, [], {}), narrow)
     num_shards = shard_count(n, sum(float(r["bytes"] or 0) for r in rows), sum(int(r["sized"]) for r in rows),
                              max_samples, max_bytes)
     first, inside = plan_buckets(counts, num_shards)
@@ -183,10 +181,6 @@ def _assign_fetched(spark, kind: str, table: pa.Table, max_samples: int, max_byt
         raise RuntimeError(f"{kind}: sample_ids repeat or are missing: shards cannot be assigned")
     ids = pc.take(ids, pc.sort_indices(ids)).to_pylist()
     n, size = len(ids), table.column("_size")
-    if n == 0:  # as the JVM path: no shards, an empty index
-        none = pa.array([], pa.string())
-        index = spark.createDataFrame(pa.table({SAMPLE_ID: none, "shard": none}))
-        return Assignment(kind, 0, [], _bucket_table(spark, [], {}), index)
     num_shards = shard_count(n, float(pc.sum(size).as_py() or 0), n - size.null_count, max_samples, max_bytes)
     counts = [(b, len(list(g))) for b, g in itertools.groupby(i[:BUCKET_CHARS] for i in ids)]
     first, inside = plan_buckets(counts, num_shards)

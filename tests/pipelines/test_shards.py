@@ -164,6 +164,7 @@ def test_plan_buckets_places_every_shard_start():
     one at a bucket's first row makes that the bucket's first shard. A skewed bucket holds several starts."""
     counts = [("a", 1), ("b", 9), ("c", 2), ("d", 1)]  # n = 13, ranks: a 0 | b 1-9 | c 10-11 | d 12
     assert shards.shard_starts(13, 4) == [0, 4, 7, 10, 13]
+    assert shards.shard_starts(0, 0) == [0] and shards.plan_buckets([], 0) == ([], [])  # no rows
     first, inside = shards.plan_buckets(counts, 4)
     assert first == [("a", 0), ("b", 0), ("c", 3), ("d", 3)]
     assert inside == [("b", 3), ("b", 6)]  # ranks 4 and 7; rank 10 is c's first row
