@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from importlib import metadata
-from typing import Any
 
 from filters.base import StageTimer, arrow_only
 from pipelines import checkpoint, codegen, gates, kinds, progress
+from pipelines.beside import beside
 from pipelines.io import runs, storage
 from pipelines.io import shards as shard_io
 from pipelines.kind import AccountingError, Context, reconcile, run_kind
@@ -283,7 +283,13 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
 def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: float, out: str, root: str):
     """Every kind's pipeline, the ledger and summary.json, then the report material and the gates;
     returns (summary, results, the kinds' charts)."""
-    results = {kind: run_kind(kinds.get(kind), ctx, plan) for kind, (ctx, plan) in planned.items()}
+    results: dict = {}
+    try:
+        for kind, (ctx, plan) in planned.items():
+            results[kind] = run_kind(kinds.get(kind), ctx, plan)
+    except BaseException:
+        _wait_for_writers(results)
+        raise
     read = [r.read["items"] if r.read else None for r in results.values()]
     codegen.choose(spark, None if None in read else sum(read))  # the ledger, report and gates: by the run's size
     ledgers = [r.ledger for r in results.values()]
@@ -322,11 +328,11 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
             counts, total = ledger_counts(ledger)  # the material needs each kind's rows to choose where it works
             collected = beside(functools.partial(run_material, ledger, total["kinds"]), "vlcurate-report")
             gated = beside(functools.partial(run_gates, ledger, summarized.result, total["kinds"]), "vlcurate-gates")
-            check_accounting(ledger, results, counts, total)
-            ledger = ledger.select([f.name for f in L.SCHEMA])
             t0 = time.perf_counter()
-            write_parquet(sorted_ledger(ledger, total["n"]), storage.join(root, "ledger"))
+            write_parquet(sorted_ledger(ledger.select([f.name for f in L.SCHEMA]), total["n"]),
+                          storage.join(root, "ledger"))
             timer.add_wall("ledger", time.perf_counter() - t0)
+            check_accounting(ledger, results, counts, total)  # waits for the shard writers
             summary = summarize(counts, results, recipe, timer, started, out)
         # the curation itself (shards staged, ledger written), apart from the report and gates that follow
         summary["curated_seconds"] = summary["elapsed_seconds"]
@@ -341,11 +347,20 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
             if waiting is not None:
                 with contextlib.suppress(BaseException):
                     waiting()
+        _wait_for_writers(results)
         raise
     material, drawn = collected()
     for kind, m in material.items():
         summary["kinds"][kind]["report_material"] = {k: m[k] for k in ("rows", "rows_in_material", "sampled")}
     return summary, results, drawn
+
+
+def _wait_for_writers(results: dict) -> None:
+    """A failed run still waits for the shard writers it started (kind.Result.shards): no Spark job of
+    a run outlives it."""
+    for res in results.values():
+        with contextlib.suppress(BaseException):
+            res.written()
 
 
 def draw_charts(root: str, kinds_run: list[str]) -> dict[str, str]:
@@ -363,30 +378,6 @@ def draw_charts(root: str, kinds_run: list[str]) -> dict[str, str]:
         except Exception:
             log.debug("charts of %s not drawn beside the gates", kind, exc_info=True)
     return drawn
-
-
-def beside(fn: Callable[[], Any], name: str) -> Callable[[], Any]:
-    """Start fn() in a thread of its own (pyspark's InheritableThread: its Spark jobs get their own JVM
-    thread and local properties); the returned callable waits for it and returns its result or raises
-    its exception."""
-    from pyspark import InheritableThread
-
-    done: Future = Future()
-
-    def target() -> None:
-        try:
-            done.set_result(fn())
-        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread, which raises it
-            done.set_exception(e)
-
-    thread = InheritableThread(target=target, name=name, daemon=True)
-    thread.start()
-
-    def wait() -> Any:
-        thread.join()
-        return done.result()
-
-    return wait
 
 
 def _check_and_publish(spark, recipe: Recipe, out: str, root: str, work, summary: dict, results: dict, drawn: dict,

@@ -120,8 +120,7 @@ def plan(ctx: Context) -> Plan:
         return drops
 
     steps = [
-        Step("rules", decide=lambda alive: alive.select(SAMPLE_ID, cfg.rules.reason().alias("reason"))
-             .filter("reason IS NOT NULL"), depends=cfg.rules),
+        Step("rules", reason=lambda F: cfg.rules.reason(), depends=cfg.rules),
         Step("dedup", decide=dedup, depends=cfg.dedup),
     ]
     if clip_stage.enabled:

@@ -8,16 +8,18 @@ function. The plan (`Plan`), made on the driver after the kind's own checks (mod
   (`filters.base.apply_stages`), media bytes spooled to files (`filters.media.Spool`): a narrow table
   with one row per item and sub-item (`unit`, `parent_id`);
 - `steps`: in order, each an optional row-wise stage on the rows still in play (its columns joined
-  back) and an optional decision function returning a narrow (sample_id, reason, duplicate_of) table;
+  back) and an optional decision: a function returning a narrow (sample_id, reason, duplicate_of)
+  table, or a reason Column of the row alone (rules), which costs no Spark job of its own;
 - `to_sample`: a row of the final table -> the webdataset sample its contract describes.
 
 `run_kind` does the rest the same way for every kind: checkpoints, the quarantine of rows that carry
 an `error`, sub-items whose parent was removed, shard assignment and writing (each sample checked
-against the contract), the ledger (one row per item and sub-item, statuses from the declared
+against the contract; in a thread of its own, beside the ledger's jobs), the ledger (one row per item and sub-item, statuses from the declared
 reasons), and the narrow per-item rows the report draws from.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
@@ -25,6 +27,7 @@ from typing import Any
 
 from filters.base import Stage, StageTimer, apply_stage
 from pipelines import codegen, progress
+from pipelines.beside import beside
 from pipelines.checkpoint import checkpoint, checkpoint_path, fingerprint, truncated
 from pipelines.io import shards
 from schemas import ledger as L
@@ -59,10 +62,15 @@ class Step:
     `reads`, and its `adds()` columns are joined back (`store`: "checkpoint" for costly model calls,
     kept across restarts; "cache" for cheap ones). `decide(alive)` then returns the rows removed here:
     sample_id, reason (declared by the kind), and duplicate_of where the reason is a copy of another
-    item. `depends`: the recipe knobs the decision reads, for the checkpoint keys of later stages."""
+    item; its table is materialised (one Spark job). A decision on each row alone (rules on its own
+    columns) is `reason(F)` instead: a Column, the row's reason or null. It runs no job of its own:
+    the rows in play are filtered by it inside the next query that reads them, and the ledger's query
+    finds its drops the same way. `depends`: the recipe knobs the decision reads, for the checkpoint
+    keys of later stages."""
 
     name: str
     decide: Callable[[Any], Any] | None = None
+    reason: Callable[[Any], Any] | None = None  # F -> Column, the row's reason or null
     stage: Stage | None = None
     reads: tuple[str, ...] = ()
     store: str = "cache"
@@ -92,7 +100,7 @@ class Result:
     """What a kind's run hands to the spine's ledger, gates and report."""
 
     ledger: Any  # DataFrame in schemas.ledger.SCHEMA
-    shards: list[dict]  # per-shard stats: shard, nsamples, bytes
+    written: Callable[[], list[dict]]  # waits for the kind's shard writer: per-shard stats (see `shards`)
     rows: Any  # DataFrame: sample_id + the plan's report columns + thumbnail + text, every ledger row
     facts: dict
     assertions: list[dict]
@@ -102,6 +110,12 @@ class Result:
     stages_run: tuple[str, ...] = ()
     read: dict | None = None  # read units and items counted by the reader, reconciled with the ledger
     read_counts: dict[str, int] | None = None  # items per read unit, as the reader counted them (`reconcile`)
+
+    @property
+    def shards(self) -> list[dict]:
+        """Per-shard stats (shard, nsamples, bytes) once the kind's shards are written (they are written
+        beside the ledger's jobs: this waits for the writer, and raises its error)."""
+        return self.written()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +173,10 @@ def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: li
             out = truncated(out)
         alive = alive.join(out, SAMPLE_ID, "left")
         added.append(out)
+    if step.reason is not None:
+        tagged = alive.withColumn("_reason", step.reason(F))
+        found.append(decisions(tagged.filter(F.col("_reason").isNotNull()).withColumnRenamed("_reason", "reason"), F))
+        alive = tagged.filter(F.col("_reason").isNull()).drop("_reason")
     if step.decide is not None:
         drops = truncated(decisions(step.decide(alive), F))
         alive = alive.join(drops.select(SAMPLE_ID), SAMPLE_ID, "left_anti")
@@ -193,7 +211,8 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     added = []  # narrow tables the stages produced (sample_id + columns), for the report
     keys = stage_keys(plan)
     for step in plan.steps:
-        with progress.phase(ctx.spark, f"{kind.name} {step.name}"):
+        runs_jobs = step.stage is not None or step.decide is not None  # a `reason` alone runs none
+        with progress.phase(ctx.spark, f"{kind.name} {step.name}") if runs_jobs else contextlib.nullcontext():
             alive = _run_step(kind, ctx, step, keys, alive, added, found)
     # a sub-item goes with its parent
     if len(kind.units) > 1:
@@ -207,8 +226,7 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
 
     # --- shards -----------------------------------------------------------------------------------
     samples = plan.samples(alive) if plan.samples else alive.filter(F.col(L.UNIT) == kind.samples_unit)
-    with progress.phase(ctx.spark, f"{kind.name} shards"):
-        index, stats = _write_sets(kind, ctx, plan, samples)
+    index, written = _write_sets(kind, ctx, plan, samples)
 
     # --- ledger: every item and sub-item exactly once ----------------------------------------------
     decided = found[0]
@@ -250,14 +268,16 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     thumbnail = plan.thumbnail and _media(plan.thumbnail, everything.columns)
     shown = [c for c in dict.fromkeys((thumbnail, plan.text, *kind.layout)) if c]
     rows = everything.select(SAMPLE_ID, *report_cols, *shown)
-    return Result(ledger=ledger, shards=stats, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
+    return Result(ledger=ledger, written=written, rows=rows, facts=plan.facts, assertions=plan.assertions, read=read,
                   read_counts=counts, thumbnail=thumbnail, text=plan.text,
                   report_columns=tuple(plan.report), stages_run=tuple(s.name for s in plan.steps))
 
 
 def _write_sets(kind: Kind, ctx: Context, plan: Plan, samples):
-    """Assign and write the samples' shards, each shard set on its own (`OUT/shards/<set>/<set>-NNNNNN.tar`);
-    returns (index: sample_id -> shard, per-shard stats of every set)."""
+    """Assign the samples' shards, then write them in a thread of their own (`beside`), each shard set on
+    its own (`OUT/shards/<set>/<set>-NNNNNN.tar`): the ledger needs only the assignment, so its jobs run
+    while the tars are written. Returns (index: sample_id -> shard, a callable that waits for the
+    writer and returns the per-shard stats of every set)."""
     from pyspark.sql import functions as F
 
     contract = kind.contract(ctx.cfg, plan.facts)
@@ -271,15 +291,19 @@ def _write_sets(kind: Kind, ctx: Context, plan: Plan, samples):
             raise ValueError(f"{kind.name}: shard set {unknown[0][0]!r} is not declared in Kind.shard_sets")
         parts = [(name, samples.join(where.filter(F.col("_set") == name).select(SAMPLE_ID), SAMPLE_ID))
                  for name in kind.all_shard_sets]
-    indexes, stats = [], []
-    for name, part in parts:
-        assigned = shards.assign_shards(part, name, max_samples, max_bytes, plan.sample_size(F))
-        stats += shards.write_shards(part, assigned, shards.staging_dir(ctx.out, name), plan.to_sample, contract)
-        indexes.append(assigned.index)
-    index = indexes[0]
-    for more in indexes[1:]:
-        index = index.unionByName(more)
-    return index, stats
+    with progress.phase(ctx.spark, f"{kind.name} shard index", items=False):
+        assigned = [(name, part, shards.assign_shards(part, name, max_samples, max_bytes, plan.sample_size(F)))
+                    for name, part in parts]
+
+    def write() -> list[dict]:
+        with progress.phase(ctx.spark, f"{kind.name} shards", items=False):
+            return [s for name, part, a in assigned
+                    for s in shards.write_shards(part, a, shards.staging_dir(ctx.out, name), plan.to_sample, contract)]
+
+    index = assigned[0][2].index
+    for *_, more in assigned[1:]:
+        index = index.unionByName(more.index)
+    return index, beside(write, f"vlcurate-{kind.name}-shards")
 
 
 def stage_keys(plan: Plan) -> dict[str, str]:
@@ -290,7 +314,7 @@ def stage_keys(plan: Plan) -> dict[str, str]:
     for step in plan.steps:
         if step.stage is not None and step.store == "checkpoint":
             keys[step.name] = fingerprint(plan.key, depends, step.stage.cache_key())
-        if step.decide is not None:
+        if step.decide is not None or step.reason is not None:
             depends.append(step.depends)
     return keys
 

@@ -420,13 +420,10 @@ def plan(ctx: Context) -> Plan:
             out = out.unionByName(p)
         return out
 
-    def rules(alive):
-        from pyspark.sql import functions as F
-
+    def rules(F):
         r = cfg.rules
-        reason = first_reason([*image_checks(r.min_side, r.max_aspect_ratio, r.min_pixel_std),
-                               (_no_text(F), F.lit("no_text_detected"))])
-        return alive.select(SAMPLE_ID, reason.alias("reason")).filter("reason IS NOT NULL")
+        return first_reason([*image_checks(r.min_side, r.max_aspect_ratio, r.min_pixel_std),
+                             (_no_text(F), F.lit("no_text_detected"))])
 
     dedup_facts = {"skipped": 0, "edges": 0, "rounds": 0, "max_skipped": cfg.dedup.max_skipped}
     dedup_check = {"name": "dedup_skipped", "severity": "critical", "ok": True,
@@ -443,7 +440,7 @@ def plan(ctx: Context) -> Plan:
         dedup_check["ok"] = stats.skipped <= cfg.dedup.max_skipped
         return drops.unionByName(more)
 
-    steps = [Step("rules", decide=rules, depends=cfg.rules), Step("dedup", decide=dedup, depends=cfg.dedup)]
+    steps = [Step("rules", reason=rules, depends=cfg.rules), Step("dedup", decide=dedup, depends=cfg.dedup)]
     if cfg.text_dedup.enabled:
         steps.append(Step("text_dedup", decide=lambda alive: text_duplicates(alive, cfg.text_dedup.min_chars),
                           depends=cfg.text_dedup))

@@ -400,10 +400,9 @@ def plan(ctx: Context) -> Plan:
         framed = apply_stages(clips, [cfg.frames, *([cfg.cut] if cfg.write_clip else []), spool], ctx.timer)
         return videos.unionByName(framed, allowMissingColumns=True)
 
-    def rules(alive):
+    def rules(F):
         seconds = (F.col(S.CLIP_END) - F.col(S.CLIP_START)) * F.col(S.FPS_DEN) / F.col(S.FPS_NUM)
-        short = (F.col(L.UNIT) == S.CLIP_UNIT) & (seconds < cfg.scenes.min_seconds)
-        return alive.filter(short).select(SAMPLE_ID, F.lit("clip_too_short").alias("reason"))
+        return F.when((F.col(L.UNIT) == S.CLIP_UNIT) & (seconds < cfg.scenes.min_seconds), F.lit("clip_too_short"))
 
     def dedup(alive):
         drops = clip_duplicates(alive.filter(F.col(L.UNIT) == S.CLIP_UNIT), cfg.dedup, embed is not None,
@@ -416,7 +415,7 @@ def plan(ctx: Context) -> Plan:
         return (alive.filter(F.col(L.UNIT) == S.VIDEO_UNIT).join(live, F.col(SAMPLE_ID) == F.col("_v"), "left_anti")
                 .select(SAMPLE_ID, F.lit("no_clip_kept").alias("reason")))
 
-    steps = [Step("rules", decide=rules, depends=cfg.scenes.min_seconds)]
+    steps = [Step("rules", reason=rules, depends=cfg.scenes.min_seconds)]
     if embed is not None:
         steps.append(Step("embed", stage=embed, reads=(ref_column(S.FRAMES), S.FRAME_SIZES, S.CAPTION),
                           store="checkpoint"))

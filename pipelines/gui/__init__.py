@@ -108,9 +108,7 @@ def plan(ctx: Context) -> Plan:
             stages.append(OcrAgreement(elements=cfg.ocr.elements, seed=recipe.seed))
         return apply_stages(raw.repartition(parts, SAMPLE_ID), stages, ctx.timer)
 
-    def rules(alive):
-        from pyspark.sql import functions as F
-
+    def rules(F):
         render_row = F.col(L.UNIT) == "render"
         checks = [
             (render_row & ((F.col(S.ELEMENT_COUNT) < cfg.min_elements) | (F.col(S.QA) == "[]")),
@@ -119,7 +117,7 @@ def plan(ctx: Context) -> Plan:
         ]
         if cfg.ocr.enabled:
             checks.append((render_row & (F.col(S.OCR_AGREEMENT) < cfg.ocr.min_agreement), F.lit("ocr_mismatch")))
-        return alive.select(SAMPLE_ID, first_reason(checks).alias("reason")).filter("reason IS NOT NULL")
+        return first_reason(checks)
 
     dedup_facts = {"skipped": 0, "edges": 0, "rounds": 0}
 
@@ -137,7 +135,7 @@ def plan(ctx: Context) -> Plan:
         return (alive.filter(F.col(L.UNIT) == "page").join(renders, F.col(SAMPLE_ID) == F.col("_page"), "left_anti")
                 .select(SAMPLE_ID, F.lit("no_render_kept").alias("reason")))
 
-    steps = [Step("rules", decide=rules, depends=(cfg.min_elements, cfg.min_pixel_std, cfg.ocr))]
+    steps = [Step("rules", reason=rules, depends=(cfg.min_elements, cfg.min_pixel_std, cfg.ocr))]
     if cfg.dedup_enabled:
         steps.append(Step("dedup", decide=dedup, depends=cfg.dedup))
     steps.append(Step("pages", decide=pages))

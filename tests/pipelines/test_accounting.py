@@ -1,6 +1,7 @@
 """Accounting that can fail: the reader counts the items of every read unit as it reads them, and the
 ledger is reconciled with those counts before anything is published. A bug that loses rows between
-the reader and the ledger (planted with the test-only fault hook) fails the run naming the unit."""
+the reader and the ledger (planted with the test-only fault hook) fails the run naming the unit; a
+shard writer that fails (in its own thread, beside the ledger's jobs) fails the run with its error."""
 from __future__ import annotations
 
 import json
@@ -66,4 +67,27 @@ def test_rows_lost_mid_pipeline_fail_the_run_naming_the_unit(spark, corpus, tmp_
     assert not os.path.exists(os.path.join(out, "shards", "image_text", "index.json"))  # nothing published
     # the report material, started beside the accounting, was waited for: no thread or Spark job of the run is left
     assert not [t for t in threading.enumerate() if t.name == "vlcurate-report"]
+    assert spark.sparkContext.statusTracker().getActiveJobsIds() == []
+
+
+def test_a_failed_shard_writer_fails_the_run_and_is_waited_for(spark, corpus, tmp_path, monkeypatch):
+    """The shards are written in a thread beside the ledger's jobs: a sample that breaks the shard
+    contract (a pipeline bug) fails the run with the writer's error, nothing is published, and no
+    thread or Spark job of the run is left behind."""
+    from pipelines import image_text
+
+    def broken(cfg, seed):
+        def convert(row: dict) -> dict:
+            return {"__key__": row["sample_id"], "txt": b"no image, no json"}
+
+        return convert
+
+    monkeypatch.setattr(image_text, "to_sample", broken)
+    out = str(tmp_path / "out")
+    recipe = _recipe(out, corpus)
+    with pytest.raises(Exception, match="ContractViolation"):
+        run_build(spark, recipe, dict(recipe.inputs), out)
+    assert not os.path.exists(os.path.join(out, "shards", "image_text", "index.json"))
+    left = [t.name for t in threading.enumerate() if t.name in ("vlcurate-report", "vlcurate-gates", "vlcurate-image_text-shards")]
+    assert not left, left
     assert spark.sparkContext.statusTracker().getActiveJobsIds() == []

@@ -222,3 +222,27 @@ def test_small_tables_travel_in_the_plan_and_large_ones_are_checkpoints(spark, m
     joined = spark.range(1000).select(F.format_string("%032x", "id").alias("sample_id")).join(
         small.select("sample_id"), "sample_id", "left_anti")
     assert "BroadcastHashJoin" in plan(joined) and joined.count() == 800
+
+
+def test_a_reason_step_runs_no_spark_job_of_its_own(spark):
+    """A decision on each row alone (Step.reason) filters the rows in play inside the next query that
+    reads them: it starts no job, and its drops carry its reason."""
+    from pyspark.sql import functions as F
+
+    from pipelines.kind import Step, _run_step
+
+    rows = spark.range(10).select(F.format_string("%032x", "id").alias("sample_id"), F.col("id").alias("n"))
+    step = Step("rules", reason=lambda F: F.when(F.col("n") % 3 == 0, F.lit("multiple_of_three")))
+    sc = spark.sparkContext
+    sc.setJobGroup("toy reason step", "toy reason step")
+    try:
+        found: list = []
+        alive = _run_step(None, None, step, {}, rows, [], found)
+        assert sc.statusTracker().getJobIdsForGroup("toy reason step") == []
+    finally:
+        sc.setLocalProperty("spark.jobGroup.id", None)
+    assert alive.columns == rows.columns
+    assert sorted(r.n for r in alive.collect()) == [1, 2, 4, 5, 7, 8]
+    drops = found[0].collect()
+    assert sorted(r.sample_id for r in drops) == [f"{i:032x}" for i in (0, 3, 6, 9)]
+    assert {(r.reason, r.duplicate_of) for r in drops} == {("multiple_of_three", None)}

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 
 from filters.base import Stage, StageTimer, apply_stage
-from pipelines import build, progress
+from pipelines import progress
+from pipelines.beside import beside
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +86,7 @@ def _sleepy(batches):
 
 
 def test_overlapping_phases_are_shown_together_and_keep_their_own_counts(spark):
-    """The report material and the gates run side by side (pipelines/build.py): the line shows both
+    """The report material and the gates run side by side (pipelines/beside.py): the line shows both
     phases, each keeps its own tasks, and a phase without row-wise stages counts none of the other's
     items."""
     stream = io.StringIO()
@@ -96,7 +97,7 @@ def test_overlapping_phases_are_shown_together_and_keep_their_own_counts(spark):
                 spark.range(4, numPartitions=4).mapInArrow(_sleepy, "id long").collect()
             return "done beside"
 
-        wait = build.beside(beside_phase, "toy-beside")
+        wait = beside(beside_phase, "toy-beside")
         with progress.phase(spark, "toy slow"):
             apply_stage(spark.range(400, numPartitions=8), Slow(), timer).agg({"twice": "sum"}).first()
         assert wait() == "done beside"
@@ -111,10 +112,10 @@ def test_overlapping_phases_are_shown_together_and_keep_their_own_counts(spark):
 
 
 def test_beside_hands_back_the_result_or_the_exception(spark):
-    assert build.beside(lambda: 42, "toy-answer")() == 42
+    assert beside(lambda: 42, "toy-answer")() == 42
 
     def fails():
         raise ValueError("gates broke")
 
     with pytest.raises(ValueError, match="gates broke"):
-        build.beside(fails, "toy-fails")()
+        beside(fails, "toy-fails")()

@@ -76,7 +76,8 @@ def result(spark):
     cols = image_text.report_columns(CFG)
     rows = feats_df.select("sample_id", *[fn(F).alias(n) for n, fn in cols.items()], "image", "caption")
     ledger_df = spark.createDataFrame(ledger, spark_type(L.SCHEMA))
-    return Result(ledger=ledger_df, shards=[{"shard": "image_text-000000.tar", "nsamples": 2, "bytes": 10240}],
+    shards = [{"shard": "image_text-000000.tar", "nsamples": 2, "bytes": 10240}]
+    return Result(ledger=ledger_df, written=lambda: shards,
                   rows=rows, facts={"clip": CLIP}, assertions=[], thumbnail="image", text="caption",
                   report_columns=tuple(cols), stages_run=("rules", "dedup", "clip", "balance"))
 

@@ -137,13 +137,10 @@ def plan(ctx: Context) -> Plan:
                                               "unit string, parent_id string, path string, caption string")
         return apply_stages(df.repartition(2), [ReadToy(cfg.crop), cfg.decode, spool], ctx.timer)
 
-    def rules(alive):
-        from pyspark.sql import functions as F
-
+    def rules(F):
         no_colour = (F.col(L.UNIT) == "card") & ~F.lower(F.col("caption")).rlike(r"\b(" + "|".join(COLOURS) + r")\b")
         # the shared image rules (size, aspect, solid colour) on cards and crops alike, then the kind's own
-        reason = first_reason([*image_checks(1, 100.0, cfg.min_pixel_std), (no_colour, F.lit("no_colour_word"))])
-        return alive.select(SAMPLE_ID, reason.alias("reason")).filter("reason IS NOT NULL")
+        return first_reason([*image_checks(1, 100.0, cfg.min_pixel_std), (no_colour, F.lit("no_colour_word"))])
 
     def samples(alive):
         from pyspark.sql import functions as F
@@ -155,7 +152,7 @@ def plan(ctx: Context) -> Plan:
         return cards.join(crops, cards[SAMPLE_ID] == crops["_card"], "left").drop("_card")
 
     return Plan(
-        features=features, key=key, steps=[Step("rules", decide=rules, depends=cfg)], to_sample=to_sample,
+        features=features, key=key, steps=[Step("rules", reason=rules, depends=cfg)], to_sample=to_sample,
         sample_size=lambda F: F.col(size_column("image")) + F.coalesce(F.col("crop_size"), F.lit(0)) + 400,
         samples=samples,
         report={"caption_chars": lambda F: F.length("caption"), "pixel_std": lambda F: F.col("pixel_std"),
