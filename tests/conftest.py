@@ -35,10 +35,13 @@ def spark():
     session.sparkContext.setLogLevel("ERROR")
     yield session
     session.stop()
-    # py4j's finalizer thread may still release Python proxies after the JVM is gone; its INFO record of
+    # py4j's finalizer thread may still release Python proxies after the JVM is gone; its INFO records of
     # the refused connection then went to pytest's closed capture stream ("--- Logging error ---" after
-    # the summary). jobs/build_pretrain.py quiets py4j the same way.
+    # the summary). They come from the "py4j" logger and, for a retried command (java_gateway's
+    # send_command), from the root logger, which tests that call jobs.build_pretrain.main() in-process
+    # leave at INFO (its logging.basicConfig).
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    logging.getLogger().setLevel(logging.WARNING)
 
 
 @pytest.fixture(scope="session")
