@@ -288,7 +288,7 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
         for kind, (ctx, plan) in planned.items():
             results[kind] = run_kind(kinds.get(kind), ctx, plan)
     except BaseException:
-        _wait_for_writers(results)
+        _wait_quietly(r.written for r in results.values())
         raise
     read = [r.read["items"] if r.read else None for r in results.values()]
     codegen.choose(spark, None if None in read else sum(read))  # the ledger, report and gates: by the run's size
@@ -343,11 +343,7 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     except BaseException as e:
         if not summarized.done():
             summarized.set_exception(e)
-        for waiting in (collected, gated):  # no Spark job of this run outlives it
-            if waiting is not None:
-                with contextlib.suppress(BaseException):
-                    waiting()
-        _wait_for_writers(results)
+        _wait_quietly([w for w in (collected, gated) if w is not None] + [r.written for r in results.values()])
         raise
     material, drawn = collected()
     for kind, m in material.items():
@@ -355,12 +351,12 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     return summary, results, drawn
 
 
-def _wait_for_writers(results: dict) -> None:
-    """A failed run still waits for the shard writers it started (kind.Result.shards): no Spark job of
-    a run outlives it."""
-    for res in results.values():
+def _wait_quietly(waits) -> None:
+    """A failed run still waits for the threads it started (`beside`: the kinds' shard writers, the report
+    material, the gates), ignoring their errors: no Spark job of a run outlives it."""
+    for wait in waits:
         with contextlib.suppress(BaseException):
-            res.written()
+            wait()
 
 
 def draw_charts(root: str, kinds_run: list[str]) -> dict[str, str]:

@@ -14,8 +14,8 @@ function. The plan (`Plan`), made on the driver after the kind's own checks (mod
 
 `run_kind` does the rest the same way for every kind: checkpoints, the quarantine of rows that carry
 an `error`, sub-items whose parent was removed, shard assignment and writing (each sample checked
-against the contract; in a thread of its own, beside the ledger's jobs), the ledger (one row per item and sub-item, statuses from the declared
-reasons), and the narrow per-item rows the report draws from.
+against the contract; in a thread of its own, beside the ledger's jobs), the ledger (one row per item
+and sub-item, statuses from the declared reasons), and the narrow per-item rows the report draws from.
 """
 from __future__ import annotations
 

@@ -88,6 +88,7 @@ def test_a_failed_shard_writer_fails_the_run_and_is_waited_for(spark, corpus, tm
     with pytest.raises(Exception, match="ContractViolation"):
         run_build(spark, recipe, dict(recipe.inputs), out)
     assert not os.path.exists(os.path.join(out, "shards", "image_text", "index.json"))
-    left = [t.name for t in threading.enumerate() if t.name in ("vlcurate-report", "vlcurate-gates", "vlcurate-image_text-shards")]
+    ours = ("vlcurate-report", "vlcurate-gates", "vlcurate-image_text-shards")
+    left = [t.name for t in threading.enumerate() if t.name in ours]
     assert not left, left
     assert spark.sparkContext.statusTracker().getActiveJobsIds() == []
