@@ -64,9 +64,11 @@ class Step:
     sample_id, reason (declared by the kind), and duplicate_of where the reason is a copy of another
     item; its table is materialised (one Spark job). A decision on each row alone (rules on its own
     columns) is `reason(F)` instead: a Column, the row's reason or null. It runs no job of its own:
-    the rows in play are filtered by it inside the next query that reads them, and the ledger's query
-    finds its drops the same way. `depends`: the recipe knobs the decision reads, for the checkpoint
-    keys of later stages."""
+    the rows in play are filtered by it inside the next query that reads them. The ledger evaluates
+    the reasons of the steps that lead the plan (no stage or `decide` before them) in its own scan of
+    the features, as it does the quarantine: no second scan, nothing joined on sample_id; a later
+    one's drops are joined like a `decide`'s. `depends`: the recipe knobs the decision reads, for the
+    checkpoint keys of later stages."""
 
     name: str
     decide: Callable[[Any], Any] | None = None
@@ -159,9 +161,11 @@ def decisions(df, F):
     return df.select(SAMPLE_ID, F.col("reason").cast("string"), dup.cast("string").alias("duplicate_of"))
 
 
-def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: list, found: list):
+def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: list, found: list,
+              inline: list | None = None):
     """One step on the rows still in play: its stage's columns joined on, its drops taken out. Returns
-    the rows still in play; appends the stage's narrow table to `added` and its decisions to `found`."""
+    the rows still in play; appends the stage's narrow table to `added` and its decisions to `found`,
+    or its reason Column to `inline` where given (the ledger evaluates those on the features' rows)."""
     from pyspark.sql import functions as F
 
     if step.stage is not None:
@@ -173,7 +177,10 @@ def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: li
             out = truncated(out)
         alive = alive.join(out, SAMPLE_ID, "left")
         added.append(out)
-    if step.reason is not None:
+    if step.reason is not None and inline is not None:
+        inline.append(step.reason(F))
+        alive = alive.filter(step.reason(F).isNull())
+    elif step.reason is not None:
         tagged = alive.withColumn("_reason", step.reason(F))
         found.append(decisions(tagged.filter(F.col("_reason").isNotNull()).withColumnRenamed("_reason", "reason"), F))
         alive = tagged.filter(F.col("_reason").isNull()).drop("_reason")
@@ -204,16 +211,19 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     codegen.choose(ctx.spark, None if read is None else read["items"])
 
     # --- decisions, in order, on the rows still in play -------------------------------------------
-    error = plan.error_reason(F) if plan.error_reason else F.col(ERROR)
-    quarantined = feats.filter(error.isNotNull()).select(SAMPLE_ID, error.alias("reason"))
-    found = [decisions(quarantined, F)]
-    alive = feats.filter(error.isNull())
+    # a row's own reasons, in order (the quarantine, then the leading `reason` steps): the ledger
+    # evaluates them on the features' rows; every later decision is a narrow table joined on sample_id
+    inline = [plan.error_reason(F) if plan.error_reason else F.col(ERROR)]
+    found = []
+    alive = feats.filter(inline[0].isNull())
     added = []  # narrow tables the stages produced (sample_id + columns), for the report
     keys = stage_keys(plan)
+    leading = True
     for step in plan.steps:
         runs_jobs = step.stage is not None or step.decide is not None  # a `reason` alone runs none
+        leading = leading and not runs_jobs
         with progress.phase(ctx.spark, f"{kind.name} {step.name}") if runs_jobs else contextlib.nullcontext():
-            alive = _run_step(kind, ctx, step, keys, alive, added, found)
+            alive = _run_step(kind, ctx, step, keys, alive, added, found, inline if leading else None)
     # a sub-item goes with its parent
     if len(kind.units) > 1:
         parents = alive.select(F.col(SAMPLE_ID).alias("_parent"))
@@ -229,15 +239,20 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     index, written = _write_sets(kind, ctx, plan, samples)
 
     # --- ledger: every item and sub-item exactly once ----------------------------------------------
-    decided = found[0]
-    for d in found[1:]:
-        decided = decided.unionByName(d)
     parent_shard = index.select(F.col(SAMPLE_ID).alias("_p"), F.col("shard").alias("_parent_shard"))
     quarantine = kind.quarantine_codes()
     read_unit = F.col(READ_UNIT) if READ_UNIT in feats.columns else F.lit(None).cast("string")
-    rows = (feats.select(SAMPLE_ID, KIND, L.UNIT, L.PARENT_ID, SOURCE, SOURCE_KEY, ERROR, ERROR_DETAIL,
-                         read_unit.alias(READ_UNIT))
-            .join(decided, SAMPLE_ID, "left")
+    rows = feats.select(SAMPLE_ID, KIND, L.UNIT, L.PARENT_ID, SOURCE, SOURCE_KEY, ERROR, ERROR_DETAIL,
+                        read_unit.alias(READ_UNIT), F.coalesce(*inline).cast("string").alias("_own_reason"))
+    if found:
+        decided = found[0]
+        for d in found[1:]:
+            decided = decided.unionByName(d)
+        rows = rows.join(decided, SAMPLE_ID, "left")
+    else:
+        rows = rows.select("*", *(F.lit(None).cast("string").alias(c) for c in ("reason", "duplicate_of")))
+    # a row decided by a later step passed its own reasons: at most one of the two is set
+    rows = (rows.withColumn("reason", F.coalesce(F.col("_own_reason"), F.col("reason")))
             .join(index, SAMPLE_ID, "left")
             .join(parent_shard, F.col(L.PARENT_ID) == F.col("_p"), "left"))
     if kind.samples_unit != kind.units[0]:  # the samples are sub-items: an item names the first shard holding one

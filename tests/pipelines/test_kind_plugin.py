@@ -246,3 +246,57 @@ def test_a_reason_step_runs_no_spark_job_of_its_own(spark):
     drops = found[0].collect()
     assert sorted(r.sample_id for r in drops) == [f"{i:032x}" for i in (0, 3, 6, 9)]
     assert {(r.reason, r.duplicate_of) for r in drops} == {("multiple_of_three", None)}
+
+
+def test_the_ledger_reads_leading_reasons_in_its_own_scan(spark, tmp_path):
+    """The quarantine and the `reason` steps that lead a plan are evaluated in the ledger's one scan of
+    the features (nothing joined for them); a `reason` step after a `decide` is joined like a decision.
+    Both give each row the reason of the first step that removed it."""
+    import dataclasses
+
+    from pyspark.sql import functions as F
+
+    from filters.base import StageTimer
+    from pipelines.kind import Context, Step, run_kind
+
+    folder = tmp_path / "cards"
+    folder.mkdir()
+    for name, caption, kind in CARDS:
+        if kind == "broken":
+            (folder / f"{name}.png").write_bytes(b"this is not a png at all")
+            (folder / f"{name}.txt").write_text(caption)
+        else:
+            _card(str(folder), name, caption, kind)
+    kinds.register(toy_kind.KIND)
+    try:
+        recipe = load(None, ["toy_cards.crop=0.3"], [f"toy_cards={folder}"], str(tmp_path / "out"))
+    finally:
+        kinds.unregister(toy_kind.NAME)
+
+    def no_red(alive):
+        red = alive.filter(F.col("caption").contains("red"))
+        return red.select("sample_id", F.lit("no_colour_word").alias("reason"))
+
+    late = Step("late", reason=lambda F: F.when(F.col("caption").contains("green"), F.lit("no_colour_word")))
+
+    def ledger_of(extra: list[Step], name: str):
+        ctx = Context(spark=spark, recipe=recipe, cfg=recipe.toy_cards, uris=[str(folder)], out=str(tmp_path / name),
+                      work_dir=str(tmp_path / f"work-{name}"), timer=StageTimer(spark))
+        plan = toy_kind.plan(ctx)
+        res = run_kind(toy_kind.KIND, ctx, dataclasses.replace(plan, steps=[*plan.steps, *extra]))
+        res.written()
+        got = {r.source_key: (r.status, r.reason) for r in res.ledger.collect()}
+        return got, res.ledger._jdf.queryExecution().sparkPlan().toString().count("FileScan parquet")
+
+    leading, scans = ledger_of([], "leading")
+    assert scans == 1  # the features once: the quarantine and the rules are columns of that scan
+    assert leading["e"] == ("quarantined", "image_undecodable") and leading["c"] == ("dropped", "no_colour_word")
+    assert leading["a"] == leading["b"] == ("kept", None)
+
+    later, scans = ledger_of([Step("no_red", decide=no_red), late], "later")
+    assert scans == 2  # the late reason's drops: a second scan, joined
+    # a (red) goes in the decision, b (green) in the late rule, their crops with them; b's crop had
+    # already gone to the leading rules (solid) and keeps that reason
+    want = dict(leading, a=("dropped", "no_colour_word"), b=("dropped", "no_colour_word"),
+                **{"a#crop": ("dropped", "parent_removed")})
+    assert later == want
