@@ -42,10 +42,8 @@ CARDS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def toy_run(spark, tmp_path_factory):
-    kinds.register(toy_kind.KIND)
-    tmp = tmp_path_factory.mktemp("toy")
+def _cards(tmp):
+    """tmp/cards: the CARDS as files, the broken one not an image at all."""
     folder = tmp / "cards"
     folder.mkdir()
     for name, caption, kind in CARDS:
@@ -54,6 +52,14 @@ def toy_run(spark, tmp_path_factory):
             (folder / f"{name}.txt").write_text(caption)
         else:
             _card(str(folder), name, caption, kind)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def toy_run(spark, tmp_path_factory):
+    kinds.register(toy_kind.KIND)
+    tmp = tmp_path_factory.mktemp("toy")
+    folder = _cards(tmp)
     out = str(tmp / "out")
     try:
         recipe = load(None, ["toy_cards.crop=0.3", "shards.max_samples=1"], [f"toy_cards={folder}"], out)
@@ -259,14 +265,7 @@ def test_the_ledger_reads_leading_reasons_in_its_own_scan(spark, tmp_path):
     from filters.base import StageTimer
     from pipelines.kind import Context, Step, run_kind
 
-    folder = tmp_path / "cards"
-    folder.mkdir()
-    for name, caption, kind in CARDS:
-        if kind == "broken":
-            (folder / f"{name}.png").write_bytes(b"this is not a png at all")
-            (folder / f"{name}.txt").write_text(caption)
-        else:
-            _card(str(folder), name, caption, kind)
+    folder = _cards(tmp_path)
     kinds.register(toy_kind.KIND)
     try:
         recipe = load(None, ["toy_cards.crop=0.3"], [f"toy_cards={folder}"], str(tmp_path / "out"))
