@@ -178,8 +178,9 @@ def _run_step(kind: Kind, ctx: Context, step: Step, keys: dict, alive, added: li
         alive = alive.join(out, SAMPLE_ID, "left")
         added.append(out)
     if step.reason is not None and inline is not None:
-        inline.append(step.reason(F))
-        alive = alive.filter(step.reason(F).isNull())
+        reason = step.reason(F)
+        inline.append(reason)
+        alive = alive.filter(reason.isNull())
     elif step.reason is not None:
         tagged = alive.withColumn("_reason", step.reason(F))
         found.append(decisions(tagged.filter(F.col("_reason").isNotNull()).withColumnRenamed("_reason", "reason"), F))
