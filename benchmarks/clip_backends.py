@@ -28,6 +28,8 @@ import time
 
 import numpy as np
 
+from benchmarks.provenance import provenance
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "clip_backends.json")
 
 
@@ -123,7 +125,7 @@ def main(argv=None) -> None:
     jpegs = _jpegs(a.images)
     captions = _captions(a.images)
     batch = pa.RecordBatch.from_pydict({"image": jpegs, "caption": captions})
-    results = {"model": a.model, "threads": a.threads, "batch": a.batch, "images": a.images,
+    results = {"provenance": provenance("benchmarks.clip_backends", argv), "model": a.model, "threads": a.threads, "batch": a.batch, "images": a.images,
                "seconds": a.seconds, "rounds": a.rounds,
                "load_avg_start": round(os.getloadavg()[0], 1), "backends": {}}
     for backend in a.backends.split(","):

@@ -30,6 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from benchmarks.provenance import provenance
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "clip_gpu.json")
 TARGET_BUSY, TARGET_RATE = 0.85, 3000.0
 
@@ -165,6 +167,7 @@ def main(argv=None) -> dict:
     images, captions = _jpegs(a.images)
     scorer = OverlappedScorer(encoder, pixels, tokenizer, a.batch, a.threads)
     results = {
+        "provenance": provenance("benchmarks.clip_gpu", argv),
         "model": a.model, "device": str(encoder.device), "dtype": str(encoder.dtype).replace("torch.", ""),
         "gpu": torch.cuda.get_device_name(encoder.device) if encoder.cuda else None,
         "images": a.images, "batch": a.batch, "threads": a.threads, "arrow_batch": a.arrow_batch,

@@ -54,6 +54,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import psutil
 
 from benchmarks import processes
+from benchmarks.provenance import header, provenance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
@@ -714,7 +715,7 @@ def _load(r: dict) -> str:
 
 def markdown(r: dict) -> str:
     L = [f"# vlcurate against img2dataset, a plain script and exact pHash equality ({r['n']} pairs)", "",
-         f"Command: `{r['command']}`  ",
+         f"{header(r)}  ",
          (f"Machine: {r['cpu_count']} cores, {r['machine']}; load averages (1 min) before -> after each run below, "
          f"{r['load_start']} at the start, {r['load_end']} at the end. Shared machines give noisy figures: rerun "
          "on a quiet one before quoting.  "),
@@ -970,7 +971,7 @@ def main(argv=None) -> int:
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     exe = find_img2dataset(a.img2dataset)
-    r = {"command": "python -m benchmarks.compare " + " ".join(argv), "n": a.n, "cpu_count": os.cpu_count(),
+    r = {"provenance": provenance("benchmarks.compare", argv), "n": a.n, "cpu_count": os.cpu_count(),
          "machine": f"{platform.machine()}, {round(psutil.virtual_memory().total / 2**30)} GiB, Python {platform.python_version()}",
          "load_start": load_avg(), "img2dataset": exe, "img2dataset_version": img2dataset_version(exe) if exe else None,
          "rounds": a.rounds}

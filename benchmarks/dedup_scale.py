@@ -34,6 +34,8 @@ import sys
 import threading
 import time
 
+from benchmarks.provenance import provenance
+
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "dedup_scale.json")
 
 
@@ -168,7 +170,8 @@ def main(argv=None) -> None:
              .config("spark.driver.memory", a.driver_memory).config("spark.sql.shuffle.partitions", "64")
              .config("spark.ui.enabled", "false").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
-    results = [measure(spark, int(s), a.planted) for s in a.sizes.split(",")]
+    made = provenance("benchmarks.dedup_scale", argv)  # per size: --append keeps sizes measured by other code
+    results = [{**measure(spark, int(s), a.planted), "provenance": made} for s in a.sizes.split(",")]
     if a.append and os.path.exists(a.out):  # the sizes of an earlier run of the same code, then these
         with open(a.out) as f:
             results = sorted([r for r in json.load(f) if r["n"] not in {x["n"] for x in results}] + results,

@@ -23,6 +23,7 @@ import threading
 import time
 
 from benchmarks.pipeline_throughput import RESULTS
+from benchmarks.provenance import provenance
 
 INTERVALS = (0.005, 0.0005, 0.0001, 0.00002)
 
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     spark = (SparkSession.builder.master("local[2]").config("spark.ui.enabled", "false")
              .config("spark.log.level", "WARN").getOrCreate())
     try:
-        out = measure(spark, a.rounds)
+        out = {"provenance": provenance("benchmarks.driver_threads", argv), **measure(spark, a.rounds)}
     finally:
         spark.stop()
     os.makedirs(RESULTS, exist_ok=True)

@@ -25,6 +25,8 @@ import os
 import resource
 import time
 
+from benchmarks.provenance import header, provenance
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 HANDBOOK = "/usr/share/doc/debian-handbook/html/en-US"
 
@@ -102,17 +104,18 @@ def measure(fn, pages, viewport, pool) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pages", type=int, default=12, help="handbook pages rendered per measurement")
     ap.add_argument("--pool", type=int, nargs="+", default=[1, 4], help="pages rendering at once")
     ap.add_argument("--viewport", default="desktop:1280x800@1", help="DEVICE:WxH@SCALE")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from pipelines.gui.read import parse_viewport
 
     viewport = parse_viewport(args.viewport)
     pages = sorted(glob.glob(os.path.join(HANDBOOK, "*.html")))[: args.pages]
-    results = {"viewport": args.viewport, "load_average": os.getloadavg(), "cores": os.cpu_count(), "runs": []}
+    results = {"provenance": provenance("benchmarks.gui_render", argv), "viewport": args.viewport,
+               "load_average": os.getloadavg(), "cores": os.cpu_count(), "runs": []}
     for pool in args.pool:
         for name, fn in (("bare_playwright", _bare), ("render_stage", _ours)):
             r = {"what": name, **measure(fn, pages, viewport, pool)}
@@ -123,7 +126,7 @@ def main() -> None:
         json.dump(results, f, indent=1)
     title = (f"# GUI renders ({args.viewport}, {len(pages)} debian-handbook pages; load average "
              f"{results['load_average'][0]:.1f} on {results['cores']} cores)")
-    lines = [title, "",
+    lines = [title, "", header(results), "",
              "| what | pool | renders/s (wall) | renders per CPU-second | CPU s |", "|---|---|---|---|---|"]
     lines += [f"| {r['what']} | {r['pool']} | {r['renders_per_s']} | {r['renders_per_cpu_s']} | {r['cpu_s']} |"
               for r in results["runs"]]

@@ -35,6 +35,7 @@ import psutil
 
 from benchmarks import processes
 from benchmarks.pipeline_throughput import RESULTS, pipeline
+from benchmarks.provenance import header, provenance
 
 FAST_CORPUS_ABOVE = 20_000
 PER_TAR = 250
@@ -211,7 +212,7 @@ def run_isolated(tars: list[str], cores: int, clip_model: str | None, work: str,
 
 def markdown(r: dict) -> str:
     lines = [f"# Memory scaling ({r['n']} pairs at 1x, local[{r['cores']}], CLIP {r['clip']})", "",
-             f"Command: `{r['command']}`  ", f"Corpus: {r['corpus']}  ",
+             f"{header(r)}  ", f"Corpus: {r['corpus']}  ",
              f"Machine: {r['cpu_count']} cores, {r['memory_gib']} GiB RAM (shared with other work while measuring)", "",
              ("| scale | pairs | input MiB | kept | seconds | pairs/s | tree peak RSS MiB | JVM peak RSS MiB | "
              "Python workers peak, RSS sum / PSS sum MiB | largest Python worker RSS MiB | Python processes | "
@@ -296,7 +297,7 @@ def main(argv=None) -> int:
     r = {"n": a.n, "scales": scales, "cores": a.cores, "cpu_count": os.cpu_count(),
          "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
          "clip": f"on ({a.clip_model}, random weights)" if a.clip_model else "off",
-         "command": "python -m benchmarks.memory_scaling " + " ".join(argv if argv is not None else sys.argv[1:]),
+         "provenance": provenance("benchmarks.memory_scaling", argv),
          "corpus": corpus, "generate_s": gen_s, "runs": runs, "notes": a.note}
     os.makedirs(RESULTS, exist_ok=True)
     name = "memory_scaling" if len(scales) > 1 else f"memory_scaling_{total}"

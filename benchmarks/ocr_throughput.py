@@ -27,6 +27,8 @@ import time
 
 import numpy as np
 
+from benchmarks.provenance import header, provenance
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PDF = "/usr/share/doc/shared-mime-info/shared-mime-info-spec.pdf"
 
@@ -102,13 +104,13 @@ def bare_defaults(images: list[bytes], threads: int) -> float:
     return _cpu(run)[2]
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--scenes", type=int, default=8, help="scene images to read")
     ap.add_argument("--renders", type=int, default=8, help="synthetic texts to render and read back")
     ap.add_argument("--pages", type=int, default=8, help="PDF pages to render and read back")
     ap.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (cores)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     from filters.augment import Augment
     from filters.ocr import Legibility, PpOcr, check_models, engine
@@ -118,7 +120,8 @@ def main() -> None:
     check_models()
     engine(args.threads, 0.5), engine(args.threads, 0.0)  # loaded before any timing
     t = args.threads
-    res: dict = {"threads": t, "load_average": os.getloadavg()[0]}
+    res: dict = {"provenance": provenance("benchmarks.ocr_throughput", argv), "threads": t,
+                 "load_average": os.getloadavg()[0]}
 
     scenes = scene_images(args.scenes)
     batch = _rows(scenes, "scene")
@@ -154,7 +157,7 @@ def main() -> None:
     with open(os.path.join(RESULTS, "ocr_throughput.json"), "w", encoding="utf-8") as f:
         json.dump(res, f, indent=1, sort_keys=True)
     lines = [f"# OCR throughput (one process, {t} onnxruntime thread(s), load average {res['load_average']:.1f})", "",
-             "| branch | items | ours / core-s | bare rapidocr / core-s | notes |", "|---|---|---|---|---|"]
+             header(res), "", "| branch | items | ours / core-s | bare rapidocr / core-s | notes |", "|---|---|---|---|---|"]
     s = res["scene"]
     lines.append(f"| scene | {s['items']} | {s['ours_per_core_s']:.2f} | {s['bare_per_core_s']:.2f} | "
                  f"PpOcr stage / bare = {1 / s['ours_vs_bare']:.2f}x the CPU; rapidocr's shipped detector "

@@ -29,6 +29,8 @@ import time
 
 import psutil
 
+from benchmarks.provenance import header, provenance
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -195,7 +197,7 @@ def markdown(r: dict) -> str:
                 f"{per_core / draft['samples_per_s']:.0%} | {rss} |")
 
     lines = [f"# Pipeline throughput ({r['n']} and {r['scale'] * r['n']} pairs, {r['cpu_count']} cores)", "",
-             f"Command: `{r['command']}`; load average before {r['loadavg_before']}, after {r['loadavg_after']}", "",
+             f"{header(r)}; load average before {r['loadavg_before']}, after {r['loadavg_after']}", "",
              ("Path = read -> decode -> caption/language -> rules -> dedup -> shards staged + ledger written "
               "(`curated_seconds` in summary.json); job = the path plus the report material, the quality gates "
               "and the HTML report. Marginal = per-sample rate from the two corpus sizes (wall = fixed + n / rate)."),
@@ -248,7 +250,7 @@ def main(argv=None) -> int:
         big = generate(os.path.join(work, "corpus4x"), a.scale * a.n, seed=1)
         cores = [int(c) for c in a.cores.split(",")]
         r = {"n": a.n, "scale": a.scale, "cpu_count": os.cpu_count(), "clip_model": a.clip_model,
-             "command": "python -m benchmarks.pipeline_throughput " + " ".join(argv or sys.argv[1:]),
+             "provenance": provenance("benchmarks.pipeline_throughput", argv),
              "loadavg_before": os.getloadavg()}
         r["bare_decode_phash"] = bare_decode_phash(big)
         r["bare_decode_phash_draft"] = bare_decode_phash(big, draft=True)

@@ -26,6 +26,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.provenance import header, provenance  # after the path insert: runs as a script too
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 WORDS = [
     "a", "the", "red", "green", "blue", "small", "large", "old", "new", "wooden", "metal", "stone",
@@ -186,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                "threads": args.threads, "cuda": torch.cuda.is_available(), "load_avg_1m": os.getloadavg()[0]}
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     settings["shards"] = shards if args.shards else "synthetic (96 photos)"
-    result = {"machine": machine, "settings": settings}
+    result = {"provenance": provenance("benchmarks.trainer_bench", argv), "machine": machine, "settings": settings}
     result["loader"] = {str(w): loader_rate(cfg(w), tok, args.batches) for w in args.workers}
     from trainer.data import ShardLoader
 
@@ -217,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 def render(r: dict) -> str:
     s, m = r["settings"], r["machine"]
     lines = [
-        "# Trainer benchmark", "",
+        "# Trainer benchmark", "", header(r), "",
         (f"{m['cpus']} CPUs (1-minute load {m['load_avg_1m']:.1f} at start), torch {m['torch']}, "
          f"{m['threads']} training threads, CUDA: {m['cuda']}. Shards: {s['shards']}. "
          f"Rows {s['batch_rows']} x {s['seq_len']} tokens, images up to {s['max_image_tokens']} tokens; "

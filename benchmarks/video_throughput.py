@@ -26,6 +26,8 @@ import tempfile
 import time
 from fractions import Fraction
 
+from benchmarks.provenance import header, provenance
+
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -113,6 +115,8 @@ def markdown(r: dict) -> str:
     lines = [
         "# Video throughput and partitioning",
         "",
+        header(r),
+        "",
         (f"Corpus: {r['corpus']['videos']} videos (one of {r['corpus']['long_video_seconds']} s), "
          f"{r['corpus']['clips']} clips, {r['corpus']['clip_seconds']} clip-seconds. One core (CPU time)."),
         "",
@@ -135,13 +139,13 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--long-loops", type=int, default=12, help="the long video is bikes.mp4 (10 s) looped this often")
     p.add_argument("--tasks", type=int, default=4, help="tasks the clips are spread over")
     p.add_argument("--out", default=RESULTS, help="folder for video_throughput.json and .md")
-    a = p.parse_args()
-    r = run(a.long_loops, a.tasks)
+    a = p.parse_args(argv)
+    r = {"provenance": provenance("benchmarks.video_throughput", argv), **run(a.long_loops, a.tasks)}
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "video_throughput.json"), "w", encoding="utf-8") as f:
         json.dump(r, f, indent=1)
