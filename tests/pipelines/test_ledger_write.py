@@ -18,3 +18,29 @@ def test_small_and_big_ledgers_are_written_in_sample_id_order(spark, tmp_path, m
     got_small = pq.read_table(small).column("sample_id").to_pylist()
     assert got_small == want and len(pq.ParquetDataset(small).files) == 1
     assert pq.read_table(big).column("sample_id").to_pylist() == want
+
+
+def test_ledger_counts_per_kind_and_for_the_run(spark):
+    """One job counts the ledger by (kind, unit, status, reason, read unit) and each kind's rows, distinct
+    ids, kept rows and rows naming a shard; the run's rows and ids are the sums over its kinds, so a
+    sample id that appears twice within a kind still shows as rows != ids (the accounting's check)."""
+    from schemas.common import make_sample_id
+
+    rows = [(make_sample_id("image_text", "s", k), "image_text", "pair", None, st, rs, sh, "u1")
+            for k, st, rs, sh in [("a", "kept", None, "image_text-00000"), ("b", "dropped", "near_duplicate", None),
+                                  ("c", "kept", None, "image_text-00000")]]
+    rows.append(rows[0])  # the same item twice: a pipeline bug the counts must show
+    doc = make_sample_id("interleaved", "s", "a")
+    rows += [(doc, "interleaved", "document", None, "kept", None, "interleaved-00000", "u2"),
+             (make_sample_id("interleaved", "s", "a#0"), "interleaved", "image", doc, "dropped", "image_too_small",
+              None, "u2")]
+    ledger = spark.createDataFrame(rows, "sample_id string, kind string, unit string, parent_id string, "
+                                         "status string, reason string, shard string, read_unit string")
+    counts, total = build.ledger_counts(ledger)
+    assert total == {"n": 6, "ids": 5, "kinds": {
+        "image_text": {"n": 4, "ids": 3, "kept": 3, "with_shard": 3},
+        "interleaved": {"n": 2, "ids": 2, "kept": 1, "with_shard": 1}}}
+    got = sorted((r["kind"], r["unit"], r["status"], r["reason"], r["read_unit"], r["n"]) for r in counts)
+    assert got == [("image_text", "pair", "dropped", "near_duplicate", "u1", 1), ("image_text", "pair", "kept", None, "u1", 3),
+                   ("interleaved", "document", "kept", None, "u2", 1),
+                   ("interleaved", "image", "dropped", "image_too_small", None, 1)]  # a sub-item is not read
