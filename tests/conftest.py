@@ -27,6 +27,7 @@ def spark():
         .config("spark.ui.enabled", "false")
         .config("spark.driver.memory", "2g")
         .config("spark.python.daemon.module", "pipelines.pyspark_daemon")  # as bin/vlcurate's local runs
+        .config("spark.python.sql.dataFrameDebugging.enabled", "false")  # as spark-defaults.conf
         # these small runs compile their queries, as large runs do (pipelines/codegen.py); the end-to-end
         # tests run spark-submit with the default and interpret them
         .config("spark.vlcurate.interpretedRows", "0")
