@@ -42,14 +42,37 @@ def _give_back() -> None:
         pass
 
 
+_POOL_SET = False
+
+
+def arrow_pool() -> str:
+    """Arrow's jemalloc pool as this process's default (once; returns the pool's name). pyarrow's wheels
+    default to mimalloc, which in a worker that builds batches of image bytes with the download thread
+    beside it keeps asking the kernel for fresh pages (2 MiB huge pages among them, perf:
+    do_huge_pmd_anonymous_page under mi_page_free_list_extend), each zeroed on first touch; jemalloc
+    reuses its own. A run of 20,000 URLs spent ~1 CPU s less, 5 of 5 alternating pairs faster
+    (benchmarks/HISTORY.md, fourteenth round). ARROW_DEFAULT_MEMORY_POOL, where set, wins; a pyarrow
+    built without jemalloc keeps its default. Called by the driver and at every Arrow task's start."""
+    global _POOL_SET
+    if not _POOL_SET:
+        _POOL_SET = True
+        if not os.environ.get("ARROW_DEFAULT_MEMORY_POOL"):
+            try:
+                pa.set_memory_pool(pa.jemalloc_memory_pool())
+            except NotImplementedError:
+                pass
+    return pa.default_memory_pool().backend_name
+
+
 def arrow_only() -> None:
     """Keep pandas out of this Python worker. The first time pyarrow converts a Python list it imports
     pandas (~80 MiB resident, per worker), only to ask whether the list is a pandas object; no worker
     code uses pandas. Here pyarrow's one check runs with pandas absent, and pyarrow remembers that for
     the process; an explicit `import pandas` later still works (and so does `to_pandas()`). Called at
-    the start of every Arrow task of the pipeline (mapInArrow); a no-op once done or where pandas is
-    loaded."""
+    the start of every Arrow task of the pipeline (mapInArrow), which also picks Arrow's pool there
+    (`arrow_pool`); a no-op once done or where pandas is loaded."""
     global _PANDAS_CHECKED
+    arrow_pool()
     if _PANDAS_CHECKED or "pandas" in sys.modules:
         return
     _PANDAS_CHECKED = True

@@ -81,12 +81,14 @@ def main(argv: list[str] | None = None) -> int:
             log.warning("bundled sample: %s=true: if the CLIP weights cannot be loaded, CLIP scores with RANDOM "
                         "weights and its threshold is NOT applied (a run with --input fails instead)", ALLOW_RANDOM)
 
+    from filters.base import arrow_pool
     from filters.clip import ClipConfigError
     from pipelines.build import run_build
     from pipelines.gates import GateFailed
     from pipelines.io import storage
 
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)  # spark.pyspark.python, when set, wins
+    arrow_pool()  # the driver's Arrow hand-offs too (toArrow, createDataFrame)
     from pyspark.sql import SparkSession
 
     spark = SparkSession.builder.getOrCreate()

@@ -3,6 +3,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -33,3 +35,26 @@ def test_without_arrow_only_pyarrow_imports_pandas():
     code = "import sys, pyarrow as pa; pa.array(['x']); print('pandas' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "True", out.stderr
+
+
+def _pool_after_arrow_only(env: dict) -> str:
+    code = ("import pyarrow as pa\nfrom filters.base import arrow_only\narrow_only()\n"
+            "pa.array([b'x' * 100000])\nprint(pa.default_memory_pool().backend_name)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"} | env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_an_arrow_task_allocates_from_jemalloc_unless_the_user_names_a_pool():
+    # pyarrow's wheels default to mimalloc; every Arrow task of ours (arrow_only) switches its process to
+    # jemalloc, where the wheel has it, and leaves a pool named in ARROW_DEFAULT_MEMORY_POOL alone
+    import pyarrow as pa
+
+    try:
+        pa.jemalloc_memory_pool()
+    except NotImplementedError:
+        pytest.skip("this pyarrow is built without jemalloc")
+    assert _pool_after_arrow_only({}) == "jemalloc"
+    assert _pool_after_arrow_only({"ARROW_DEFAULT_MEMORY_POOL": "mimalloc"}) == "mimalloc"
+    assert _pool_after_arrow_only({"ARROW_DEFAULT_MEMORY_POOL": "system"}) == "system"
