@@ -303,3 +303,54 @@ def test_log_axes_are_labelled_in_plain_numbers_and_warm_draws_nothing_lasting()
     assert uri == plots.histogram("Short side", "short_side (log scale)",
                                   {"kept": np.array([210.0, 300, 450, 640]), "dropped": np.array([40.0, 90])},
                                   log=True, lines=[(200.0, "min_side")])
+
+
+def test_charts_keep_every_text_inside_the_figure():
+    """The charts are laid out from their own texts (plots._layout), not by drawing them twice: the
+    widest tick label, the axis labels, the title and the legend below must still fit the figure,
+    and stay clear of each other where they share an edge."""
+    import numpy as np
+
+    from pipelines.report import plots
+
+    _, plt = plots.pyplot()
+    drawn = []
+    real = plots.to_uri
+    plots.to_uri = lambda fig: drawn.append(fig) or ""  # keep the figures, laid out, to measure them
+    try:
+        plots.histogram("Caption length", "characters", {"kept": np.arange(1.0, 200_000.0, 7.0),
+                                                         "dropped": np.array([3.0, 5.0])}, lines=[(10.0, "min")])
+        plots.stacked_bars("Language", ["en", "a-very-long-language-label-xx"], {"kept": [3, 1], "dropped": [1, 0]})
+        plots.paired_bars("Concepts", ["a red motorcycle in a garage", "cat"], [30, 4], [20, 4])
+        plots.stacked_bars("Language", [], {})
+    finally:
+        plots.to_uri = real
+    try:
+        for fig in drawn:
+            fig.canvas.draw()
+            renderer = fig.canvas.get_renderer()
+            box = fig.bbox
+            ax = fig.axes[0]
+            (x0, x1), (y0, y1) = sorted(ax.get_xlim()), sorted(ax.get_ylim())
+            xticks = [t for t in ax.get_xticklabels() if x0 <= t.get_position()[0] <= x1]  # the drawn ones
+            yticks = [t for t in ax.get_yticklabels() if y0 <= t.get_position()[1] <= y1]
+            texts = [ax.title, ax.xaxis.label, ax.yaxis.label, *yticks, *xticks]
+            texts += [t for legend in fig.legends for t in legend.get_texts()]
+            for t in texts:
+                if not t.get_text() or not t.get_visible():
+                    continue
+                e = t.get_window_extent(renderer)
+                assert box.x0 - 1 <= e.x0 and e.x1 <= box.x1 + 1 and box.y0 - 1 <= e.y0 and e.y1 <= box.y1 + 1, \
+                    (ax.get_title(), t.get_text(), e, box)
+            ticks = [t.get_window_extent(renderer) for t in xticks if t.get_text()]
+            for legend in fig.legends:  # the legend sits below the x tick labels and the x label
+                top = legend.get_window_extent(renderer).y1
+                assert all(top <= e.y0 + 1 for e in ticks), ax.get_title()
+                if ax.get_xlabel():
+                    assert top <= ax.xaxis.label.get_window_extent(renderer).y0 + 1, ax.get_title()
+            if ax.get_ylabel():  # the y label clear of the widest tick label
+                right = ax.yaxis.label.get_window_extent(renderer).x1
+                assert all(right <= t.get_window_extent(renderer).x0 + 1 for t in yticks if t.get_text())
+    finally:
+        for fig in drawn:
+            plt.close(fig)
