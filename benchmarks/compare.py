@@ -23,9 +23,10 @@ Every tool runs as a child process; each measurement records wall seconds (proce
 CPU seconds and peak resident memory of the child's whole process tree (sampled every 0.1 s; the
 HTTP server is not in it), and `os.getloadavg()` before and after: figures from a busy machine are
 noisy, rerun on a quiet one. `--rounds K` runs the timed parts K times, the tools one after the other
-within a round (img2dataset, then ours; the plain script, then ours), so that each round's tools share
-the machine's load of the moment: a tool's row is its run of median wall time, and a ratio is the
-median of the K per-round ratios, with their range. Writes benchmarks/results/compare.json and compare.md.
+within a round, so that each round's tools share the machine's load of the moment, in an order that
+rotates from round to round (round 0: img2dataset, ours with rules and dedup off, ours at defaults;
+round 1 starts with the second; likewise the plain script and ours; `rotated`): a tool's row is its run
+of median wall time, and a ratio is the median of the K per-round ratios, with their range. Writes benchmarks/results/compare.json and compare.md.
 """
 from __future__ import annotations
 
@@ -297,6 +298,16 @@ class ImageServer:
 
 
 # --- the tools --------------------------------------------------------------------------------------
+
+
+def rotated(tools: list, k: int) -> list:
+    """The tools in round k's order: the list rotated by k, so that over as many rounds as tools each
+    runs once in each position, and none always right after the same other. Position matters on this
+    VM: a run after one that wrote ~0.7 GiB of new files (img2dataset's tars) found fewer warm pages
+    (the VM hands freed guest memory back, and a page touched again costs a host fault) and ran slower
+    (benchmarks/HISTORY.md, the fourteenth round)."""
+    k %= max(1, len(tools))
+    return tools[k:] + tools[:k]
 
 
 def fresh(work: str, name: str) -> str:
@@ -989,17 +1000,19 @@ def main(argv=None) -> int:
             loopback = ["image_text.download.allow_loopback=true", f"image_text.download.concurrency={DOWNLOAD_THREADS}"]
             ours = (("ours_rules_dedup_off", RULES_DEDUP_OFF), ("ours_defaults", []))
             for cores in [int(x) for x in a.download_cores.split(",")] if server else []:
+                tools = [("img2dataset", functools.partial(
+                    lambda k, cores: run_img2dataset(exe, c["tables"], fresh(work, f"i2d-{cores}"), cores,
+                                                     os.path.join(logs, f"img2dataset-{cores}-{k}.log")), cores=cores))
+                ] if exe else []
+                tools += [(name, functools.partial(
+                    lambda k, cores, name, extra: run_ours(c["tables"], fresh(work, f"{name}-{cores}"), cores,
+                                                           OURS_COMMON + loopback + extra,
+                                                           os.path.join(logs, f"{name}-{cores}-{k}.log")),
+                    cores=cores, name=name, extra=extra)) for name, extra in ours]
                 rounds: dict[str, list[dict]] = {"img2dataset": [], **{name: [] for name, _ in ours}}
                 for k in range(a.rounds):
-                    if exe:
-                        rounds["img2dataset"].append(run_img2dataset(
-                            exe, c["tables"], fresh(work, f"i2d-{cores}"), cores,
-                            os.path.join(logs, f"img2dataset-{cores}-{k}.log")))
-                        print(f"img2dataset {cores} round {k}: {rounds['img2dataset'][-1]}", flush=True)
-                    for name, extra in ours:
-                        rounds[name].append(run_ours(c["tables"], fresh(work, f"{name}-{cores}"), cores,
-                                                     OURS_COMMON + loopback + extra,
-                                                     os.path.join(logs, f"{name}-{cores}-{k}.log")))
+                    for name, run in rotated(tools, k):
+                        rounds[name].append(run(k))
                         x = rounds[name][-1]
                         print(f"{name} {cores} round {k}: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
                 runs = r["download"][str(cores)] = {}
@@ -1012,14 +1025,17 @@ def main(argv=None) -> int:
         local_cores = [int(x) for x in a.cores.split(",")] if "local" in parts else []
         plain_runs: list[dict] = []
         local_runs: dict[int, list[dict]] = {cores: [] for cores in local_cores}
+        tools = [("plain", lambda k: plain_runs.append(
+            run_plain(c["tars"], fresh(work, "plain"), os.path.join(logs, f"plain-{k}.log"))) or plain_runs[-1])]
+        tools += [(f"ours local[{cores}]", functools.partial(
+            lambda k, cores: local_runs[cores].append(run_ours(
+                os.path.dirname(c["tars"][0]), fresh(work, f"local-{cores}"), cores, OURS_COMMON + a.ours_set,
+                os.path.join(logs, f"local-{cores}-{k}.log"))) or local_runs[cores][-1], cores=cores))
+            for cores in local_cores]
         for k in range(a.rounds if "local" in parts else 0):
-            plain_runs.append(run_plain(c["tars"], fresh(work, "plain"), os.path.join(logs, f"plain-{k}.log")))
-            print(f"plain round {k}: {plain_runs[-1]}", flush=True)
-            for cores in local_cores:
-                local_runs[cores].append(run_ours(os.path.dirname(c["tars"][0]), fresh(work, f"local-{cores}"), cores,
-                                                  OURS_COMMON + a.ours_set, os.path.join(logs, f"local-{cores}-{k}.log")))
-                x = local_runs[cores][-1]
-                print(f"ours local[{cores}] round {k}: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
+            for name, run in rotated(tools, k):
+                x = run(k)
+                print(f"{name} round {k}: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
         if plain_runs:
             r["local"]["plain_script"] = median_run(plain_runs)
         r["local"]["ours"] = [with_ratios(median_run(runs), round_ratios(runs, plain_runs))

@@ -118,3 +118,15 @@ def test_a_partial_run_writes_the_tables_of_its_parts(tmp_path, monkeypatch):
     assert "0.80x" in md and "| URL list, defaults, local[2] | 47.0 | 2.0 | 9.0 |" in md
     assert "## Local tars" not in md and "## Near-duplicate" not in md
     assert json.loads((tmp_path / "compare.json").read_text())["notes"] == r["notes"]
+
+
+def test_rounds_rotate_the_order_of_the_tools():
+    # over as many rounds as tools, each tool runs once in each position and never always after the same one
+    from benchmarks.compare import rotated
+
+    tools = ["img2dataset", "ours_off", "ours_defaults"]
+    orders = [rotated(tools, k) for k in range(3)]
+    assert orders[0] == tools
+    assert all(sorted(o) == sorted(tools) for o in orders)
+    assert all(sorted(o[i] for o in orders) == sorted(tools) for i in range(3))  # every position, every tool
+    assert rotated(tools, 3) == tools and rotated([], 2) == []
