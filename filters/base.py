@@ -50,8 +50,8 @@ def arrow_pool() -> str:
     default to mimalloc, which in a worker that builds batches of image bytes with the download thread
     beside it keeps asking the kernel for fresh pages (2 MiB huge pages among them, perf:
     do_huge_pmd_anonymous_page under mi_page_free_list_extend), each zeroed on first touch; jemalloc
-    reuses its own. A run of 20,000 URLs spent ~1 CPU s less, 5 of 5 alternating pairs faster
-    (benchmarks/HISTORY.md, fourteenth round). ARROW_DEFAULT_MEMORY_POOL, where set, wins; a pyarrow
+    reuses its own. At 20,000 URLs, 4 of 4 alternating pairs ran faster, with 1-3 CPU s less a run
+    (benchmarks/HISTORY.md, the fourteenth round). ARROW_DEFAULT_MEMORY_POOL, where set, wins; a pyarrow
     built without jemalloc keeps its default. Called by the driver and at every Arrow task's start."""
     global _POOL_SET
     if not _POOL_SET:
