@@ -26,7 +26,8 @@ noisy, rerun on a quiet one. `--rounds K` runs the timed parts K times, the tool
 within a round, so that each round's tools share the machine's load of the moment, in an order that
 rotates from round to round (round 0: img2dataset, ours with rules and dedup off, ours at defaults;
 round 1 starts with the second; likewise the plain script and ours; `rotated`): a tool's row is its run
-of median wall time, and a ratio is the median of the K per-round ratios, with their range. Writes benchmarks/results/compare.json and compare.md.
+of median wall time, and a ratio is the median of the K per-round ratios, with their range. Writes
+benchmarks/results/compare.json and compare.md.
 """
 from __future__ import annotations
 
@@ -1000,15 +1001,12 @@ def main(argv=None) -> int:
             loopback = ["image_text.download.allow_loopback=true", f"image_text.download.concurrency={DOWNLOAD_THREADS}"]
             ours = (("ours_rules_dedup_off", RULES_DEDUP_OFF), ("ours_defaults", []))
             for cores in [int(x) for x in a.download_cores.split(",")] if server else []:
-                tools = [("img2dataset", functools.partial(
-                    lambda k, cores: run_img2dataset(exe, c["tables"], fresh(work, f"i2d-{cores}"), cores,
-                                                     os.path.join(logs, f"img2dataset-{cores}-{k}.log")), cores=cores))
-                ] if exe else []
-                tools += [(name, functools.partial(
-                    lambda k, cores, name, extra: run_ours(c["tables"], fresh(work, f"{name}-{cores}"), cores,
-                                                           OURS_COMMON + loopback + extra,
-                                                           os.path.join(logs, f"{name}-{cores}-{k}.log")),
-                    cores=cores, name=name, extra=extra)) for name, extra in ours]
+                tools = [("img2dataset", lambda k, cores=cores: run_img2dataset(
+                    exe, c["tables"], fresh(work, f"i2d-{cores}"), cores,
+                    os.path.join(logs, f"img2dataset-{cores}-{k}.log")))] if exe else []
+                tools += [(name, lambda k, cores=cores, name=name, extra=extra: run_ours(
+                    c["tables"], fresh(work, f"{name}-{cores}"), cores, OURS_COMMON + loopback + extra,
+                    os.path.join(logs, f"{name}-{cores}-{k}.log"))) for name, extra in ours]
                 rounds: dict[str, list[dict]] = {"img2dataset": [], **{name: [] for name, _ in ours}}
                 for k in range(a.rounds):
                     for name, run in rotated(tools, k):
@@ -1023,19 +1021,18 @@ def main(argv=None) -> int:
             r["server_requests"] = server.requests if server else None
         r["local"] = {"ours": []}
         local_cores = [int(x) for x in a.cores.split(",")] if "local" in parts else []
-        plain_runs: list[dict] = []
-        local_runs: dict[int, list[dict]] = {cores: [] for cores in local_cores}
-        tools = [("plain", lambda k: plain_runs.append(
-            run_plain(c["tars"], fresh(work, "plain"), os.path.join(logs, f"plain-{k}.log"))) or plain_runs[-1])]
-        tools += [(f"ours local[{cores}]", functools.partial(
-            lambda k, cores: local_runs[cores].append(run_ours(
-                os.path.dirname(c["tars"][0]), fresh(work, f"local-{cores}"), cores, OURS_COMMON + a.ours_set,
-                os.path.join(logs, f"local-{cores}-{k}.log"))) or local_runs[cores][-1], cores=cores))
-            for cores in local_cores]
+        tools = [("plain", lambda k: run_plain(c["tars"], fresh(work, "plain"), os.path.join(logs, f"plain-{k}.log")))]
+        tools += [(f"ours local[{cores}]", lambda k, cores=cores: run_ours(
+            os.path.dirname(c["tars"][0]), fresh(work, f"local-{cores}"), cores, OURS_COMMON + a.ours_set,
+            os.path.join(logs, f"local-{cores}-{k}.log"))) for cores in local_cores]
+        local: dict[str, list[dict]] = {name: [] for name, _ in tools}
         for k in range(a.rounds if "local" in parts else 0):
             for name, run in rotated(tools, k):
-                x = run(k)
+                local[name].append(run(k))
+                x = local[name][-1]
                 print(f"{name} round {k}: { {k: v for k, v in x.items() if k != 'command'} }", flush=True)
+        plain_runs = local["plain"]
+        local_runs = {cores: local[f"ours local[{cores}]"] for cores in local_cores}
         if plain_runs:
             r["local"]["plain_script"] = median_run(plain_runs)
         r["local"]["ours"] = [with_ratios(median_run(runs), round_ratios(runs, plain_runs))

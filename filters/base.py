@@ -45,8 +45,8 @@ def _give_back() -> None:
 _POOL_SET = False
 
 
-def arrow_pool() -> str:
-    """Arrow's jemalloc pool as this process's default (once; returns the pool's name). pyarrow's wheels
+def arrow_pool() -> None:
+    """Arrow's jemalloc pool as this process's default (once). pyarrow's wheels
     default to mimalloc, which in a worker that builds batches of image bytes with the download thread
     beside it keeps asking the kernel for fresh pages (2 MiB huge pages among them, perf:
     do_huge_pmd_anonymous_page under mi_page_free_list_extend), each zeroed on first touch; jemalloc
@@ -61,7 +61,6 @@ def arrow_pool() -> str:
                 pa.set_memory_pool(pa.jemalloc_memory_pool())
             except NotImplementedError:
                 pass
-    return pa.default_memory_pool().backend_name
 
 
 def arrow_only() -> None:

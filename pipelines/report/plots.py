@@ -82,7 +82,7 @@ def _layout(fig) -> None:
     width, height = fig.get_size_inches()
     size = matplotlib.rcParams["font.size"]
     line = 1.45 * size / 72  # one line of text, inches
-    labels = ax.yaxis.get_major_formatter().format_ticks(list(ax.get_yticks())) if ax.get_yticks().size else []
+    labels = ax.yaxis.get_major_formatter().format_ticks(list(ax.get_yticks()))
     widest = max((_text_inches(t, size) for t in labels if t), default=0.0)
     left = 0.1 + (line if ax.get_ylabel() else 0.0) + widest + 0.1
     bottom = 0.08 + (line if ax.get_xticks().size else 0.0) + (line if ax.get_xlabel() else 0.0)

@@ -305,7 +305,7 @@ def test_log_axes_are_labelled_in_plain_numbers_and_warm_draws_nothing_lasting()
                                   log=True, lines=[(200.0, "min_side")])
 
 
-def test_charts_keep_every_text_inside_the_figure():
+def test_charts_keep_every_text_inside_the_figure(monkeypatch):
     """The charts are laid out from their own texts (plots._layout), not by drawing them twice: the
     widest tick label, the axis labels, the title and the legend below must still fit the figure,
     and stay clear of each other where they share an edge."""
@@ -315,16 +315,12 @@ def test_charts_keep_every_text_inside_the_figure():
 
     _, plt = plots.pyplot()
     drawn = []
-    real = plots.to_uri
-    plots.to_uri = lambda fig: drawn.append(fig) or ""  # keep the figures, laid out, to measure them
-    try:
-        plots.histogram("Caption length", "characters", {"kept": np.arange(1.0, 200_000.0, 7.0),
-                                                         "dropped": np.array([3.0, 5.0])}, lines=[(10.0, "min")])
-        plots.stacked_bars("Language", ["en", "a-very-long-language-label-xx"], {"kept": [3, 1], "dropped": [1, 0]})
-        plots.paired_bars("Concepts", ["a red motorcycle in a garage", "cat"], [30, 4], [20, 4])
-        plots.stacked_bars("Language", [], {})
-    finally:
-        plots.to_uri = real
+    monkeypatch.setattr(plots, "to_uri", lambda fig: drawn.append(fig) or "")  # keep the figures, laid out
+    plots.histogram("Caption length", "characters", {"kept": np.arange(1.0, 200_000.0, 7.0),
+                                                     "dropped": np.array([3.0, 5.0])}, lines=[(10.0, "min")])
+    plots.stacked_bars("Language", ["en", "a-very-long-language-label-xx"], {"kept": [3, 1], "dropped": [1, 0]})
+    plots.paired_bars("Concepts", ["a red motorcycle in a garage", "cat"], [30, 4], [20, 4])
+    plots.stacked_bars("Language", [], {})
     try:
         for fig in drawn:
             fig.canvas.draw()
