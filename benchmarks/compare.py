@@ -61,7 +61,7 @@ from benchmarks.provenance import header, provenance
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 PER_SHARD = 500  # input tars, URL tables and output shards alike
-DOWNLOAD_THREADS = 16  # ours: image_text.download.concurrency (its default); img2dataset: thread_count
+DOWNLOAD_THREADS = 32  # ours: image_text.download.concurrency (its default); img2dataset: thread_count
 TRANSFORMS = ("reencoded_q35", "resized_0.5", "cropped_2pct", "cropped_4pct", "watermarked")
 OURS_COMMON = ["image_text.clip.enabled=false", "image_text.balance.enabled=false", f"shards.max_samples={PER_SHARD}"]
 RULES_DEDUP_OFF = ["image_text.dedup.exact=false", "image_text.dedup.near=false", "image_text.rules.min_side=0",
@@ -735,9 +735,9 @@ def markdown(r: dict) -> str:
          f"{PER_SHARD} per input tar / URL table / output shard. samples/s = input samples / wall seconds from "
          "process start to exit (JVM start-up included for ours). CPU s/1k = CPU seconds of the whole process "
          "tree per 1,000 inputs (less sensitive to a busy machine than wall time)."),
-         *([f"Rounds: {r['rounds']}, the tools back to back within each. A row is the tool's run of median wall "
+         *([(f"Rounds: {r['rounds']}, the tools back to back within each. A row is the tool's run of median wall "
             "time (every round's wall seconds in brackets); a ratio is the median of the per-round ratios, with "
-            "their range."] if r.get("rounds", 1) > 1 else []), ""]
+            "their range.")] if r.get("rounds", 1) > 1 else []), ""]
     parts = [name for name, have in (("download", r.get("download")), ("local", r.get("local", {}).get("plain_script")),
                                      ("quality", r.get("dedup_quality"))) if have]
     if len(parts) < 3:
@@ -908,7 +908,7 @@ def notes(r: dict) -> list[str]:
             out.append(
                 f"URL list, {cores} core(s), rules + dedup off: {_ratio(off, base):.2f}x img2dataset's "
                 f"samples/s; {_cpu_per_k(off)} CPU s per 1k samples against img2dataset's {_cpu_per_k(base)}. Both "
-                "keep 16 transfers in flight per core and the original JPEG bytes; img2dataset decodes with OpenCV, "
+                f"keep {DOWNLOAD_THREADS} transfers in flight per core and the original JPEG bytes; img2dataset decodes with OpenCV, "
                 "hashes and writes. Ours also decodes (JPEG draft mode), computes sha256, pHash, dHash and a pixel "
                 "std, cleans the caption and identifies its language, writes the features checkpoint, a ledger, a "
                 "report and runs the gates, and starts a JVM: the same fixed costs as above; its libcurl loop "
