@@ -3,7 +3,7 @@
 Reads `image`; writes `image` (JPEG bytes: the original file when it is already a plain RGB/greyscale
 JPEG with no EXIF rotation, else a re-encode after EXIF orientation, mode conversion and alpha
 flattening), `width`, `height`, `content_sha` (sha256 of the input bytes), `source_bytes` (their length), `phash` (64-bit DCT
-perceptual hash, as a signed int64), `phash256` (256-bit difference hash of the same grey image, 32 bytes:
+perceptual hash, as a signed int64), `phash256` (256-bit difference hash of pHash's 32x32 thumbnail, 32 bytes:
 dedup's second tier) and `pixel_std` (grey-level standard deviation of a 64x64
 thumbnail). Items that cannot be decoded get `error` set and are quarantined downstream.
 A JPEG that is passed through is decoded in libjpeg's reduced-size draft mode (every block is still
@@ -179,9 +179,25 @@ def phash(gray: Image.Image) -> int:
     photos. Rounded to 1e-6 first: where the image makes coefficients exactly zero (a gradient along one
     axis), floating-point noise of ~1e-10 would otherwise decide their bits, differently per library or
     CPU."""
-    pixels = np.asarray(gray.convert("L").resize((_N, _N), Image.Resampling.LANCZOS), dtype=np.float64)
-    low = np.round(_DCT @ pixels @ _DCT.T, 6)
+    return _dct_hash(_thumbnail(gray))
+
+
+def _thumbnail(gray: Image.Image) -> Image.Image:
+    """pHash's 32x32 Lanczos grey thumbnail."""
+    return gray.convert("L").resize((_N, _N), Image.Resampling.LANCZOS)
+
+
+def _dct_hash(thumb: Image.Image) -> int:
+    low = np.round(_DCT @ np.asarray(thumb, dtype=np.float64) @ _DCT.T, 6)
     return int.from_bytes(np.packbits(low > np.median(low)).tobytes(), "big")
+
+
+def dhash256(thumb: Image.Image) -> bytes:
+    """imagehash.dhash (hash_size=16: 17x16 Lanczos, each pixel against its left neighbour) of pHash's
+    32x32 thumbnail, packed into 32 bytes. Taken from the thumbnail rather than the whole draft image: a
+    quarter of the cost (~28 us against ~80 per image), and on the benchmark's photos 5 bits of 256 apart
+    on average from the whole image's dHash (dedup's second tier allows 64)."""
+    return np.packbits(imagehash.dhash(thumb, hash_size=16).hash.ravel()).tobytes()
 
 
 def signed64(h: int) -> int:
@@ -191,11 +207,12 @@ def signed64(h: int) -> int:
 
 def gray_features(gray: Image.Image) -> dict[str, Any]:
     """The image features dedup and the rules read, from the grey image at draft scale: `phash`
-    (int64), `phash256` (imagehash.dhash with hash_size=16, 32 bytes) and `pixel_std` (of a 64x64
+    (int64), `phash256` (`dhash256` of the same 32x32 thumbnail, 32 bytes) and `pixel_std` (of a 64x64
     thumbnail). Every kind that writes these columns computes them here."""
+    thumb = _thumbnail(gray)
     return {
-        S.PHASH: signed64(phash(gray)),
-        S.PHASH256: np.packbits(imagehash.dhash(gray, hash_size=16).hash.ravel()).tobytes(),
+        S.PHASH: signed64(_dct_hash(thumb)),
+        S.PHASH256: dhash256(thumb),
         S.PIXEL_STD: float(np.asarray(gray.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32).std()),
     }
 
