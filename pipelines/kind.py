@@ -197,6 +197,7 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
     all driver-side checks pass before any Spark work)."""
     from pyspark.sql import functions as F
 
+    codegen.features_pass(ctx.spark)  # its task table and features pass (an earlier kind may have changed it)
     plan = plan or kind.plan(ctx)
     feats = plan.features()
     for col, default in ((L.UNIT, F.lit(kind.units[0])), (L.PARENT_ID, F.lit(None).cast("string"))):
@@ -204,7 +205,6 @@ def run_kind(kind: Kind, ctx: Context, plan: Plan | None = None) -> Result:
             feats = feats.withColumn(col, default)
     if plan.read_counts is not None:
         _forget_features_without_counts(kind, ctx, plan)
-    codegen.choose(ctx.spark, None)  # the features pass: Spark's default (an earlier kind may have changed it)
     with progress.phase(ctx.spark, f"{kind.name} features"):
         feats = checkpoint(feats, ctx.work_dir, f"{kind.name}-features", plan.key, ctx.timer)
     counts = _read_counts(kind, ctx, plan)

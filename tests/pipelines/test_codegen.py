@@ -1,5 +1,6 @@
-"""Code generation by run size (pipelines/codegen.py): small runs interpret the queries after their
-features pass, large ones compile them, a user's own setting wins, and both give the same run."""
+"""Code generation by run size (pipelines/codegen.py): features passes are interpreted, small runs
+interpret the queries after their features pass, large ones compile them, a user's own setting wins,
+and both give the same run."""
 from __future__ import annotations
 
 import os
@@ -39,6 +40,8 @@ def test_small_counts_interpret_and_large_or_unknown_ones_compile(spark, restore
     assert _compiled_plan(spark)
     assert codegen.choose(spark, 0) is False
     assert codegen.choose(spark, None) is True  # unknown: Spark's default
+    assert codegen.features_pass(spark) is False
+    assert spark.conf.get(codegen.WHOLE_STAGE) == "false" and spark.conf.get(codegen.FACTORY) == "NO_CODEGEN"
 
 
 def test_a_users_own_setting_is_left_alone():
@@ -56,6 +59,7 @@ def test_a_users_own_setting_is_left_alone():
             _conf = Conf({codegen.WHOLE_STAGE: "true"})
 
     assert codegen.choose(Session(), 10) is None
+    assert codegen.features_pass(Session()) is None
 
 
 def _run(spark, sample_dir, tmp, limit: str) -> dict:
@@ -77,13 +81,15 @@ def _run(spark, sample_dir, tmp, limit: str) -> dict:
 @pytest.mark.slow  # two whole runs of the sample
 def test_interpreted_and_compiled_runs_are_the_same(spark, sample_dir, tmp_path, restore, monkeypatch):
     chosen = []
-    real = codegen.choose
+    real, features = codegen.choose, codegen.features_pass
     monkeypatch.setattr(codegen, "choose", lambda s, n: chosen.append((n, real(s, n))) or chosen[-1][1])
+    monkeypatch.setattr(codegen, "features_pass", lambda s: chosen.append(("features", features(s))) or chosen[-1][1])
     interpreted = _run(spark, sample_dir, tmp_path, "1000")
-    # the features pass: Spark's default; after it (the items read) and for the ledger, report, gates: interpreted
-    assert [c for _, c in chosen] == [True, False, False] and chosen[0][0] is None and chosen[1][0] > 0
+    # the plans and the features pass: interpreted; after it (the items read) and the ledger, report, gates too
+    assert [c for _, c in chosen] == [False, False, False, False] and chosen[2][0] > 0
+    assert [n for n, _ in chosen[:2]] == ["features", "features"]
     chosen.clear()
     compiled = _run(spark, sample_dir, tmp_path, "0")
-    assert [c for _, c in chosen] == [True, True, True]
+    assert [c for _, c in chosen] == [False, False, True, True]
     assert interpreted["kept"] > 0 and interpreted["dropped"] and interpreted["tars"]
     assert interpreted == compiled
