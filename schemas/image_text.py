@@ -32,7 +32,8 @@ RAW = pa.schema(
 # Added by filters.decode.Decode
 WIDTH, HEIGHT, CONTENT_SHA, SOURCE_BYTES, PHASH, PIXEL_STD = (
     "width", "height", "content_sha", "source_bytes", "phash", "pixel_std")
-PHASH256 = "phash256"  # 256-bit dHash (imagehash.dhash, hash_size=16, of the pHash thumbnail), 32 bytes: dedup's 2nd tier
+# 256-bit dHash (imagehash.dhash, hash_size=16, of pHash's 32x32 thumbnail), 32 bytes: dedup's second tier
+PHASH256 = "phash256"
 # Added by filters.caption.CaptionLanguage
 CAPTION_ORIGINAL, CAPTION_WORDS, CAPTION_CHARS, LANGUAGE, LANGUAGE_SCORE = (
     "caption_original", "caption_words", "caption_chars", "language", "language_score")
