@@ -909,10 +909,10 @@ def notes(r: dict) -> list[str]:
                 f"URL list, {cores} core(s), rules + dedup off: {_ratio(off, base):.2f}x img2dataset's "
                 f"samples/s; {_cpu_per_k(off)} CPU s per 1k samples against img2dataset's {_cpu_per_k(base)}. Both "
                 f"keep {DOWNLOAD_THREADS} transfers in flight per core and the original JPEG bytes; img2dataset "
-                "decodes with OpenCV, hashes and writes. Ours also decodes (JPEG draft mode), computes sha256, pHash, dHash and a pixel "
-                "std, cleans the caption and identifies its language, writes the features checkpoint, a ledger, a "
-                "report and runs the gates, and starts a JVM: the same fixed costs as above; its libcurl loop "
-                "runs in a thread of the process that decodes, and so shares its GIL.")
+                "decodes with OpenCV, hashes and writes. Ours also decodes (JPEG draft mode), computes sha256, "
+                "pHash, dHash and a pixel std, cleans the caption and identifies its language, writes the features "
+                "checkpoint, a ledger, a report and runs the gates, and starts a JVM: the same fixed costs as above; "
+                "its libcurl loop runs in a thread of the process that decodes, and so shares its GIL.")
     peak = [x for _, x in _our_runs(r) if x.get("rc") == 0]
     if peak:
         x = max(peak, key=lambda y: y["peak_rss_mib"])

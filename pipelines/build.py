@@ -269,7 +269,6 @@ def run_build(spark, recipe: Recipe, inputs: dict[str, list[str]], out: str, sta
     work_dir = default_work_dir(recipe, out)
     work = checkpoint.begin(spark, work_dir, owner=checkpoint.fingerprint(out), ours=not recipe.work_dir)
     root = runs.new_root(out)  # everything of this run goes here; OUT shows it once it is published
-    codegen.features_pass(spark)  # the kinds' plans make their task tables
     planned = {}
     for kind, uris in inputs.items():  # every kind's driver-side checks (models, weights) before any Spark work
         log.info("%s: %d input URI(s)", kind, len(uris))

@@ -85,11 +85,11 @@ def test_interpreted_and_compiled_runs_are_the_same(spark, sample_dir, tmp_path,
     monkeypatch.setattr(codegen, "choose", lambda s, n: chosen.append((n, real(s, n))) or chosen[-1][1])
     monkeypatch.setattr(codegen, "features_pass", lambda s: chosen.append(("features", features(s))) or chosen[-1][1])
     interpreted = _run(spark, sample_dir, tmp_path, "1000")
-    # the plans and the features pass: interpreted; after it (the items read) and the ledger, report, gates too
-    assert [c for _, c in chosen] == [False, False, False, False] and chosen[2][0] > 0
-    assert [n for n, _ in chosen[:2]] == ["features", "features"]
+    # the features pass (its task table included): interpreted; after it (the items read) and the ledger,
+    # report, gates too
+    assert [c for _, c in chosen] == [False, False, False] and chosen[0][0] == "features" and chosen[1][0] > 0
     chosen.clear()
     compiled = _run(spark, sample_dir, tmp_path, "0")
-    assert [c for _, c in chosen] == [False, False, True, True]
+    assert [c for _, c in chosen] == [False, True, True]
     assert interpreted["kept"] > 0 and interpreted["dropped"] and interpreted["tars"]
     assert interpreted == compiled
