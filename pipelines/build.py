@@ -122,31 +122,80 @@ def _counts() -> dict:
     return {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}}
 
 
-def ledger_counts(ledger) -> tuple[list, dict]:
-    """The ledger's rows counted by (kind, unit, status, reason, read unit of the items), and in the same
-    job each kind's rows, distinct sample ids, kept rows and rows naming a shard; the run's rows and
-    distinct ids are the sums over its kinds (`{"n", "ids", "kinds": {kind: {"n", "ids", "kept",
-    "with_shard"}}}`): the counts feed the accounting, the reconciliation of read units and summary.json,
-    the totals the gates' totals table. A sample id hashes its kind (`make_sample_id`), so ids of two kinds
-    never coincide and one distinct count per kind is all the run needs: at a billion rows, one shuffle of
-    the ids rather than two."""
+LEDGER_FETCHED = [*gates.LEDGER_COLUMNS, READ_UNIT]  # what the driver holds of a small ledger (`materialise`)
+
+
+def materialise(ledger, results: dict):
+    """(the run's ledger computed once, as a local checkpoint that later queries read; its LEDGER_FETCHED
+    columns on the driver as Arrow when it holds at most gates.LEDGER_CAP rows, else None). A small
+    ledger is fetched by the very job that computes it, and its counts, accounting and the gates' ledger
+    suites are then computed on the driver, with no Spark query of their own (at 2,000 URLs the counts'
+    job took 0.8-1.1 s of the run's critical path, its 4 stages planned and scheduled after the
+    checkpoint's). Its rows are known before it is computed where every kind has one unit (a row per
+    item its reader counted); otherwise the checkpoint is counted first."""
+    reads = [r.read["items"] if r.read else None for r in results.values()]
+    single = all(len(kinds.get(kind).units) == 1 for kind in results)
+    n = sum(reads) if single and None not in reads else None
+    if n is not None and n <= gates.LEDGER_CAP:
+        ledger = ledger.localCheckpoint(eager=False)  # its blocks are kept by the job that fetches them
+        return ledger, ledger.select(LEDGER_FETCHED).toArrow()
+    ledger = ledger.localCheckpoint()
+    n = ledger.count() if n is None else n
+    return ledger, ledger.select(LEDGER_FETCHED).toArrow() if n <= gates.LEDGER_CAP else None
+
+
+def ledger_counts(ledger, whole=None) -> tuple[list, dict]:
+    """The ledger's rows counted by (kind, unit, status, reason, read unit of the items), and each
+    kind's rows, distinct sample ids, kept rows and rows naming a shard; the run's rows and distinct ids
+    are the sums over its kinds (`{"n", "ids", "kinds": {kind: {"n", "ids", "kept", "with_shard"}}}`):
+    the counts feed the accounting, the reconciliation of read units and summary.json, the totals the
+    gates' totals table. A sample id hashes its kind (`make_sample_id`), so ids of two kinds never
+    coincide and one distinct count per kind is all the run needs. `whole`: the ledger on the driver
+    (`materialise`), counted there with Arrow; else one Spark job counts it (at a billion rows, one
+    shuffle of the ids rather than two). Both give the same counts (tests/pipelines/test_ledger_write.py)."""
+    rows, kinds_n = (_counts_arrow if whole is not None else _counts_spark)(whole if whole is not None else ledger)
+    return rows, {"n": sum(k["n"] for k in kinds_n.values()), "ids": sum(k["ids"] for k in kinds_n.values()),
+                  "kinds": kinds_n}
+
+
+COUNTED = ["kind", L.UNIT, L.STATUS, L.REASON, READ_UNIT]  # the keys of ledger_counts' rows, then "n"
+PER_KIND = ("n", "ids", "kept", "with_shard")
+
+
+def _counts_spark(ledger) -> tuple[list, dict]:
     from pyspark.sql import functions as F
 
     unit = F.when(F.col(L.PARENT_ID).isNull(), F.col(READ_UNIT)).alias(READ_UNIT)  # items only: sub-items are not read
-    keys = ["kind", L.UNIT, L.STATUS, L.REASON, READ_UNIT]
     none = F.lit(None).cast("long")
-    counts = ledger.groupBy("kind", L.UNIT, L.STATUS, L.REASON, unit).agg(
+    counts = ledger.groupBy(*COUNTED[:-1], unit).agg(
         F.count("*").alias("n"), none.alias("ids"), none.alias("kept"), none.alias("with_shard"))
     # each kind's totals as more rows, `ids` set: one job instead of two
     per_kind = ledger.groupBy("kind").agg(
-        *[F.lit(None).cast("string").alias(k) for k in keys[1:]], F.count("*").alias("n"),
+        *[F.lit(None).cast("string").alias(k) for k in COUNTED[1:]], F.count("*").alias("n"),
         F.countDistinct(SAMPLE_ID).alias("ids"), F.sum((F.col(L.STATUS) == L.KEPT).cast("long")).alias("kept"),
         F.sum(F.col(L.SHARD).isNotNull().cast("long")).alias("with_shard"))
     rows = counts.unionByName(per_kind).collect()
-    kinds = {r["kind"]: {k: int(r[k] or 0) for k in ("n", "ids", "kept", "with_shard")}
-             for r in rows if r["ids"] is not None}
-    return [r for r in rows if r["ids"] is None], {
-        "n": sum(k["n"] for k in kinds.values()), "ids": sum(k["ids"] for k in kinds.values()), "kinds": kinds}
+    return ([{k: r[k] for k in (*COUNTED, "n")} for r in rows if r["ids"] is None],
+            {r["kind"]: {k: int(r[k] or 0) for k in PER_KIND} for r in rows if r["ids"] is not None})
+
+
+def _counts_arrow(whole) -> tuple[list, dict]:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    items = pc.is_null(whole[L.PARENT_ID])
+    keyed = pa.table({**{k: whole[k] for k in COUNTED[:-1]},
+                      READ_UNIT: pc.if_else(items, whole[READ_UNIT], pa.scalar(None, whole.schema.field(READ_UNIT).type))})
+    counts = keyed.group_by(COUNTED, use_threads=False).aggregate([([], "count_all")])
+    per_kind = pa.table({"kind": whole["kind"], SAMPLE_ID: whole[SAMPLE_ID],
+                         "kept": pc.equal(whole[L.STATUS], L.KEPT).cast(pa.int64()),
+                         "with_shard": pc.is_valid(whole[L.SHARD]).cast(pa.int64())})
+    per_kind = per_kind.group_by("kind", use_threads=False).aggregate(
+        [([], "count_all"), (SAMPLE_ID, "count_distinct"), ("kept", "sum"), ("with_shard", "sum")])
+    named = {"count_all": "n", f"{SAMPLE_ID}_count_distinct": "ids", "kept_sum": "kept", "with_shard_sum": "with_shard"}
+    rows = counts.rename_columns([named.get(c, c) for c in counts.column_names]).to_pylist()
+    per_kind = per_kind.rename_columns([named.get(c, c) for c in per_kind.column_names])
+    return rows, {r["kind"]: {k: int(r[k] or 0) for k in PER_KIND} for r in per_kind.to_pylist()}
 
 
 def summarize(counts: list, results: dict, recipe: Recipe, timer: StageTimer, started: float, out: str) -> dict:
@@ -197,10 +246,11 @@ def summarize(counts: list, results: dict, recipe: Recipe, timer: StageTimer, st
     }
 
 
-def check_accounting(ledger, results: dict, counts: list, total: dict) -> None:
+def check_accounting(ledger, results: dict, counts: list, total: dict, whole=None) -> None:
     """One ledger row per id; per kind, kept sample-unit rows = samples in its shards; every read unit's
     items, as its reader counted them, in the ledger (`reconcile`); every sub-item points at an item of its
-    kind that is in the ledger. `counts, total`: `ledger_counts(ledger)`."""
+    kind that is in the ledger. `counts, total`: `ledger_counts(ledger)`; `whole`: the ledger on the
+    driver (`materialise`), where the sub-items are looked up instead of in Spark."""
     from pyspark.sql import functions as F
 
     if total["n"] != total["ids"]:
@@ -222,6 +272,15 @@ def check_accounting(ledger, results: dict, counts: list, total: dict) -> None:
             reconcile(kind, read.get(kind, {}), res.read_counts)
     if all(len(kinds.get(kind).units) == 1 for kind in results):
         return  # no kind has sub-items
+    if whole is not None:
+        import pyarrow.compute as pc
+
+        subs = whole.filter(pc.is_valid(whole[L.PARENT_ID])).select(["kind", L.PARENT_ID])
+        orphans = subs.join(whole.select(["kind", SAMPLE_ID]), keys=["kind", L.PARENT_ID],
+                            right_keys=["kind", SAMPLE_ID], join_type="left anti").num_rows
+        if orphans:
+            raise AccountingError(f"{orphans} ledger rows name a parent_id that is not an item of their kind")
+        return
     ids = ledger.select(F.col(SAMPLE_ID).alias("_parent"), F.col("kind").alias("_parent_kind"))
     orphans = (ledger.filter(F.col(L.PARENT_ID).isNotNull())
                .join(ids, (F.col(L.PARENT_ID) == F.col("_parent")) & (F.col("kind") == F.col("_parent_kind")),
@@ -314,10 +373,10 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
         timer.add_wall("report_material", time.perf_counter() - t0)
         return found, draw_charts(root, list(results))
 
-    def run_gates(ledger, summary: Callable[[], dict], rows: dict) -> dict:
+    def run_gates(ledger, summary: Callable[[], dict], rows: dict, whole) -> dict:
         t0 = time.perf_counter()
         with progress.phase(spark, "gates", items=False):
-            found = gates.run_gates(results, ledger, summary, recipe, root, rows)
+            found = gates.run_gates(results, ledger, summary, recipe, root, rows, whole=whole)
         timer.add_wall("gates", time.perf_counter() - t0)
         return found
 
@@ -325,15 +384,16 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     summarized: Future = Future()  # the gates' totals wait for it; their ledger and shard suites do not
     try:
         with progress.phase(spark, "ledger"):
-            ledger = ledger.localCheckpoint()
-            counts, total = ledger_counts(ledger)  # the material needs each kind's rows to choose where it works
+            ledger, whole = materialise(ledger, results)
+            counts, total = ledger_counts(ledger, whole)  # the material needs each kind's rows to choose where it works
             collected = beside(functools.partial(run_material, ledger, total["kinds"]), "vlcurate-report")
-            gated = beside(functools.partial(run_gates, ledger, summarized.result, total["kinds"]), "vlcurate-gates")
+            gated = beside(functools.partial(run_gates, ledger, summarized.result, total["kinds"], whole),
+                           "vlcurate-gates")
             t0 = time.perf_counter()
             write_parquet(sorted_ledger(ledger.select([f.name for f in L.SCHEMA]), total["n"]),
                           storage.join(root, "ledger"))
             timer.add_wall("ledger", time.perf_counter() - t0)
-            check_accounting(ledger, results, counts, total)  # waits for the shard writers
+            check_accounting(ledger, results, counts, total, whole)  # waits for the shard writers
             summary = summarize(counts, results, recipe, timer, started, out)
         # the curation itself (shards staged, ledger written), apart from the report and gates that follow
         summary["curated_seconds"] = summary["elapsed_seconds"]

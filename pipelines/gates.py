@@ -605,20 +605,25 @@ def enforce(gates: dict) -> None:
         raise GateFailed([c["name"] for c in bad], [describe(c) for c in bad])
 
 
-def run_gates(results: dict, ledger, summary: dict | Callable[[], dict], recipe, out: str, counted: dict) -> dict:
+def run_gates(results: dict, ledger, summary: dict | Callable[[], dict], recipe, out: str, counted: dict,
+              whole=None) -> dict:
     """Build every kind's tables, validate them, build Data Docs under OUT/reports/gx; the plain
     results (for summary.json). `counted`: per kind, its ledger's rows, distinct ids, kept rows and rows
     naming a shard (`pipelines.build.ledger_counts`). `summary`: summary.json's content, or a callable
     that waits for it: only the totals need it, so the ledger and shard suites are built and validated
-    first (a run starts the gates beside its ledger write and summary). Call before publishing; then
-    `enforce`."""
+    first (a run starts the gates beside its ledger write and summary). `whole`: the ledger's
+    LEDGER_COLUMNS as Arrow where the run holds them on the driver (`pipelines.build.materialise`), else
+    fetched here when the ledger has at most LEDGER_CAP rows. Call before publishing; then `enforce`."""
     from pipelines import kinds
 
     t0 = time.perf_counter()
     with _docs_root(out) as root:
         v = Validation(root)
         sampling: dict = {}
-        whole = fetch_ledger(ledger) if sum(c["n"] for c in counted.values()) <= LEDGER_CAP else None
+        if whole is not None:
+            whole = whole.select(LEDGER_COLUMNS).to_pandas()
+        elif sum(c["n"] for c in counted.values()) <= LEDGER_CAP:
+            whole = fetch_ledger(ledger)
         for name, res in results.items():
             kind = kinds.get(name)
             contract = kind.contract(recipe.section(name), res.facts)
