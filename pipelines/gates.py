@@ -43,8 +43,8 @@ from typing import Any
 import pyarrow as pa
 
 from filters.base import arrow_only
-from pipelines.io import readers, storage
 from pipelines.io import shards as shard_io
+from pipelines.io import storage
 from pipelines.kind import Kind
 from schemas import ledger as L
 from schemas.common import SAMPLE_ID, SAMPLE_ID_REGEX
@@ -440,17 +440,20 @@ def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contra
     read: list[dict] = []
     if tasks:
         # twice as many tasks as cores, each reading a run of the shards (a Python task costs 0.1-0.2 s
-        # to start); each sends back its rows pickled (their cells keep their Python types)
+        # to start); each sends back its rows pickled (their cells keep their Python types). Task i reads
+        # group i, named by the one id in partition i of a range (the groups, a few names each, travel
+        # in the function): one stage, where a table of the names made two (its rows placed by a shuffle)
         n = min(len(tasks), 2 * ledger.sparkSession.sparkContext.defaultParallelism)
         groups = [tasks[len(tasks) * i // n:len(tasks) * (i + 1) // n] for i in range(n)]
+
         def read_back(batches):
             arrow_only()
             for b in batches:
-                rows = [pickle.dumps(shard_rows(d, n, contract)) for d, n in zip(*b.to_pydict().values())]
+                rows = [pickle.dumps(shard_rows(d, name, contract)) for i in b.column(0).to_pylist()
+                        for d, name in groups[i]]
                 yield pa.record_batch([pa.array(rows, pa.binary())], names=["rows"])
 
-        where = pa.schema([("dir", pa.string()), ("name", pa.string())])
-        got = readers.task_table(ledger.sparkSession, groups, where).mapInArrow(read_back, "rows binary")
+        got = ledger.sparkSession.range(0, n, 1, n).mapInArrow(read_back, "rows binary")
         read = [r for b in got.toArrow().column("rows").to_pylist() for r in pickle.loads(b)]
     table = shard_frame(read, contract)
     if rows is not None:
