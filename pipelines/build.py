@@ -72,18 +72,22 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-LEDGER_ONE_FILE = 500_000  # ledger rows written as one file, sorted in one task
+def write_ledger(ledger, whole, uri: str) -> None:
+    """OUT/ledger in sample_id order. A ledger held on the driver (`materialise`: at most
+    gates.LEDGER_CAP rows) is sorted and written there, one file; a larger one by a global sort in Spark,
+    into as many files as its shuffle makes. The same columns either way (schemas.ledger.SCHEMA's
+    types; tests/pipelines/test_ledger_write.py)."""
+    if whole is None:
+        write_parquet(ledger.select(L.SCHEMA.names).orderBy(SAMPLE_ID), uri)
+        return
+    import pyarrow as pa
 
-
-def sorted_ledger(ledger, rows: int):
-    """The ledger in sample_id order: up to LEDGER_ONE_FILE rows, one partition sorted in one task (one
-    job; a global sort first samples the keys in a job of its own, then shuffles); above, a global sort
-    into as many files as Spark's shuffle makes."""
-    from pyspark.sql import functions as F
-
-    if rows <= LEDGER_ONE_FILE:
-        return ledger.coalesce(1).sortWithinPartitions(F.col(SAMPLE_ID))
-    return ledger.orderBy(SAMPLE_ID)
+    # nullable as Spark writes them: a broken row is the gates' to report, not the writer's to refuse
+    schema = pa.schema([f.with_nullable(True) for f in L.SCHEMA])
+    table = whole.select(L.SCHEMA.names).cast(schema).sort_by(SAMPLE_ID)
+    storage.remove_tree(uri)
+    storage.write_table(storage.join(uri, "part-00000.parquet"), table)
+    storage.write_bytes(storage.join(uri, "_SUCCESS"), b"")
 
 
 def write_parquet(df, uri: str) -> None:
@@ -122,16 +126,16 @@ def _counts() -> dict:
     return {"input": 0, "kept": 0, "dropped": {}, "quarantined": {}}
 
 
-LEDGER_FETCHED = [*gates.LEDGER_COLUMNS, READ_UNIT]  # what the driver holds of a small ledger (`materialise`)
+LEDGER_FETCHED = [*L.SCHEMA.names, READ_UNIT]  # what the driver holds of a small ledger (`materialise`)
 
 
 def materialise(ledger, results: dict):
     """(the run's ledger computed once, as a local checkpoint that later queries read; its LEDGER_FETCHED
     columns on the driver as Arrow when it holds at most gates.LEDGER_CAP rows, else None). A small
-    ledger is fetched by the very job that computes it, and its counts, accounting and the gates' ledger
-    suites are then computed on the driver, with no Spark query of their own (at 2,000 URLs the counts'
-    job took 0.8-1.1 s of the run's critical path, its 4 stages planned and scheduled after the
-    checkpoint's). Its rows are known before it is computed where every kind has one unit (a row per
+    ledger is fetched by the very job that computes it, and its counts, accounting, the gates' ledger
+    suites and OUT/ledger are then made on the driver, with no Spark query of their own (at 2,000 URLs
+    the counts' job took 0.8-1.1 s of the run's critical path, its 4 stages planned and scheduled after
+    the checkpoint's; at 20,000 the ledger's sorted write took 1.5 s of a busy run's end). Its rows are known before it is computed where every kind has one unit (a row per
     item its reader counted); otherwise the checkpoint is counted first."""
     reads = [r.read["items"] if r.read else None for r in results.values()]
     single = all(len(kinds.get(kind).units) == 1 for kind in results)
@@ -390,8 +394,7 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
             gated = beside(functools.partial(run_gates, ledger, summarized.result, total["kinds"], whole),
                            "vlcurate-gates")
             t0 = time.perf_counter()
-            write_parquet(sorted_ledger(ledger.select([f.name for f in L.SCHEMA]), total["n"]),
-                          storage.join(root, "ledger"))
+            write_ledger(ledger, whole, storage.join(root, "ledger"))
             timer.add_wall("ledger", time.perf_counter() - t0)
             check_accounting(ledger, results, counts, total, whole)  # waits for the shard writers
             summary = summarize(counts, results, recipe, timer, started, out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import glob
+import io
 import os
 import shutil
 import tempfile
@@ -158,6 +159,15 @@ def write_bytes(uri: str, data: bytes) -> None:
     with open(tmp, "wb") as f:
         f.write(data)
     os.replace(tmp, uri)
+
+
+def write_table(uri: str, table) -> None:
+    """An Arrow table as one Parquet file, written atomically (`write_bytes`)."""
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(uri, buf.getvalue())
 
 
 def remove_tree(uri: str) -> None:

@@ -185,14 +185,6 @@ def _hash_fraction(F):
     return F.xxhash64(F.lit("vlcurate-report"), F.col(SAMPLE_ID)).bitwiseAND((1 << 53) - 1) / float(1 << 53)
 
 
-def _write_table(table: pa.Table, uri: str) -> None:
-    import pyarrow.parquet as pq
-
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(uri, buf.getvalue())
-
-
 def _sorted(table: pa.Table, keys: list[str]) -> pa.Table:
     return table.sort_by([(k, "ascending") for k in keys])
 
@@ -280,7 +272,7 @@ def collect_documents(kind, res, ledger, rows, scalars: list[str], mdir: str, ti
                  .join(rows.select(SAMPLE_ID, *scalars).join(F.broadcast(ids.select(SAMPLE_ID)), SAMPLE_ID,
                                                              "left_semi"), SAMPLE_ID, "left"))
     docs_t = _sorted(documents.toArrow(), [SAMPLE_ID])
-    _write_table(docs_t, storage.join(mdir, "documents.parquet"))
+    storage.write_table(storage.join(mdir, "documents.parquet"), docs_t)
 
     # their images: those in each head, in place, and up to DOC_OFF_TEXT the layout does not place
     places = heads.select(F.col(SAMPLE_ID).alias("_doc"), "layout_shown", "layout_placed")
@@ -302,7 +294,7 @@ def collect_documents(kind, res, ledger, rows, scalars: list[str], mdir: str, ti
     images = cached(images.drop("_media"))
     values = rows.select(SAMPLE_ID, *scalars).join(F.broadcast(images.select(SAMPLE_ID)), SAMPLE_ID, "left_semi")
     images_t = _sorted(images.join(values, SAMPLE_ID, "left").toArrow(), [L.PARENT_ID, "position", SAMPLE_ID])
-    _write_table(images_t, storage.join(mdir, "document-images.parquet"))
+    storage.write_table(storage.join(mdir, "document-images.parquet"), images_t)
     for df in (docs, named, found, heads, images):
         df.unpersist()
     return {"documents": docs_t.num_rows, "images": images_t.num_rows, "kept": DOC_KEPT, "per_reason": DOC_PER_REASON,
@@ -453,14 +445,14 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None, known_ro
     try:
         if not on_driver:
             dist_t, bars_t = _in_spark(rows, n, scalars, lists, drawn)
-        _write_table(dist_t, storage.join(mdir, "rows.parquet"))
+        storage.write_table(storage.join(mdir, "rows.parquet"), dist_t)
         bars = {}
         for f, got in bars_t.items():
-            _write_table(got["table"], storage.join(mdir, f"bars-{f}.parquet"))
+            storage.write_table(storage.join(mdir, f"bars-{f}.parquet"), got["table"])
             bars[f] = {"rows": int(got["rows"]), "distinct": int(got["distinct"]), "list": f in lists,
                        "with_values": int(got["with_values"])}
         gallery_t = _gallery(_chosen(of_kind, res, picks, report, timer).toArrow(), picks, scalars)
-        _write_table(gallery_t, storage.join(mdir, "gallery.parquet"))
+        storage.write_table(storage.join(mdir, "gallery.parquet"), gallery_t)
         documents = collect_documents(kind, res, ledger, rows, scalars, mdir, timer)
     finally:
         if not on_driver:

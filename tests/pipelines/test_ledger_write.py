@@ -8,17 +8,27 @@ import pytest
 from pipelines import build
 
 
-def test_small_and_big_ledgers_are_written_in_sample_id_order(spark, tmp_path, monkeypatch):
+def test_ledgers_on_the_driver_and_in_spark_are_written_alike(spark, tmp_path):
+    """OUT/ledger in sample_id order, with the ledger schema's columns and types, whether the driver
+    holds the ledger (sorted and written there) or Spark sorts and writes it; the driver writes one file."""
+    from pyspark.sql import functions as F
+
+    from schemas import ledger as L
+    from schemas.common import READ_UNIT
+
     rows = [(f"{(i * 7919) % 1000:016x}", "image_text", "kept" if i % 3 else "dropped") for i in range(1000)]
     ledger = spark.createDataFrame(rows, "sample_id string, kind string, status string").repartition(4)
-    small, big = str(tmp_path / "small"), str(tmp_path / "big")
-    build.write_parquet(build.sorted_ledger(ledger, 1000), small)
-    monkeypatch.setattr(build, "LEDGER_ONE_FILE", 999)
-    build.write_parquet(build.sorted_ledger(ledger, 1000), big)
+    ledger = ledger.select(*[F.col(f.name) if f.name in ledger.columns else F.lit(f"{f.name}-x" if not f.nullable else None)
+                             .cast("string").alias(f.name) for f in L.SCHEMA], F.lit("u").alias(READ_UNIT))
+    on_driver, in_spark = str(tmp_path / "driver"), str(tmp_path / "spark")
+    build.write_ledger(ledger, ledger.toArrow(), on_driver)
+    build.write_ledger(ledger, None, in_spark)
     want = sorted(r[0] for r in rows)
-    got_small = pq.read_table(small).column("sample_id").to_pylist()
-    assert got_small == want and len(pq.ParquetDataset(small).files) == 1
-    assert pq.read_table(big).column("sample_id").to_pylist() == want
+    got = pq.read_table(on_driver)
+    assert got.column("sample_id").to_pylist() == want and len(pq.ParquetDataset(on_driver).files) == 1
+    assert got.to_pylist() == pq.read_table(in_spark).to_pylist()
+    for table in (got, pq.read_table(in_spark)):
+        assert [(f.name, f.type) for f in table.schema] == [(f.name, f.type) for f in L.SCHEMA]
 
 
 @pytest.mark.parametrize("engine", ["spark", "arrow"])
