@@ -365,14 +365,14 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     # work (great-expectations in pandas) leave the cores idle between jobs. The material and the gates'
     # ledger and shard suites need only the ledger and the kinds' rows, so they start as soon as the
     # ledger is materialised and counted (a kind of at most report.ROW_CAP rows gets its material from
-    # one fetch, computed on the driver); the gates' totals wait for summary.json's counts.
+    # the driver's copy of the ledger and one fetch); the gates' totals wait for summary.json's counts.
     from pipelines import report
 
-    def run_material(ledger, rows: dict) -> tuple[dict, dict]:
+    def run_material(ledger, whole) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         with progress.phase(spark, "report"):
             found = {kind: report.collect_material(kinds.get(kind), res, ledger, root, timer, recipe.section(kind),
-                                                   known_rows=rows.get(kind, {}).get("n", 0))
+                                                   whole=whole)
                      for kind, res in results.items()}
         timer.add_wall("report_material", time.perf_counter() - t0)
         return found, draw_charts(root, list(results))
@@ -389,8 +389,8 @@ def _curate(spark, recipe: Recipe, planned: dict, timer: StageTimer, started: fl
     try:
         with progress.phase(spark, "ledger"):
             ledger, whole = materialise(ledger, results)
-            counts, total = ledger_counts(ledger, whole)  # the material needs each kind's rows to choose where it works
-            collected = beside(functools.partial(run_material, ledger, total["kinds"]), "vlcurate-report")
+            counts, total = ledger_counts(ledger, whole)
+            collected = beside(functools.partial(run_material, ledger, whole), "vlcurate-report")
             gated = beside(functools.partial(run_gates, ledger, summarized.result, total["kinds"], whole),
                            "vlcurate-gates")
             t0 = time.perf_counter()

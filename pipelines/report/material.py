@@ -401,19 +401,20 @@ def _bars(rows, fields: list[str], lists: list[str]) -> dict[str, dict]:
     return out
 
 
-def collect_material(kind, res, ledger, out: str, timer=None, cfg=None, known_rows: int | None = None) -> dict:
+def collect_material(kind, res, ledger, out: str, timer=None, cfg=None, whole=None) -> dict:
     """Write OUT/reports/material/<kind>/ from a kind's Result and the run's ledger; returns the
     material.json content. Only capped, small tables come back to the driver.
 
-    `known_rows`: the kind's ledger rows, when the caller has counted them (build: the ledger-counts
-    job). At most ROW_CAP, rows.parquet holds every row anyway: that one fetch (the ledger's narrow
-    columns joined with the plan's report columns) is all the driver needs, and the sections,
-    duplicate groups, gallery picks and bar counts are computed from it in Arrow (`_on_driver`): two
-    Spark queries in all, the gallery's included (6 jobs on the test's items, their joins' stages).
-    Otherwise (a big run, or the count unknown) the same figures come from Spark: a handful of jobs over one persisted table of about ROWS_PER_PARTITION
-    rows a partition, from which the rows sample and the bar counts are read (`_in_spark`). Both give
-    the same tables (tests/pipelines/test_report.py). The gallery's rows (text, media reference, source
-    key and detail of a few hundred picked rows, thumbnails made in the executors) are one more query."""
+    `whole`: the run's ledger on the driver as Arrow, where the run holds it there (build.materialise).
+    A kind of at most ROW_CAP rows in it has every row in rows.parquet anyway: one query of the kind's
+    report values (no join in Spark), joined on the driver with its ledger rows, is all the driver
+    needs, and the sections, duplicate groups, gallery picks and bar counts are computed from that in
+    Arrow (`_on_driver`): two Spark queries in all, the gallery's included. Otherwise (a big run, or no
+    ledger on the driver) the same figures come from Spark: a handful of jobs over one persisted table
+    of about ROWS_PER_PARTITION rows a partition, from which the rows sample and the bar counts are read
+    (`_in_spark`). Both give the same tables (tests/pipelines/test_report.py). The gallery's rows (text,
+    media reference, source key and detail of a few hundred picked rows, thumbnails made in the
+    executors) are one more query."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
     from pyspark.sql.types import ArrayType
@@ -432,9 +433,10 @@ def collect_material(kind, res, ledger, out: str, timer=None, cfg=None, known_ro
 
     led = _sectioned(info)
     rows = led.join(res.rows.select(SAMPLE_ID, *report), SAMPLE_ID, "left")
-    on_driver = known_rows is not None and known_rows <= ROW_CAP
+    mine = None if whole is None else whole.filter(pc.equal(whole["kind"], name))
+    on_driver = mine is not None and mine.num_rows <= ROW_CAP
     if on_driver:
-        stats, picks, dist_t, bars_t = _on_driver(rows.toArrow(), scalars, lists, drawn)
+        stats, picks, dist_t, bars_t = _on_driver(_joined(mine, res, report), scalars, lists, drawn)
     else:  # the ledger alone first (rows per section, duplicate groups, picks), then one persisted table
         stats = _ledger_stats(led)
         parts = _partitions(sum(stats[0].values()))
@@ -486,6 +488,23 @@ def _in_spark(rows, n: int, scalars: list[str], lists: list[str], drawn: list[st
     dist = dist.select(SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, *scalars,
                        *[F.when(F.col(c).isNotNull(), F.size(c)).alias(f"n_{c}") for c in lists])
     return _sorted(dist.toArrow(), [SAMPLE_ID]), (_bars(rows, drawn, lists) if drawn else {})
+
+
+def _joined(mine: pa.Table, res, report: list[str]) -> pa.Table:
+    """The Spark path's `rows` (a kind's ledger rows with their section, hash fraction and report values)
+    made on the driver: `mine`, the kind's rows of the run's ledger there, and one query of the kind's
+    report values and hash fraction, put in the ledger's order by id. (The join in Spark shuffled both
+    sides: the ledger, a local checkpoint, has no size the planner can see.)"""
+    from pyspark.sql import functions as F
+
+    got = res.rows.select(SAMPLE_ID, _hash_fraction(F).alias("_h"), *report).toArrow()
+    got = got.take(pc.index_in(mine.column(SAMPLE_ID), value_set=got.column(SAMPLE_ID)))
+    t = mine.select([SAMPLE_ID, L.UNIT, L.STATUS, L.REASON, L.DUPLICATE_OF])
+    section = pc.if_else(pc.equal(t.column(L.STATUS), L.KEPT), pa.scalar("kept"), t.column(L.REASON))
+    t = t.append_column("_h", got.column("_h")).append_column("section", section)
+    for c in report:
+        t = t.append_column(c, got.column(c))
+    return t
 
 
 def _on_driver(t: pa.Table, scalars: list[str], lists: list[str], drawn: list[str]):

@@ -186,13 +186,13 @@ def material_files(out: str) -> dict:
 @pytest.mark.parametrize("caps", [{}, {"GALLERY_KEPT": 1, "OVERSAMPLE": 1, "GALLERY_PER_REASON": 1},
                                   {"BARS_TOP": 1, "DUP_GROUPS": 0}, {"DUP_MEMBERS": 0, "GALLERY_KEPT": 0}])
 def test_driver_and_spark_give_the_same_material(result, tmp_path, monkeypatch, caps):
-    """A kind of at most ROW_CAP rows (its count known) is computed on the driver from one fetch: the
+    """A kind of at most ROW_CAP rows in the driver's copy of the ledger is computed there from one fetch: the
     same tables, picks and counts as the Spark path gives, under caps that thin, cut and empty sections."""
     for k, v in caps.items():
         monkeypatch.setattr(M, k, v)
     spark_out, driver_out = str(tmp_path / "spark"), str(tmp_path / "driver")
     in_spark = report.collect_material(SPEC, result, result.ledger, spark_out, None, CFG)
-    on_driver = report.collect_material(SPEC, result, result.ledger, driver_out, None, CFG, known_rows=len(ITEMS))
+    on_driver = report.collect_material(SPEC, result, result.ledger, driver_out, None, CFG, whole=result.ledger.toArrow())
     assert on_driver == in_spark
     assert material_files(driver_out) == material_files(spark_out)
 
@@ -215,7 +215,7 @@ def test_material_runs_a_few_small_spark_jobs(result, tmp_path, spark):
 
     sc.setJobGroup("report-driver", "report-driver")  # the count known and small: one fetch and the gallery
     try:
-        report.collect_material(SPEC, result, result.ledger, str(tmp_path), None, CFG, known_rows=len(ITEMS))
+        report.collect_material(SPEC, result, result.ledger, str(tmp_path), None, CFG, whole=result.ledger.toArrow())
     finally:
         sc.setLocalProperty("spark.jobGroup.id", None)
     assert len(tracker.getJobIdsForGroup("report-driver")) < len(jobs) - 2, (jobs, tracker.getJobIdsForGroup("report-driver"))
