@@ -10,7 +10,8 @@ names a kind.
   unique and well-formed, units declared by the kind, statuses and reasons declared for the kind
   with the status each reason has, kept rows with a shard and no reason, sub-items pointing at a
   parent, duplicates pointing at a ledger row.
-- `<kind>.totals`: one row of exact counts computed with Spark: input = kept + dropped +
+- `<kind>.totals`: one row of exact counts (`pipelines.build.ledger_counts`: Spark, or Arrow on the
+  driver's copy of a small ledger): input = kept + dropped +
   quarantined for every unit, distinct ids = input, kept = samples in the shards, no row with a
   reason the kind declares fatal, and the run-level assertions the kind's plan made.
 - `<kind>.shards`: the samples read back from the shards just written (all of them up to
@@ -56,7 +57,8 @@ log = logging.getLogger(__name__)
 logging.getLogger("great_expectations").setLevel(logging.WARNING)  # it logs every registration at INFO
 
 CRITICAL, WARNING = "critical", "warning"
-LEDGER_CAP = 1_000_000  # ledger rows validated in pandas on the driver; above it, in Spark
+LEDGER_CAP = 1_000_000  # a ledger of at most this many rows is held on the driver (build.materialise): counted,
+# written and validated (pandas) there; a larger one in Spark
 SHARD_SAMPLE_CAP = 5_000  # shard samples read back (contract and fields checked); above it, whole shards spread evenly
 GX_DOCS = "gx/uncommitted/data_docs/local_site/index.html"  # relative to OUT/reports
 SAMPLE_ID_PATTERN = f"^{SAMPLE_ID_REGEX}$"
@@ -319,7 +321,7 @@ def _with_statuses(whole, kind: str):
 
 def totals_table(kind: Kind, summary_kind: dict, assertions: list[dict], counted: dict):
     """One row of exact counts: `counted`, the kind's ledger rows, distinct ids, kept rows and rows naming
-    a shard (Spark aggregates over the whole ledger: `pipelines.build.ledger_counts`), beside the
+    a shard (aggregates over the whole ledger: `pipelines.build.ledger_counts`), beside the
     summary's counts per unit and reason and the shard writer's stats."""
     import pandas as pd
 
