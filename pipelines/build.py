@@ -135,16 +135,17 @@ def materialise(ledger, results: dict):
     ledger is fetched by the very job that computes it, and its counts, accounting, the gates' ledger
     suites and OUT/ledger are then made on the driver, with no Spark query of their own (at 2,000 URLs
     the counts' job took 0.8-1.1 s of the run's critical path, its 4 stages planned and scheduled after
-    the checkpoint's; at 20,000 the ledger's sorted write took 1.5 s of a busy run's end). Its rows are known before it is computed where every kind has one unit (a row per
-    item its reader counted); otherwise the checkpoint is counted first."""
+    the checkpoint's; at 20,000 the ledger's sorted write took 1.5 s of a busy run's end). Its rows are
+    known before it is computed where every kind has one unit (a row per item its reader counted);
+    otherwise the checkpoint is counted first."""
     reads = [r.read["items"] if r.read else None for r in results.values()]
     single = all(len(kinds.get(kind).units) == 1 for kind in results)
     n = sum(reads) if single and None not in reads else None
     if n is not None and n <= gates.LEDGER_CAP:
         ledger = ledger.localCheckpoint(eager=False)  # its blocks are kept by the job that fetches them
-        return ledger, ledger.select(LEDGER_FETCHED).toArrow()
-    ledger = ledger.localCheckpoint()
-    n = ledger.count() if n is None else n
+    else:
+        ledger = ledger.localCheckpoint()
+        n = ledger.count() if n is None else n
     return ledger, ledger.select(LEDGER_FETCHED).toArrow() if n <= gates.LEDGER_CAP else None
 
 

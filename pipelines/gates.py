@@ -266,10 +266,10 @@ def shard_checks(contract: Contract, expected_rows: int) -> list:
 LEDGER_COLUMNS = [SAMPLE_ID, "kind", L.UNIT, L.PARENT_ID, L.STATUS, L.REASON, L.DUPLICATE_OF, L.SHARD]
 
 
-def fetch_ledger(ledger):
-    """The whole ledger's LEDGER_COLUMNS as pandas, in one scan (for a ledger of at most LEDGER_CAP rows):
-    every kind's ledger table is then made from it on the driver, without a Spark query per kind."""
-    return ledger.select(LEDGER_COLUMNS).toArrow().to_pandas()
+def ledger_frame(whole):
+    """LEDGER_COLUMNS of the run's ledger on the driver (Arrow, `pipelines.build.materialise`: at most
+    LEDGER_CAP rows) as pandas: every kind's ledger table is then made from it, without a Spark query."""
+    return whole.select(LEDGER_COLUMNS).to_pandas()
 
 
 def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None, whole=None):
@@ -277,7 +277,7 @@ def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None,
     status of the row named by duplicate_of ('none' when the row is no duplicate, 'missing' when no
     such row exists); parent_status likewise for parent_id, among the rows of the same kind. Up to
     `cap` rows the table is pandas (great-expectations' pandas engine is faster than a dozen Spark jobs
-    on a small table): made from `whole` (`fetch_ledger`) where given, else fetched with the statuses
+    on a small table): made from `whole` (`ledger_frame`) where given, else fetched with the statuses
     joined in Spark; above it, it is the Spark DataFrame, validated where it lies. Every row is checked
     at any size. `n`: the kind's ledger rows when already counted."""
     from pyspark.sql import functions as F
@@ -616,19 +616,16 @@ def run_gates(results: dict, ledger, summary: dict | Callable[[], dict], recipe,
     results (for summary.json). `counted`: per kind, its ledger's rows, distinct ids, kept rows and rows
     naming a shard (`pipelines.build.ledger_counts`). `summary`: summary.json's content, or a callable
     that waits for it: only the totals need it, so the ledger and shard suites are built and validated
-    first (a run starts the gates beside its ledger write and summary). `whole`: the ledger's
-    LEDGER_COLUMNS as Arrow where the run holds them on the driver (`pipelines.build.materialise`), else
-    fetched here when the ledger has at most LEDGER_CAP rows. Call before publishing; then `enforce`."""
+    first (a run starts the gates beside its ledger write and summary). `whole`: the ledger on the
+    driver as Arrow (`pipelines.build.materialise`: every ledger of at most LEDGER_CAP rows), else None.
+    Call before publishing; then `enforce`."""
     from pipelines import kinds
 
     t0 = time.perf_counter()
     with _docs_root(out) as root:
         v = Validation(root)
         sampling: dict = {}
-        if whole is not None:
-            whole = whole.select(LEDGER_COLUMNS).to_pandas()
-        elif sum(c["n"] for c in counted.values()) <= LEDGER_CAP:
-            whole = fetch_ledger(ledger)
+        whole = None if whole is None else ledger_frame(whole)
         for name, res in results.items():
             kind = kinds.get(name)
             contract = kind.contract(recipe.section(name), res.facts)

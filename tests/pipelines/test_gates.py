@@ -94,7 +94,7 @@ def test_the_ledger_suite_gives_the_same_results_in_pandas_and_above_the_cap_in_
     results = {}
     # the statuses joined in Spark and looked up on the driver in the whole ledger fetched once: the same table
     joined, _ = gates.ledger_table(ledger, KIND)
-    looked_up, info = gates.ledger_table(ledger, KIND, whole=gates.fetch_ledger(ledger))
+    looked_up, info = gates.ledger_table(ledger, KIND, whole=gates.ledger_frame(ledger.toArrow()))
     assert info == {"rows": 8, "engine": "pandas"}
     order = ["sample_id", "status"]
     pd.testing.assert_frame_equal(looked_up.sort_values(order).reset_index(drop=True),
