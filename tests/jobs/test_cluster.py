@@ -56,10 +56,25 @@ class Cluster(str):
         return self
 
 
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def _free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n different ports free now: all bound at once, so no two are the same (a port chosen after another
+    one's socket closed can be that port again; a daemon that finds its port taken moves to the next)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+
+
+def _master_ui(log_path) -> str | None:
+    """The master's web UI, from its log line 'Bound MasterWebUI to HOST, and started at URL': the port it
+    really has, which is not the one asked for when that one was taken meanwhile."""
+    try:
+        with open(log_path, errors="replace") as f:
+            found = re.search(r"Bound MasterWebUI to [^,]+, and started at http://[^:/]+:(\d+)", f.read())
+    except OSError:
+        return None
+    return f"http://{HOSTS[0]}:{found.group(1)}" if found else None
 
 
 def _daemon(args: list[str], host: str, log_path: str, env: dict | None = None) -> subprocess.Popen:
@@ -75,7 +90,7 @@ def standalone(tmp, workers: list[tuple[str, int, str]], env: dict | None = None
     """A master on HOSTS[0] and one worker per (host, cores, memory), started with `env` added to their
     environment, logs in `tmp` (master.log, worker<i>.log) and work folders tmp/worker<i>. Yields (master
     URL, the master's JSON state) once every worker registered; stops the daemons afterwards."""
-    port, ui = _free_port(), _free_port()
+    port, ui, *worker_uis = _free_ports(2 + len(workers))
     url = f"spark://{HOSTS[0]}:{port}"
     procs = []
     try:
@@ -85,17 +100,21 @@ def standalone(tmp, workers: list[tuple[str, int, str]], env: dict | None = None
             work = tmp / f"worker{i}"
             work.mkdir()
             procs.append(_daemon(["org.apache.spark.deploy.worker.Worker", url, "--host", host, "--cores", str(cores),
-                                  "--memory", memory, "--webui-port", str(_free_port(host)), "--work-dir", str(work)],
+                                  "--memory", memory, "--webui-port", str(worker_uis[i]), "--work-dir", str(work)],
                                  host, str(tmp / f"worker{i}.log"), env))
-        deadline = time.monotonic() + 180
+        deadline, state = time.monotonic() + 180, {}
         while True:
             assert all(p.poll() is None for p in procs), f"a cluster daemon died: see {tmp}/master.log, worker*.log"
-            assert time.monotonic() < deadline, "the workers did not register within 180 s"
+            assert time.monotonic() < deadline, (f"the workers did not register within 180 s (master UI "
+                                                 f"{_master_ui(tmp / 'master.log')}, last state {state}): see "
+                                                 f"{tmp}/master.log, worker*.log")
+            master_ui = _master_ui(tmp / "master.log")
             try:
-                state = json.load(urllib.request.urlopen(f"http://{HOSTS[0]}:{ui}/json/", timeout=2))
-                if state.get("aliveworkers") == len(workers):
-                    break
-            except OSError:
+                if master_ui:
+                    state = json.load(urllib.request.urlopen(f"{master_ui}/json/", timeout=5))
+                    if state.get("aliveworkers") == len(workers):
+                        break
+            except (OSError, ValueError):
                 pass
             time.sleep(1)
         yield url, state
