@@ -13,7 +13,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PIP_NO_CACHE_DIR := 1
 OUT ?= out
 
-.PHONY: setup system venv jvm demo run test bench bench-compare package clean
+.PHONY: setup system venv jvm demo run test lint bench bench-compare package clean
 
 setup: system venv jvm
 
@@ -71,8 +71,12 @@ demo: setup
 run: setup
 	bin/vlcurate $(ARGS)
 
-test: setup
+test: lint
 	$(PY) -m pytest
+
+# ruff, pinned in pyproject.toml (its rules there); part of `make test`
+lint: setup
+	$(PY) -m ruff check .
 
 bench: setup
 	$(PY) -m benchmarks.pipeline_throughput

@@ -47,7 +47,7 @@ def generate(out_dir: str, n: int = 2000, per_shard: int = 500, dup_share: float
             if tf is not None:
                 tf.close()
             paths.append(os.path.join(out_dir, f"corpus-{i // per_shard:06d}.tar"))
-            tf = tarfile.open(paths[-1], "w")
+            tf = tarfile.open(paths[-1], "w")  # noqa: SIM115 - one tar open at a time, closed below
         if made and rng.random() < dup_share:
             j = int(rng.integers(0, len(made)))
             src = Image.open(io.BytesIO(made[j]))

@@ -26,7 +26,6 @@ class _NoPandas(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path, target=None):
         if name == "pandas":
             raise ModuleNotFoundError("pandas is kept out of this Python worker (filters.base.arrow_only)", name=name)
-        return None
 
 
 def _give_back() -> None:

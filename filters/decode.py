@@ -160,8 +160,8 @@ class Decode(Stage):
                     row.update(self.decode_one(data))
                 except DecodeError as e:
                     row.update({ERROR: e.reason, ERROR_DETAIL: e.detail})
-            for name in cols:
-                cols[name].append(row.get(name))
+            for name, values in cols.items():
+                values.append(row.get(name))
         return cols
 
 

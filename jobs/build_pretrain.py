@@ -17,10 +17,10 @@ import time
 # spark-submit runs this file as a script: make the project's packages importable from a checkout.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipelines.pyspark_daemon import prefer_installed  # noqa: E402
+from pipelines.pyspark_daemon import prefer_installed
 
 prefer_installed()  # pyspark from the installed package's compiled files, not spark-submit's pyspark.zip
-from pipelines.recipe import RecipeError, load  # noqa: E402
+from pipelines.recipe import RecipeError, load
 
 log = logging.getLogger("build_pretrain")
 SAMPLE_DIR = os.path.join("data", "sample")

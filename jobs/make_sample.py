@@ -185,8 +185,7 @@ def make_sample(out_dir: str) -> str:
                     f.write(data)
                 rows.append({"key": key, "image_path": f"images/{key}.{ext}", "caption": caption})
     with open(os.path.join(out_dir, "table", "pairs.jsonl"), "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     return out_dir
 
 

@@ -87,9 +87,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return ""
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if tp in (int, float, str, bool):
-        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-            raise RecipeError(f"recipe key '{path}' must be {tp.__name__}, got {value!r}")
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise RecipeError(f"recipe key '{path}' must be {tp.__name__}, got {value!r}")
     return value
 
 

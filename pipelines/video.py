@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -525,7 +526,7 @@ def explain(row: dict, section: dict, facts: dict) -> str:
     """The value that decided a row's fate, in words (the report's cards)."""
     def num(name):
         v = row.get(name)
-        return v if isinstance(v, (int, float)) and v == v else None
+        return v if isinstance(v, (int, float)) and not math.isnan(v) else None
 
     reason, seconds, duration = row.get("reason"), num("clip_seconds"), num("duration")
     if row.get("status") == "kept":

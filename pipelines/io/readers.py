@@ -919,7 +919,7 @@ class ReadCounts(AccumulatorParam):
     def zero(self, value: dict) -> dict:
         return {}
 
-    def addInPlace(self, a: dict, b: dict) -> dict:  # noqa: N802 - pyspark's name
+    def addInPlace(self, a: dict, b: dict) -> dict:
         a.update(b)
         return a
 

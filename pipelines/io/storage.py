@@ -27,7 +27,7 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def s3_client():
     import boto3
     from botocore.config import Config

@@ -102,7 +102,7 @@ def test_a_partial_run_writes_the_tables_of_its_parts(tmp_path, monkeypatch):
                             "peak_rss_mib": {"jvm": 600.0, "python driver": 350.0, "python workers": 330.0}}}
         return x | kw
 
-    ours = dict(in_job_s=45.0, report_and_gates_s=9.0, task_s={"decode": 40.0, "caption": 2.0, "download": 1.0})
+    ours = {"in_job_s": 45.0, "report_and_gates_s": 9.0, "task_s": {"decode": 40.0, "caption": 2.0, "download": 1.0}}
     r = {"command": "python -m benchmarks.compare --n 20000 --parts download", "n": 20000, "cpu_count": 2,
          "machine": "x86_64", "load_start": [2.0], "load_end": [3.0], "img2dataset_version": "1.47.0", "rounds": 1,
          "corpus": {"pairs": 20000, "image_mib": 671.2},

@@ -25,7 +25,7 @@ assert pa.array(pandas.Series([1, 2])).to_pylist() == [1, 2]
 arrow_only()  # once pandas is loaded: a no-op
 print("ok")
 """
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
 
@@ -33,14 +33,14 @@ print("ok")
 def test_without_arrow_only_pyarrow_imports_pandas():
     # the control: the saving above is real only if pyarrow does import pandas on its own
     code = "import sys, pyarrow as pa; pa.array(['x']); print('pandas' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert out.stdout.strip() == "True", out.stderr
 
 
 def _pool_after_arrow_only(env: dict) -> str:
     code = ("import pyarrow as pa\nfrom filters.base import arrow_only\narrow_only()\n"
             "pa.array([b'x' * 100000])\nprint(pa.default_memory_pool().backend_name)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
                          env={k: v for k, v in os.environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"} | env)
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()

@@ -53,7 +53,7 @@ def test_exif_orientation_is_applied(photo):
 @pytest.mark.parametrize("mode", ["CMYK", "P", "RGBA", "LA", "L", "I;16", "1"])
 def test_modes_are_normalised_to_rgb_jpeg(photo, mode):
     if mode == "I;16":
-        img = Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257))
+        img = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
         data = _encode(img, "PNG")
     elif mode == "CMYK":
         data = _encode(photo.convert("CMYK"), "JPEG")
@@ -79,7 +79,7 @@ def test_animated_gif_uses_first_frame():
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
     (row,) = decode([buf.getvalue()])
     assert row["error"] is None
-    r, g, b = Image.open(io.BytesIO(row["image"])).getpixel((10, 10))
+    r, _, b = Image.open(io.BytesIO(row["image"])).getpixel((10, 10))
     assert b > 200 and r < 50
 
 

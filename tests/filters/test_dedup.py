@@ -41,13 +41,19 @@ def _crop(img, f):
     return img.crop((int(w * f), int(h * f), w - int(w * f), h - int(h * f)))
 
 
+def _png(img):
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 TRANSFORMS = {
     "reencoded": lambda im: _jpeg(im, 35),
     "resized": lambda im: _jpeg(im.resize((im.width // 2, im.height // 2))),
     "cropped": lambda im: _jpeg(_crop(im, 0.02)),
     "brighter": lambda im: _jpeg(ImageEnhance.Brightness(im.convert("RGB")).enhance(1.25)),
     "watermarked": lambda im: _jpeg(_watermark(im)),
-    "png": lambda im: (lambda b: (im.convert("RGB").save(b, format="PNG"), b.getvalue())[1])(io.BytesIO()),
+    "png": _png,
 }
 
 
@@ -86,14 +92,14 @@ def test_near_duplicate_recall_and_precision(corpus):
 
 
 def test_exact_duplicates_are_reported_as_exact(corpus):
-    df, family = corpus
+    df, _ = corpus
     drops = {i: Row(sample_id=i, reason=r, duplicate_of=d) for i, r, d in _both_paths(df, Dedup(near=False))}
     assert set(drops) == {f"{n}~exact" for n in PHOTOS}
     assert all(r.reason == "exact_duplicate" for r in drops.values())
 
 
 def test_keeper_is_the_largest_image(corpus):
-    df, family = corpus
+    df, _ = corpus
     drops = {r.sample_id: r for r in find_duplicates(df, Dedup()).collect()}
     assert drops["astronaut~resized"].duplicate_of != "astronaut~resized"
     assert "~resized" not in drops["astronaut~resized"].duplicate_of

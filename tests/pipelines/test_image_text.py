@@ -9,6 +9,7 @@ import socket
 import tarfile
 import threading
 from http.server import ThreadingHTTPServer
+from typing import ClassVar
 
 import pyarrow.parquet as pq
 import pytest
@@ -24,8 +25,8 @@ NAMES = list(PHOTOS)[:8]
 
 
 class Handler(QuietHandler):
-    images: dict[str, bytes] = {}
-    chats: list[dict] = []
+    images: ClassVar[dict[str, bytes]] = {}
+    chats: ClassVar[list[dict]] = []
 
     def do_GET(self):
         name = self.path.rsplit("/", 1)[-1]

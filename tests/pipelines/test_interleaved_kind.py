@@ -14,9 +14,6 @@ import pytest
 from PIL import Image
 
 from filters.html_extract import document_text, extract_page
-from pipelines import kinds
-from pipelines.build import run_build
-from pipelines.recipe import load
 from tests.filters.test_interleaved_stages import HANDBOOK, PAGE, copy_page, noise_image, read_text
 
 COPYRIGHT = "Copyright 2024 Example Corp. All rights reserved, reproduction without permission is prohibited."
@@ -181,7 +178,8 @@ def test_documents_over_the_token_bound_go_to_their_own_shard_set(run):
     assert sets == {"interleaved": {"count": 1, "samples": 2}, "interleaved_long": {"count": 1, "samples": 2}}
     # each set is published with its own manifest; the ledger names the long shard of a long document
     for name in sets:
-        index = json.load(open(os.path.join(out, "shards", name, "index.json")))
+        with open(os.path.join(out, "shards", name, "index.json")) as f:
+            index = json.load(f)
         assert [s["url"] for s in index["shardlist"]] == [f"{name}-000000.tar"]
     rows = _ledger(out)
     assert rows[f"zh/{PAGE}"]["shard"] == "interleaved_long-000000.tar"

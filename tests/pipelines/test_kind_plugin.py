@@ -102,7 +102,7 @@ def test_ledger_has_every_item_and_sub_item_once(toy_run):
 
 
 def test_accounting_per_unit_and_gates(toy_run):
-    out, summary = toy_run
+    _, summary = toy_run
     k = summary["kinds"]["toy_cards"]
     assert k["unit"] == "card" and k["input"] == 5 and k["kept"] == 2
     assert k["units"]["card"] == {"input": 5, "kept": 2, "dropped": {"no_colour_word": 1, "solid_color": 1},
@@ -133,7 +133,8 @@ def test_a_reason_not_declared_for_the_kind_fails_its_gate(toy_run, tmp_path):
 
 def test_report_follows_the_contract(toy_run):
     out, _ = toy_run
-    page = open(os.path.join(out, "reports", "index.html"), encoding="utf-8").read()
+    with open(os.path.join(out, "reports", "index.html"), encoding="utf-8") as f:
+        page = f.read()
     for anchor in ("kind-toy_cards", "funnel-toy_cards", "units-toy_cards", "gallery-toy_cards-no_colour_word",
                    "plot-colour", "plot-caption_chars"):
         assert f"id='{anchor}'" in page, anchor

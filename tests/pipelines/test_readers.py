@@ -452,7 +452,7 @@ def test_small_tables_share_read_tasks_and_ids_do_not_depend_on_it(tmp_path, spa
     plan = readers.read_plan(spark, [str(tmp_path)], 10)
     assert plan.rdd.getNumPartitions() == 4
     got = readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect()
-    key = lambda r: (r["source"], r["source_key"], r["sample_id"], r["url"], r["caption"])  # noqa: E731
+    key = lambda r: (r["source"], r["source_key"], r["sample_id"], r["url"], r["caption"])
     assert sorted(map(key, got)) == sorted(map(key, _rows([u for t in readers.plan_units([str(tmp_path)], 10)
                                                             for u in t])))
     assert len(got) == 7 * 300 + 5
@@ -517,7 +517,7 @@ def test_small_tars_share_read_tasks_by_size_local_and_on_s3(tmp_path, spark, s3
     plan = readers.read_plan(spark, [str(tmp_path)], 10)
     assert plan.rdd.getNumPartitions() == 3
     got = readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect()
-    key = lambda r: (r["source"], r["source_key"], r["sample_id"], r["caption"], r["image"])  # noqa: E731
+    key = lambda r: (r["source"], r["source_key"], r["sample_id"], r["caption"], r["image"])
     whole = _rows([u for t in readers.plan_units([str(tmp_path)], 10) for u in t])
     assert sorted(map(key, got)) == sorted(map(key, whole)) and len(got) == 30
 

@@ -10,8 +10,8 @@ import os
 from html.parser import HTMLParser
 
 import pyarrow as pa
-import pytest
 import pyarrow.parquet as pq
+import pytest
 from PIL import Image
 
 from pipelines.report import material as M
@@ -88,7 +88,7 @@ def _ledger(out: str) -> dict[str, dict]:
     return {r["sample_id"]: r for r in pq.read_table(os.path.join(out, "ledger")).to_pylist()}
 
 
-def test_documents_material_is_sampled_and_bounded(run):  # noqa: F811
+def test_documents_material_is_sampled_and_bounded(run):
     out, _, _ = run
     mdir = M.material_dir(out, "interleaved")
     with open(os.path.join(mdir, "material.json"), encoding="utf-8") as f:
@@ -123,7 +123,7 @@ def test_documents_material_is_sampled_and_bounded(run):  # noqa: F811
     assert mine["missing.png"]["reason"] == "image_missing" and mine["missing.png"]["thumb"] is None
 
 
-def test_report_page_shows_documents_with_images_in_place(run):  # noqa: F811
+def test_report_page_shows_documents_with_images_in_place(run):
     out, _, _ = run
     ledger = _ledger(out)
     with open(os.path.join(out, "reports", "index.html"), encoding="utf-8") as f:
@@ -157,7 +157,7 @@ def test_report_page_shows_documents_with_images_in_place(run):  # noqa: F811
     assert lang["fate"] == "language" and any(p[0] == "text" and p[1].strip() for p in lang["parts"])
 
 
-def test_documents_render_in_headless_chromium(run):  # noqa: F811
+def test_documents_render_in_headless_chromium(run):
     """The figures sit between the paragraphs on screen (not after the text), every thumbnail loads."""
     import pytest
 
