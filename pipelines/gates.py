@@ -266,10 +266,13 @@ def shard_checks(contract: Contract, expected_rows: int) -> list:
 LEDGER_COLUMNS = [SAMPLE_ID, "kind", L.UNIT, L.PARENT_ID, L.STATUS, L.REASON, L.DUPLICATE_OF, L.SHARD]
 
 
-def ledger_frame(whole):
-    """LEDGER_COLUMNS of the run's ledger on the driver (Arrow, `pipelines.build.materialise`: at most
-    LEDGER_CAP rows) as pandas: every kind's ledger table is then made from it, without a Spark query."""
-    return whole.select(LEDGER_COLUMNS).to_pandas()
+def frame(table):
+    """An Arrow table as pandas for great-expectations' pandas engine, its columns kept in Arrow
+    (pd.ArrowDtype): no Python object per cell. A ledger table of 1M rows validates in 9 s instead of
+    18 s and its statuses are looked up in 2.3 s instead of 4.9 s (benchmarks/ledger_scale.py)."""
+    import pandas as pd
+
+    return table.to_pandas(types_mapper=pd.ArrowDtype)
 
 
 def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None, whole=None):
@@ -277,9 +280,11 @@ def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None,
     status of the row named by duplicate_of ('none' when the row is no duplicate, 'missing' when no
     such row exists); parent_status likewise for parent_id, among the rows of the same kind. Up to
     `cap` rows the table is pandas (great-expectations' pandas engine is faster than a dozen Spark jobs
-    on a small table): made from `whole` (`ledger_frame`) where given, else fetched with the statuses
-    joined in Spark; above it, it is the Spark DataFrame, validated where it lies. Every row is checked
-    at any size. `n`: the kind's ledger rows when already counted."""
+    on a small table): made from `whole` (the ledger on the driver, Arrow) where given, else fetched
+    with the statuses joined in Spark; above it, it is the Spark DataFrame, validated where it lies.
+    Every row is checked at any size. `n`: the kind's ledger rows when already counted."""
+    if whole is not None and n is not None and n <= cap:
+        return _with_statuses(whole, kind), {"rows": n, "engine": "pandas"}
     from pyspark.sql import functions as F
 
     rows = ledger.filter(F.col("kind") == kind)
@@ -300,23 +305,22 @@ def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None,
     rows = rows.withColumn("parent_status", F.when(F.col(L.PARENT_ID).isNull(), "none")
                            .otherwise(F.coalesce(F.col("_parent_status"), F.lit("missing"))))
     rows = rows.select(*LEDGER_COLUMNS, "keeper_status", "parent_status")
-    return (rows if engine == "spark" else rows.toArrow().to_pandas()), {"rows": n, "engine": engine}
+    return (rows if engine == "spark" else frame(rows.toArrow())), {"rows": n, "engine": engine}
 
 
 def _with_statuses(whole, kind: str):
-    """ledger_table's pandas table from the whole ledger on the driver: the same statuses, looked up by id."""
-    import pandas as pd
+    """ledger_table's pandas table from the whole ledger on the driver (Arrow): the same statuses, looked
+    up by id (the first row of an id gives its status, one per id as in Spark)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     def status_of(rows, ids):
-        first = rows.drop_duplicates(SAMPLE_ID)  # one status per id, as in Spark
-        found = ids.map(pd.Series(first[L.STATUS].to_numpy(), index=first[SAMPLE_ID].to_numpy()))
-        return found.where(ids.isna(), found.fillna("missing")).fillna("none")
+        found = pc.take(rows[L.STATUS], pc.index_in(ids, value_set=rows[SAMPLE_ID]))
+        return pc.if_else(pc.is_null(ids), pa.scalar("none"), pc.coalesce(found, pa.scalar("missing")))
 
-    mine = whole[whole["kind"] == kind]
-    table = mine.reset_index(drop=True)
-    table["keeper_status"] = status_of(whole, table[L.DUPLICATE_OF])
-    table["parent_status"] = status_of(mine, table[L.PARENT_ID])
-    return table
+    mine = whole.select(LEDGER_COLUMNS).filter(pc.equal(whole["kind"], kind))
+    mine = mine.append_column("keeper_status", status_of(whole, mine[L.DUPLICATE_OF]))
+    return frame(mine.append_column("parent_status", status_of(mine, mine[L.PARENT_ID])))
 
 
 def totals_table(kind: Kind, summary_kind: dict, assertions: list[dict], counted: dict):
@@ -460,8 +464,10 @@ def shard_table(ledger, kind: str, out: str, stats: list[dict], contract: Contra
     table = shard_frame(read, contract)
     if rows is not None:
         mine = rows[L.SHARD].isin(names) & ((rows[L.UNIT] == unit) if unit else rows[L.PARENT_ID].isna())
-        in_ledger = rows.loc[mine, [SAMPLE_ID, L.SHARD]].rename(columns={SAMPLE_ID: "key", L.SHARD: "ledger_shard"})
-        in_ledger = in_ledger.reset_index(drop=True)
+        in_ledger = rows.loc[mine, [SAMPLE_ID, L.SHARD]].reset_index(drop=True)
+        # plain objects, None for null, as the shards' rows are: a comparison with an Arrow null is null, not False
+        in_ledger = in_ledger.astype(object).where(in_ledger.notna(), None)
+        in_ledger = in_ledger.rename(columns={SAMPLE_ID: "key", L.SHARD: "ledger_shard"})
     else:
         is_sample = (F.col(L.UNIT) == unit) if unit else F.col(L.PARENT_ID).isNull()
         in_ledger = (ledger.filter((F.col("kind") == kind) & F.col(L.SHARD).isin(names) & is_sample)
@@ -625,7 +631,6 @@ def run_gates(results: dict, ledger, summary: dict | Callable[[], dict], recipe,
     with _docs_root(out) as root:
         v = Validation(root)
         sampling: dict = {}
-        whole = None if whole is None else ledger_frame(whole)
         for name, res in results.items():
             kind = kinds.get(name)
             contract = kind.contract(recipe.section(name), res.facts)
