@@ -271,35 +271,12 @@ class ReadOcrUnits(Stage):
     def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
             timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
         counts: dict[str, int] = {}
-        t0 = time.perf_counter()
-        rows, size = [], 0
-        for batch in batches:
-            for unit in batch.to_pylist():
-                uid = f"{unit['format']}:{unit['uri']}"
-                counts.setdefault(uid, 0)
-                for row in read_ocr_unit(unit, self.max_member_bytes, self.cfg, self.dataset):
-                    row[READ_UNIT] = uid
-                    counts[uid] += 1
-                    rows.append(row)
-                    size += len(row[S.IMAGE] or b"")
-                    if len(rows) >= 16 or size >= readers.BYTES_PER_BATCH:
-                        if timing is not None:
-                            timing[0] += time.perf_counter() - t0
-                        yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
-                        rows, size, t0 = [], 0, time.perf_counter()
-        if rows:
-            yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
-        _report_counts(self.counter, counts)
-
-
-def _report_counts(counter, counts: dict[str, int]) -> None:
-    if counter is None:
-        return
-    from pyspark import TaskContext
-
-    ctx = TaskContext.get()
-    task = ctx.partitionId() if ctx is not None else 0
-    counter.add({f"{task}|{uid}": n for uid, n in counts.items()})
+        yield from readers.in_batches((u for b in batches for u in b.to_pylist()),
+                                      lambda unit: ([row] for row in read_ocr_unit(unit, self.max_member_bytes,
+                                                                                    self.cfg, self.dataset)),
+                                      S.RAW, counts, timing, rows=16, image=S.IMAGE,
+                                      unit_of=lambda unit: f"{unit['format']}:{unit['uri']}")
+        readers.report_counts(self.counter, counts)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,6 @@ import json
 import pickle
 import posixpath
 import re
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -27,7 +26,7 @@ import pyarrow as pa
 
 from filters.base import Stage
 from pipelines.io import storage
-from pipelines.io.readers import input_root, is_transient
+from pipelines.io.readers import in_batches, input_root, is_transient, report_counts
 from schemas import grounding as S
 from schemas import ledger as L
 from schemas.common import ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY, make_sample_id
@@ -315,31 +314,8 @@ class ReadGrounding(Stage):
     def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
             timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
         counts: dict[str, int] = {}
-        rows: list[dict] = []
-        t0 = time.perf_counter()
-        for b in batches:
-            for unit in b.to_pylist():
-                uid = unit_id(unit)
-                counts.setdefault(uid, 0)
-                for row in read_unit(unit, self.cfg, self.dataset):
-                    row[READ_UNIT] = uid
-                    counts[uid] += 1
-                    rows.append(row)
-                    if len(rows) >= ROWS_PER_BATCH:
-                        out = pa.RecordBatch.from_pylist(rows, schema=S.RAW)
-                        rows = []
-                        if timing is not None:
-                            timing[0] += time.perf_counter() - t0
-                        yield out
-                        t0 = time.perf_counter()
-        if rows:
-            yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
-        if timing is not None:
-            timing[0] += time.perf_counter() - t0
-        if self.counter is not None:
-            from pyspark import TaskContext
-
-            ctx = TaskContext.get()
-            task = ctx.partitionId() if ctx is not None else 0
-            self.counter.add({f"{task}|{uid}": n for uid, n in counts.items()})
+        yield from in_batches((u for b in batches for u in b.to_pylist()),
+                              lambda unit: ([row] for row in read_unit(unit, self.cfg, self.dataset)), S.RAW, counts,
+                              timing, rows=ROWS_PER_BATCH, unit_of=unit_id)
+        report_counts(self.counter, counts)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import random
-import time
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
@@ -23,7 +22,7 @@ import pyarrow as pa
 
 from filters.base import Stage
 from pipelines.io import storage
-from pipelines.io.readers import input_root, is_transient
+from pipelines.io.readers import in_batches, input_root, is_transient, report_counts
 from schemas import gui as S
 from schemas import ledger as L
 from schemas.common import ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY, make_sample_id
@@ -186,40 +185,25 @@ class ReadGui(Stage):
     def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
             timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
         counts: dict[str, int] = {}
-        rows: list[dict] = []
-        t0 = time.perf_counter()
-        for b in batches:
-            for unit in b.to_pylist():
-                uid = unit_id(unit)
-                counts.setdefault(uid, 0)
-                pages = self.read_unit(unit)
-                while True:
-                    try:
-                        group = next(pages)
-                    except StopIteration:
-                        break
-                    except Exception as e:
-                        if is_transient(e):
-                            raise
-                        group = self.page(unit["uri"], _ident(unit["uri"], unit["root"], self.dataset),
-                                          f"@error{counts[uid]}", unit["format"] if unit["format"] != "urls" else "url",
-                                          uid, error="read_error", error_detail=f"{type(e).__name__}: {e}")
-                        counts[uid] += 1
-                        rows += group
-                        break
-                    counts[uid] += 1
-                    rows += group
-                    if len(rows) >= ROWS_PER_BATCH:
-                        if timing is not None:
-                            timing[0] += time.perf_counter() - t0
-                        yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
-                        rows, t0 = [], time.perf_counter()
-        if rows:
-            yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
-        if timing is not None:
-            timing[0] += time.perf_counter() - t0
-        if self.counter is not None:
-            from pyspark import TaskContext
+        yield from in_batches((u for b in batches for u in b.to_pylist()), self.pages, S.RAW, counts, timing,
+                              rows=ROWS_PER_BATCH, unit_of=unit_id)
+        report_counts(self.counter, counts)
 
-            ctx = TaskContext.get()
-            self.counter.add({f"{ctx.partitionId() if ctx else 0}|{u}": n for u, n in counts.items()})
+    def pages(self, unit: dict) -> Iterator[list[dict]]:
+        """The unit's pages, each as its rows; a unit that fails to read (not transiently) ends with a
+        read_error page, keyed by how many pages came before it."""
+        pages, n = self.read_unit(unit), 0
+        while True:
+            try:
+                group = next(pages)
+            except StopIteration:
+                return
+            except Exception as e:
+                if is_transient(e):
+                    raise
+                yield self.page(unit["uri"], _ident(unit["uri"], unit["root"], self.dataset), f"@error{n}",
+                                unit["format"] if unit["format"] != "urls" else "url", unit_id(unit),
+                                error="read_error", error_detail=f"{type(e).__name__}: {e}")
+                return
+            n += 1
+            yield group

@@ -27,7 +27,7 @@ import re
 import stat
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -892,24 +892,54 @@ def unit_id(unit: dict) -> str:
 
 
 def read_units(units: Iterable[dict], max_member_bytes: int, counts: dict[str, int] | None = None,
-               dataset: str = "") -> Iterator[pa.RecordBatch]:
+               dataset: str = "", timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
     """Arrow batches of RAW rows for a stream of read units, bounded in rows and bytes. `counts`: the
-    items read per unit, counted here, as they leave the reader (before any stage can lose one)."""
-    rows, size = [], 0
-    counts = {} if counts is None else counts
+    items read per unit (`in_batches`)."""
+    return in_batches(units, lambda unit: ([row] for row in read_unit(unit, max_member_bytes, dataset)), S.RAW,
+                      {} if counts is None else counts, timing=timing, image=S.IMAGE)
+
+
+def in_batches(units: Iterable[dict], read: Callable[[dict], Iterable[list[dict]]], schema: pa.Schema,
+               counts: dict[str, int], timing: list[float] | None = None, rows: int = ROWS_PER_BATCH,
+               image: str | None = None, unit_of: Callable[[dict], str] = unit_id) -> Iterator[pa.RecordBatch]:
+    """A kind's reader loop: Arrow batches of `schema` from a stream of read units. `read(unit)` gives
+    the unit's items, each as its rows (kept in one batch); every row is tagged with its unit
+    (READ_UNIT, `unit_of`: the kind's name for a unit, by default image_text's) and every item counted in `counts[unit]` as it leaves the reader, before
+    any stage can lose one. A batch is cut after an item once it holds `rows` rows, or BYTES_PER_BATCH
+    bytes of the `image` column. `timing[0]` adds the seconds spent reading, not those the consumer
+    spends between batches."""
+    out: list[dict] = []
+    size, t0 = 0, time.perf_counter()
     for unit in units:
-        uid = unit_id(unit)
+        uid = unit_of(unit)
         counts.setdefault(uid, 0)
-        for row in read_unit(unit, max_member_bytes, dataset):
-            row[READ_UNIT] = uid
+        for item in read(unit):
             counts[uid] += 1
-            rows.append(row)
-            size += len(row[S.IMAGE] or b"")
-            if len(rows) >= ROWS_PER_BATCH or size >= BYTES_PER_BATCH:
-                yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
-                rows, size = [], 0
-    if rows:
-        yield pa.RecordBatch.from_pylist(rows, schema=S.RAW)
+            for row in item:
+                row[READ_UNIT] = uid
+                size += len(row[image] or b"") if image else 0
+            out += item
+            if len(out) >= rows or size >= BYTES_PER_BATCH:
+                if timing is not None:
+                    timing[0] += time.perf_counter() - t0
+                yield pa.RecordBatch.from_pylist(out, schema=schema)
+                out, size, t0 = [], 0, time.perf_counter()
+    if out:
+        yield pa.RecordBatch.from_pylist(out, schema=schema)
+    if timing is not None:
+        timing[0] += time.perf_counter() - t0
+
+
+def report_counts(counter, counts: dict[str, int]) -> None:
+    """Send a task's items read per unit to the driver through `counter` (a ReadCounts accumulator),
+    keyed by (task, unit): a retried or speculative attempt reports the same keys."""
+    if counter is None:
+        return
+    from pyspark import TaskContext
+
+    ctx = TaskContext.get()
+    task = ctx.partitionId() if ctx is not None else 0
+    counter.add({f"{task}|{uid}": n for uid, n in counts.items()})
 
 
 class ReadCounts(AccumulatorParam):
@@ -950,21 +980,9 @@ class ReadUnits(Stage):
     def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
             timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
         counts: dict[str, int] = {}
-        out = read_units((u for b in batches for u in b.to_pylist()), self.max_member_bytes, counts, self.dataset)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(out, None)
-            if timing is not None:
-                timing[0] += time.perf_counter() - t0
-            if batch is None:
-                break
-            yield batch
-        if self.counter is not None:
-            from pyspark import TaskContext
-
-            ctx = TaskContext.get()
-            task = ctx.partitionId() if ctx is not None else 0
-            self.counter.add({f"{task}|{uid}": n for uid, n in counts.items()})
+        yield from read_units((u for b in batches for u in b.to_pylist()), self.max_member_bytes, counts, self.dataset,
+                              timing)
+        report_counts(self.counter, counts)
 
 
 def _split_keys(item: tuple[int, str, str]) -> Iterator[tuple[int, int, str | None, bool]]:
