@@ -282,16 +282,19 @@ def ledger_table(ledger, kind: str, cap: int = LEDGER_CAP, n: int | None = None,
     `cap` rows the table is pandas (great-expectations' pandas engine is faster than a dozen Spark jobs
     on a small table): made from `whole` (the ledger on the driver, Arrow) where given, else fetched
     with the statuses joined in Spark; above it, it is the Spark DataFrame, validated where it lies.
-    Every row is checked at any size. `n`: the kind's ledger rows when already counted."""
-    if whole is not None and n is not None and n <= cap:
-        return _with_statuses(whole, kind), {"rows": n, "engine": "pandas"}
+    Every row is checked at any size. `n`: the kind's ledger rows when already counted (else counted in
+    `whole`, or in Spark)."""
+    if whole is not None:
+        import pyarrow.compute as pc
+
+        n = int(pc.sum(pc.equal(whole["kind"], kind)).as_py() or 0) if n is None else n
+        if n <= cap:
+            return _with_statuses(whole, kind), {"rows": n, "engine": "pandas"}
     from pyspark.sql import functions as F
 
     rows = ledger.filter(F.col("kind") == kind)
     n = rows.count() if n is None else n
     engine = "spark" if n > cap else "pandas"
-    if engine == "pandas" and whole is not None:
-        return _with_statuses(whole, kind), {"rows": n, "engine": engine}
     # one status per id, so a duplicated id (which sample_id_unique reports) does not repeat the rows naming it
     keepers = ledger.select(F.col(SAMPLE_ID).alias("_keeper"), F.col(L.STATUS).alias("_keeper_status"))
     keepers = keepers.dropDuplicates(["_keeper"])

@@ -246,7 +246,7 @@ def hamming(a, b) -> int | None:
 KIND = Kind(
     name=S.KIND, config=ImageText, units=S.UNITS, reasons=S.REASONS, contract=S.contract, plan=plan,
     layouts=("webdataset/img2dataset tars", "img2dataset parquet",
-             ("Parquet/JSONL tables with captions and image bytes, paths or URLs"),
+             "Parquet/JSONL tables with captions and image bytes, paths or URLs",
              "folders of images with .txt/.json side-cars"),
     explain=explain,
 )
