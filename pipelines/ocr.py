@@ -256,27 +256,21 @@ def _latex_beside(uri: str, page_texts: list[str | None], max_bytes: int) -> tup
 
 
 @dataclasses.dataclass(frozen=True)
-class ReadOcrUnits(Stage):
+class ReadOcrUnits(readers.UnitReader):
     """Read-unit rows (format, uri, root) in, RAW rows out; items counted per unit (`counter`)."""
 
     name: ClassVar[str] = "read_ocr"
+    raw: ClassVar[pa.Schema] = S.RAW
+    rows: ClassVar[int] = 16
+    image: ClassVar[str | None] = S.IMAGE
     cfg: Ocr = Ocr()
     max_member_bytes: int = 1 << 30
-    counter: Any = dataclasses.field(default=None, compare=False, hash=False)
-    dataset: str = ""
 
-    def output_schema(self, schema: pa.Schema) -> pa.Schema:
-        return S.RAW
+    def items(self, unit: dict) -> Iterator[list[dict]]:
+        return ([row] for row in read_ocr_unit(unit, self.max_member_bytes, self.cfg, self.dataset))
 
-    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
-            timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
-        counts: dict[str, int] = {}
-        yield from readers.in_batches((u for b in batches for u in b.to_pylist()),
-                                      lambda unit: ([row] for row in read_ocr_unit(unit, self.max_member_bytes,
-                                                                                    self.cfg, self.dataset)),
-                                      S.RAW, counts, timing, rows=16, image=S.IMAGE,
-                                      unit_of=lambda unit: f"{unit['format']}:{unit['uri']}")
-        readers.report_counts(self.counter, counts)
+    def unit_of(self, unit: dict) -> str:
+        return f"{unit['format']}:{unit['uri']}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -381,14 +375,14 @@ def plan(ctx: Context) -> Plan:
         parts = []
         if scene_uris:
             plan_df = readers.read_plan(ctx.spark, scene_uris, recipe.read.files_per_task)
-            parts.append(apply_stages(plan_df, [readers.ReadUnits(recipe.read.max_member_bytes, counter,
-                                                                  recipe.read.dataset), SceneRows(), *after],
+            parts.append(apply_stages(plan_df, [readers.ReadUnits(recipe.read.dataset, counter,
+                                                                  recipe.read.max_member_bytes), SceneRows(), *after],
                                       ctx.timer))
         if units:
             # as Arrow, not a Python list: no Python worker (of a pool of its own) to unpickle it
             df = ctx.spark.createDataFrame(pa.Table.from_pylist([{k: u[k] for k in UNIT.names} for u in units], UNIT))
             df = df.repartition(min(len(units), max(1, ctx.spark.sparkContext.defaultParallelism * 4)))
-            parts.append(apply_stages(df, [ReadOcrUnits(cfg, recipe.read.max_member_bytes, counter, recipe.read.dataset),
+            parts.append(apply_stages(df, [ReadOcrUnits(recipe.read.dataset, counter, cfg, recipe.read.max_member_bytes),
                                            render, academic_aug, *after], ctx.timer))
         if not parts:
             raise FileNotFoundError(f"ocr: no input files under {ctx.uris}")

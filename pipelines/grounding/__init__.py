@@ -85,7 +85,7 @@ def plan(ctx: Context) -> Plan:
 
         plan_df = readers.task_table(ctx.spark, [[(u["format"], u["uri"], u["instances"], u["root"])] for u in units],
                                      _unit_schema())
-        raw = apply_stages(plan_df, [R.ReadGrounding(cfg, recipe.read.dataset, counter)], ctx.timer)
+        raw = apply_stages(plan_df, [R.ReadGrounding(recipe.read.dataset, counter, cfg)], ctx.timer)
         parts = max(len(units), ctx.spark.sparkContext.defaultParallelism)
         return apply_stages(raw.repartition(parts, SAMPLE_ID),
                             [LoadImage(recipe.read.max_member_bytes), cfg.download, cfg.decode, cfg.detector,

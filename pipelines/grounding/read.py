@@ -24,9 +24,8 @@ from typing import Any, ClassVar
 
 import pyarrow as pa
 
-from filters.base import Stage
 from pipelines.io import storage
-from pipelines.io.readers import in_batches, input_root, is_transient, report_counts
+from pipelines.io.readers import UnitReader, input_root, is_transient
 from schemas import grounding as S
 from schemas import ledger as L
 from schemas.common import ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY, make_sample_id
@@ -35,7 +34,6 @@ UNIT_SCHEMA = "format string, uri string, instances string, root string"
 REFS_FILE = re.compile(r"^refs(\(.*\))?(\.p|\.json)$")
 IMAGE_BYTES_COLUMNS = ("jpg", "image", "img", "png", "webp", "jpeg")
 KEY_COLUMNS = ("key", "id", "image_id")
-ROWS_PER_BATCH = 256
 
 
 def plan_units(uris: Iterable[str]) -> list[dict]:
@@ -299,23 +297,13 @@ def read_unit(unit: dict, cfg: Any, dataset: str) -> Iterator[dict]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReadGrounding(Stage):
-    """Read units in, RAW grounding rows out (see filters.base: a stage that changes the row count).
-    `counter`: a readers.ReadCounts accumulator the items read per unit are reported to."""
+class ReadGrounding(UnitReader):
+    """Read units in, RAW grounding rows out (see filters.base: a stage that changes the row count)."""
 
-    name: ClassVar[str] = "read"
+    raw: ClassVar[pa.Schema] = S.RAW
+    rows: ClassVar[int] = 256
     cfg: Any = None
-    dataset: str = ""
-    counter: Any = dataclasses.field(default=None, compare=False, hash=False)
 
-    def output_schema(self, schema: pa.Schema) -> pa.Schema:
-        return S.RAW
-
-    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
-            timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
-        counts: dict[str, int] = {}
-        yield from in_batches((u for b in batches for u in b.to_pylist()),
-                              lambda unit: ([row] for row in read_unit(unit, self.cfg, self.dataset)), S.RAW, counts,
-                              timing, rows=ROWS_PER_BATCH, unit_of=unit_id)
-        report_counts(self.counter, counts)
+    def items(self, unit: dict) -> Iterator[list[dict]]:
+        return ([row] for row in read_unit(unit, self.cfg, self.dataset))
 

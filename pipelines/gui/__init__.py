@@ -99,8 +99,8 @@ def plan(ctx: Context) -> Plan:
         plan_df = readers.task_table(ctx.spark, [[(u["format"], u["uri"], u["files"], u["root"])] for u in units],
                                      pa.schema([("format", pa.string()), ("uri", pa.string()),
                                                 ("files", pa.list_(pa.string())), ("root", pa.string())]))
-        reader = R.ReadGui(viewports, cfg.renders_per_page, recipe.seed, recipe.read.dataset,
-                           recipe.read.max_member_bytes, counter)
+        reader = R.ReadGui(recipe.read.dataset, counter, viewports, cfg.renders_per_page, recipe.seed,
+                           recipe.read.max_member_bytes)
         raw = apply_stages(plan_df, [reader], ctx.timer)
         parts = max(len(units), sc.defaultParallelism)
         stages = [render, DrawBoxes(S.SCREENSHOT, S.ELEMENTS, BOXED), spool]

@@ -16,20 +16,18 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import pyarrow as pa
 
-from filters.base import Stage
 from pipelines.io import storage
-from pipelines.io.readers import in_batches, input_root, is_transient, report_counts
+from pipelines.io.readers import UnitReader, input_root, is_transient
 from schemas import gui as S
 from schemas import ledger as L
 from schemas.common import ERROR_DETAIL, KIND, READ_UNIT, SAMPLE_ID, SOURCE, SOURCE_KEY, make_sample_id
 
 HTML_EXTS = (".html", ".htm", ".xhtml")
 WARC_EXTS = (".warc", ".warc.gz")
-ROWS_PER_BATCH = 64
 
 
 def plan_units(uris: Iterable[str], files_per_task: int) -> list[dict]:
@@ -92,19 +90,14 @@ def _ident(path: str, root: str, dataset: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReadGui(Stage):
+class ReadGui(UnitReader):
     """Read units in; page rows, each followed by its render rows, out."""
 
-    name: ClassVar[str] = "read"
+    raw: ClassVar[pa.Schema] = S.RAW
     viewports: tuple = ()  # parsed (device, width, height, scale)
     renders_per_page: int = 2
     seed: int = 0
-    dataset: str = ""
     max_bytes: int = 64_000_000
-    counter: Any = dataclasses.field(default=None, compare=False, hash=False)
-
-    def output_schema(self, schema: pa.Schema) -> pa.Schema:
-        return S.RAW
 
     def page(self, source: str, ident: str, key: str, stype: str, uid: str, **kw) -> list[dict]:
         row = {f.name: None for f in S.RAW}
@@ -182,12 +175,8 @@ class ReadGui(Stage):
                 else:
                     yield self.page(unit["uri"], ident, key, "warc", uid, url=url, html=body)
 
-    def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
-            timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
-        counts: dict[str, int] = {}
-        yield from in_batches((u for b in batches for u in b.to_pylist()), self.pages, S.RAW, counts, timing,
-                              rows=ROWS_PER_BATCH, unit_of=unit_id)
-        report_counts(self.counter, counts)
+    def items(self, unit: dict) -> Iterator[list[dict]]:
+        return self.pages(unit)
 
     def pages(self, unit: dict) -> Iterator[list[dict]]:
         """The unit's pages, each as its rows; a unit that fails to read (not transiently) ends with a

@@ -891,14 +891,6 @@ def unit_id(unit: dict) -> str:
     return unit["uri"] + (f"#{unit['part']}" if unit.get("part") else "")
 
 
-def read_units(units: Iterable[dict], max_member_bytes: int, counts: dict[str, int] | None = None,
-               dataset: str = "", timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
-    """Arrow batches of RAW rows for a stream of read units, bounded in rows and bytes. `counts`: the
-    items read per unit (`in_batches`)."""
-    return in_batches(units, lambda unit: ([row] for row in read_unit(unit, max_member_bytes, dataset)), S.RAW,
-                      {} if counts is None else counts, timing=timing, image=S.IMAGE)
-
-
 def in_batches(units: Iterable[dict], read: Callable[[dict], Iterable[list[dict]]], schema: pa.Schema,
                counts: dict[str, int], timing: list[float] | None = None, rows: int = ROWS_PER_BATCH,
                image: str | None = None, unit_of: Callable[[dict], str] = unit_id) -> Iterator[pa.RecordBatch]:
@@ -964,25 +956,46 @@ def per_unit(counts: dict[str, int]) -> dict[str, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ReadUnits(Stage):
-    """The reader as the first stage of a fused chain (filters.base.apply_stages): read-unit rows in,
-    RAW rows out, so reading and the row-wise stages after it share one Python worker pass. With a
-    `counter` (a ReadCounts accumulator), the items read per unit are reported to the driver."""
+class UnitReader(Stage):
+    """A kind's reader as the first stage of a fused chain (filters.base.apply_stages): read-unit rows
+    in, the kind's RAW rows (`raw`) out, so reading and the row-wise stages after it share one Python
+    worker pass. A kind says how a unit becomes items (`items`: each item as its rows) and how its units
+    are named (`unit_of`); `in_batches` does the rest. With a `counter` (a ReadCounts accumulator), the
+    items read per unit are reported to the driver."""
 
     name: ClassVar[str] = "read"
-    max_member_bytes: int = 1 << 30
-    counter: Any = dataclasses.field(default=None, compare=False, hash=False)
+    raw: ClassVar[pa.Schema] = S.RAW
+    rows: ClassVar[int] = ROWS_PER_BATCH  # a batch is cut after an item once it holds this many rows
+    image: ClassVar[str | None] = None  # ... or BYTES_PER_BATCH bytes of this column
     dataset: str = ""
+    counter: Any = dataclasses.field(default=None, compare=False, hash=False)
+
+    def items(self, unit: dict) -> Iterable[list[dict]]:
+        raise NotImplementedError
+
+    def unit_of(self, unit: dict) -> str:
+        return unit_id(unit)
 
     def output_schema(self, schema: pa.Schema) -> pa.Schema:
-        return S.RAW
+        return self.raw
 
     def run(self, batches: Iterable[pa.RecordBatch], threads: int = 1,
             timing: list[float] | None = None) -> Iterator[pa.RecordBatch]:
         counts: dict[str, int] = {}
-        yield from read_units((u for b in batches for u in b.to_pylist()), self.max_member_bytes, counts, self.dataset,
-                              timing)
+        yield from in_batches((u for b in batches for u in b.to_pylist()), self.items, self.raw, counts, timing,
+                              rows=self.rows, image=self.image, unit_of=self.unit_of)
         report_counts(self.counter, counts)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReadUnits(UnitReader):
+    """image_text's reader: tars, tables and loose files in, RAW image-text rows out."""
+
+    image: ClassVar[str | None] = S.IMAGE
+    max_member_bytes: int = 1 << 30
+
+    def items(self, unit: dict) -> Iterator[list[dict]]:
+        return ([row] for row in read_unit(unit, self.max_member_bytes, self.dataset))
 
 
 def _split_keys(item: tuple[int, str, str]) -> Iterator[tuple[int, int, str | None, bool]]:
@@ -1100,5 +1113,5 @@ def read_image_text(spark, uris: list[str], files_per_task: int, max_member_byte
                     counter=None, dataset: str = ""):
     """DataFrame of RAW rows, one per input item (or per unreadable container), with the row-wise
     `stages` applied in the same pass. `counter`: a ReadCounts accumulator the reader reports to."""
-    return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(max_member_bytes, counter, dataset), *stages],
+    return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(dataset, counter, max_member_bytes), *stages],
                         timer)

@@ -25,7 +25,8 @@ def _tar(path, members):
 
 
 def _rows(units):
-    return [r for b in readers.read_units(units, 1 << 20) for r in b.to_pylist()]
+    reader = readers.ReadUnits(max_member_bytes=1 << 20)
+    return [r for b in readers.in_batches(units, reader.items, reader.raw, {}) for r in b.to_pylist()]
 
 
 def test_tar_groups_by_key_and_quarantines_unsafe_members(tmp_path):
@@ -390,7 +391,7 @@ def test_large_tables_are_split_and_keys_do_not_depend_on_the_split(tmp_path, sp
         assert len(units) > 3 and all(u["part"] for u in units if u["format"] == "table")
         parts = [json.loads(u["part"]) for u in units]
         assert all(p.get("row_groups") is not None or p.get("start") is not None for p in parts)
-        got = readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect()
+        got = readers.apply_stages(plan, [ReadUnits(max_member_bytes=1 << 20)]).collect()
         got = sorted((r["source"], r["source_key"], r["sample_id"], r["error"], r["url"]) for r in got)
         assert got == whole, (rows_per_unit, bytes_per_unit)
     keyed = {r[1]: r[3] for r in whole if r[0].split("::")[0].endswith("keyed.parquet")}
@@ -451,7 +452,7 @@ def test_small_tables_share_read_tasks_and_ids_do_not_depend_on_it(tmp_path, spa
 
     plan = readers.read_plan(spark, [str(tmp_path)], 10)
     assert plan.rdd.getNumPartitions() == 4
-    got = readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect()
+    got = readers.apply_stages(plan, [ReadUnits(max_member_bytes=1 << 20)]).collect()
     key = lambda r: (r["source"], r["source_key"], r["sample_id"], r["url"], r["caption"])
     assert sorted(map(key, got)) == sorted(map(key, _rows([u for t in readers.plan_units([str(tmp_path)], 10)
                                                             for u in t])))
@@ -485,7 +486,7 @@ def test_a_large_row_group_is_read_in_row_slices_and_keys_do_not_depend_on_it(tm
     plan = readers.read_plan(spark, [str(tmp_path)], 10)  # the test session's 2 cores: 6 tasks
     assert plan.rdd.getNumPartitions() == 6
     got = sorted((r["source"], r["source_key"], r["sample_id"], r["error"], r["url"])
-                 for r in readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect())
+                 for r in readers.apply_stages(plan, [ReadUnits(max_member_bytes=1 << 20)]).collect())
     assert got == whole and len(got) == 5500
     one = {r[1]: r[3] for r in whole if r[0].split("::")[0].endswith("one.parquet")}
     assert one["a"] is None and one["a#1"] == "duplicate_member" and one["row4"] is None
@@ -516,7 +517,7 @@ def test_small_tars_share_read_tasks_by_size_local_and_on_s3(tmp_path, spark, s3
 
     plan = readers.read_plan(spark, [str(tmp_path)], 10)
     assert plan.rdd.getNumPartitions() == 3
-    got = readers.apply_stages(plan, [ReadUnits(1 << 20)]).collect()
+    got = readers.apply_stages(plan, [ReadUnits(max_member_bytes=1 << 20)]).collect()
     key = lambda r: (r["source"], r["source_key"], r["sample_id"], r["caption"], r["image"])
     whole = _rows([u for t in readers.plan_units([str(tmp_path)], 10) for u in t])
     assert sorted(map(key, got)) == sorted(map(key, whole)) and len(got) == 30
