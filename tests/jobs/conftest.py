@@ -1,9 +1,11 @@
 """Two local runs of the job on the sample, shared across test modules (each run is a whole spark-submit,
 about a minute), and the helpers that compare another run's output with them.
 
-- sample_run: what test_build_pretrain (item by item, shards read back) and test_report (the page) read.
-- clean_run: the same arguments with keep_work=true; the reference the reliability and cluster tests
-  compare against, and test_build_pretrain's second run (two runs, the same shards byte for byte).
+- sample_run: what test_build_pretrain (item by item, shards read back) and test_report (the page) read;
+  spark-submit itself, as users with a Spark of their own run the job.
+- clean_run: the same arguments with keep_work=true, through bin/vlcurate (the README's command); the
+  reference the reliability and cluster tests compare against, and test_build_pretrain's second run (two
+  runs, two ways, the same shards byte for byte).
 Tests only read these folders (test_report rebuilds the page in place and checks it is byte-identical)."""
 from __future__ import annotations
 
@@ -25,9 +27,11 @@ TEMPORARY = (".tmp", ".staging-", ".previous-", "_temporary", "_work")
 
 @pytest.fixture(scope="session")
 def sample_run(sample_dir, tmp_path_factory) -> str:
-    """OUT of an uninterrupted run on the sample, cleaned up as any good run is (no stage checkpoints)."""
+    """OUT of an uninterrupted run on the sample, cleaned up as any good run is (no stage checkpoints), made
+    by spark-submit itself (every other local run goes through bin/vlcurate: test_build_pretrain checks
+    that both give the same shards)."""
     out = str(tmp_path_factory.mktemp("sample_run"))
-    submit("--input", f"image_text={sample_dir}", "--output", out, *ARGS)
+    submit("--input", f"image_text={sample_dir}", "--output", out, *ARGS, plain=True)
     return out
 
 

@@ -15,13 +15,23 @@ pytestmark = pytest.mark.slow  # whole-job runs: `pytest -m "not slow"` for a qu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SPARK_SUBMIT = os.path.join(os.path.dirname(sys.executable), "spark-submit")
+VLCURATE = os.path.join(ROOT, "bin", "vlcurate")
 
 
-def submit(*args, check=True, master="local[2]", env=None, spark_args=()):
+def submit(*args, check=True, master="local[2]", env=None, spark_args=(), plain=False):
+    """The job, as users run it: bin/vlcurate (the README's command: this venv's Spark, the driver's class
+    archive, the settings for a local master), or with `plain` spark-submit itself with spark-defaults.conf,
+    as users who bring their own Spark run it (sample_run, the cluster tests, a killed run)."""
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
            "SPARK_LOCAL_IP": "127.0.0.1", **(env or {})}
-    cmd = [SPARK_SUBMIT, "--master", master, "--properties-file", os.path.join(ROOT, "spark-defaults.conf"),
-           "--conf", "spark.ui.enabled=false", *spark_args, os.path.join(ROOT, "jobs", "build_pretrain.py"), *args]
+    spark = ["--master", master, "--conf", "spark.ui.enabled=false", *spark_args]
+    if plain:
+        cmd = [SPARK_SUBMIT, "--properties-file", os.path.join(ROOT, "spark-defaults.conf"), *spark,
+               os.path.join(ROOT, "jobs", "build_pretrain.py"), *args]
+    else:
+        assert not [a for a in spark if " " in a], spark  # VLCURATE_SPARK_ARGS is split on spaces
+        env["VLCURATE_SPARK_ARGS"] = " ".join(spark)
+        cmd = [VLCURATE, *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
     if check and proc.returncode != 0:
         raise AssertionError(f"job failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
@@ -30,8 +40,10 @@ def submit(*args, check=True, master="local[2]", env=None, spark_args=()):
 
 @pytest.fixture(scope="module")
 def runs(sample_run, clean_run):
-    """Two separate runs with the same inputs and arguments (tests/jobs/conftest.py; the second keeps its
-    stage checkpoints, which must change nothing in the shards)."""
+    """Two separate runs with the same inputs and arguments (tests/jobs/conftest.py): the first by
+    spark-submit itself, the second by bin/vlcurate (its local settings: no adaptive execution, fewer
+    shuffle partitions, another Python worker daemon) keeping its stage checkpoints; neither may change
+    the shards."""
     return [sample_run, clean_run]
 
 

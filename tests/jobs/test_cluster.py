@@ -176,8 +176,8 @@ def test_cluster_run_equals_the_local_run(cluster, clean_run, sample_dir, tmp_pa
     out = str(tmp_path / "out")
     faults = {FAULT_RATE_ENV: str(FAULT_RATE), FAULT_SEED_ENV: fault_seed(("decode", "shards")),
               FAULT_SITES_ENV: "decode,shards", FAULT_STALL_ENV: "8"}
-    proc = submit("--input", f"image_text={sample_dir}", "--output", out, *ARGS, master=cluster, env=faults,
-                  spark_args=["--py-files", src, "--conf", f"spark.pyspark.python={python}",
+    proc = submit("--input", f"image_text={sample_dir}", "--output", out, *ARGS, master=cluster, plain=True,
+                  env=faults, spark_args=["--py-files", src, "--conf", f"spark.pyspark.python={python}",
                               "--conf", f"spark.pyspark.driver.python={sys.executable}", *SPECULATION, *INFO])
     (tmp_path / "driver.log").write_text(proc.stderr)
     executors = set(re.findall(r"Granted executor ID \S+ on hostPort (127\.0\.0\.\d+)", proc.stderr))
@@ -207,7 +207,7 @@ def test_a_driver_only_clip_checkpoint_is_shipped_to_every_executor(cluster, sam
                   "--set", "shards.max_samples=8", "--set", "image_text.balance.enabled=false",
                   "--set", f"image_text.clip.model={model_name}", "--set", f"image_text.clip.pretrained={pretrained}",
                   "--set", "image_text.clip.threshold=-1",  # keep every scored pair, to read its score back
-                  master=cluster, spark_args=["--py-files", src, "--conf", f"spark.pyspark.python={python}",
+                  master=cluster, plain=True, spark_args=["--py-files", src, "--conf", f"spark.pyspark.python={python}",
                                               "--conf", f"spark.pyspark.driver.python={sys.executable}", *INFO])
     (tmp_path / "driver.log").write_text(proc.stderr)
     assert set(re.findall(r"Granted executor ID \S+ on hostPort (127\.0\.0\.\d+)", proc.stderr)) == set(HOSTS)

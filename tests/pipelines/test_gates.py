@@ -14,9 +14,9 @@ import pytest
 
 from pipelines import gates, kinds
 from pipelines.recipe import load
+from tests.jobs.test_build_pretrain import submit
 from tests.util import read_bytes, read_json
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KIND = "image_text"
 SPEC = kinds.get(KIND)
 
@@ -263,14 +263,8 @@ def failed_run(sample_dir, tmp_path_factory):
     torch.save(state, ckpt)
     del model, state
     out = str(tmp / "out")
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable,
-               SPARK_LOCAL_IP="127.0.0.1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "spark-submit"), "--master", "local[2]",
-           "--properties-file", os.path.join(ROOT, "spark-defaults.conf"), "--conf", "spark.ui.enabled=false",
-           os.path.join(ROOT, "jobs", "build_pretrain.py"), "--input", f"image_text={sample_dir}", "--output", out,
-           "--set", "shards.max_samples=8", "--set", "image_text.clip.model=ViT-S-32",
-           "--set", f"image_text.clip.pretrained={ckpt}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=900)
+    proc = submit("--input", f"image_text={sample_dir}", "--output", out, "--set", "shards.max_samples=8",
+                  "--set", "image_text.clip.model=ViT-S-32", "--set", f"image_text.clip.pretrained={ckpt}", check=False)
     os.remove(ckpt)
     return proc, out
 
