@@ -176,9 +176,6 @@ class ReadGui(UnitReader):
                     yield self.page(unit["uri"], ident, key, "warc", uid, url=url, html=body)
 
     def items(self, unit: dict) -> Iterator[list[dict]]:
-        return self.pages(unit)
-
-    def pages(self, unit: dict) -> Iterator[list[dict]]:
         """The unit's pages, each as its rows; a unit that fails to read (not transiently) ends with a
         read_error page, keyed by how many pages came before it."""
         pages, n = self.read_unit(unit), 0

@@ -896,8 +896,8 @@ def in_batches(units: Iterable[dict], read: Callable[[dict], Iterable[list[dict]
                image: str | None = None, unit_of: Callable[[dict], str] = unit_id) -> Iterator[pa.RecordBatch]:
     """A kind's reader loop: Arrow batches of `schema` from a stream of read units. `read(unit)` gives
     the unit's items, each as its rows (kept in one batch); every row is tagged with its unit
-    (READ_UNIT, `unit_of`: the kind's name for a unit, by default image_text's) and every item counted in `counts[unit]` as it leaves the reader, before
-    any stage can lose one. A batch is cut after an item once it holds `rows` rows, or BYTES_PER_BATCH
+    (READ_UNIT, `unit_of`: the kind's name for a unit, by default image_text's) and every item counted
+    in `counts[unit]` as it leaves the reader, before any stage can lose one. A batch is cut after an item once it holds `rows` rows, or BYTES_PER_BATCH
     bytes of the `image` column. `timing[0]` adds the seconds spent reading, not those the consumer
     spends between batches."""
     out: list[dict] = []

@@ -14,7 +14,7 @@ import pytest
 
 from pipelines import gates, kinds
 from pipelines.recipe import load
-from tests.jobs.test_build_pretrain import submit
+from tests.jobs.test_build_pretrain import ROOT, submit
 from tests.util import read_bytes, read_json
 
 KIND = "image_text"
@@ -315,7 +315,7 @@ print(json.dumps({"unused_loaded": unused, "ok": result["t.rows"]["success"], "e
                   "chart": alt.Chart.__name__, "real": type(sys.modules["scipy.stats"]).__name__}))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {"unused_loaded": [], "ok": True, "entropy": 0.5108, "chart": "Chart", "real": "module"}
