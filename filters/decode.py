@@ -4,7 +4,7 @@ Reads `image`; writes `image` (JPEG bytes: the original file when it is already 
 JPEG with no EXIF rotation, else a re-encode after EXIF orientation, mode conversion and alpha
 flattening), `width`, `height`, `content_sha` (sha256 of the input bytes), `source_bytes` (their length), `phash` (64-bit DCT
 perceptual hash, as a signed int64), `phash256` (256-bit difference hash of pHash's 32x32 thumbnail, 32 bytes:
-dedup's second tier) and `pixel_std` (grey-level standard deviation of a 64x64
+dedup's second tier) and `pixel_std` (grey-level standard deviation of the same
 thumbnail). Items that cannot be decoded get `error` set and are quarantined downstream.
 A JPEG that is passed through is decoded in libjpeg's reduced-size draft mode (every block is still
 read, so truncation and corrupt streams are caught) to at least 64x64 luma: the features need no more.
@@ -39,7 +39,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # scientific and legacy formats whose parsers see little use and much fuzzing.
 # (Multi-picture JPEGs open through the JPEG entry and report format "MPO".)
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "ICO", "AVIF")
-FEATURE_SIZE = 64  # pHash (32x32) and the solid-colour check (64x64) need no more pixels than this
+FEATURE_SIZE = 64  # the features' 32x32 thumbnail is resampled from at least twice its size, no more
 _TRUNCATED = ("truncated", "premature", "expected to read", "unexpected end", "buffer is not large enough")
 
 
@@ -207,13 +207,15 @@ def signed64(h: int) -> int:
 
 def gray_features(gray: Image.Image) -> dict[str, Any]:
     """The image features dedup and the rules read, from the grey image at draft scale: `phash`
-    (int64), `phash256` (`dhash256` of the same 32x32 thumbnail, 32 bytes) and `pixel_std` (of a 64x64
-    thumbnail). Every kind that writes these columns computes them here."""
+    (int64), `phash256` (`dhash256` of the same 32x32 thumbnail, 32 bytes) and `pixel_std` (of that
+    thumbnail too: a separate 64x64 bilinear one cost ~60 us an image, a quarter of the features, for
+    a std 0.99x as large at the median, 0.83x at the 1st percentile, on the benchmark's photos). Every
+    kind that writes these columns computes them here."""
     thumb = _thumbnail(gray)
     return {
         S.PHASH: signed64(_dct_hash(thumb)),
         S.PHASH256: dhash256(thumb),
-        S.PIXEL_STD: float(np.asarray(gray.resize((64, 64), Image.Resampling.BILINEAR), dtype=np.float32).std()),
+        S.PIXEL_STD: float(np.asarray(thumb, dtype=np.float32).std()),
     }
 
 

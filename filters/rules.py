@@ -16,7 +16,7 @@ from schemas import image_text as S
 class Rules:
     min_side: int = 200  # shorter side in pixels
     max_aspect_ratio: float = 3.0  # longer side / shorter side
-    min_pixel_std: float = 2.0  # grey-level std of a 64x64 thumbnail; below it the image is solid
+    min_pixel_std: float = 2.0  # grey-level std of the 32x32 feature thumbnail; below it the image is solid
     min_caption_words: int = 3  # DataComp: more than 2 words
     min_caption_chars: int = 6  # DataComp: more than 5 characters
     max_caption_chars: int = 2000
