@@ -249,7 +249,7 @@ def document_tokens(cfg: Interleaved):
         return _tokens(_pieces(row, cfg), cfg.tokens)
 
     def column(F):
-        udf = F.udf(count, "long")
+        udf = F.udf(count, "long", useArrow=False)  # plain pickled rows; no eval type guessed from the hints
         images = F.transform(F.coalesce("kept_images", F.array()),
                              lambda im: F.struct(im[S.POSITION].alias(S.POSITION), im[S.WIDTH].alias(S.WIDTH),
                                                  im[S.HEIGHT].alias(S.HEIGHT)))

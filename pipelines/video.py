@@ -484,7 +484,7 @@ def clip_duplicates(clips, cfg: VideoDedup, embeddings: bool = False, stats: dic
     mid = F.element_at(S.FRAME_PHASH, (F.size(S.FRAME_PHASH) / 2).cast("int") + 1)
     extra = [VIDEO_EMBEDDING, TEXT_EMBEDDING] if embeddings else []
     items = clips.filter(F.size(S.FRAME_PHASH) > 0).select(
-        SAMPLE_ID, S.FRAME_PHASH, *extra, F.udf(normalise_caption, T.StringType())(S.CAPTION).alias("_text"),
+        SAMPLE_ID, S.FRAME_PHASH, *extra, F.udf(normalise_caption, T.StringType(), useArrow=False)(S.CAPTION).alias("_text"),
         F.size(S.FRAME_INDICES).alias("_n"), (F.col(S.WIDTH) * F.col(S.HEIGHT)).alias("_px"), mid.alias("_mid"))
     bands = items.select(SAMPLE_ID, F.explode(F.array(*[
         F.struct(F.lit(b).alias("b"), F.shiftrightunsigned("_mid", 16 * b).bitwiseAND(0xFFFF).alias("v"))
@@ -495,11 +495,11 @@ def clip_duplicates(clips, cfg: VideoDedup, embeddings: bool = False, stats: dic
              .select(F.col(f"a.{SAMPLE_ID}").alias("x"), F.col(f"b.{SAMPLE_ID}").alias("y")).distinct())
     ia = items.select(*[F.col(c).alias(f"x{c}") for c in items.columns])
     ib = items.select(*[F.col(c).alias(f"y{c}") for c in items.columns])
-    dist = F.udf(_mean_hamming, T.DoubleType())
+    dist = F.udf(_mean_hamming, T.DoubleType(), useArrow=False)
     edges = (pairs.join(ia, F.col("x") == F.col(f"x{SAMPLE_ID}")).join(ib, F.col("y") == F.col(f"y{SAMPLE_ID}"))
              .filter(dist(F.col(f"x{S.FRAME_PHASH}"), F.col(f"y{S.FRAME_PHASH}")) <= cfg.hamming_radius))
     if embeddings:
-        cos = F.udf(_cosine, T.DoubleType())
+        cos = F.udf(_cosine, T.DoubleType(), useArrow=False)
         no_text = (F.col("x_text") == "") & (F.col("y_text") == "")
         edges = edges.filter((cos(f"x{VIDEO_EMBEDDING}", f"y{VIDEO_EMBEDDING}") >= cfg.video_threshold)
                              & (no_text | (cos(f"x{TEXT_EMBEDDING}", f"y{TEXT_EMBEDDING}") >= cfg.text_threshold)))
