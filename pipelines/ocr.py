@@ -382,8 +382,8 @@ def plan(ctx: Context) -> Plan:
             # as Arrow, not a Python list: no Python worker (of a pool of its own) to unpickle it
             df = ctx.spark.createDataFrame(pa.Table.from_pylist([{k: u[k] for k in UNIT.names} for u in units], UNIT))
             df = df.repartition(min(len(units), max(1, ctx.spark.sparkContext.defaultParallelism * 4)))
-            parts.append(apply_stages(df, [ReadOcrUnits(recipe.read.dataset, counter, cfg, recipe.read.max_member_bytes),
-                                           render, academic_aug, *after], ctx.timer))
+            reader = ReadOcrUnits(recipe.read.dataset, counter, cfg, recipe.read.max_member_bytes)
+            parts.append(apply_stages(df, [reader, render, academic_aug, *after], ctx.timer))
         if not parts:
             raise FileNotFoundError(f"ocr: no input files under {ctx.uris}")
         out = parts[0]

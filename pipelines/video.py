@@ -483,8 +483,9 @@ def clip_duplicates(clips, cfg: VideoDedup, embeddings: bool = False, stats: dic
     stats = {} if stats is None else stats
     mid = F.element_at(S.FRAME_PHASH, (F.size(S.FRAME_PHASH) / 2).cast("int") + 1)
     extra = [VIDEO_EMBEDDING, TEXT_EMBEDDING] if embeddings else []
+    text = F.udf(normalise_caption, T.StringType(), useArrow=False)
     items = clips.filter(F.size(S.FRAME_PHASH) > 0).select(
-        SAMPLE_ID, S.FRAME_PHASH, *extra, F.udf(normalise_caption, T.StringType(), useArrow=False)(S.CAPTION).alias("_text"),
+        SAMPLE_ID, S.FRAME_PHASH, *extra, text(S.CAPTION).alias("_text"),
         F.size(S.FRAME_INDICES).alias("_n"), (F.col(S.WIDTH) * F.col(S.HEIGHT)).alias("_px"), mid.alias("_mid"))
     bands = items.select(SAMPLE_ID, F.explode(F.array(*[
         F.struct(F.lit(b).alias("b"), F.shiftrightunsigned("_mid", 16 * b).bitwiseAND(0xFFFF).alias("v"))

@@ -897,9 +897,9 @@ def in_batches(units: Iterable[dict], read: Callable[[dict], Iterable[list[dict]
     """A kind's reader loop: Arrow batches of `schema` from a stream of read units. `read(unit)` gives
     the unit's items, each as its rows (kept in one batch); every row is tagged with its unit
     (READ_UNIT, `unit_of`: the kind's name for a unit, by default image_text's) and every item counted
-    in `counts[unit]` as it leaves the reader, before any stage can lose one. A batch is cut after an item once it holds `rows` rows, or BYTES_PER_BATCH
-    bytes of the `image` column. `timing[0]` adds the seconds spent reading, not those the consumer
-    spends between batches."""
+    in `counts[unit]` as it leaves the reader, before any stage can lose one. A batch is cut after an
+    item once it holds `rows` rows, or BYTES_PER_BATCH bytes of the `image` column. `timing[0]` adds
+    the seconds spent reading, not those the consumer spends between batches."""
     out: list[dict] = []
     size, t0 = 0, time.perf_counter()
     for unit in units:
@@ -1113,5 +1113,5 @@ def read_image_text(spark, uris: list[str], files_per_task: int, max_member_byte
                     counter=None, dataset: str = ""):
     """DataFrame of RAW rows, one per input item (or per unreadable container), with the row-wise
     `stages` applied in the same pass. `counter`: a ReadCounts accumulator the reader reports to."""
-    return apply_stages(read_plan(spark, uris, files_per_task), [ReadUnits(dataset, counter, max_member_bytes), *stages],
-                        timer)
+    return apply_stages(read_plan(spark, uris, files_per_task),
+                        [ReadUnits(dataset, counter, max_member_bytes), *stages], timer)
