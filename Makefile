@@ -13,7 +13,7 @@ export SPARK_LOCAL_IP ?= 127.0.0.1
 export PIP_NO_CACHE_DIR := 1
 OUT ?= out
 
-.PHONY: setup system venv jvm demo run test lint bench bench-compare package clean
+.PHONY: setup system venv jvm demo run test lint bench bench-compare gpu-wheels package clean
 
 setup: system venv jvm
 
@@ -89,6 +89,16 @@ build/i2d-venv/bin/img2dataset:
 
 bench-compare: setup build/i2d-venv/bin/img2dataset
 	$(PY) -m benchmarks.compare --img2dataset build/i2d-venv/bin/img2dataset --rounds 3
+
+# What benchmarks/clip_gpu_device.sh installs on a lent GPU machine (offline, Python 3.12, torch there):
+# open_clip at this venv's version and the two packages it needs beyond that machine's image
+GPU_WHEELS := open_clip_torch ftfy wcwidth
+gpu-wheels: setup
+	rm -rf .wheels
+	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels \
+	  $$($(PY) -c 'import importlib.metadata as m, sys; print(*(f"{n}=={m.version(n)}" for n in sys.argv[1:]))' $(GPU_WHEELS))
+	@ls .wheels
 
 # A relocatable environment for executors (venv-pack refuses editable installs, so pack a fresh one).
 package: setup

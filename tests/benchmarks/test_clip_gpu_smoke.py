@@ -3,10 +3,15 @@ pretend without CUDA. The figures themselves are measured on a GPU machine."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import clip_gpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_the_benchmark_runs_on_cpu(tmp_path):
@@ -29,3 +34,57 @@ def test_without_cuda_it_exits_2(capsys):
         clip_gpu.main(["--images", "4", "--out", "/nonexistent/clip_gpu.json"])
     assert exit_.value.code == 2
     assert "CUDA is not available here" in capsys.readouterr().err
+
+
+TINY = ["--device", "cpu", "--model", "ViT-S-32-alt", "--images", "12", "--batch", "4", "--threads", "2",
+        "--arrow-batch", "5", "--seconds", "0.1", "--check", "6"]
+# What a lent GPU machine's python3 has (benchmarks/clip_gpu_device.sh), and open_clip, carried as a wheel
+ON_A_GPU_MACHINE = {"torch", "torchvision", "numpy", "PIL", "pyarrow", "skimage", "open_clip"}
+
+
+@pytest.mark.slow
+def test_the_device_script_runs_every_configuration(tmp_path):
+    """benchmarks/clip_gpu_device.sh, the one call a GPU lease gets, on the CPU with a tiny model: every
+    configuration writes its JSON, with the agreement against fp32, and the log says what ran."""
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "clip_gpu_device.sh"), *TINY], env=env,
+                         capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["clip_gpu_b1024.json", "clip_gpu_b512.json", "clip_gpu_bf16.json", "clip_gpu_device.log",
+                     "clip_gpu_half-threads.json", "clip_gpu_vit-l-14.json"]
+    bf16 = json.loads((tmp_path / "clip_gpu_bf16.json").read_text())
+    assert bf16["dtype"] == "bfloat16" and bf16["model"] == "ViT-S-32-alt"  # the caller's arguments come last
+    check = bf16["agreement_with_fp32_cpu"]
+    assert check["pairs"] == 6 and 0 < check["score_max_abs_diff"] <= clip_gpu.TARGET_SCORE_DIFF
+    assert min(check["image_embedding_cosine_min"], check["text_embedding_cosine_min"]) >= 0.99
+    fp32 = json.loads((tmp_path / "clip_gpu_b512.json").read_text())["agreement_with_fp32_cpu"]
+    assert fp32["score_max_abs_diff"] == 0  # the same weights, dtype and code path: the same scores
+    log = (tmp_path / "clip_gpu_device.log").read_text()
+    assert "torch " in log and log.count(" images/s (") == 5 and "FAILED" not in log
+
+
+def test_the_benchmark_imports_only_what_a_gpu_machine_has():
+    """A lent GPU machine is offline and has no Spark, fastText or ONNX Runtime: the project's modules that
+    the benchmark loads import only the packages it has (or lazily, where the benchmark never goes)."""
+    code = f"""
+import ast, json, os, sys
+from benchmarks import clip_gpu
+clip_gpu.main({TINY + ["--out", os.devnull]!r})
+root, used = os.getcwd(), set()
+for mod in list(sys.modules.values()):
+    path = getattr(mod, "__file__", None) or ""
+    if not path.startswith(root + os.sep) or os.sep + ".venv" + os.sep in path:
+        continue
+    for node in ast.walk(ast.parse(open(path).read())):
+        names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                 [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+        used.update(n.split(".")[0] for n in names if n.split(".")[0] in sys.modules)
+print(json.dumps(sorted(used - set(sys.stdlib_module_names))))
+"""
+    run = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+    assert run.returncode == 0, run.stderr[-3000:]
+    used = set(json.loads(run.stdout.strip().splitlines()[-1]))
+    project = {name for name in used if os.path.isdir(os.path.join(ROOT, name))}
+    assert {"filters", "benchmarks", "jobs"} <= project
+    assert used - project <= ON_A_GPU_MACHINE, used - project - ON_A_GPU_MACHINE

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# CLIP on a GPU (issue 16, item 4) in one call on a lent GPU machine: benchmarks/clip_gpu.py in the
+# configurations worth a short lease, its JSON and a log written to $OUT (benchmarks/results elsewhere).
+#
+# A lent machine is bare and offline: its python3 holds torch, torchvision, timm, numpy, pillow, pyarrow,
+# scikit-image and nvidia-ml-py, not open_clip. Here, first: `make gpu-wheels` (open_clip and what it needs
+# beyond that image, as wheels in .wheels/, git-ignored); then the device tool's
+#     run(command="bash benchmarks/clip_gpu_device.sh", carry=[".wheels"], timeout_s=480)
+# On a GPU box of your own with the project's venv: `PY=.venv/bin/python bash benchmarks/clip_gpu_device.sh`.
+# Arguments are passed on to every configuration (the last of a repeated option wins): the test runs this
+# script on the CPU with `--device cpu --model ViT-S-32-alt --images 16 ...`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+EXTRA=("$@")
+DEST=${OUT:-benchmarks/results}
+mkdir -p "$DEST"
+LOG="$DEST/clip_gpu_device.log"
+: >"$LOG"
+say() { echo "$*" | tee -a "$LOG"; }
+
+if ! "$PY" -c "import open_clip" 2>/dev/null; then
+    if ! compgen -G ".wheels/*.whl" >/dev/null; then
+        say "open_clip is not installed for $PY and there is no .wheels/ to install it from:" \
+            "run 'make gpu-wheels' where pip can reach PyPI, and carry .wheels"
+        exit 2
+    fi
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/clip-site \
+        .wheels/*.whl 2>&1 | tee -a "$LOG"
+    export PYTHONPATH=/tmp/clip-site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+{
+    echo "--- machine"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"
+    echo "cpus: $(nproc)"
+    "$PY" - <<'EOF'
+import importlib.metadata as md
+import sys
+print("python", sys.version.split()[0])
+for name in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow", "pyarrow", "nvidia-ml-py"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "not installed")
+EOF
+} 2>&1 | tee -a "$LOG"
+
+# name | arguments. The first is issue 16's target configuration; the others show what moves it: a larger
+# sub-batch, bfloat16, half the decode threads (is the CPU the limit?), and a model four times heavier.
+CONFIGS=(
+    "b512|--model ViT-B-32 --batch 512 --images 16384"
+    "b1024|--model ViT-B-32 --batch 1024 --images 16384"
+    "bf16|--model ViT-B-32 --batch 512 --images 16384 --dtype bfloat16"
+    "half-threads|--model ViT-B-32 --batch 512 --images 16384 --threads $(( ($(nproc) + 1) / 2 ))"
+    "vit-l-14|--model ViT-L-14 --batch 256 --images 4096 --check 64"
+)
+failed=0
+for config in "${CONFIGS[@]}"; do
+    name=${config%%|*}
+    read -ra args <<<"${config#*|}"
+    args+=("${EXTRA[@]}")
+    say "--- $name: ${args[*]}"
+    if ! timeout 300 "$PY" -m benchmarks.clip_gpu "${args[@]}" --out "$DEST/clip_gpu_$name.json" 2>&1 | tee -a "$LOG"; then
+        say "--- $name FAILED"
+        failed=1
+    fi
+done
+exit $failed
