@@ -57,6 +57,9 @@ def test_the_device_script_runs_every_configuration(tmp_path):
     assert bf16["dtype"] == "bfloat16" and bf16["model"] == "ViT-S-32-alt"  # the caller's arguments come last
     check = bf16["agreement_with_fp32_cpu"]
     assert check["pairs"] == 6 and 0 < check["score_max_abs_diff"] <= clip_gpu.TARGET_SCORE_DIFF
+    assert check["sequential_max_abs_diff"] <= clip_gpu.SEQUENTIAL_DIFF  # bf16 both ways, the same sub-batches
+    low, high = check["reference_score_range"]
+    assert high - low > 10 * check["score_max_abs_diff"]  # the scores differ by more than bf16 moves them
     assert min(check["image_embedding_cosine_min"], check["text_embedding_cosine_min"]) >= 0.99
     fp32 = json.loads((tmp_path / "clip_gpu_b512.json").read_text())["agreement_with_fp32_cpu"]
     assert fp32["score_max_abs_diff"] == 0  # the same weights, dtype and code path: the same scores
@@ -88,3 +91,15 @@ print(json.dumps(sorted(used - set(sys.stdlib_module_names))))
     project = {name for name in used if os.path.isdir(os.path.join(ROOT, name))}
     assert {"filters", "benchmarks", "jobs"} <= project
     assert used - project <= ON_A_GPU_MACHINE, used - project - ON_A_GPU_MACHINE
+
+
+def test_the_sequential_check_catches_rows_scored_out_of_place(tmp_path, monkeypatch):
+    """A scheduling bug that hands a row another row's score (here: each chunk's scores reversed) fails the
+    comparison with the device's own sequential loop, which needs no second model and no tolerance."""
+    from filters.clip_gpu import OverlappedScorer
+
+    stream = OverlappedScorer.stream
+    monkeypatch.setattr(OverlappedScorer, "stream", lambda self, chunks: (s[::-1] for s in stream(self, chunks)))
+    got = clip_gpu.main([*TINY, "--out", str(tmp_path / "clip_gpu.json")])
+    check = got["agreement_with_fp32_cpu"]
+    assert check["sequential_max_abs_diff"] > 100 * clip_gpu.SEQUENTIAL_DIFF and not clip_gpu.agrees(check)
