@@ -245,6 +245,8 @@ def main(argv=None) -> dict:
     encoder.events = None
     check = (agreement(encoder, reference, pixels, tokenizer, images, captions, scores, a.batch, a.threads,
                        a.check) if reference is not None else None)
+    if check is not None:
+        check["agrees"] = agrees(check)
     kernel_s = sum(s.elapsed_time(e) for s, e in encoder.events) / 1000 if encoder.events else None
     rate = len(images) / wall
     results.update({
@@ -261,7 +263,7 @@ def main(argv=None) -> dict:
                     "score_max_abs_diff": TARGET_SCORE_DIFF, "embedding_cosine_min": TARGET_EMBEDDING_COSINE,
                     "note": "issue 16: ViT-B-32 on an H100-class GPU"},
         "meets_targets": (None if busy is None else busy >= TARGET_BUSY and rate >= TARGET_RATE
-                          and (check is None or agrees(check))),
+                          and (check is None or check["agrees"])),
     })
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
@@ -275,13 +277,34 @@ def main(argv=None) -> dict:
               f"loop's; against fp32 on the CPU (scores {check['reference_score_range']}): within "
               f"{check['score_max_abs_diff']}, "
               f"embedding cosines >= {check['image_embedding_cosine_min']} (images), "
-              f"{check['text_embedding_cosine_min']} (captions); agrees: {agrees(check)}")
+              f"{check['text_embedding_cosine_min']} (captions); agrees: {check['agrees']}")
     if encoder.cuda:
         print(f"  GPU busy {busy} ({results['gpu_busy_source']}, {results['gpu_busy_samples']} samples); "
               f"own kernels {results['gpu_kernel_share']} of the stage's time; "
               f"targets (busy >= {TARGET_BUSY}, >= {TARGET_RATE:,.0f} images/s) met: {results['meets_targets']}")
     print(f"wrote {a.out}")
     return results
+
+
+def table(paths: list[str]) -> str:
+    """One line per result file: what a lease's log ends with (benchmarks/clip_gpu_device.sh)."""
+    head = ("result", "model", "dtype", "batch", "threads", "stage/s", "bare/s", "decode/s", "busy", "kernels",
+            "agrees", "targets")
+    rows = [head]
+    for path in paths:
+        name = os.path.basename(path).removesuffix(".json")
+        if not os.path.exists(path):
+            rows.append((name, "(no result)") + ("",) * (len(head) - 2))
+            continue
+        with open(path) as f:
+            r = json.load(f)
+        check = r["agreement_with_fp32_cpu"]
+        rows.append((name, r["model"], r["dtype"], r["batch"], r["threads"], f"{r['stage_images_per_s']:,.0f}",
+                     f"{r['bare_model_images_per_s']:,.0f}", f"{r['decode_images_per_s']:,.0f}", r["gpu_busy_share"],
+                     r["gpu_kernel_share"], None if check is None else check["agrees"], r["meets_targets"]))
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                               for i, (v, w) in enumerate(zip(row, widths, strict=True))) for row in rows)
 
 
 if __name__ == "__main__":

@@ -56,14 +56,19 @@ CONFIGS=(
     "vit-l-14|--model ViT-L-14 --batch 256 --images 4096 --check 64"
 )
 failed=0
+results=()
 for config in "${CONFIGS[@]}"; do
     name=${config%%|*}
+    results+=("$DEST/clip_gpu_$name.json")
     read -ra args <<<"${config#*|}"
     args+=("${EXTRA[@]}")
     say "--- $name: ${args[*]}"
-    if ! timeout 300 "$PY" -m benchmarks.clip_gpu "${args[@]}" --out "$DEST/clip_gpu_$name.json" 2>&1 | tee -a "$LOG"; then
+    if ! timeout 300 "$PY" -m benchmarks.clip_gpu "${args[@]}" --out "${results[-1]}" 2>&1 | tee -a "$LOG"; then
         say "--- $name FAILED"
         failed=1
     fi
 done
+say "--- results (benchmarks/clip_gpu.py: stage, its two ceilings, the GPU's busy share, agreement, targets)"
+"$PY" -c 'import sys; from benchmarks.clip_gpu import table; print(table(sys.argv[1:]))' \
+    "${results[@]}" 2>&1 | tee -a "$LOG"
 exit $failed

@@ -65,6 +65,10 @@ def test_the_device_script_runs_every_configuration(tmp_path):
     assert fp32["score_max_abs_diff"] == 0  # the same weights, dtype and code path: the same scores
     log = (tmp_path / "clip_gpu_device.log").read_text()
     assert "torch " in log and log.count(" images/s (") == 5 and "FAILED" not in log
+    table = log.split("--- results")[1].splitlines()[2:]  # the summary the log ends with, a row a result
+    assert [row.split()[0] for row in table] == [f"clip_gpu_{name}" for name in
+                                                  ("b512", "b1024", "bf16", "half-threads", "vit-l-14")]
+    assert all(row.split()[-2:] == ["True", "None"] for row in table)  # agrees; no GPU, no targets
 
 
 def test_the_benchmark_imports_only_what_a_gpu_machine_has():
