@@ -177,8 +177,39 @@ def agreement(encoder, reference, pixels, tokenizer, images: list[bytes], captio
             "text_embedding_cosine_min": round(float(text_cos.min()), 6)}
 
 
+def spark_stage_agreement(model_name: str, reference, device: str, batch: int, threads: int, arrow_batch: int,
+                          images: list[bytes], captions: list[str], scores: list[float | None], rows: int) -> dict:
+    """What a Spark task runs, minus Spark: the weights saved as a checkpoint file, loaded by ClipScore's
+    own setup on `device` (its default dtype), and `filters.clip_gpu.run_stage` over Arrow batches of
+    `arrow_batch` rows; its clip_score column against the stage's scores for the same rows (equal to
+    their rounding, for the benchmark's default dtype: the same weights and sub-batches)."""
+    import tempfile
+
+    import pyarrow as pa
+    import torch
+
+    from filters.clip import ClipScore
+    from filters.clip_gpu import run_stage
+    from schemas import image_text as S
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = os.path.join(tmp, "clip.pt")
+        torch.save(reference.model.state_dict(), checkpoint)
+        stage = ClipScore(model=model_name, pretrained=checkpoint, device=device, batch_size=batch)
+        batches = [pa.record_batch({"image": pa.array(images[s : s + arrow_batch], pa.binary()),
+                                    "caption": pa.array(captions[s : s + arrow_batch], pa.string())})
+                   for s in range(0, rows, arrow_batch)]
+        t0 = time.perf_counter()
+        got = [v for b in run_stage(stage, batches, threads) for v in b.column(S.CLIP_SCORE).to_pylist()]
+        seconds = time.perf_counter() - t0
+    diff = max(abs(a - b) for a, b in zip(got, scores[: len(got)], strict=True))
+    return {"rows": len(got), "max_abs_diff": round(float(diff), 6), "seconds_with_model_load": round(seconds, 3)}
+
+
 def agrees(check: dict) -> bool:
+    stage = check.get("spark_stage")
     return (check["sequential_max_abs_diff"] <= SEQUENTIAL_DIFF and check["score_max_abs_diff"] <= TARGET_SCORE_DIFF
+            and (stage is None or stage["max_abs_diff"] <= SEQUENTIAL_DIFF)
             and min(check["image_embedding_cosine_min"], check["text_embedding_cosine_min"]) >= TARGET_EMBEDDING_COSINE)
 
 
@@ -194,6 +225,8 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default="", help="float16 (default on cuda), bfloat16, float32 (default on cpu)")
     p.add_argument("--seconds", type=float, default=5.0, help="minimum timed seconds for the bare model")
     p.add_argument("--check", type=int, default=256, help="pairs scored again in fp32 on the CPU (0: none)")
+    p.add_argument("--stage-check", type=int, default=2048, help="rows scored again by ClipScore from a saved "
+                   "checkpoint through run_stage, as a Spark task scores them (0: none; needs --check)")
     p.add_argument("--out", default=OUT)
     a = p.parse_args(argv)
     import torch
@@ -245,6 +278,10 @@ def main(argv=None) -> dict:
     encoder.events = None
     check = (agreement(encoder, reference, pixels, tokenizer, images, captions, scores, a.batch, a.threads,
                        a.check) if reference is not None else None)
+    if check is not None and a.stage_check and not a.dtype:
+        rows = min(a.stage_check, len(images))
+        check["spark_stage"] = spark_stage_agreement(a.model, reference, a.device, a.batch, a.threads,
+                                                     a.arrow_batch, images, captions, scores, rows)
     if check is not None:
         check["agrees"] = agrees(check)
     kernel_s = sum(s.elapsed_time(e) for s, e in encoder.events) / 1000 if encoder.events else None
@@ -277,7 +314,10 @@ def main(argv=None) -> dict:
               f"loop's; against fp32 on the CPU (scores {check['reference_score_range']}): within "
               f"{check['score_max_abs_diff']}, "
               f"embedding cosines >= {check['image_embedding_cosine_min']} (images), "
-              f"{check['text_embedding_cosine_min']} (captions); agrees: {check['agrees']}")
+              f"{check['text_embedding_cosine_min']} (captions)"
+              + (f"; ClipScore from a checkpoint through run_stage ({check['spark_stage']['rows']} rows): within "
+                 f"{check['spark_stage']['max_abs_diff']}" if "spark_stage" in check else "")
+              + f"; agrees: {check['agrees']}")
     if encoder.cuda:
         print(f"  GPU busy {busy} ({results['gpu_busy_source']}, {results['gpu_busy_samples']} samples); "
               f"own kernels {results['gpu_kernel_share']} of the stage's time; "
