@@ -6,12 +6,14 @@
 # scikit-image and nvidia-ml-py, not open_clip. Here, first: `make gpu-wheels` (open_clip and what it needs
 # beyond that image, as wheels in .wheels/, git-ignored); then the device tool's
 #     run(command="bash benchmarks/clip_gpu_device.sh", carry=[".wheels"], timeout_s=480)
-# On a GPU box of your own with the project's venv: `PY=.venv/bin/python bash benchmarks/clip_gpu_device.sh`.
+# On a GPU box of your own, after `make setup`: `bash benchmarks/clip_gpu_device.sh` (it uses .venv's python).
 # Arguments are passed on to every configuration (the last of a repeated option wins): the test runs this
 # script on the CPU with `--device cpu --model ViT-S-32-alt --images 16 ...`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PY:-python3}
+if [ -z "${PY:-}" ]; then  # the project's venv where there is one (a GPU box of your own), else the machine's
+    if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
 EXTRA=("$@")
 DEST=${OUT:-benchmarks/results}
 mkdir -p "$DEST"
@@ -30,6 +32,10 @@ if ! "$PY" -c "import open_clip" 2>/dev/null; then
     export PYTHONPATH=/tmp/clip-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if [[ " ${EXTRA[*]} " != *" cpu "* ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+    say "no CUDA device for $PY: this script measures a GPU (give '--device cpu' for a smoke test of it)"
+    exit 2
+fi
 {
     echo "--- machine"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "no nvidia-smi"

@@ -115,3 +115,15 @@ def test_the_sequential_check_catches_rows_scored_out_of_place(tmp_path, monkeyp
     got = clip_gpu.main([*TINY, "--out", str(tmp_path / "clip_gpu.json")])
     check = got["agreement_with_fp32_cpu"]
     assert check["sequential_max_abs_diff"] > 100 * clip_gpu.SEQUENTIAL_DIFF and not clip_gpu.agrees(check)
+
+
+def test_the_device_script_without_cuda_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here: the script would measure it")
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
+    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "clip_gpu_device.sh")], env=env,
+                         capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 2 and "no CUDA device" in run.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_gpu_device.log"]
