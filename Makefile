@@ -90,9 +90,9 @@ build/i2d-venv/bin/img2dataset:
 bench-compare: setup build/i2d-venv/bin/img2dataset
 	$(PY) -m benchmarks.compare --img2dataset build/i2d-venv/bin/img2dataset --rounds 3
 
-# What benchmarks/clip_gpu_device.sh installs on a lent GPU machine (offline, Python 3.12, torch there):
-# open_clip at this venv's version and the two packages it needs beyond that machine's image
-GPU_WHEELS := open_clip_torch ftfy wcwidth
+# What benchmarks/gpu_device.sh installs on a lent GPU machine (offline, Python 3.12, torch there):
+# open_clip and webdataset at this venv's versions and the packages they need beyond that machine's image
+GPU_WHEELS := open_clip_torch ftfy wcwidth webdataset braceexpand
 gpu-wheels: setup
 	rm -rf .wheels
 	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \

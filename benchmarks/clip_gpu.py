@@ -19,7 +19,7 @@ ViT-B-32 on an H100-class GPU, and the agreement above) are reported as met or n
 
     python -m benchmarks.clip_gpu --model ViT-B-32 --images 4096 --batch 512
 writes benchmarks/results/clip_gpu.json. Without CUDA it exits 2, unless `--device cpu` (the same code on
-the CPU: a smoke test, not a measurement). On a lent GPU machine, `benchmarks/clip_gpu_device.sh` runs it in
+the CPU: a smoke test, not a measurement). On a lent GPU machine, `benchmarks/gpu_device.sh` runs it in
 the configurations worth one lease (see there).
 """
 from __future__ import annotations
@@ -327,7 +327,7 @@ def main(argv=None) -> dict:
 
 
 def table(paths: list[str]) -> str:
-    """One line per result file: what a lease's log ends with (benchmarks/clip_gpu_device.sh)."""
+    """One line per result file: what a lease's log ends with (benchmarks/gpu_device.sh)."""
     head = ("result", "model", "dtype", "batch", "threads", "stage/s", "bare/s", "decode/s", "busy", "kernels",
             "agrees", "targets")
     rows = [head]

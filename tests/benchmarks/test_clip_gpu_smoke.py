@@ -38,7 +38,7 @@ def test_without_cuda_it_exits_2(capsys):
 
 TINY = ["--device", "cpu", "--model", "ViT-S-32-alt", "--images", "12", "--batch", "4", "--threads", "2",
         "--arrow-batch", "5", "--seconds", "0.1", "--check", "6"]
-# What a lent GPU machine's python3 has (benchmarks/clip_gpu_device.sh), and open_clip, carried as a wheel
+# What a lent GPU machine's python3 has (benchmarks/gpu_device.sh), and open_clip, carried as a wheel
 ON_A_GPU_MACHINE = {"torch", "torchvision", "numpy", "PIL", "pyarrow", "skimage", "open_clip"}
 ABSENT_ON_A_GPU_MACHINE = ("pyspark", "py4j", "fasttext", "pycurl", "great_expectations", "webdataset", "imagehash",
                            "boto3", "av")
@@ -46,15 +46,17 @@ ABSENT_ON_A_GPU_MACHINE = ("pyspark", "py4j", "fasttext", "pycurl", "great_expec
 
 @pytest.mark.slow
 def test_the_device_script_runs_every_configuration(tmp_path):
-    """benchmarks/clip_gpu_device.sh, the one call a GPU lease gets, on the CPU with a tiny model: every
-    configuration writes its JSON, with the agreement against fp32, and the log says what ran."""
-    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
-    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "clip_gpu_device.sh"), *TINY], env=env,
+    """benchmarks/gpu_device.sh, the one call a GPU lease gets, on the CPU with a tiny model: every CLIP
+    configuration writes its JSON, with the agreement against fp32, the trainer runs its steps on
+    synthetic shards, and the log ends with a table of both."""
+    env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable,
+           "TRAINER_ARGS": "--steps 2 --log-every 1 --workers 0"}
+    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_device.sh"), *TINY], env=env,
                          capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["clip_gpu_b1024.json", "clip_gpu_b512.json", "clip_gpu_bf16.json", "clip_gpu_device.log",
-                     "clip_gpu_half-threads.json", "clip_gpu_vit-l-14.json"]
+    assert names == ["clip_gpu_b1024.json", "clip_gpu_b512.json", "clip_gpu_bf16.json", "clip_gpu_half-threads.json",
+                     "clip_gpu_vit-l-14.json", "gpu_device.log", "trainer.log"]
     bf16 = json.loads((tmp_path / "clip_gpu_bf16.json").read_text())
     assert bf16["dtype"] == "bfloat16" and bf16["model"] == "ViT-S-32-alt"  # the caller's arguments come last
     check = bf16["agreement_with_fp32_cpu"]
@@ -68,12 +70,15 @@ def test_the_device_script_runs_every_configuration(tmp_path):
     assert fp32["score_max_abs_diff"] == 0  # the same weights, dtype and code path: the same scores
     # ClipScore's own setup from a saved checkpoint, through run_stage: the stage's scores (as float32)
     assert fp32["spark_stage"]["rows"] == 12 and fp32["spark_stage"]["max_abs_diff"] <= clip_gpu.SEQUENTIAL_DIFF
-    log = (tmp_path / "clip_gpu_device.log").read_text()
+    log = (tmp_path / "gpu_device.log").read_text()
     assert "torch " in log and log.count(" images/s (") == 5 and "FAILED" not in log
     table = log.split("--- results")[1].splitlines()[2:]  # the summary the log ends with, a row a result
-    assert [row.split()[0] for row in table] == [f"clip_gpu_{name}" for name in
+    assert [row.split()[0] for row in table[:5]] == [f"clip_gpu_{name}" for name in
                                                   ("b512", "b1024", "bf16", "half-threads", "vit-l-14")]
-    assert all(row.split()[-2:] == ["True", "None"] for row in table)  # agrees; no GPU, no targets
+    assert all(row.split()[-2:] == ["True", "None"] for row in table[:5])  # agrees; no GPU, no targets
+    # the trainer's own log lines (python -m trainer on the CPU here): throughput and data wait, then its end
+    assert [row.split()[:2] for row in table[5:]] == [["trainer:", "step"], ["trainer:", "step"], ["[rank", "0]"]]
+    assert "tok/s" in table[5] and "data wait" in table[5] and '"steps": 2' in table[7]
 
 
 def test_the_benchmark_imports_only_what_a_gpu_machine_has():
@@ -123,7 +128,7 @@ def test_the_device_script_without_cuda_says_so(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here: the script would measure it")
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable}
-    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "clip_gpu_device.sh")], env=env,
+    run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_device.sh")], env=env,
                          capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 2 and "no CUDA device" in run.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["clip_gpu_device.log"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_device.log"]

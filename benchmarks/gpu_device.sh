@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# CLIP on a GPU (issue 16, item 4) in one call on a lent GPU machine: benchmarks/clip_gpu.py in the
-# configurations worth a short lease, its JSON and a log written to $OUT (benchmarks/results elsewhere).
+# What needs a GPU, in one call on a lent GPU machine: CLIP on a GPU (issue 16, item 4: benchmarks/clip_gpu.py
+# in the configurations worth a short lease) and the bundled trainer's throughput; the results' JSON and
+# the logs are written to $OUT (benchmarks/results elsewhere), and the log ends with a table of them.
 #
 # A lent machine is bare and offline: its python3 holds torch, torchvision, timm, numpy, pillow, pyarrow,
-# scikit-image and nvidia-ml-py, not open_clip. Here, first: `make gpu-wheels` (open_clip and what it needs
-# beyond that image, as wheels in .wheels/, git-ignored); then the device tool's
-#     run(command="bash benchmarks/clip_gpu_device.sh", carry=[".wheels"], timeout_s=480)
-# On a GPU box of your own, after `make setup`: `bash benchmarks/clip_gpu_device.sh` (it uses .venv's python).
+# scikit-image, tokenizers and nvidia-ml-py, not open_clip nor webdataset. Here, first: `make gpu-wheels`
+# (those two and what they need beyond that image, as wheels in .wheels/, git-ignored); then the device
+# tool's
+#     run(command="bash benchmarks/gpu_device.sh", carry=[".wheels"], timeout_s=540)
+# On a GPU box of your own, after `make setup`: `bash benchmarks/gpu_device.sh` (it uses .venv's python).
 # Arguments are passed on to every configuration (the last of a repeated option wins): the test runs this
 # script on the CPU with `--device cpu --model ViT-S-32-alt --images 16 ...`.
 set -euo pipefail
@@ -17,13 +19,13 @@ fi
 EXTRA=("$@")
 DEST=${OUT:-benchmarks/results}
 mkdir -p "$DEST"
-LOG="$DEST/clip_gpu_device.log"
+LOG="$DEST/gpu_device.log"
 : >"$LOG"
 say() { echo "$*" | tee -a "$LOG"; }
 
-if ! "$PY" -c "import open_clip" 2>/dev/null; then
+if ! "$PY" -c "import open_clip, webdataset" 2>/dev/null; then
     if ! compgen -G ".wheels/*.whl" >/dev/null; then
-        say "open_clip is not installed for $PY and there is no .wheels/ to install it from:" \
+        say "open_clip or webdataset is not installed for $PY and there is no .wheels/ to install them from:" \
             "run 'make gpu-wheels' where pip can reach PyPI, and carry .wheels"
         exit 2
     fi
@@ -74,7 +76,25 @@ for config in "${CONFIGS[@]}"; do
         failed=1
     fi
 done
+# The bundled trainer on the same machine: `python -m trainer` (its defaults: bf16 autocast, fused AdamW,
+# pinned batches) on synthetic image_text shards, with as many loader workers as it has cores to spare.
+# Its log lines give tokens/s and the share of time the step waited for data.
+device=cuda
+if [[ " ${EXTRA[*]} " == *" cpu "* ]]; then device=cpu; fi
+trainer_log="$DEST/trainer.log"
+work=$(mktemp -d)
+read -ra targs <<<"${TRAINER_ARGS:-}"
+say "--- trainer: python -m trainer --device $device --steps 200 --workers $(( $(nproc) / 2 )) ${targs[*]}"
+if ! { "$PY" -c "import sys; from benchmarks.trainer_bench import synthetic_shards; synthetic_shards(sys.argv[1], n=512)" \
+        "$work/shards" && timeout 300 "$PY" -m trainer --shards "$work/shards" --out "$work/run" --device "$device" \
+        --steps 200 --log-every 50 --workers $(( $(nproc) / 2 )) "${targs[@]}"; } >"$trainer_log" 2>&1; then
+    say "--- trainer FAILED (the end of $trainer_log:)"
+    tail -20 "$trainer_log" | tee -a "$LOG"
+    failed=1
+fi
+rm -rf "$work"
 say "--- results (benchmarks/clip_gpu.py: stage, its two ceilings, the GPU's busy share, agreement, targets)"
 "$PY" -c 'import sys; from benchmarks.clip_gpu import table; print(table(sys.argv[1:]))' \
     "${results[@]}" 2>&1 | tee -a "$LOG"
+grep -E "step [0-9]+/|finished" "$trainer_log" | sed 's/^.*INFO trainer: /trainer: /' | tee -a "$LOG" || true
 exit $failed
