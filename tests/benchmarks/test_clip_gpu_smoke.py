@@ -38,9 +38,10 @@ def test_without_cuda_it_exits_2(capsys):
 
 TINY = ["--device", "cpu", "--model", "ViT-S-32-alt", "--images", "12", "--batch", "4", "--threads", "2",
         "--arrow-batch", "5", "--seconds", "0.1", "--check", "6"]
-# What a lent GPU machine's python3 has (benchmarks/gpu_device.sh), and open_clip, carried as a wheel
-ON_A_GPU_MACHINE = {"torch", "torchvision", "numpy", "PIL", "pyarrow", "skimage", "open_clip"}
-ABSENT_ON_A_GPU_MACHINE = ("pyspark", "py4j", "fasttext", "pycurl", "great_expectations", "webdataset", "imagehash",
+# What a lent GPU machine's python3 has (benchmarks/gpu_device.sh), and open_clip and webdataset, carried
+ON_A_GPU_MACHINE = {"torch", "torchvision", "numpy", "PIL", "pyarrow", "skimage", "tokenizers", "yaml", "open_clip",
+                    "webdataset"}
+ABSENT_ON_A_GPU_MACHINE = ("pyspark", "py4j", "fasttext", "pycurl", "great_expectations", "imagehash",
                            "boto3", "av")
 
 
@@ -81,16 +82,22 @@ def test_the_device_script_runs_every_configuration(tmp_path):
     assert "tok/s" in table[5] and "data wait" in table[5] and '"steps": 2' in table[7]
 
 
-def test_the_benchmark_imports_only_what_a_gpu_machine_has():
-    """A lent GPU machine is offline and has no Spark, fastText or libcurl: the benchmark runs with those
-    unimportable, and the project's modules it loads import only the packages that machine has (or
-    lazily, where the benchmark never goes)."""
+def test_the_device_script_imports_only_what_a_gpu_machine_has():
+    """A lent GPU machine is offline and has no Spark, fastText or libcurl: the CLIP benchmark and the
+    trainer run with those unimportable, and the project's modules they load import only the packages
+    that machine has (or lazily, where they never go)."""
     code = f"""
 import ast, json, os, sys
 for absent in {ABSENT_ON_A_GPU_MACHINE!r}:
     sys.modules[absent] = None  # import raises ImportError, as there
+import tempfile
 from benchmarks import clip_gpu
 clip_gpu.main({TINY + ["--out", os.devnull]!r})
+from benchmarks.trainer_bench import synthetic_shards
+from trainer.__main__ import main
+with tempfile.TemporaryDirectory() as tmp:
+    main(["--shards", synthetic_shards(os.path.join(tmp, "shards"), n=8), "--out", os.path.join(tmp, "run"),
+          "--steps", "1", "--workers", "0", "--device", "cpu"])
 root, used = os.getcwd(), set()
 for mod in list(sys.modules.values()):
     path = getattr(mod, "__file__", None) or ""
@@ -106,7 +113,7 @@ print(json.dumps(sorted(used - set(sys.stdlib_module_names))))
     assert run.returncode == 0, run.stderr[-3000:]
     used = set(json.loads(run.stdout.strip().splitlines()[-1]))
     project = {name for name in used if os.path.isdir(os.path.join(ROOT, name))}
-    assert {"filters", "benchmarks", "jobs"} <= project
+    assert {"filters", "benchmarks", "jobs", "trainer", "schemas"} <= project
     assert used - project <= ON_A_GPU_MACHINE, used - project - ON_A_GPU_MACHINE
 
 
