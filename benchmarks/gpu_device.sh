@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What needs a GPU, in one call on a lent GPU machine: CLIP on a GPU (issue 16, item 4: benchmarks/clip_gpu.py
-# in the configurations worth a short lease) and the bundled trainer's throughput; the results' JSON and
-# the logs are written to $OUT (benchmarks/results elsewhere), and the log ends with a table of them.
+# in the configurations worth a short lease, each stopped after 150 s) and the bundled trainer's
+# throughput (stopped after 180 s); the results' JSON and the logs are written to $OUT (benchmarks/results
+# elsewhere), and the log ends with a table of them.
 #
 # A lent machine is bare and offline: its python3 holds torch, torchvision, timm, numpy, pillow, pyarrow,
 # scikit-image, tokenizers and nvidia-ml-py, not open_clip nor webdataset. Here, first: `make gpu-wheels`
@@ -46,7 +47,8 @@ fi
 import importlib.metadata as md
 import sys
 print("python", sys.version.split()[0])
-for name in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow", "pyarrow", "nvidia-ml-py"):
+for name in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow", "pyarrow", "webdataset",
+             "tokenizers", "nvidia-ml-py"):
     try:
         print(name, md.version(name))
     except md.PackageNotFoundError:
@@ -71,7 +73,7 @@ for config in "${CONFIGS[@]}"; do
     read -ra args <<<"${config#*|}"
     args+=("${EXTRA[@]}")
     say "--- $name: ${args[*]}"
-    if ! timeout 300 "$PY" -m benchmarks.clip_gpu "${args[@]}" --out "${results[-1]}" 2>&1 | tee -a "$LOG"; then
+    if ! timeout 150 "$PY" -m benchmarks.clip_gpu "${args[@]}" --out "${results[-1]}" 2>&1 | tee -a "$LOG"; then
         say "--- $name FAILED"
         failed=1
     fi
@@ -85,9 +87,10 @@ trainer_log="$DEST/trainer.log"
 work=$(mktemp -d)
 read -ra targs <<<"${TRAINER_ARGS:-}"
 say "--- trainer: python -m trainer --device $device --steps 200 --workers $(( $(nproc) / 2 )) ${targs[*]}"
-if ! { "$PY" -c "import sys; from benchmarks.trainer_bench import synthetic_shards; synthetic_shards(sys.argv[1], n=512)" \
-        "$work/shards" && timeout 300 "$PY" -m trainer --shards "$work/shards" --out "$work/run" --device "$device" \
-        --steps 200 --log-every 50 --workers $(( $(nproc) / 2 )) "${targs[@]}"; } >"$trainer_log" 2>&1; then
+shards='import sys; from benchmarks.trainer_bench import synthetic_shards; synthetic_shards(sys.argv[1], n=512)'
+if ! { "$PY" -c "$shards" "$work/shards" && timeout 180 "$PY" -m trainer --shards "$work/shards" --out "$work/run" \
+        --device "$device" --steps 200 --log-every 50 --workers $(( $(nproc) / 2 )) "${targs[@]}"; } >"$trainer_log" 2>&1
+then
     say "--- trainer FAILED (the end of $trainer_log:)"
     tail -20 "$trainer_log" | tee -a "$LOG"
     failed=1
