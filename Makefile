@@ -93,7 +93,7 @@ bench-compare: setup build/i2d-venv/bin/img2dataset
 # What benchmarks/gpu_device.sh installs on a lent GPU machine (offline, Python 3.12, torch there):
 # open_clip and webdataset at this venv's versions and the packages they need beyond that machine's image
 GPU_WHEELS := open_clip_torch ftfy wcwidth webdataset braceexpand
-gpu-wheels: setup
+gpu-wheels: venv
 	rm -rf .wheels
 	$(VENV)/bin/pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .wheels \

@@ -35,7 +35,9 @@ if ! "$PY" -c "import open_clip, webdataset" 2>/dev/null; then
     export PYTHONPATH=/tmp/clip-site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if [[ " ${EXTRA[*]} " != *" cpu "* ]] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+device=cuda  # the trainer's too; `--device cpu` among the arguments makes the whole script a smoke test
+if [[ " ${EXTRA[*]} " == *" cpu "* ]]; then device=cpu; fi
+if [ "$device" = cuda ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     say "no CUDA device for $PY: this script measures a GPU (give '--device cpu' for a smoke test of it)"
     exit 2
 fi
@@ -81,8 +83,6 @@ done
 # The bundled trainer on the same machine: `python -m trainer` (its defaults: bf16 autocast, fused AdamW,
 # pinned batches) on synthetic image_text shards, with as many loader workers as it has cores to spare.
 # Its log lines give tokens/s and the share of time the step waited for data.
-device=cuda
-if [[ " ${EXTRA[*]} " == *" cpu "* ]]; then device=cpu; fi
 trainer_log="$DEST/trainer.log"
 work=$(mktemp -d)
 read -ra targs <<<"${TRAINER_ARGS:-}"
