@@ -4,10 +4,14 @@ In one process, on JPEG photos (crops of scikit-image's photos in varied sizes, 
 makes them) and captions, with random weights (speed does not depend on their values):
 - stage: OverlappedScorer.stream over Arrow-sized chunks (`--arrow-batch` rows, as Spark hands them) with
   sub-batches of `--batch`: decode and preprocess on `--threads` CPU threads overlapped with both towers
-  in half precision on the device; images/s from first chunk in to last score out;
+  in half precision on the device; images/s from first chunk in to last score out. `--processes N`
+  runs the stage as N processes sharing the device, as N Spark tasks per GPU do
+  (`spark.task.resource.gpu.amount` = 1/N): each its own model, `--threads` decode threads and every
+  N-th chunk, started together; images/s over all of them (one process's decode threads share its GIL);
 - GPU busy share through the stage: NVML's utilisation (the share of time a kernel was running),
   sampled every 0.1 s (torch.cuda.utilization where pynvml is installed, else `nvidia-smi -lms 100`),
-  and the share of the stage's wall time covered by its own kernels (CUDA events around each sub-batch);
+  and the share of the stage's wall time covered by its own kernels (CUDA events around each sub-batch;
+  with one process only: processes time-slice the device, and one's events would span the others' kernels);
 - ceilings: the bare model on ready tensors already on the device (both towers, batch `--batch`), and
   the decode pool alone (the same threads, pieces and ClipPixels.from_bytes, no model);
 - agreement on the first `--check` pairs: the stage's scores against the device's own sequential loop
@@ -33,6 +37,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 
@@ -213,6 +218,88 @@ def agrees(check: dict) -> bool:
             and min(check["image_embedding_cosine_min"], check["text_embedding_cosine_min"]) >= TARGET_EMBEDDING_COSINE)
 
 
+def _model(name: str, threads: int):
+    """The benchmark's model (random weights, seed 0: the same in every process), its pixels and tokenizer."""
+    import open_clip
+    import torch
+
+    from filters.clip import ClipPixels
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    model.eval()
+    return model, ClipPixels(open_clip.get_model_preprocess_cfg(model), preprocess), open_clip.get_tokenizer(name)
+
+
+def _chunks(images: list[bytes], captions: list[str], arrow_batch: int) -> list[tuple[list, list]]:
+    return [(images[s : s + arrow_batch], captions[s : s + arrow_batch]) for s in range(0, len(images), arrow_batch)]
+
+
+def _stage_process(a: argparse.Namespace, index: int, start, results) -> None:
+    """One of `--processes` stage processes: the same model, corpus and chunks as the parent's, it scores
+    chunks index, index + N, ... after a warm-up, starting at the barrier `start`; puts (index, monotonic
+    start and end, its chunks' scores) on `results`, or (index, the error)."""
+    try:
+        from filters.clip_gpu import GpuClip, OverlappedScorer
+
+        model, pixels, tokenizer = _model(a.model, a.threads)
+        scorer = OverlappedScorer(GpuClip(model, a.device, a.dtype or None), pixels, tokenizer, a.batch, a.threads)
+        mine = _chunks(*_jpegs(a.images), a.arrow_batch)[index :: a.processes]
+        list(scorer.stream(mine[: max(1, a.batch // a.arrow_batch)]))  # warm-up
+        start.wait()
+        t0 = time.monotonic()
+        scores = [list(chunk) for chunk in scorer.stream(iter(mine))]
+        results.put((index, t0, time.monotonic(), scores))
+        scorer.close()
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails with it
+        start.abort()
+        results.put((index, None, None, f"{type(e).__name__}: {e}"))
+
+
+def stage_in_processes(a: argparse.Namespace, device_index: int | None) -> tuple[list, float, float | None, Any]:
+    """The stage as `a.processes` processes sharing the device (spawned: CUDA does not survive a fork):
+    the scores in chunk order, the wall time from the first start to the last end, the GPU's busy share
+    over that time and its sampler (None on the CPU)."""
+    import multiprocessing as mp
+    import queue
+
+    ctx = mp.get_context("spawn")
+    start, results = ctx.Barrier(a.processes + 1), ctx.Queue()
+    procs = [ctx.Process(target=_stage_process, args=(a, i, start, results), daemon=True)
+             for i in range(a.processes)]
+    for proc in procs:
+        proc.start()
+    got: list = []
+    sampler = busy = None
+    try:
+        start.wait(timeout=600)  # every process set up and warmed up
+        sampler = BusySampler(device_index).start() if device_index is not None else None
+    except threading.BrokenBarrierError:
+        pass  # a process failed before the start: its error is on the queue
+    try:
+        while len(got) < a.processes and not any(isinstance(r[3], str) for r in got):
+            try:
+                got.append(results.get(timeout=5))
+            except queue.Empty:
+                dead = {i: p.exitcode for i, p in enumerate(procs) if p.exitcode not in (None, 0)}
+                if dead:
+                    raise RuntimeError(f"stage processes exited without a result (index: exit code): {dead}") from None
+    finally:
+        if sampler is not None:
+            busy = sampler.stop()
+        for proc in procs:
+            proc.join(timeout=30)
+    errors = [f"process {i}: {r}" for i, _, _, r in got if isinstance(r, str)]
+    if errors:
+        raise RuntimeError("a stage process failed: " + "; ".join(errors))
+    by_chunk: list = [None] * sum(len(scores) for *_, scores in got)
+    for i, _, _, scores in got:
+        by_chunk[i :: a.processes] = scores
+    wall = max(end for _, _, end, _ in got) - min(begin for _, begin, _, _ in got)
+    return [s for chunk in by_chunk for s in chunk], wall, busy, sampler
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="ViT-B-32", help="open_clip architecture (random weights)")
@@ -227,6 +314,8 @@ def main(argv=None) -> dict:
     p.add_argument("--check", type=int, default=256, help="pairs scored again in fp32 on the CPU (0: none)")
     p.add_argument("--stage-check", type=int, default=2048, help="rows scored again by ClipScore from a saved "
                    "checkpoint through run_stage, as a Spark task scores them (0: none; needs --check)")
+    p.add_argument("--processes", type=int, default=1, help="stage processes sharing the device, as Spark tasks "
+                   "per GPU (1 / spark.task.resource.gpu.amount); --threads is each one's")
     p.add_argument("--out", default=OUT)
     a = p.parse_args(argv)
     import torch
@@ -236,17 +325,9 @@ def main(argv=None) -> dict:
               f"{'no CUDA build' if torch.version.cuda is None else 'no GPU visible'}): run it on a GPU machine, "
               "or give --device cpu for a smoke test of the same code on the CPU", file=sys.stderr)
         raise SystemExit(2)
-    import open_clip
-
-    from filters.clip import ClipPixels
     from filters.clip_gpu import GpuClip, OverlappedScorer
 
-    torch.set_num_threads(a.threads)
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(a.model, pretrained=None)
-    model.eval()
-    pixels = ClipPixels(open_clip.get_model_preprocess_cfg(model), preprocess)
-    tokenizer = open_clip.get_tokenizer(a.model)
+    model, pixels, tokenizer = _model(a.model, a.threads)
     reference = GpuClip(copy.deepcopy(model), "cpu", "float32") if a.check else None
     encoder = GpuClip(model, a.device, a.dtype or None)
     images, captions = _jpegs(a.images)
@@ -255,8 +336,8 @@ def main(argv=None) -> dict:
         "provenance": provenance("benchmarks.clip_gpu", argv),
         "model": a.model, "device": str(encoder.device), "dtype": str(encoder.dtype).replace("torch.", ""),
         "gpu": torch.cuda.get_device_name(encoder.device) if encoder.cuda else None,
-        "images": a.images, "batch": a.batch, "threads": a.threads, "arrow_batch": a.arrow_batch,
-        "piece": scorer.piece, "ahead": scorer.ahead, "cpu_count": os.cpu_count(),
+        "images": a.images, "batch": a.batch, "threads": a.threads, "processes": a.processes,
+        "arrow_batch": a.arrow_batch, "piece": scorer.piece, "ahead": scorer.ahead, "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "load_avg_start": round(os.getloadavg()[0], 1),
     }
     results["decode_images_per_s"] = round(decode_rate(pixels, images, a.threads, scorer.piece), 1)
@@ -264,16 +345,20 @@ def main(argv=None) -> dict:
     results["bare_model_images_per_s"] = round(
         bare_model_rate(encoder, tokenizer(captions[: a.batch]).numpy(), a.batch, size, a.seconds), 1)
 
-    chunks = [(images[s : s + a.arrow_batch], captions[s : s + a.arrow_batch])
-              for s in range(0, len(images), a.arrow_batch)]
-    list(scorer.stream(chunks[: max(1, a.batch // a.arrow_batch)]))  # warm-up: threads, pinned memory, kernels
-    sampler = BusySampler(encoder.device.index or 0).start() if encoder.cuda else None
-    encoder.events = [] if encoder.cuda else None
-    t0 = time.perf_counter()
-    scores = [s for chunk in scorer.stream(iter(chunks)) for s in chunk]
-    wall = time.perf_counter() - t0
-    busy = sampler.stop() if sampler is not None else None
-    scorer.close()
+    chunks = _chunks(images, captions, a.arrow_batch)
+    device_index = (encoder.device.index or 0) if encoder.cuda else None
+    if a.processes > 1:
+        scorer.close()  # the processes have their own; this one's model stays for the checks
+        scores, wall, busy, sampler = stage_in_processes(a, device_index)
+    else:
+        list(scorer.stream(chunks[: max(1, a.batch // a.arrow_batch)]))  # warm-up: threads, pinned memory, kernels
+        sampler = BusySampler(device_index).start() if device_index is not None else None
+        encoder.events = [] if encoder.cuda else None
+        t0 = time.perf_counter()
+        scores = [s for chunk in scorer.stream(iter(chunks)) for s in chunk]
+        wall = time.perf_counter() - t0
+        busy = sampler.stop() if sampler is not None else None
+        scorer.close()
     assert len(scores) == len(images) and None not in scores
     encoder.events = None
     check = (agreement(encoder, reference, pixels, tokenizer, images, captions, scores, a.batch, a.threads,
@@ -290,7 +375,8 @@ def main(argv=None) -> dict:
         "stage_seconds": round(wall, 3),
         "stage_images_per_s": round(rate, 1),
         "stage_share_of_bare_model": round(rate / results["bare_model_images_per_s"], 3),
-        "stage_share_of_decode": round(rate / results["decode_images_per_s"], 3),
+        # N processes: N pools like the one measured, the cores permitting
+        "stage_share_of_decode": round(rate / (a.processes * results["decode_images_per_s"]), 3),
         "gpu_busy_share": busy,
         "gpu_busy_source": sampler.source if sampler is not None else None,
         "gpu_busy_samples": len(sampler.samples) if sampler is not None else 0,
@@ -306,7 +392,8 @@ def main(argv=None) -> dict:
     with open(a.out, "w") as f:
         json.dump(results, f, indent=2)
     print(f"{a.model} {results['dtype']} on {results['gpu'] or results['device']}, batch {a.batch}, "
-          f"{a.threads} decode threads, {a.images} images in Arrow batches of {a.arrow_batch}:")
+          f"{a.threads} decode threads{f' in each of {a.processes} processes' if a.processes > 1 else ''}, "
+          f"{a.images} images in Arrow batches of {a.arrow_batch}:")
     print(f"  stage {rate:,.0f} images/s ({wall:.2f} s); ceilings: bare model {results['bare_model_images_per_s']:,.0f}, "
           f"decode pool {results['decode_images_per_s']:,.0f} images/s")
     if check is not None:
@@ -328,7 +415,7 @@ def main(argv=None) -> dict:
 
 def table(paths: list[str]) -> str:
     """One line per result file: what a lease's log ends with (benchmarks/gpu_device.sh)."""
-    head = ("result", "model", "dtype", "batch", "threads", "stage/s", "bare/s", "decode/s", "busy", "kernels",
+    head = ("result", "model", "dtype", "batch", "procs", "threads", "stage/s", "bare/s", "decode/s", "busy", "kernels",
             "agrees", "targets")
     rows = [head]
     for path in paths:
@@ -339,7 +426,7 @@ def table(paths: list[str]) -> str:
         with open(path) as f:
             r = json.load(f)
         check = r["agreement_with_fp32_cpu"]
-        rows.append((name, r["model"], r["dtype"], r["batch"], r["threads"], f"{r['stage_images_per_s']:,.0f}",
+        rows.append((name, r["model"], r["dtype"], r["batch"], r.get("processes", 1), r["threads"], f"{r['stage_images_per_s']:,.0f}",
                      f"{r['bare_model_images_per_s']:,.0f}", f"{r['decode_images_per_s']:,.0f}", r["gpu_busy_share"],
                      r["gpu_kernel_share"], None if check is None else check["agrees"], r["meets_targets"]))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]

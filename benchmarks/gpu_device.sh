@@ -58,11 +58,15 @@ for name in ("torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow
 EOF
 } 2>&1 | tee -a "$LOG"
 
-# name | arguments. The first is issue 16's target configuration; the others show what moves it: a larger
-# sub-batch, bfloat16, half the decode threads (is the CPU the limit?), and a model four times heavier.
+# name | arguments. The first is issue 16's target configuration in one process; the second the same stage
+# as GPU_TASKS processes (default 4) sharing the GPU, as Spark runs it with spark.task.resource.gpu.amount =
+# 1/GPU_TASKS (each its own GIL and a share of the cores: does one process's decode pool hold the GPU
+# back?); the others show what moves it: bfloat16, half the decode threads (is the CPU the limit?), and a
+# model four times heavier.
+tasks=${GPU_TASKS:-4}
 CONFIGS=(
     "b512|--model ViT-B-32 --batch 512 --images 16384"
-    "b1024|--model ViT-B-32 --batch 1024 --images 16384"
+    "tasks$tasks|--model ViT-B-32 --batch 512 --images 16384 --processes $tasks --threads $(( ($(nproc) + tasks - 1) / tasks ))"
     "bf16|--model ViT-B-32 --batch 512 --images 16384 --dtype bfloat16"
     "half-threads|--model ViT-B-32 --batch 512 --images 16384 --threads $(( ($(nproc) + 1) / 2 ))"
     "vit-l-14|--model ViT-L-14 --batch 256 --images 4096 --check 64"

@@ -51,12 +51,12 @@ def test_the_device_script_runs_every_configuration(tmp_path):
     configuration writes its JSON, with the agreement against fp32, the trainer runs its steps on
     synthetic shards, and the log ends with a table of both."""
     env = {**os.environ, "OUT": str(tmp_path), "PY": sys.executable,
-           "TRAINER_ARGS": "--steps 2 --log-every 1 --workers 0"}
+           "TRAINER_ARGS": "--steps 2 --log-every 1 --workers 0", "GPU_TASKS": "2"}
     run = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_device.sh"), *TINY], env=env,
                          capture_output=True, text=True, timeout=600, check=False)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["clip_gpu_b1024.json", "clip_gpu_b512.json", "clip_gpu_bf16.json", "clip_gpu_half-threads.json",
+    assert names == ["clip_gpu_b512.json", "clip_gpu_bf16.json", "clip_gpu_half-threads.json", "clip_gpu_tasks2.json",
                      "clip_gpu_vit-l-14.json", "gpu_device.log", "trainer.log"]
     bf16 = json.loads((tmp_path / "clip_gpu_bf16.json").read_text())
     assert bf16["dtype"] == "bfloat16" and bf16["model"] == "ViT-S-32-alt"  # the caller's arguments come last
@@ -71,11 +71,18 @@ def test_the_device_script_runs_every_configuration(tmp_path):
     assert fp32["score_max_abs_diff"] == 0  # the same weights, dtype and code path: the same scores
     # ClipScore's own setup from a saved checkpoint, through run_stage: the stage's scores (as float32)
     assert fp32["spark_stage"]["rows"] == 12 and fp32["spark_stage"]["max_abs_diff"] <= clip_gpu.SEQUENTIAL_DIFF
+    # two processes, each every other Arrow batch, put back in order: every row's score is what one
+    # process gives it (the sequential loop's for the first 6; ClipScore's through run_stage for all 12)
+    tasks = json.loads((tmp_path / "clip_gpu_tasks2.json").read_text())
+    assert tasks["processes"] == 2 and tasks["gpu_kernel_share"] is None
+    check = tasks["agreement_with_fp32_cpu"]
+    assert check["sequential_max_abs_diff"] <= clip_gpu.SEQUENTIAL_DIFF and check["score_max_abs_diff"] == 0
+    assert check["spark_stage"]["rows"] == 12 and check["spark_stage"]["max_abs_diff"] <= clip_gpu.SEQUENTIAL_DIFF
     log = (tmp_path / "gpu_device.log").read_text()
     assert "torch " in log and log.count(" images/s (") == 5 and "FAILED" not in log
     table = log.split("--- results")[1].splitlines()[2:]  # the summary the log ends with, a row a result
     assert [row.split()[0] for row in table[:5]] == [f"clip_gpu_{name}" for name in
-                                                  ("b512", "b1024", "bf16", "half-threads", "vit-l-14")]
+                                                  ("b512", "tasks2", "bf16", "half-threads", "vit-l-14")]
     assert all(row.split()[-2:] == ["True", "None"] for row in table[:5])  # agrees; no GPU, no targets
     # the trainer's own log lines (python -m trainer on the CPU here): throughput and data wait, then its end
     assert [row.split()[:2] for row in table[5:]] == [["trainer:", "step"], ["trainer:", "step"], ["[rank", "0]"]]
@@ -115,6 +122,17 @@ print(json.dumps(sorted(used - set(sys.stdlib_module_names))))
     project = {name for name in used if os.path.isdir(os.path.join(ROOT, name))}
     assert {"filters", "benchmarks", "jobs", "trainer", "schemas"} <= project
     assert used - project <= ON_A_GPU_MACHINE, used - project - ON_A_GPU_MACHINE
+
+
+def test_a_failed_stage_process_fails_the_run_with_its_reason():
+    """--processes: a process that fails (here before the common start) stops the run with its own error,
+    rather than leaving the parent waiting at the barrier for it."""
+    import argparse
+
+    a = argparse.Namespace(model="no-such-model", threads=1, device="cpu", dtype="", batch=4, images=8,
+                           arrow_batch=5, processes=2)
+    with pytest.raises(RuntimeError, match="a stage process failed: process [01]: RuntimeError: .*no-such-model"):
+        clip_gpu.stage_in_processes(a, None)
 
 
 def test_the_sequential_check_catches_rows_scored_out_of_place(tmp_path, monkeypatch):
