@@ -236,6 +236,11 @@ def _chunks(images: list[bytes], captions: list[str], arrow_batch: int) -> list[
     return [(images[s : s + arrow_batch], captions[s : s + arrow_batch]) for s in range(0, len(images), arrow_batch)]
 
 
+def _warm_up(scorer, chunks: list, a: argparse.Namespace) -> None:
+    """A sub-batch's worth of chunks through the scorer: threads, pinned memory, kernels."""
+    list(scorer.stream(chunks[: max(1, a.batch // a.arrow_batch)]))
+
+
 def _stage_process(a: argparse.Namespace, index: int, start, results) -> None:
     """One of `--processes` stage processes: the same model, corpus and chunks as the parent's, it scores
     chunks index, index + N, ... after a warm-up, starting at the barrier `start`; puts (index, monotonic
@@ -246,10 +251,10 @@ def _stage_process(a: argparse.Namespace, index: int, start, results) -> None:
         model, pixels, tokenizer = _model(a.model, a.threads)
         scorer = OverlappedScorer(GpuClip(model, a.device, a.dtype or None), pixels, tokenizer, a.batch, a.threads)
         mine = _chunks(*_jpegs(a.images), a.arrow_batch)[index :: a.processes]
-        list(scorer.stream(mine[: max(1, a.batch // a.arrow_batch)]))  # warm-up
+        _warm_up(scorer, mine, a)
         start.wait()
         t0 = time.monotonic()
-        scores = [list(chunk) for chunk in scorer.stream(iter(mine))]
+        scores = list(scorer.stream(iter(mine)))
         results.put((index, t0, time.monotonic(), scores))
         scorer.close()
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which fails with it
@@ -351,7 +356,7 @@ def main(argv=None) -> dict:
         scorer.close()  # the processes have their own; this one's model stays for the checks
         scores, wall, busy, sampler = stage_in_processes(a, device_index)
     else:
-        list(scorer.stream(chunks[: max(1, a.batch // a.arrow_batch)]))  # warm-up: threads, pinned memory, kernels
+        _warm_up(scorer, chunks, a)
         sampler = BusySampler(device_index).start() if device_index is not None else None
         encoder.events = [] if encoder.cuda else None
         t0 = time.perf_counter()
@@ -415,8 +420,8 @@ def main(argv=None) -> dict:
 
 def table(paths: list[str]) -> str:
     """One line per result file: what a lease's log ends with (benchmarks/gpu_device.sh)."""
-    head = ("result", "model", "dtype", "batch", "procs", "threads", "stage/s", "bare/s", "decode/s", "busy", "kernels",
-            "agrees", "targets")
+    head = ("result", "model", "dtype", "batch", "procs", "threads", "stage/s", "bare/s", "decode/s", "busy",
+            "kernels", "agrees", "targets")
     rows = [head]
     for path in paths:
         name = os.path.basename(path).removesuffix(".json")
@@ -426,9 +431,10 @@ def table(paths: list[str]) -> str:
         with open(path) as f:
             r = json.load(f)
         check = r["agreement_with_fp32_cpu"]
-        rows.append((name, r["model"], r["dtype"], r["batch"], r.get("processes", 1), r["threads"], f"{r['stage_images_per_s']:,.0f}",
-                     f"{r['bare_model_images_per_s']:,.0f}", f"{r['decode_images_per_s']:,.0f}", r["gpu_busy_share"],
-                     r["gpu_kernel_share"], None if check is None else check["agrees"], r["meets_targets"]))
+        rows.append((name, r["model"], r["dtype"], r["batch"], r["processes"], r["threads"],
+                     f"{r['stage_images_per_s']:,.0f}", f"{r['bare_model_images_per_s']:,.0f}",
+                     f"{r['decode_images_per_s']:,.0f}", r["gpu_busy_share"], r["gpu_kernel_share"],
+                     None if check is None else check["agrees"], r["meets_targets"]))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
                                for i, (v, w) in enumerate(zip(row, widths, strict=True))) for row in rows)
